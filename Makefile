@@ -1,0 +1,54 @@
+# The README's commands. `make bench` and `make test` do all set-up on a fresh machine: a
+# virtual environment in .venv, torch (a local CPU wheel on these machines), the build.
+PYTHON ?= python3
+VENV ?= .venv
+# Pinned: on these machines this takes a local CPU wheel; an unpinned torch downloads several GB.
+TORCH_SPEC ?= torch==2.13.0
+DEPS ?= numpy triton pytest pytest-benchmark hypothesis ninja matplotlib
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.saf-deps
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+# On a GPU machine where nothing can be installed: the system Python, as it is.
+GPU_PYTHON ?= python3
+
+.PHONY: all setup build test bench bench-quick benchmarks gpu-check lint clean
+
+all: test
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(VPY)
+	$(VPY) -m pip install -q "setuptools>=64" wheel
+	$(VPY) -m pip install -q "$(TORCH_SPEC)"
+	$(VPY) -m pip install -q $(DEPS)
+	@touch $@
+
+setup: $(STAMP)
+
+# --no-build-isolation: an isolated build would download a second, multi-GB torch.
+build: $(STAMP)
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+bench: build
+	$(VPY) -m saf_kernels.bench $(BENCH_ARGS)
+
+bench-quick: build
+	$(VPY) -m saf_kernels.bench --quick $(BENCH_ARGS)
+
+# pytest-benchmark suites; compare two commits as the README describes.
+benchmarks: build
+	$(VPY) -m pytest benchmarks --benchmark-only --benchmark-autosave $(PYTEST_ARGS)
+
+gpu-check:
+	PYTHON=$(GPU_PYTHON) bash benchmarks/gpu_check.sh
+
+lint: $(STAMP)
+	$(VPY) -m pip install -q ruff && $(VPY) -m ruff check saf_kernels tests benchmarks python
+
+clean:
+	rm -rf build saf_kernels/_C*.so *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,26 @@
+"""Fused trajectory loss (saf_loss, trajectory_kl_loss), forward + backward, beside the eager
+reference and torch.compile of it. Cases and providers come from saf_kernels.bench.ops, the
+same as ``python -m saf_kernels.bench``; groups are (op, case) so that --benchmark-compare puts
+the providers of one shape side by side."""
+
+from __future__ import annotations
+
+import pytest
+
+from saf_kernels.bench import ops as op_bench
+
+from .conftest import DEVICE
+
+CASES = op_bench.trajectory_cases(DEVICE, quick=False)
+PROVIDERS = ["saf_kernels[cpu]", "saf_kernels[cuda]", "saf_kernels[triton]", "eager", "compile"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.op}-{c.label.replace(' ', '-')}")
+def test_trajectory_loss(timed, case, provider):
+    providers = op_bench.trajectory_providers(case, DEVICE)
+    call = providers.get(provider, f"{provider} does not run on {DEVICE.type}")
+    if isinstance(call, str):
+        pytest.skip(call)
+    inputs = op_bench.trajectory_inputs(case, DEVICE, sets=2)
+    timed(op_bench.fwd_bwd_step(call, inputs), group=f"{case.op} {case.label}")

@@ -1,0 +1,38 @@
+"""pytest-benchmark set-up: every timed callable synchronises the device before returning.
+
+Run:      make benchmarks            (or: pytest benchmarks --benchmark-only)
+Compare:  pytest benchmarks --benchmark-only --benchmark-autosave   on each commit, then
+          pytest-benchmark compare 0001 0002 --group-by=group --sort=name
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saf_kernels.bench.timing import synchronize
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def timed(benchmark):
+    """``timed(step, group=..., rounds=...)``: benchmark ``step(i)`` (i rotates inputs), synchronised."""
+
+    def run(step, group: str, rounds: int = 20, warmup: int = 3, iterations: int = 1):
+        counter = iter(range(10**9))
+
+        def call():
+            step(next(counter))
+            synchronize(DEVICE)
+
+        benchmark.group = group
+        benchmark.extra_info["device"] = str(DEVICE)
+        return benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=iterations)
+
+    return run

@@ -1,0 +1,249 @@
+// Vectorised CPU kernel of the fused trajectory loss over a range of rows.
+//
+// Files in csrc/cpu/kernels/ are compiled once per instruction set (setup.py passes
+// -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 and the matching -m flags, as ATen does);
+// csrc/cpu/trajectory_loss.cpp picks one build at run time. Only at::vec, c10's scalar types
+// and the standard library are used here, so nothing shared with the generic translation units
+// gets compiled with wider instructions.
+
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/kernels/kernels.h"
+
+#include "saf/trajectory_loss.h"
+
+namespace saf::cpu::CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+template <typename T>
+inline Vectorized<T> vexp(const Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();  // ~2x faster than exp(); 20 ULP is well inside every tolerance here
+  } else {
+    return x.exp();
+  }
+}
+
+template <typename T>
+inline T hsum(const Vectorized<T>& v) {
+  alignas(64) T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T s = T(0);
+  for (int i = 0; i < Vectorized<T>::size(); ++i) s += buf[i];
+  return s;
+}
+
+template <typename T>
+inline T hmax(const Vectorized<T>& v) {
+  alignas(64) T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T m = buf[0];
+  for (int i = 1; i < Vectorized<T>::size(); ++i) m = buf[i] > m ? buf[i] : m;
+  return m;
+}
+
+// Maxima of two rows in one pass.
+template <typename T>
+inline void row_max2(const T* x, const T* y, int64_t n, T& mx, T& my) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  mx = my = -std::numeric_limits<T>::infinity();
+  int64_t c = 0;
+  if (n >= W) {
+    V vx = V::loadu(x), vy = V::loadu(y);
+    for (c = W; c + W <= n; c += W) {
+      vx = at::vec::maximum(vx, V::loadu(x + c));
+      vy = at::vec::maximum(vy, V::loadu(y + c));
+    }
+    mx = hmax(vx);
+    my = hmax(vy);
+  }
+  for (; c < n; ++c) {
+    mx = x[c] > mx ? x[c] : mx;
+    my = y[c] > my ? y[c] : my;
+  }
+}
+
+// x^n for a small integer n >= 1 (exp(d) from exp(d / T) when T = n).
+template <typename V>
+inline V ipow(const V& x, int n) {
+  V r = x;
+  for (int i = 1; i < n; ++i) r = r * x;
+  return r;
+}
+
+// Widen a row to the accumulation type (a copy only when the types differ).
+template <typename acc_t, typename src_t>
+inline const acc_t* widen(const void* src, acc_t* buf, int64_t n) {
+  const src_t* s = static_cast<const src_t*>(src);
+  if constexpr (std::is_same_v<src_t, acc_t>) {
+    return s;
+  } else {
+    at::vec::convert(s, buf, n);
+    return buf;
+  }
+}
+
+template <typename acc_t>
+using WidenFn = const acc_t* (*)(const void*, acc_t*, int64_t);
+
+template <typename acc_t>
+inline WidenFn<acc_t> widen_fn(DType t) {
+  switch (t) {
+    case DType::F32: return &widen<acc_t, float>;
+    case DType::F16: return &widen<acc_t, c10::Half>;
+    case DType::BF16: return &widen<acc_t, c10::BFloat16>;
+    case DType::F64: return &widen<acc_t, double>;
+  }
+  return nullptr;
+}
+
+// Processes rows [begin, end). Returns the index of the first row with a label outside [0, C)
+// (other than ignore_index), or -1.
+template <typename acc_t, typename grad_t>
+int64_t trajectory_rows_impl(const TrajectoryArgs& a, int64_t begin, int64_t end) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t C = a.cols;
+  const RowConsts<acc_t> k(a.p, C);  // the CPU wrapper folds any scale into p.scale
+  const bool with_ce = a.labels != nullptr;
+  const bool with_kl = true;  // target is always given: NaN in it must reach the loss even at weight 0
+  const auto widen_z = widen_fn<acc_t>(a.logits_dtype);
+  const auto widen_t = widen_fn<acc_t>(a.target_dtype);
+  const int zsz = dtype_size(a.logits_dtype), tsz = dtype_size(a.target_dtype);
+
+  // Per-call scratch: widened z and t, exp(z - mz), exp((z - mz)/T), exp((t - mt)/T).
+  std::vector<acc_t> scratch(5 * C);
+  acc_t* zbuf = scratch.data();
+  acc_t* tbuf = zbuf + C;
+  acc_t* e1 = tbuf + C;
+  acc_t* ez = e1 + C;
+  acc_t* et = ez + C;
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  acc_t* row_loss = static_cast<acc_t*>(a.row_loss);
+  int64_t bad_row = -1;
+
+  for (int64_t i = begin; i < end; ++i) {
+    grad_t* g = a.grad ? static_cast<grad_t*>(a.grad) + i * a.grad_stride : nullptr;
+    int64_t y = -1;
+    if (with_ce) {
+      y = a.labels[i];
+      if (y == a.p.ignore_index) {
+        row_loss[i] = acc_t(0);
+        if (g) std::fill(g, g + C, grad_t(0));
+        continue;
+      }
+      if (y < 0 || y >= C) {
+        if (bad_row < 0) bad_row = i;
+        row_loss[i] = nan;
+        if (g) std::fill(g, g + C, grad_t(nan));
+        continue;
+      }
+    }
+    const acc_t* z = widen_z(static_cast<const char*>(a.logits) + i * a.logits_stride * zsz, zbuf, C);
+    const acc_t* t = widen_t(static_cast<const char*>(a.target) + i * a.target_stride * tsz, tbuf, C);
+
+    RowStats<acc_t> r{};
+    row_max2(z, t, C, r.mz, r.mt);
+    const V vmz(r.mz), vmt(r.mt), vinv(k.inv_t);
+    const int n_pow = k.int_t;  // > 0: exp(d) = exp(d / T)^T, one exp fewer per element
+    V s1(0), sz(0), st(0), w(0), sumz(0), nonfinite(0);
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+      const V zc = V::loadu(z + c);
+      const V tc = V::loadu(t + c);
+      const V d = zc - vmz;
+      const V xz = vexp(d * vinv);
+      const V xt = vexp((tc - vmt) * vinv);
+      xz.store(ez + c);
+      xt.store(et + c);
+      sz += xz;
+      st += xt;
+      w += xt * (tc - zc);
+      nonfinite += (zc - zc) + (tc - tc);
+      if (with_ce) {
+        const V x1 = n_pow ? ipow(xz, n_pow) : vexp(d);
+        x1.store(e1 + c);
+        s1 += x1;
+        sumz += zc;
+      }
+    }
+    r.s1 = hsum(s1);
+    r.sz = hsum(sz);
+    r.st = hsum(st);
+    r.w = hsum(w);
+    r.sumz = hsum(sumz);
+    r.nonfinite = hsum(nonfinite);
+    for (; c < C; ++c) {
+      const acc_t d = z[c] - r.mz;
+      r.nonfinite += (z[c] - z[c]) + (t[c] - t[c]);
+      ez[c] = std::exp(d * k.inv_t);
+      et[c] = std::exp((t[c] - r.mt) * k.inv_t);
+      r.sz += ez[c];
+      r.st += et[c];
+      r.w += et[c] * (t[c] - z[c]);
+      if (with_ce) {
+        e1[c] = std::exp(d);
+        r.s1 += e1[c];
+        r.sumz += z[c];
+      }
+    }
+    r.zy = with_ce ? z[y] : acc_t(0);
+    row_loss[i] = row_loss_from_stats(r, k, with_ce, with_kl, [](acc_t x) { return std::log(x); });
+
+    if (g) {
+      const GradCoefs<acc_t> gc = grad_coefs(r, k, with_ce, with_kl);
+      const V va(gc.a), vb(gc.b), vd(gc.d), vk(gc.k0);
+      // Same type: write in place. Otherwise widen into scratch and narrow once at the end.
+      acc_t* out;
+      if constexpr (std::is_same_v<grad_t, acc_t>) {
+        out = g;
+      } else {
+        out = zbuf;
+      }
+      c = 0;
+      for (; c + W <= C; c += W) {
+        V x = vk + vb * V::loadu(ez + c) - vd * V::loadu(et + c);
+        if (with_ce) x += va * V::loadu(e1 + c);
+        x.store(out + c);
+      }
+      for (; c < C; ++c) {
+        acc_t x = gc.k0 + gc.b * ez[c] - gc.d * et[c];
+        if (with_ce) x += gc.a * e1[c];
+        out[c] = x;
+      }
+      if (with_ce) out[y] -= gc.hot;  // NaN rows stay NaN: hot is finite
+      if constexpr (!std::is_same_v<grad_t, acc_t>) {
+        at::vec::convert(out, g, C);
+      }
+    }
+  }
+  return bad_row;
+}
+
+int64_t trajectory_loss_rows(const TrajectoryArgs& a, int64_t begin, int64_t end) {
+  const bool f64 = a.logits_dtype == DType::F64 || a.target_dtype == DType::F64;
+  switch (a.logits_dtype) {
+    case DType::F64: return trajectory_rows_impl<double, double>(a, begin, end);
+    case DType::F32:
+      return f64 ? trajectory_rows_impl<double, float>(a, begin, end)
+                 : trajectory_rows_impl<float, float>(a, begin, end);
+    case DType::F16:
+      return f64 ? trajectory_rows_impl<double, c10::Half>(a, begin, end)
+                 : trajectory_rows_impl<float, c10::Half>(a, begin, end);
+    case DType::BF16:
+      return f64 ? trajectory_rows_impl<double, c10::BFloat16>(a, begin, end)
+                 : trajectory_rows_impl<float, c10::BFloat16>(a, begin, end);
+  }
+  return -1;
+}
+
+}  // namespace saf::cpu::CPU_CAPABILITY

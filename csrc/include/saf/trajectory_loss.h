@@ -1,0 +1,115 @@
+// Row math of the fused trajectory loss, shared by the CPU and CUDA kernels.
+//
+// For one row with logits z, target logits t (both length C), temperature T, optional label y:
+//   q = softmax(z / T), p = softmax(t / T), s = softmax(z)
+//   KL  = sum_c p_c (log p_c - log q_c)                         (KL(p || q), as the SAF code)
+//   CE  = logsumexp(z) - (1 - eps) z_y - (eps / C) sum_c z_c     (label smoothing eps)
+//   row loss  = scale * (ce_weight * CE + kl_weight * T^2 * KL)
+//   d/dz_c    = scale * (ce_weight * (s_c - (1 - eps) [c == y] - eps / C) + kl_weight * T * (q_c - p_c))
+// where scale is 1, or 1 / (number of rows not ignored) for the "mean" reduction, so that the
+// gradient written in the forward pass is already that of the reduced loss.
+// Rows whose label equals ignore_index get loss 0 and gradient 0. A label outside [0, C) is an
+// error: the CPU kernel reports it, the GPU kernels write NaN into that row (loss and gradient).
+// A row with any NaN or +-inf in z or t gets NaN loss and NaN gradient on every kernel (found by
+// summing x - x, which is 0 for finite x and NaN otherwise; fast exp approximations would not
+// propagate NaN reliably on their own).
+#pragma once
+
+#include "saf/common.h"
+
+namespace saf {
+
+enum class Reduction : int64_t { None = 0, Sum = 1, Mean = 2 };
+
+struct TrajectoryParams {
+  double temperature;
+  double ce_weight;
+  double kl_weight;
+  double label_smoothing;
+  int64_t ignore_index;
+  double scale;  // multiplies every row loss and gradient (host value)
+};
+
+// Everything a kernel needs, as raw pointers. Rows are contiguous; row strides in elements.
+struct TrajectoryArgs {
+  const void* logits;
+  const void* target;
+  const int64_t* labels;  // nullptr: no cross-entropy term
+  void* grad;             // nullptr: loss only
+  void* row_loss;         // [B], float64 if either input is float64, else float32
+  const void* scale_dev;  // optional device scalar (accumulation type) multiplying p.scale
+  int64_t rows;
+  int64_t cols;
+  int64_t logits_stride;
+  int64_t target_stride;
+  int64_t grad_stride;
+  DType logits_dtype;
+  DType target_dtype;
+  TrajectoryParams p;
+};
+
+// Derived per-row constants, in the accumulation type.
+template <typename acc_t>
+struct RowConsts {
+  acc_t inv_t, t, ce_w, kl_w, eps, eps_over_c;
+  // T as a small integer n lets a kernel derive exp(d) = exp(d / T)^n with n - 1 products.
+  int int_t;
+  SAF_HD RowConsts(const TrajectoryParams& p, int64_t cols, acc_t scale = acc_t(1))
+      : inv_t(acc_t(1) / acc_t(p.temperature)),
+        t(acc_t(p.temperature)),
+        ce_w(acc_t(p.ce_weight) * acc_t(p.scale) * scale),
+        kl_w(acc_t(p.kl_weight) * acc_t(p.scale) * scale),
+        eps(acc_t(p.label_smoothing)),
+        eps_over_c(acc_t(p.label_smoothing) / acc_t(cols)),
+        int_t((p.temperature >= 1.0 && p.temperature <= 8.0 && p.temperature == double(int(p.temperature)))
+                  ? int(p.temperature)
+                  : 0) {}
+};
+
+// Row statistics after the reduction over classes. Sums are taken after subtracting the row
+// maxima mz = max(z) and mt = max(t), so that
+//   s_c = exp(z_c - mz) / s1,  q_c = exp((z_c - mz) / T) / st_z,  p_c = exp((t_c - mt) / T) / st_t,
+// and w = sum_c exp((t_c - mt) / T) (t_c - z_c).
+template <typename acc_t>
+struct RowStats {
+  acc_t mz, mt, s1, sz, st, w, sumz, zy;
+  acc_t nonfinite;  // sum of (z - z) + (t - t): 0, or NaN if the row holds NaN or inf
+};
+
+// Per-row loss from its statistics. log(ST/St) is split to keep both logs well scaled.
+template <typename acc_t, typename LogF>
+SAF_HD acc_t row_loss_from_stats(const RowStats<acc_t>& r, const RowConsts<acc_t>& k, bool with_ce,
+                                 bool with_kl, LogF logf) {
+  acc_t loss = r.nonfinite;
+  if (with_kl) {
+    const acc_t kl = k.inv_t * (r.w / r.st + r.mz - r.mt) + logf(r.sz) - logf(r.st);
+    loss += k.kl_w * k.t * k.t * kl;
+  }
+  if (with_ce) {
+    const acc_t ce = r.mz + logf(r.s1) - (acc_t(1) - k.eps) * r.zy - k.eps_over_c * r.sumz;
+    loss += k.ce_w * ce;
+  }
+  return loss;
+}
+
+// Coefficients of the gradient: d_c = a * e1_c + b * eT_c - d * et_c + k0  (- ce_w (1 - eps) at y),
+// with e1_c = exp(z_c - mz), eT_c = exp((z_c - mz)/T), et_c = exp((t_c - mt)/T).
+template <typename acc_t>
+struct GradCoefs {
+  acc_t a, b, d, k0, hot;
+};
+
+template <typename acc_t>
+SAF_HD GradCoefs<acc_t> grad_coefs(const RowStats<acc_t>& r, const RowConsts<acc_t>& k, bool with_ce,
+                                   bool with_kl) {
+  GradCoefs<acc_t> g;
+  // nonfinite is 0 or NaN: adding it to every coefficient poisons the whole row's gradient.
+  g.a = (with_ce ? k.ce_w / r.s1 : acc_t(0)) + r.nonfinite;
+  g.b = with_kl ? k.kl_w * k.t / r.sz : acc_t(0);
+  g.d = with_kl ? k.kl_w * k.t / r.st : acc_t(0);
+  g.k0 = (with_ce ? -k.ce_w * k.eps_over_c : acc_t(0)) + r.nonfinite;
+  g.hot = with_ce ? k.ce_w * (acc_t(1) - k.eps) : acc_t(0);
+  return g;
+}
+
+}  // namespace saf

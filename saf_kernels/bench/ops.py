@@ -1,0 +1,169 @@
+"""Fused ops against the eager reference and ``torch.compile`` of it, forward + backward.
+
+Each op family contributes a list of :class:`OpCase` (shape sweep per device) and a set of
+providers: every saf_kernels backend available on the device, ``eager`` (``saf_kernels.reference``)
+and ``compile`` (``torch.compile`` of the same reference). The pytest-benchmark suites in
+``benchmarks/`` use the same cases and providers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .. import _backend, reference
+from ..ops import trajectory_loss as tl_ops
+from .timing import peak_bandwidth, time_fn
+
+_DT_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+@dataclass
+class OpCase:
+    op: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    target_dtype: torch.dtype | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        dt = _DT_NAME[self.dtype]
+        if self.target_dtype is not None and self.target_dtype != self.dtype:
+            dt += "/" + _DT_NAME[self.target_dtype]
+        return f"{'x'.join(map(str, self.shape))} {dt}"
+
+
+# --------------------------------------------------------------------------------------------
+# Trajectory loss: saf_loss (CE + lam * T^2 KL) and trajectory_kl_loss, forward + backward
+# --------------------------------------------------------------------------------------------
+
+TRAJECTORY_OPS = ("saf_loss", "trajectory_kl_loss")
+
+
+def trajectory_cases(device: torch.device, quick: bool) -> list[OpCase]:
+    if device.type == "cuda":
+        shapes = [((256, 1000), torch.float32, None), ((1024, 32000), torch.float32, None),
+                  ((1024, 32000), torch.bfloat16, None), ((1024, 32000), torch.bfloat16, torch.float32),
+                  ((4096, 128256), torch.bfloat16, None)]
+        if quick:
+            shapes = shapes[:3]
+    else:
+        shapes = [((256, 10), torch.float32, None), ((256, 100), torch.float32, None),
+                  ((256, 1000), torch.float32, None), ((1024, 4096), torch.float32, None)]
+        if quick:
+            shapes = [shapes[2], shapes[3]]
+    ops = ("saf_loss",) if quick else TRAJECTORY_OPS
+    return [OpCase(op, s, d, td) for op in ops for s, d, td in shapes]
+
+
+def trajectory_bytes(case: OpCase) -> int:
+    """Least traffic of the fused forward + backward: read z and t, write dz (+ labels, row loss)."""
+    B, C = case.shape
+    sz = torch.finfo(case.dtype).bits // 8
+    st = torch.finfo(case.target_dtype or case.dtype).bits // 8
+    labels = 8 * B if case.op == "saf_loss" else 0
+    return B * C * (2 * sz + st) + labels + 4 * B
+
+
+def trajectory_inputs(case: OpCase, device: torch.device, sets: int = 1):
+    B, C = case.shape
+    out = []
+    for _ in range(sets):
+        z = (torch.randn(B, C, device=device) * 2).to(case.dtype).requires_grad_()
+        t = (torch.randn(B, C, device=device) * 2).to(case.target_dtype or case.dtype)
+        y = torch.randint(0, C, (B,), device=device)
+        out.append((z, y, t))
+    return out
+
+
+def _trajectory_call(op: str, backend: str | None, fn=None):
+    def call(z, y, t):
+        if fn is not None:
+            return fn(z, y, t)
+        if op == "saf_loss":
+            return tl_ops.saf_loss(z, y, t, 0.3, 5.0, backend=backend)
+        return tl_ops.trajectory_kl_loss(z, t, 5.0, backend=backend)
+
+    return call
+
+
+def _reference_fn(op: str):
+    if op == "saf_loss":
+        return lambda z, y, t: reference.saf_loss(z, y, t, 0.3, 5.0)
+    return lambda z, y, t: reference.trajectory_kl_loss(z, t, 5.0)
+
+
+def trajectory_providers(case: OpCase, device: torch.device) -> dict[str, Callable | str]:
+    """Provider name -> ``call(z, y, t) -> loss``, or a string saying why it is unavailable."""
+    providers: dict[str, Callable | str] = {}
+    for b in ("cuda", "triton", "cpu"):
+        why = _backend.missing(b, device, "trajectory_loss")
+        if b == "triton" and why is None and device.type == "cpu":
+            why = "Triton runs only interpreted on CPU (not timed)"
+        if b in ("cuda", "cpu") and device.type != b:
+            continue
+        providers[f"saf_kernels[{b}]"] = why if why else _trajectory_call(case.op, b)
+    providers["eager"] = _trajectory_call(case.op, None, _reference_fn(case.op))
+    providers["compile"] = _trajectory_call(case.op, None, torch.compile(_reference_fn(case.op), dynamic=False))
+    return providers
+
+
+def fwd_bwd_step(call: Callable, inputs: list) -> Callable[[int], None]:
+    """``step(i)``: forward and backward on input set ``i % len(inputs)``."""
+
+    def step(i: int) -> None:
+        z, y, t = inputs[i % len(inputs)]
+        z.grad = None
+        call(z, y, t).backward()
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+FAMILIES = {
+    "trajectory_loss": (trajectory_cases, trajectory_providers, trajectory_inputs, trajectory_bytes, fwd_bwd_step),
+}
+OP_NAMES = {op: "trajectory_loss" for op in TRAJECTORY_OPS}
+
+
+def run_op_benchmarks(device: torch.device, quick: bool, ops: list[str] | None, progress) -> list[dict]:
+    """One result row per (case, provider); unavailable providers are listed with the reason."""
+    rows = []
+    budget = 0.5 if quick else 2.0
+    plan = []
+    for family, (cases_fn, prov_fn, inputs_fn, bytes_fn, step_fn) in FAMILIES.items():
+        for case in cases_fn(device, quick):
+            if ops and case.op not in ops:
+                continue
+            plan.append((family, case, prov_fn, inputs_fn, bytes_fn, step_fn))
+    peak = peak_bandwidth(device)
+    planned = [(p, p[2](p[1], device)) for p in plan]
+    progress.add(sum(len(provs) for _, provs in planned))
+    for (family, case, _, inputs_fn, bytes_fn, step_fn), providers in planned:
+        nbytes = bytes_fn(case)
+        # Rotate through enough input sets to overflow the last-level cache where that is cheap.
+        sets = max(1, min(4, (256 << 20) // max(nbytes, 1)))
+        inputs = inputs_fn(case, device, sets)
+        for name, call in providers.items():
+            progress(f"{case.op} {case.label} {name}")
+            row = {"kind": "op", "op": case.op, "family": family, "case": case.label, "shape": list(case.shape),
+                   "dtype": _DT_NAME[case.dtype], "provider": name, "bytes": nbytes}
+            if isinstance(call, str):
+                row["unavailable"] = call
+            else:
+                try:
+                    t = time_fn(step_fn(call, inputs), device, budget_s=budget, min_time_s=0.01 if quick else 0.05)
+                    row.update(t.as_dict())
+                    row["gbps"] = nbytes / t.median_s / 1e9
+                    if peak:
+                        row["floor_share"] = nbytes / peak / t.median_s
+                except Exception as e:  # noqa: BLE001  (a provider failing is a result, not a crash)
+                    row["error"] = f"{type(e).__name__}: {e}"
+            rows.append(row)
+    return rows

@@ -1,0 +1,1 @@
+"""Sharpness-aware optimizers on the fused multi-tensor kernels."""

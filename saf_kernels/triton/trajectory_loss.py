@@ -1,0 +1,237 @@
+"""Triton kernel of the fused trajectory loss (same math as csrc/include/saf/trajectory_loss.h).
+
+One program handles BLOCK_R rows. When a row fits in one BLOCK_C tile (``SINGLE``) it is read
+once and the gradient written from registers; otherwise two passes over column chunks: an online
+softmax pass (running maxima and rescaled sums for softmax(z), softmax(z/T), softmax(t/T)) and a
+gradient pass that re-reads the row (usually from L2).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest row kept whole in registers; longer rows take the chunked two-pass path.
+MAX_SINGLE_BLOCK = 8192
+CHUNK_BLOCK = 4096
+
+
+@triton.jit
+def _trajectory_loss_kernel(
+    z_ptr,
+    t_ptr,
+    y_ptr,
+    g_ptr,
+    loss_ptr,
+    scale_ptr,
+    B,
+    C,
+    stride_z,
+    stride_t,
+    stride_g,
+    inv_t,
+    temp,
+    ce_w,
+    kl_w,
+    eps,
+    ignore_index,
+    HAS_LABELS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    SINGLE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    z_row = z_ptr + rows64[:, None] * stride_z
+    t_row = t_ptr + rows64[:, None] * stride_t
+    eps_over_c = eps / C
+    if HAS_SCALE:  # 1 / (rows not ignored), computed on the device: the "mean" reduction
+        scale = tl.load(scale_ptr).to(ACC)
+        ce_w = ce_w * scale
+        kl_w = kl_w * scale
+
+    if HAS_LABELS:
+        y = tl.load(y_ptr + rows64, mask=rmask, other=ignore_index).to(tl.int64)
+        valid = y != ignore_index
+        bad = valid & ((y < 0) | (y >= C))
+        y_safe = tl.where(bad | ~valid, 0, y)
+        zy = tl.load(z_ptr + rows64 * stride_z + y_safe, mask=rmask & valid & ~bad, other=0.0).to(ACC)
+
+    neg_inf = float("-inf")
+    if SINGLE:
+        cmask = cols[None, :] < C
+        mask = rmask[:, None] & cmask
+        # Padding lanes read 0 (so t - z stays finite) and enter the maxima and exps as -inf.
+        z = tl.load(z_row + cols[None, :], mask=mask, other=0.0).to(ACC)
+        t = tl.load(t_row + cols[None, :], mask=mask, other=0.0).to(ACC)
+        mz = tl.where(rmask, tl.max(tl.where(mask, z, neg_inf), 1), 0.0)
+        mt = tl.where(rmask, tl.max(tl.where(mask, t, neg_inf), 1), 0.0)
+        d = tl.where(mask, z - mz[:, None], neg_inf)
+        ez = tl.exp(d * inv_t)
+        et = tl.exp(tl.where(mask, t - mt[:, None], neg_inf) * inv_t)
+        sz = tl.sum(ez, 1)
+        st = tl.sum(et, 1)
+        w = tl.sum(et * (t - z), 1)
+        nonfinite = tl.sum((z - z) + (t - t), 1)
+        if HAS_LABELS:
+            e1 = tl.exp(d)
+            s1 = tl.sum(e1, 1)
+            sumz = tl.sum(z, 1)
+    else:
+        mz = tl.full([BLOCK_R], neg_inf, ACC)
+        mt = tl.full([BLOCK_R], neg_inf, ACC)
+        sz = tl.zeros([BLOCK_R], ACC)
+        st = tl.zeros([BLOCK_R], ACC)
+        w = tl.zeros([BLOCK_R], ACC)
+        s1 = tl.zeros([BLOCK_R], ACC)
+        sumz = tl.zeros([BLOCK_R], ACC)
+        nonfinite = tl.zeros([BLOCK_R], ACC)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + cols
+            mask = rmask[:, None] & (cc[None, :] < C)
+            z = tl.load(z_row + cc[None, :], mask=mask, other=0.0).to(ACC)
+            t = tl.load(t_row + cc[None, :], mask=mask, other=0.0).to(ACC)
+            # Rows past B keep finite factors (they are never stored).
+            mz_new = tl.where(rmask, tl.maximum(mz, tl.max(tl.where(mask, z, neg_inf), 1)), 0.0)
+            mt_new = tl.where(rmask, tl.maximum(mt, tl.max(tl.where(mask, t, neg_inf), 1)), 0.0)
+            d = tl.where(mask, z - mz_new[:, None], neg_inf)
+            et = tl.exp(tl.where(mask, t - mt_new[:, None], neg_inf) * inv_t)
+            rz = tl.exp((mz - mz_new) * inv_t)
+            rt = tl.exp((mt - mt_new) * inv_t)
+            sz = sz * rz + tl.sum(tl.exp(d * inv_t), 1)
+            st = st * rt + tl.sum(et, 1)
+            w = w * rt + tl.sum(et * (t - z), 1)
+            nonfinite += tl.sum((z - z) + (t - t), 1)
+            if HAS_LABELS:
+                s1 = s1 * tl.exp(mz - mz_new) + tl.sum(tl.exp(d), 1)
+                sumz += tl.sum(z, 1)
+            mz = mz_new
+            mt = mt_new
+
+    # Rows past B have empty sums; give them harmless ones (they are never stored).
+    sz = tl.where(rmask, sz, 1.0)
+    st = tl.where(rmask, st, 1.0)
+    kl = inv_t * (w / st + mz - mt) + tl.log(sz) - tl.log(st)
+    # A row holding NaN or inf (nonfinite is NaN) gets NaN loss and gradient, as on every backend.
+    loss = kl_w * temp * temp * kl + nonfinite
+    if HAS_LABELS:
+        s1 = tl.where(rmask, s1, 1.0)
+        ce = mz + tl.log(s1) - (1.0 - eps) * zy - eps_over_c * sumz
+        loss += ce_w * ce
+        loss = tl.where(valid, loss, 0.0)
+        loss = tl.where(bad, float("nan"), loss)
+    tl.store(loss_ptr + rows64, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
+
+    if NEED_GRAD:
+        b = kl_w * temp / sz + nonfinite
+        dd = kl_w * temp / st
+        g_row = g_ptr + rows64[:, None] * stride_g
+        if HAS_LABELS:
+            a = ce_w / s1
+            k0 = -ce_w * eps_over_c
+            hot = ce_w * (1.0 - eps)
+        if SINGLE:
+            g = b[:, None] * ez - dd[:, None] * et
+            if HAS_LABELS:
+                g += a[:, None] * e1 + k0
+                g -= tl.where(cols[None, :] == y[:, None], hot, 0.0)
+                g = tl.where(valid[:, None], g, 0.0)
+                g = tl.where(bad[:, None], float("nan"), g)
+            tl.store(g_row + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+        else:
+            for c0 in range(0, C, BLOCK_C):
+                cc = c0 + cols
+                mask = rmask[:, None] & (cc[None, :] < C)
+                z = tl.load(z_row + cc[None, :], mask=mask, other=0.0).to(ACC)
+                t = tl.load(t_row + cc[None, :], mask=mask, other=0.0).to(ACC)
+                d = z - mz[:, None]
+                g = b[:, None] * tl.exp(d * inv_t) - dd[:, None] * tl.exp((t - mt[:, None]) * inv_t)
+                if HAS_LABELS:
+                    g += a[:, None] * tl.exp(d) + k0
+                    g -= tl.where(cc[None, :] == y[:, None], hot, 0.0)
+                    g = tl.where(valid[:, None], g, 0.0)
+                    g = tl.where(bad[:, None], float("nan"), g)
+                tl.store(g_row + cc[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_config(C: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_R, BLOCK_C, SINGLE, num_warps) for rows of C classes."""
+    block_c = triton.next_power_of_2(C)
+    if block_c <= MAX_SINGLE_BLOCK:
+        block_r = max(1, min(64, 2048 // block_c))
+        tile = block_r * block_c
+        num_warps = 4 if tile <= 2048 else (8 if tile <= 4096 else 16)
+        return block_r, block_c, True, num_warps
+    return 1, CHUNK_BLOCK, False, 8
+
+
+def trajectory_loss_triton(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    ce_weight: float,
+    kl_weight: float,
+    label_smoothing: float,
+    ignore_index: int,
+    reduction: int,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (per row, summed, or averaged over non-ignored rows) and the gradient of that loss
+    w.r.t. logits; the semantics of ``torch.ops.saf_kernels.trajectory_loss``."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if target.stride(-1) != 1:
+        target = target.contiguous()
+    B, C = logits.shape
+    f64 = torch.float64 in (logits.dtype, target.dtype)
+    acc = torch.float64 if f64 else torch.float32
+    rows = torch.empty(B, dtype=acc, device=logits.device)
+    grad = torch.empty((B, C) if need_grad else (0,), dtype=logits.dtype, device=logits.device)
+    has_labels = labels is not None
+    if has_labels:
+        labels = labels.contiguous()
+    host_scale, scale = 1.0, None
+    if reduction == 2:
+        if has_labels:
+            n = (labels != ignore_index).sum()
+            scale = torch.where(n > 0, 1.0 / n.clamp(min=1).to(acc), torch.zeros((), dtype=acc, device=n.device))
+        elif B > 0:
+            host_scale = 1.0 / B
+    if B > 0:
+        block_r, block_c, single, num_warps = _launch_config(C)
+        _trajectory_loss_kernel[(triton.cdiv(B, block_r),)](
+            logits,
+            target,
+            labels if has_labels else rows,
+            grad if need_grad else rows,
+            rows,
+            scale if scale is not None else rows,
+            B,
+            C,
+            logits.stride(0),
+            target.stride(0),
+            C,
+            1.0 / temperature,
+            temperature,
+            ce_weight * host_scale,
+            kl_weight * host_scale,
+            label_smoothing,
+            ignore_index,
+            HAS_LABELS=has_labels,
+            HAS_SCALE=scale is not None,
+            NEED_GRAD=need_grad,
+            SINGLE=single,
+            ACC=tl.float64 if f64 else tl.float32,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=num_warps,
+        )
+    return (rows if reduction == 0 else rows.sum()), grad
