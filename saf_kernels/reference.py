@@ -95,3 +95,15 @@ def saf_official_loss(
     T = temperature
     kl = F.kl_div(F.softmax(logits / T, dim=-1).log(), F.softmax(past_logits / T, dim=-1), reduction="none")
     return F.cross_entropy(logits, labels) + lam * kl.sum(-1).mean() * (T**2)
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-tensor ops
+# --------------------------------------------------------------------------------------------
+
+
+def ema_update_(ema: list[torch.Tensor], model: list[torch.Tensor], decay: float | torch.Tensor) -> None:
+    """``ema = decay * ema + (1 - decay) * model`` for every pair, in place (as ``lerp_``)."""
+    for e, m in zip(ema, model):
+        w = 1.0 - decay if not isinstance(decay, torch.Tensor) else (1.0 - decay).to(e.dtype)
+        e.lerp_(m.to(e.dtype), w)

@@ -1,5 +1,6 @@
 """Fused ops callable from PyTorch code. Each takes ``backend="auto" | "cuda" | "triton" | "cpu" | "torch"``."""
 
+from .ema import ema_update_
 from .trajectory_loss import saf_loss, trajectory_kl_loss
 
-__all__ = ["saf_loss", "trajectory_kl_loss"]
+__all__ = ["ema_update_", "saf_loss", "trajectory_kl_loss"]
