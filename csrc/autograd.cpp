@@ -13,6 +13,13 @@ namespace saf {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// A real (not fake, functional or traced) CPU scalar equal to 1.
+static bool is_plain_cpu_one(const at::Tensor& t) {
+  constexpr c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                        c10::DispatchKey::PythonTLSSnapshot, c10::DispatchKey::Meta});
+  return t.dim() == 0 && t.device().is_cpu() && !t.key_set().has_any(traced) && t.item<double>() == 1.0;
+}
+
 class TrajectoryLossFunction : public torch::autograd::Function<TrajectoryLossFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
@@ -45,6 +52,12 @@ class TrajectoryLossFunction : public torch::autograd::Function<TrajectoryLossFu
                 "functions do so whenever logits require grad)");
     const at::Tensor grad = ctx->get_saved_variables()[0];
     const bool per_row = static_cast<Reduction>(ctx->saved_data["reduction"].toInt()) == Reduction::None;
+    if (!per_row && is_plain_cpu_one(go)) {
+      // loss.backward() on CPU: the forward already wrote this gradient. Reading a CPU scalar is
+      // not a device synchronisation, and it saves a full read + write of [B, C].
+      out[0] = grad;
+      return out;
+    }
     // One pass, in float32 (opmath), rounded once to the gradient's dtype.
     at::Tensor dz = at::empty_like(grad);
     at::mul_out(dz, grad, per_row ? go.unsqueeze(1) : go);

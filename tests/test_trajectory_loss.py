@@ -378,3 +378,25 @@ def test_import_without_extension_warns_once_and_falls_back(tmp_path):
     env = dict(os.environ, SAF_KERNELS_BACKEND="auto")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("backend", "device"), KERNEL_PAIRS)
+def test_repeated_backward_and_accumulation(backend, device):
+    """retain_graph and a second backward give twice the gradient (the saved gradient is reused,
+    never mutated), also through a layer below the logits."""
+    skip_unless_available(backend, device)
+    lin = torch.nn.Linear(12, 30).to(device)
+    x = torch.randn(5, 12, device=device)
+    y = torch.randint(0, 30, (5,), device=device)
+    t = torch.randn(5, 30, device=device)
+    z = lin(x)
+    z.retain_grad()
+    loss = sk.saf_loss(z, y, t, backend=backend) + 0.5 * sk.trajectory_kl_loss(z, t, backend=backend)
+    loss.backward(retain_graph=True)
+    g1, w1 = z.grad.clone(), lin.weight.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(z.grad, 2 * g1)
+    torch.testing.assert_close(lin.weight.grad, 2 * w1)
+    ref_z = z.detach().clone().requires_grad_()
+    (reference.saf_loss(ref_z, y, t) + 0.5 * reference.trajectory_kl_loss(ref_z, t)).backward()
+    assert_close(g1, ref_z.grad, torch.float32, "first backward")
