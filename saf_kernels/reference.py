@@ -38,14 +38,14 @@ def trajectory_kl_loss(
     reduction: str = "batchmean",
 ) -> torch.Tensor:
     """Reference of :func:`saf_kernels.trajectory_kl_loss` (``mean`` and ``batchmean`` both
-    average over rows)."""
+    average over rows; 0 for an empty batch)."""
     rows = trajectory_kl_rows(logits, target_logits, temperature)
     if reduction == "none":
         out = rows
     elif reduction == "sum":
         out = rows.sum()
     elif reduction in ("mean", "batchmean"):
-        out = rows.mean()
+        out = rows.sum() / max(rows.shape[0], 1)  # an empty batch gives 0, as saf_loss with no rows
     else:
         raise ValueError(f"unknown reduction {reduction!r}")
     return out.to(logits.dtype)

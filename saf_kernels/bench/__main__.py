@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated methods to run ({','.join(known_methods) or 'none available'}), or 'none'")
     ap.add_argument("--json", default=None, metavar="PATH", help="write machine-readable results here")
     ap.add_argument("--plot", default=None, metavar="PATH", help="write a PNG chart of the ratios here")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baselines (slow to build)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     sections: dict[str, str] = {}
     if ops != []:
-        rows += op_bench.run_op_benchmarks(device, args.quick, ops, progress)
+        rows += op_bench.run_op_benchmarks(device, args.quick, ops, progress, compile_baseline=not args.no_compile)
         sections["Fused ops, forward + backward (median per call; speed-up = baseline time / fused time)"] = op_table(rows)
     if methods != []:
         if methods_mod is None:

@@ -96,7 +96,7 @@ def _reference_fn(op: str):
     return lambda z, y, t: reference.trajectory_kl_loss(z, t, 5.0)
 
 
-def trajectory_providers(case: OpCase, device: torch.device) -> dict[str, Callable | str]:
+def trajectory_providers(case: OpCase, device: torch.device, compile_baseline: bool = True) -> dict[str, Callable | str]:
     """Provider name -> ``call(z, y, t) -> loss``, or a string saying why it is unavailable."""
     providers: dict[str, Callable | str] = {}
     for b in ("cuda", "triton", "cpu"):
@@ -107,7 +107,10 @@ def trajectory_providers(case: OpCase, device: torch.device) -> dict[str, Callab
             continue
         providers[f"saf_kernels[{b}]"] = why if why else _trajectory_call(case.op, b)
     providers["eager"] = _trajectory_call(case.op, None, _reference_fn(case.op))
-    providers["compile"] = _trajectory_call(case.op, None, torch.compile(_reference_fn(case.op), dynamic=False))
+    if compile_baseline:
+        providers["compile"] = _trajectory_call(case.op, None, torch.compile(_reference_fn(case.op), dynamic=False))
+    else:
+        providers["compile"] = "left out (--no-compile)"
     return providers
 
 
@@ -132,7 +135,8 @@ FAMILIES = {
 OP_NAMES = {op: "trajectory_loss" for op in TRAJECTORY_OPS}
 
 
-def run_op_benchmarks(device: torch.device, quick: bool, ops: list[str] | None, progress) -> list[dict]:
+def run_op_benchmarks(device: torch.device, quick: bool, ops: list[str] | None, progress,
+                      compile_baseline: bool = True) -> list[dict]:
     """One result row per (case, provider); unavailable providers are listed with the reason."""
     rows = []
     budget = 0.5 if quick else 2.0
@@ -143,7 +147,7 @@ def run_op_benchmarks(device: torch.device, quick: bool, ops: list[str] | None, 
                 continue
             plan.append((family, case, prov_fn, inputs_fn, bytes_fn, step_fn))
     peak = peak_bandwidth(device)
-    planned = [(p, p[2](p[1], device)) for p in plan]
+    planned = [(p, p[2](p[1], device, compile_baseline)) for p in plan]
     progress.add(sum(len(provs) for _, provs in planned))
     for (family, case, _, inputs_fn, bytes_fn, step_fn), providers in planned:
         nbytes = bytes_fn(case)

@@ -195,7 +195,8 @@ def trajectory_kl_loss(
             another float dtype than ``logits`` (e.g. a bfloat16 store). No gradient flows to it.
         temperature: ``T > 0``.
         reduction: ``"none"`` (per row), ``"sum"``, ``"mean"`` or ``"batchmean"`` -- the last two
-            both average over rows (unlike ``F.kl_div``, whose ``mean`` averages over elements).
+            both average over rows (unlike ``F.kl_div``, whose ``mean`` averages over elements),
+            and give 0 for an empty batch.
         backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``; see :mod:`saf_kernels._backend`.
 
     Returns:

@@ -118,7 +118,7 @@ def _trajectory_loss_kernel(
     # Rows past B have empty sums; give them harmless ones (they are never stored).
     sz = tl.where(rmask, sz, 1.0)
     st = tl.where(rmask, st, 1.0)
-    kl = inv_t * (w / st + mz - mt) + tl.log(sz) - tl.log(st)
+    kl = inv_t * (w / st + mz - mt) + tl.log(sz / st)  # not log(sz) - log(st): both ~log C
     # A row holding NaN or inf (nonfinite is NaN) gets NaN loss and gradient, as on every backend.
     loss = kl_w * temp * temp * kl + nonfinite
     if HAS_LABELS:

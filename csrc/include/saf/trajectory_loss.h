@@ -76,13 +76,14 @@ struct RowStats {
   acc_t nonfinite;  // sum of (z - z) + (t - t): 0, or NaN if the row holds NaN or inf
 };
 
-// Per-row loss from its statistics. log(ST/St) is split to keep both logs well scaled.
+// Per-row loss from its statistics.
 template <typename acc_t, typename LogF>
 SAF_HD acc_t row_loss_from_stats(const RowStats<acc_t>& r, const RowConsts<acc_t>& k, bool with_ce,
                                  bool with_kl, LogF logf) {
   acc_t loss = r.nonfinite;
   if (with_kl) {
-    const acc_t kl = k.inv_t * (r.w / r.st + r.mz - r.mt) + logf(r.sz) - logf(r.st);
+    // log(sz / st), not log(sz) - log(st): both logs are ~log C and would cancel in float32.
+    const acc_t kl = k.inv_t * (r.w / r.st + r.mz - r.mt) + logf(r.sz / r.st);
     loss += k.kl_w * k.t * k.t * kl;
   }
   if (with_ce) {
