@@ -18,6 +18,15 @@ CHUNK_BLOCK = 4096
 
 
 @triton.jit
+def _narrow(x, ptr):
+    # float64 -> 16-bit goes through float32: a direct cast is not supported everywhere (the
+    # interpreter stores zeros), and the extra rounding of a float64 value is harmless.
+    if ptr.dtype.element_ty == tl.float64:
+        return x
+    return x.to(tl.float32).to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _trajectory_loss_kernel(
     z_ptr,
     t_ptr,
@@ -144,7 +153,7 @@ def _trajectory_loss_kernel(
                 g -= tl.where(cols[None, :] == y[:, None], hot, 0.0)
                 g = tl.where(valid[:, None], g, 0.0)
                 g = tl.where(bad[:, None], float("nan"), g)
-            tl.store(g_row + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+            tl.store(g_row + cols[None, :], _narrow(g, g_ptr), mask=mask)
         else:
             for c0 in range(0, C, BLOCK_C):
                 cc = c0 + cols
@@ -158,7 +167,7 @@ def _trajectory_loss_kernel(
                     g -= tl.where(cc[None, :] == y[:, None], hot, 0.0)
                     g = tl.where(valid[:, None], g, 0.0)
                     g = tl.where(bad[:, None], float("nan"), g)
-                tl.store(g_row + cc[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+                tl.store(g_row + cc[None, :], _narrow(g, g_ptr), mask=mask)
 
 
 def _launch_config(C: int) -> tuple[int, int, bool, int]:
