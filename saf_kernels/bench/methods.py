@@ -74,15 +74,16 @@ def build_sgd(ctx: StepContext) -> Callable[[int], None]:
     return step
 
 
-def _builders() -> dict[str, Callable]:
-    builders: dict[str, Callable] = {"sgd": build_sgd}
+def builders() -> dict[str, Callable]:
+    """Method name -> step builder, for every method implemented in this version."""
+    found: dict[str, Callable] = {"sgd": build_sgd}
     for mod in ("sam_steps", "saf_steps", "esam_steps"):
         try:
             module = __import__(f"{__package__}.{mod}", fromlist=["BUILDERS"])
         except ImportError:
             continue
-        builders.update(getattr(module, "BUILDERS", {}))
-    return builders
+        found.update(getattr(module, "BUILDERS", {}))
+    return found
 
 
 def describe(device: torch.device, quick: bool) -> dict:
@@ -114,7 +115,7 @@ def make_context(device: torch.device, quick: bool, batches: int = 4, seed: int 
 
 def run_method_benchmarks(device: torch.device, quick: bool, methods: list[str] | None, progress) -> list[dict]:
     ctx = make_context(device, quick)
-    builders = _builders()
+    registry = builders()
     wanted = list(methods) if methods else list(METHODS)
     if "sgd" not in wanted:
         wanted.insert(0, "sgd")
@@ -127,7 +128,7 @@ def run_method_benchmarks(device: torch.device, quick: bool, methods: list[str] 
         progress(f"build {m}")
         row = {"kind": "method", "method": m}
         rows[m] = row
-        build = builders.get(m)
+        build = registry.get(m)
         if build is None:
             row["unavailable"] = "not implemented in this version"
             continue
