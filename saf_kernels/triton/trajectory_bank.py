@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .trajectory_loss import _launch_config, _trajectory_loss_kernel
+from .trajectory_loss import _launch_config, _to_storage, _trajectory_loss_kernel
 
 # Mirrors csrc/include/saf/trajectory_bank.h.
 ERR_ID_OUT_OF_RANGE = 1
@@ -233,7 +233,7 @@ def _bank_record_kernel(rows_ptr, ids_ptr, mode_ptr, values_ptr, C, stride_r, st
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + tl.arange(0, BLOCK_C)
             x = tl.load(rows_ptr + r * stride_r + cc, mask=cc < C, other=0.0)
-            tl.store(dst + cc, x.to(tl.float32).to(values_ptr.dtype.element_ty), mask=cc < C)
+            tl.store(dst + cc, _to_storage(x, values_ptr), mask=cc < C)
 
 
 def bank_record_triton(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, epochs: torch.Tensor,

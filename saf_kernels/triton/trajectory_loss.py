@@ -23,6 +23,21 @@ CHUNK_BLOCK = 4096
 
 
 @triton.jit
+def _to_storage(x, dst_ptr):
+    """``x`` rounded to ``dst_ptr``'s element type as ``Tensor.to()`` rounds (through float32)."""
+    x32 = x.to(tl.float32)
+    if dst_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even on the bits: GPUs' conversion does, the interpreter's truncates,
+        # and the bank must hold the same bits on every backend.
+        b = x32.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(x32 != x32, 0x7FC0, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x32.to(dst_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _trajectory_loss_kernel(
     z_ptr,
     t_ptr,
@@ -95,7 +110,7 @@ def _trajectory_loss_kernel(
         z = tl.load(z_row + cols[None, :], mask=mask, other=0.0).to(ACC)
         t = tl.load(t_row + cols[None, :], mask=tmask_r[:, None] & cmask, other=0.0).to(ACC)
         if BANK:  # the target row has been read: the slot takes the current logits
-            tl.store(t_row + cols[None, :], z.to(tl.float32).to(t_ptr.dtype.element_ty), mask=mask & rec[:, None])
+            tl.store(t_row + cols[None, :], _to_storage(z, t_ptr), mask=mask & rec[:, None])
         mz = tl.where(rmask, tl.max(tl.where(mask, z, neg_inf), 1), 0.0)
         mt = tl.where(rmask, tl.max(tl.where(mask, t, neg_inf), 1), 0.0)
         d = tl.where(mask, z - mz[:, None], neg_inf)
@@ -177,7 +192,7 @@ def _trajectory_loss_kernel(
                 z = tl.load(z_row + cc[None, :], mask=mask, other=0.0).to(ACC)
                 t = tl.load(t_row + cc[None, :], mask=tmask_r[:, None] & (cc[None, :] < C), other=0.0).to(ACC)
                 if BANK:
-                    tl.store(t_row + cc[None, :], z.to(tl.float32).to(t_ptr.dtype.element_ty),
+                    tl.store(t_row + cc[None, :], _to_storage(z, t_ptr),
                              mask=mask & rec[:, None])
                 d = z - mz[:, None]
                 g = b[:, None] * tl.exp(d * inv_t) - dd[:, None] * tl.exp((t - mt[:, None]) * inv_t)
@@ -192,7 +207,7 @@ def _trajectory_loss_kernel(
             cc = c0 + cols
             mask = rmask[:, None] & (cc[None, :] < C)
             z = tl.load(z_row + cc[None, :], mask=mask, other=0.0)
-            tl.store(t_row + cc[None, :], z.to(tl.float32).to(t_ptr.dtype.element_ty), mask=mask & rec[:, None])
+            tl.store(t_row + cc[None, :], _to_storage(z, t_ptr), mask=mask & rec[:, None])
 
 
 def _launch_config(C: int) -> tuple[int, int, bool, int]:
