@@ -231,6 +231,21 @@ def test_mesa_loss(backend):
         mesa(logits, y, epoch=3)
 
 
+def test_mesa_teacher_autocast():
+    torch.manual_seed(0)
+    model = _cnn()
+    mesa = sk.MESA(model, start_epoch=0, teacher_autocast=torch.bfloat16)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    t = mesa.teacher_logits(x)
+    assert t.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert_close(t.float(), mesa.teacher(x), torch.bfloat16, "bf16 teacher")
+    loss = mesa(model(x), y, x, epoch=0)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="teacher_autocast must be None"):
+        sk.MESA(model, teacher_autocast=torch.float64)
+
+
 def test_mesa_state_dict_and_wrappers():
     model = _cnn()
     mesa = sk.MESA(torch.nn.DataParallel(model), decay=0.5)
