@@ -128,7 +128,7 @@ def test_step_matches_reference(backend, device, bank_dtype):
             # The bank afterwards: the logits rounded to the bank dtype, bit for bit, and the tags.
             assert torch.equal(bank[1].cpu(), ref_bank[1].cpu()), what + " tags"
             torch.testing.assert_close(bank[0].cpu(), ref_bank[0].cpu(), rtol=0, atol=0, equal_nan=True,
-                                       msg=lambda m: what + " values: " + m)
+                                       msg=lambda m, w=what: w + " values: " + m)
             assert int(bank[2].abs().sum()) == 0, "claims must be released"
             assert int(bank[3][0]) == 0, "no error flag"
 
