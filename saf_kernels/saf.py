@@ -419,9 +419,11 @@ class SAF:
         return self.bank.num_with_target
 
     def state_dict(self) -> dict:
+        """The bank's state (:meth:`TrajectoryBank.state_dict`); save it with the model's."""
         return {"bank": self.bank.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Resume from :meth:`state_dict`: later losses equal those of an uninterrupted run."""
         self.bank.load_state_dict(state_dict["bank"])
 
 
@@ -550,9 +552,11 @@ class MESA:
                          self.ignore_index, backend=self.backend)
 
     def state_dict(self) -> dict:
+        """The teacher's parameters and buffers."""
         return {"teacher": self.teacher.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load the teacher saved by :meth:`state_dict`."""
         self.teacher.load_state_dict(state_dict["teacher"])
 
 
@@ -571,6 +575,7 @@ class IndexedDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
+        """``(*self.dataset[index], index)``."""
         item = self.dataset[index]
         return (*item, index) if isinstance(item, tuple) else (item, index)
 

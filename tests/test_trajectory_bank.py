@@ -538,7 +538,15 @@ def test_triton_step_has_no_host_sync(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_pinned_host_bank_needs_the_cuda_kernels():
+    _skip("triton", "cuda")
+    host = sk.TrajectoryBank(8, 10, delay=2, pin_memory=True, backend="triton")
+    with pytest.raises(sk.BackendUnavailable, match="pinned host memory needs the CUDA kernels"):
+        host.step(torch.randn(2, 10, device="cuda"), None, torch.tensor([0, 1], device="cuda"), 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda"])
 def test_pinned_host_bank(backend):
     _skip(backend, "cuda")
     N, S, C, B = 64, 3, 1000, 16

@@ -210,6 +210,18 @@ def _check_logits(logits, fn):
                          f"{tuple(logits.shape)}")
 
 
+def _resolve(backend: str, device: torch.device, values: torch.Tensor, fn: str) -> str:
+    impl = _backend.resolve(backend, device, OP)
+    if values.device != device and impl != "cuda":
+        # Only the CUDA kernels are written to reach pinned host memory (through UVA); Triton's
+        # launcher and the reference's indexing want device tensors.
+        raise _backend.BackendUnavailable(
+            f"{fn}: a bank in pinned host memory needs the CUDA kernels (backend 'cuda'), not {impl!r}"
+            + ("" if impl != "triton" else "; build saf_kernels._C with CUDA")
+        )
+    return impl
+
+
 # --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
@@ -271,7 +283,7 @@ def trajectory_bank_step(
     label_smoothing = _check_real("label_smoothing", label_smoothing, fn, lo=0.0, hi=1.0)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
-    impl = _backend.resolve(backend, logits.device, OP)
+    impl = _resolve(backend, logits.device, values, fn)
     if impl == "torch":
         loss, counts = reference.saf_bank_step(logits, labels, ids, values, epochs, epoch, temperature, 1.0, lam,
                                                label_smoothing, int(ignore_index), use_past, record)
@@ -309,7 +321,7 @@ def trajectory_bank_record(
     _check_index_tensor("sample ids", ids, rows.shape[0], rows.device, fn)
     check_bank_tensors(values, epochs, claims, state, rows.shape[1], rows.device, fn)
     epoch = check_epoch(epoch, fn)
-    impl = _backend.resolve(backend, rows.device, OP)
+    impl = _resolve(backend, rows.device, values, fn)
     if impl == "torch":
         reference.saf_bank_record(rows, ids, values, epochs, epoch)
     else:
