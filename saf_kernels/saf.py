@@ -138,6 +138,7 @@ class TrajectoryBank:
         self._claims: torch.Tensor | None = None
         self._state: torch.Tensor | None = None
         self._last_epoch: int | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_counts: torch.Tensor | None = None
         if device is not None:
             self._allocate(torch.device(device))
@@ -180,6 +181,11 @@ class TrajectoryBank:
     def _ensure(self, device: torch.device) -> None:
         if self._state is None:
             self._allocate(device)
+            if self._pending is not None:  # a checkpoint loaded before the device was known
+                values, epochs = self._pending
+                self.values.copy_(values)
+                self.epochs.copy_(epochs)
+                self._pending = None
         elif self._state.device != device:
             raise ValueError(f"saf_kernels.TrajectoryBank: the bank serves logits on {self._state.device}, got logits "
                              f"on {device}; move it with bank.to({str(device)!r})")
@@ -315,6 +321,10 @@ class TrajectoryBank:
     def state_dict(self) -> dict:
         """Values, tags and shape; :meth:`load_state_dict` of it resumes exactly. Checks errors first."""
         self.check_errors()
+        if self._pending is not None:
+            values, epochs = self._pending
+            return {"num_samples": self.num_samples, "num_classes": self.num_classes, "delay": self.delay,
+                    "dtype": str(self.dtype).replace("torch.", ""), "values": values, "epochs": epochs}
         return {
             "num_samples": self.num_samples,
             "num_classes": self.num_classes,
@@ -333,9 +343,18 @@ class TrajectoryBank:
                 raise ValueError(f"{fn}: {key} is {state_dict.get(key)!r} in the checkpoint but {mine!r} here")
         if state_dict.get("values") is None:  # saved before the first step
             self.reset()
+            self._pending = None
             return
+        N, S, C = self.num_samples, self.delay, self.num_classes
+        if tuple(state_dict["values"].shape) != (N, S, C) or tuple(state_dict["epochs"].shape) != (N, S):
+            raise ValueError(f"{fn}: the checkpoint's tensors have shapes {tuple(state_dict['values'].shape)} and "
+                             f"{tuple(state_dict['epochs'].shape)}, expected ({N}, {S}, {C}) and ({N}, {S})")
+        self._last_epoch = None
         if self._state is None:
-            self._allocate(state_dict["values"].device if not self.pin_memory else torch.device("cuda"))
+            # No device yet: the bank is allocated on the logits' device at the first step, where
+            # the checkpoint is copied in (wherever torch.load mapped it).
+            self._pending = (state_dict["values"], state_dict["epochs"])
+            return
         self.values.copy_(state_dict["values"])
         self.epochs.copy_(state_dict["epochs"])
         self._claims.zero_()

@@ -148,6 +148,18 @@ def test_bank_memory_and_repr():
     assert bool((bank.epochs == -1).all())
 
 
+def test_load_before_the_first_step_lands_on_the_logits_device():
+    a = sk.TrajectoryBank(6, 4, delay=2, dtype=torch.float32)
+    a.step(torch.randn(3, 4), None, torch.tensor([0, 2, 5]), 0)
+    b = sk.TrajectoryBank(6, 4, delay=2, dtype=torch.float32)
+    b.load_state_dict(a.state_dict())
+    assert b.device is None  # allocated at the first step, where the logits are
+    assert torch.equal(b.state_dict()["values"], a.values)
+    b.step(torch.randn(3, 4), None, torch.tensor([1, 3, 4]), 0)
+    assert torch.equal(b.epochs[[0, 2, 5], 0], a.epochs[[0, 2, 5], 0])
+    assert torch.equal(b.values[[0, 2, 5]], a.values[[0, 2, 5]])
+
+
 def test_state_dict_checks_shape():
     a = sk.TrajectoryBank(10, 5, delay=2, dtype=torch.float32)
     sd = a.state_dict()  # before the first step
