@@ -587,3 +587,39 @@ def test_cuda_step_is_graph_capturable_and_sync_free():
     g.replay()
     torch.cuda.synchronize()
     assert counts.tolist() == [32, 0] and torch.isfinite(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuller grid (SAF_FULL=1 or -m slow)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backend", "device"), KERNEL_PAIRS)
+def test_random_runs_match_reference(backend, device):
+    """Random shapes, dtypes and histories, several epochs each, kernel and reference side by side."""
+    _skip(backend, device)
+    for trial in range(12):
+        g = torch.Generator().manual_seed(trial)
+        S = int(torch.randint(1, 5, (), generator=g))
+        C = int(torch.randint(1, 3000, (), generator=g))
+        N = int(torch.randint(2, 200, (), generator=g))
+        bank_dtype = BANK_DTYPES[trial % 3]
+        z_dtype = [torch.float32, torch.bfloat16, torch.float16][(trial // 3) % 3]
+        bank = make_bank(N, S, C, bank_dtype, device)
+        ref = _clone(bank)
+        for epoch in range(2 * S + 2):
+            B = int(torch.randint(1, N + 1, (), generator=g))
+            ids = torch.randperm(N, generator=g)[:B].to(device)
+            z = (torch.randn(B, C, generator=g, dtype=torch.float64) * 4).to(device=device, dtype=z_dtype)
+            z.requires_grad_()
+            y = torch.randint(0, C, (B,), generator=g).to(device)
+            use_past = bool(epoch % 3)
+            loss, counts = _run(backend, z, y, ids, bank, epoch, 0.3, 5.0, 0.1, -100, use_past)
+            ref_loss, ref_g, ref_counts, ref_after = _reference(z, y, ids, ref, epoch, 0.3, 5.0, 0.1, -100, use_past)
+            what = f"trial {trial} N={N} S={S} C={C} B={B} epoch={epoch} {bank_dtype} {z_dtype}"
+            assert_close(loss, ref_loss, z_dtype, what)
+            assert_close(torch.autograd.grad(loss, z)[0], ref_g, z_dtype, what + " grad")
+            assert torch.equal(counts.cpu(), ref_counts.cpu()), what
+            ref = [ref_after[0], ref_after[1], ref[2], ref[3]]
+            assert torch.equal(bank[1], ref[1]) and torch.equal(bank[0], ref[0]), what
