@@ -1,5 +1,5 @@
 """The SAF bank's fused step (gather + CE/KL loss + gradient + record, one kernel) against the
-unfused sequence on the same device (index_select gather, loss, backward, index_copy_ scatter),
+unfused sequence on the same device (indexing gather, loss, backward, index_put_ scatter),
 eager and compiled. Cases and providers come from saf_kernels.bench.ops, as in
 ``python -m saf_kernels.bench --ops saf_bank_step``; groups are one shape, so --benchmark-compare
 puts the providers side by side."""

@@ -61,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> saf_bank_step_cuda(
   const auto acc = f64 ? at::kDouble : at::kFloat;
 
   at::Tensor rows = at::empty({B}, opts.dtype(acc));
-  at::Tensor loss = at::zeros({}, opts.dtype(acc));
+  // The step kernel's last block writes the loss: no fill launch unless there is no block.
+  at::Tensor loss = B > 0 ? at::empty({}, opts.dtype(acc)) : at::zeros({}, opts.dtype(acc));
   at::Tensor grad = need_grad ? at::empty({B, C}, opts) : at::empty({0}, opts);
   at::Tensor counts = at::empty({2}, opts.dtype(at::kLong));
   at::Tensor scales = at::empty({2}, opts.dtype(acc));

@@ -171,8 +171,8 @@ def run_op_benchmarks(device: torch.device, quick: bool, ops: list[str] | None, 
 
 # --------------------------------------------------------------------------------------------
 # SAF trajectory bank: the fused step (gather + loss + gradient + record in one kernel) against
-# the unfused sequence on the same device (index_select gather, cross-entropy + KL, backward,
-# index_copy_ scatter), eager and compiled. Each provider owns a bank pre-filled so that every
+# the unfused sequence on the same device (indexing gather, cross-entropy + KL, backward,
+# index_put_ scatter), eager and compiled. Each provider owns a bank pre-filled so that every
 # sample has its entry from `delay` epochs ago; ids walk through the bank, one epoch per pass.
 # --------------------------------------------------------------------------------------------
 
@@ -236,9 +236,10 @@ def _prefilled(case: OpCase, device: torch.device):
 
 def unfused_bank_step(z, y, ids, values, epochs, epoch_t, slot: int, delay: int, lam: float, T: float):
     """The bank step as separate PyTorch ops on the device: gather, CE + KL over rows with a past
-    entry, (backward by the caller), scatter of the logits and tags."""
-    past = values[:, slot].index_select(0, ids).float()
-    has = epochs[:, slot].index_select(0, ids) == epoch_t - delay
+    entry, (backward by the caller), scatter of the logits and tags. Indexing the bank itself (not
+    a slot view): torch.compile then updates it in place instead of copying the whole bank back."""
+    past = values[ids, slot].float()
+    has = epochs[ids, slot] == epoch_t - delay
     zf = z.float()
     log_q = F.log_softmax(zf / T, dim=-1)
     log_p = F.log_softmax(past / T, dim=-1)
@@ -246,8 +247,8 @@ def unfused_bank_step(z, y, ids, values, epochs, epoch_t, slot: int, delay: int,
     kl = torch.where(has, kl, torch.zeros((), device=z.device)).sum() / has.sum().clamp(min=1)
     loss = F.cross_entropy(zf, y) + lam * kl
     with torch.no_grad():
-        values[:, slot].index_copy_(0, ids, z.detach().to(values.dtype))
-        epochs[:, slot].index_fill_(0, ids, epoch_t.to(torch.int32))
+        values[ids, slot] = z.detach().to(values.dtype)
+        epochs[ids, slot] = epoch_t.to(torch.int32)
     return loss
 
 
