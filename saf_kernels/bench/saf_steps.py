@@ -2,7 +2,7 @@
 
 Two entry points:
 
-- ``BUILDERS = {"saf": build_saf, "mesa": build_mesa}``: builders ``build(ctx) -> step(i)`` for the
+- ``BUILDERS`` (``saf``, ``mesa``, ``mesa_bf16_teacher``): builders ``build(ctx) -> step(i)`` for the
   methods section of ``python -m saf_kernels.bench`` (``saf_kernels/bench/methods.py``). ``ctx``
   provides ``device``, ``model_fn()`` (a fresh model, same initial weights each call),
   ``batch(i) -> (inputs, labels, ids)``, ``num_classes``, ``batch_size`` and ``sgd(params)``.
@@ -74,11 +74,16 @@ def build_saf(ctx, bank_dtype: torch.dtype = torch.bfloat16, backend: str = "aut
     return step
 
 
-def build_mesa(ctx, backend: str = "auto") -> Callable[[int], None]:
-    """MESA step: student forward, teacher forward (no grad), fused loss, backward, SGD, EMA update."""
+def build_mesa(ctx, backend: str = "auto", teacher_autocast: torch.dtype | None = None) -> Callable[[int], None]:
+    """MESA step: student forward, teacher forward (no grad), fused loss, backward, SGD, EMA update.
+
+    The teacher runs in the model's precision, as the student; ``teacher_autocast`` (the
+    ``"mesa_bf16_teacher"`` builder) runs its forward under bfloat16 autocast instead, as the
+    official code does under AMP: the teacher's forward is MESA's whole overhead."""
     model = ctx.model_fn()
     opt = _sgd(ctx, model.parameters())
-    mesa = MESA(model, lam=MESA_LAM, temperature=TEMPERATURE, decay=EMA_DECAY, start_epoch=0, backend=backend)
+    mesa = MESA(model, lam=MESA_LAM, temperature=TEMPERATURE, decay=EMA_DECAY, start_epoch=0, backend=backend,
+                teacher_autocast=teacher_autocast)
 
     def step(i: int) -> None:
         x, y, _ = ctx.batch(i)
@@ -106,7 +111,12 @@ def build_sgd(ctx) -> Callable[[int], None]:
     return step
 
 
-BUILDERS = {"saf": build_saf, "mesa": build_mesa}
+def build_mesa_bf16_teacher(ctx, backend: str = "auto") -> Callable[[int], None]:
+    """MESA with the teacher's forward under bfloat16 autocast (the student as it is)."""
+    return build_mesa(ctx, backend, teacher_autocast=torch.bfloat16)
+
+
+BUILDERS = {"saf": build_saf, "mesa": build_mesa, "mesa_bf16_teacher": build_mesa_bf16_teacher}
 
 
 class _Context:
