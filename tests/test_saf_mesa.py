@@ -363,3 +363,22 @@ def test_ddp_bank_equals_single_process_bank(tmp_path, backend):
             past = _logits(X, W, idx, epoch - DDP_DELAY).to(torch.bfloat16)
             expected = reference.saf_loss(z, y, past, 0.3, 5.0)
             assert_close(loss, expected, torch.float32, f"epoch {epoch} loss")
+
+
+def test_benchmark_steps_run():
+    """The step builders of the training-step benchmark (saf_kernels/bench/saf_steps.py) run and
+    train: SAF's trajectory term is on from the first timed step."""
+    from saf_kernels.bench import saf_steps
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    batch = (torch.randn(6, 3, 4), torch.randint(0, 5, (6,)))
+    steps = saf_steps.make_steps(model, batch, "cpu")
+    assert set(steps) == {"sgd", "saf", "mesa"}
+    for step in steps.values():
+        for i in range(3):
+            step(i)
+    times = saf_steps.compare(steps, "cpu", rounds=2, inner=1, warmup=1)
+    assert set(times) == set(steps) and all(t > 0 for t in times.values())
+    ctx = saf_steps._Context(model, batch, "cpu")
+    saf_steps.BUILDERS["mesa_bf16_teacher"](ctx)(0)
