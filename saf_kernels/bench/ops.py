@@ -236,8 +236,12 @@ def _prefilled(case: OpCase, device: torch.device):
 
 def unfused_bank_step(z, y, ids, values, epochs, epoch_t, slot: int, delay: int, lam: float, T: float):
     """The bank step as separate PyTorch ops on the device: gather, CE + KL over rows with a past
-    entry, (backward by the caller), scatter of the logits and tags. Indexing the bank itself (not
-    a slot view): torch.compile then updates it in place instead of copying the whole bank back."""
+    entry, (backward by the caller), scatter of the logits and tags.
+
+    torch.compile of this function copies the whole bank back every step (the mutated input is
+    functionalized; its time grows with N: 47 ms for a 240 MB bank on this CPU, 2.8 ms for 12 MB),
+    which is what compiling this sequence gives a user. The fused op, a custom op that declares
+    its mutations, does not: compiled it stays at its eager cost."""
     past = values[ids, slot].float()
     has = epochs[ids, slot] == epoch_t - delay
     zf = z.float()
