@@ -75,8 +75,84 @@ static std::tuple<at::Tensor, at::Tensor> trajectory_loss_autograd(
   return {r[0], r[1]};
 }
 
+// ---- SAF trajectory bank ----------------------------------------------------------------------
+// saf_bank_step returns the gradient of its loss w.r.t. logits; backward scales it, as above. The
+// bank tensors it writes are not differentiable; their version counters are bumped so that
+// autograd notices if a saved copy of them is used after the step.
+
+class BankStepFunction : public torch::autograd::Function<BankStepFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const std::optional<at::Tensor>& labels,
+                               const at::Tensor& ids, const at::Tensor& values, const at::Tensor& epochs,
+                               const at::Tensor& claims, const at::Tensor& state, int64_t epoch, double temperature,
+                               double ce_weight, double kl_weight, double label_smoothing, int64_t ignore_index,
+                               bool use_past, bool record, bool need_grad) {
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("saf_kernels::saf_bank_step", "")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double, double, double,
+                int64_t, bool, bool, bool)>();
+    at::Tensor loss, grad, counts;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(loss, grad, counts) = op.call(logits, labels, ids, values, epochs, claims, state, epoch, temperature,
+                                             ce_weight, kl_weight, label_smoothing, ignore_index, use_past, record,
+                                             need_grad);
+    }
+    for (const at::Tensor* t : {&values, &epochs, &claims, &state}) torch::autograd::impl::bump_version(*t);
+    ctx->saved_data["need_grad"] = need_grad;
+    ctx->save_for_backward({grad});
+    ctx->mark_non_differentiable({grad, counts});
+    ctx->set_materialize_grads(false);
+    return {loss, grad, counts};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const at::Tensor& go = grad_outputs[0];
+    variable_list out(16);
+    if (!go.defined()) return out;
+    TORCH_CHECK(ctx->saved_data["need_grad"].toBool(),
+                "saf_kernels.saf_bank_step was run with need_grad=False; call it with need_grad=True (the public "
+                "functions do so whenever logits require grad)");
+    const at::Tensor grad = ctx->get_saved_variables()[0];
+    at::Tensor dz = at::empty_like(grad);
+    at::mul_out(dz, grad, go);
+    out[0] = dz;
+    return out;
+  }
+};
+
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> saf_bank_step_autograd(
+    const at::Tensor& logits, const std::optional<at::Tensor>& labels, const at::Tensor& ids, const at::Tensor& values,
+    const at::Tensor& epochs, const at::Tensor& claims, const at::Tensor& state, int64_t epoch, double temperature,
+    double ce_weight, double kl_weight, double label_smoothing, int64_t ignore_index, bool use_past, bool record,
+    bool need_grad) {
+  auto r = BankStepFunction::apply(logits, labels, ids, values, epochs, claims, state, epoch, temperature, ce_weight,
+                                   kl_weight, label_smoothing, ignore_index, use_past, record, need_grad);
+  return {r[0], r[1], r[2]};
+}
+
+static void saf_bank_record_autograd(const at::Tensor& rows, const at::Tensor& ids, const at::Tensor& values,
+                                     const at::Tensor& epochs, const at::Tensor& claims, const at::Tensor& state,
+                                     int64_t epoch) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("saf_kernels::saf_bank_record", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, int64_t)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.call(rows, ids, values, epochs, claims, state, epoch);
+  }
+  for (const at::Tensor* t : {&values, &epochs, &claims, &state}) torch::autograd::impl::bump_version(*t);
+}
+// ---- end SAF trajectory bank ------------------------------------------------------------------
+
 TORCH_LIBRARY_IMPL(saf_kernels, Autograd, m) {
   m.impl("trajectory_loss", &trajectory_loss_autograd);
+  m.impl("saf_bank_step", &saf_bank_step_autograd);
+  m.impl("saf_bank_record", &saf_bank_record_autograd);
 }
 
 }  // namespace saf

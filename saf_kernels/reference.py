@@ -107,3 +107,101 @@ def ema_update_(ema: list[torch.Tensor], model: list[torch.Tensor], decay: float
     for e, m in zip(ema, model):
         w = 1.0 - decay if not isinstance(decay, torch.Tensor) else (1.0 - decay).to(e.dtype)
         e.lerp_(m.to(e.dtype), w)
+
+
+# --------------------------------------------------------------------------------------------
+# SAF trajectory bank (layout: csrc/include/saf/trajectory_bank.h)
+# --------------------------------------------------------------------------------------------
+
+
+def _bank_check_ids(ids: torch.Tensor, num_samples: int, fn: str, duplicates_are_errors: bool) -> torch.Tensor:
+    """Raise for ids out of range (and, if asked, repeated); return which rows hold a unique id.
+
+    Host-synchronising: this is the oracle and the fallback, not the fast path.
+    """
+    bad = (ids < 0) | (ids >= num_samples)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f"{fn}: sample id {int(ids[i])} of row {i} is outside the bank's range [0, {num_samples})")
+    uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    repeated = counts[inverse] > 1
+    if duplicates_are_errors and bool(repeated.any()):
+        rows = repeated.nonzero()[:, 0]
+        dup = int(ids[rows[0]])
+        where = (ids == dup).nonzero()[:, 0].tolist()
+        raise ValueError(f"{fn}: sample id {dup} appears in rows {where[0]} and {where[1]} of one batch; a sample "
+                         "may be seen once per step (and should be seen once per epoch)")
+    return ~repeated
+
+
+def saf_bank_step(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    ids: torch.Tensor,
+    values: torch.Tensor,
+    epochs: torch.Tensor,
+    epoch: int,
+    temperature: float,
+    ce_weight: float,
+    kl_weight: float,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    use_past: bool = True,
+    record: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bank step unfused: gather the past rows, the loss (autograd), scatter the logits.
+
+    ``loss = ce_weight * sum(CE) / n + kl_weight * T^2 * sum(KL over rows with a past entry) / m``;
+    returns ``(loss in the compute dtype, int64 tensor [n, m])``. Raises before touching the bank
+    for an id out of range, an id twice in the batch, or a label out of range.
+    """
+    fn = "saf_kernels.saf_bank_step"
+    N, S, C = values.shape
+    slot = epoch % S
+    ids = ids.long()
+    _bank_check_ids(ids, N, fn, duplicates_are_errors=True)
+    if labels is not None:
+        labels = labels.long()
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= C))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise IndexError(f"{fn}: label {int(labels[i])} of row {i} is outside [0, {C}) and is not ignore_index "
+                             f"({ignore_index})")
+        labelled = labels != ignore_index
+    else:
+        labelled = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    past = values[ids, slot]  # gather
+    tags = epochs[ids, slot]
+    if use_past and epoch >= S:
+        has = labelled & (tags == epoch - S)
+    else:
+        has = torch.zeros_like(labelled)
+    n, m = labelled.sum(), has.sum()
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(dt)
+    loss = torch.zeros((), dtype=dt, device=logits.device)
+    if labels is not None:
+        ce = F.cross_entropy(z, labels, reduction="none", label_smoothing=label_smoothing, ignore_index=ignore_index)
+        loss = loss + ce_weight * ce.sum() / n.clamp(min=1)
+    # Rows without a past entry never read their slot (it may hold anything, NaN included).
+    target = torch.where(has[:, None], past.to(dt), torch.zeros((), dtype=dt, device=past.device))
+    kl = torch.where(has, trajectory_kl_rows(z, target, temperature), torch.zeros((), dtype=dt, device=z.device))
+    loss = loss + kl_weight * kl.sum() / m.clamp(min=1)
+    if record:
+        with torch.no_grad():
+            values[ids, slot] = logits.detach().to(values.dtype)  # scatter
+            epochs[ids, slot] = epoch
+    return loss, torch.stack([n, m])
+
+
+@torch.no_grad()
+def saf_bank_record(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, epochs: torch.Tensor,
+                    epoch: int) -> None:
+    """Write rows into slot ``epoch % delay`` of their samples, tagged ``epoch``; ids held by
+    several rows are skipped, ids out of range raise."""
+    N, S, _ = values.shape
+    ids = ids.long()
+    keep = _bank_check_ids(ids, N, "saf_kernels.saf_bank_record", duplicates_are_errors=False)
+    slot = epoch % S
+    values[ids[keep], slot] = rows[keep].to(values.dtype)
+    epochs[ids[keep], slot] = epoch

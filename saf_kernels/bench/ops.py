@@ -171,3 +171,148 @@ def run_op_benchmarks(device: torch.device, quick: bool, ops: list[str] | None, 
                     row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# SAF trajectory bank: the fused step (gather + loss + gradient + record in one kernel) against
+# the unfused sequence on the same device (indexing gather, cross-entropy + KL, backward,
+# index_put_ scatter), eager and compiled. Each provider owns a bank pre-filled so that every
+# sample has its entry from `delay` epochs ago; ids walk through the bank, one epoch per pass.
+# --------------------------------------------------------------------------------------------
+
+from torch.nn import functional as F  # noqa: E402  (kept with the section it serves)
+
+BANK_OPS = ("saf_bank_step",)
+BANK_DELAY, BANK_LAM, BANK_T = 3, 0.3, 5.0
+
+
+def bank_cases(device: torch.device, quick: bool) -> list[OpCase]:
+    """Shapes (B, C, N): batch, classes, samples in the bank."""
+    if device.type == "cuda":
+        shapes = [((128, 100, 50_000), torch.float32, torch.bfloat16),     # CIFAR-100
+                  ((256, 1000, 200_000), torch.float32, torch.bfloat16),   # ImageNet-style rows
+                  ((256, 1000, 200_000), torch.bfloat16, torch.float32),
+                  ((1024, 1000, 200_000), torch.float32, torch.bfloat16)]
+        if quick:
+            shapes = shapes[:2]
+    else:
+        shapes = [((128, 10, 60_000), torch.float32, torch.bfloat16),      # MNIST
+                  ((128, 100, 50_000), torch.float32, torch.bfloat16),     # CIFAR-100
+                  ((256, 1000, 10_000), torch.float32, torch.bfloat16)]
+        if quick:
+            shapes = shapes[1:]
+    return [OpCase("saf_bank_step", s, d, td) for s, d, td in shapes]
+
+
+def bank_bytes(case: OpCase) -> int:
+    """Least traffic of the fused step: read z and the past rows, write dz and the new rows, plus
+    ids, labels, tags (read and write) and the row losses."""
+    B, C, _ = case.shape
+    sz = torch.finfo(case.dtype).bits // 8
+    sb = torch.finfo(case.target_dtype).bits // 8
+    return B * C * (2 * sz + 2 * sb) + B * (8 + 8 + 4 + 4 + 4)
+
+
+@dataclass
+class BankInputs:
+    logits: list
+    labels: list
+    ids: torch.Tensor  # [steps per pass, B]
+
+
+def bank_inputs(case: OpCase, device: torch.device, sets: int = 1) -> list[BankInputs]:
+    B, C, N = case.shape
+    z = [(torch.randn(B, C, device=device) * 2).to(case.dtype).requires_grad_() for _ in range(sets)]
+    y = [torch.randint(0, C, (B,), device=device) for _ in range(sets)]
+    ids = torch.randperm(N, device=device)[: (N // B) * B].view(N // B, B)
+    return [BankInputs(z, y, ids)]
+
+
+def _prefilled(case: OpCase, device: torch.device):
+    B, C, N = case.shape
+    S = BANK_DELAY
+    values = torch.randn(N, S, C, device=device).to(case.target_dtype)
+    epochs = torch.empty(N, S, dtype=torch.int32, device=device)
+    for e in range(S):  # epochs 0 .. S-1 recorded; timing starts at epoch S
+        epochs[:, e % S] = e
+    return values, epochs
+
+
+def unfused_bank_step(z, y, ids, values, epochs, epoch_t, slot: int, delay: int, lam: float, T: float):
+    """The bank step as separate PyTorch ops on the device: gather, CE + KL over rows with a past
+    entry, (backward by the caller), scatter of the logits and tags.
+
+    torch.compile of this function copies the whole bank back every step (the mutated input is
+    functionalized; its time grows with N: 47 ms for a 240 MB bank on this CPU, 2.8 ms for 12 MB),
+    which is what compiling this sequence gives a user. The fused op, a custom op that declares
+    its mutations, does not: compiled it stays at its eager cost."""
+    past = values[ids, slot].float()
+    has = epochs[ids, slot] == epoch_t - delay
+    zf = z.float()
+    log_q = F.log_softmax(zf / T, dim=-1)
+    log_p = F.log_softmax(past / T, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1) * (T * T)
+    kl = torch.where(has, kl, torch.zeros((), device=z.device)).sum() / has.sum().clamp(min=1)
+    loss = F.cross_entropy(zf, y) + lam * kl
+    with torch.no_grad():
+        values[ids, slot] = z.detach().to(values.dtype)
+        epochs[ids, slot] = epoch_t.to(torch.int32)
+    return loss
+
+
+def bank_providers(case: OpCase, device: torch.device, compile_baseline: bool = True) -> dict[str, Callable | str]:
+    """Provider name -> ``call(inputs, i)`` doing step i forward + backward, or why it is unavailable."""
+    from ..saf import TrajectoryBank
+
+    B, C, N = case.shape
+    providers: dict[str, Callable | str] = {}
+    for b in ("cuda", "triton", "cpu"):
+        if b in ("cuda", "cpu") and device.type != b:
+            continue
+        why = _backend.missing(b, device, "saf_bank_step")
+        if b == "triton" and why is None and device.type == "cpu":
+            why = "Triton runs only interpreted on CPU (not timed)"
+        if why:
+            providers[f"saf_kernels[{b}]"] = why
+            continue
+        bank = TrajectoryBank(N, C, BANK_DELAY, case.target_dtype, device=device, process_group=None, backend=b)
+        bank.values, bank.epochs = _prefilled(case, device)
+
+        def fused(inp: BankInputs, i: int, bank=bank) -> None:
+            steps = inp.ids.shape[0]
+            z = inp.logits[i % len(inp.logits)]
+            z.grad = None
+            loss = bank.step(z, inp.labels[i % len(inp.labels)], inp.ids[i % steps], BANK_DELAY + i // steps,
+                             BANK_LAM, BANK_T)
+            loss.backward()
+
+        providers[f"saf_kernels[{b}]"] = fused
+
+    def unfused_provider(fn):
+        values, epochs = _prefilled(case, device)
+
+        def call(inp: BankInputs, i: int) -> None:
+            steps = inp.ids.shape[0]
+            epoch = BANK_DELAY + i // steps
+            z = inp.logits[i % len(inp.logits)]
+            z.grad = None
+            epoch_t = torch.tensor(epoch, device=device)
+            fn(z, inp.labels[i % len(inp.labels)], inp.ids[i % steps], values, epochs, epoch_t, epoch % BANK_DELAY,
+               BANK_DELAY, BANK_LAM, BANK_T).backward()
+
+        return call
+
+    providers["eager"] = unfused_provider(unfused_bank_step)
+    if compile_baseline:
+        providers["compile"] = unfused_provider(torch.compile(unfused_bank_step, dynamic=False))
+    else:
+        providers["compile"] = "left out (--no-compile)"
+    return providers
+
+
+def bank_step_fn(call: Callable, inputs: list) -> Callable[[int], None]:
+    return lambda i: call(inputs[0], i)
+
+
+FAMILIES["trajectory_bank"] = (bank_cases, bank_providers, bank_inputs, bank_bytes, bank_step_fn)
+OP_NAMES.update({op: "trajectory_bank" for op in BANK_OPS})

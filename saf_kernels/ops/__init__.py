@@ -1,6 +1,7 @@
 """Fused ops callable from PyTorch code. Each takes ``backend="auto" | "cuda" | "triton" | "cpu" | "torch"``."""
 
 from .ema import ema_update_
+from .trajectory_bank import trajectory_bank_record, trajectory_bank_step
 from .trajectory_loss import saf_loss, trajectory_kl_loss
 
-__all__ = ["ema_update_", "saf_loss", "trajectory_kl_loss"]
+__all__ = ["ema_update_", "saf_loss", "trajectory_bank_record", "trajectory_bank_step", "trajectory_kl_loss"]

@@ -4,6 +4,11 @@ One program handles BLOCK_R rows. When a row fits in one BLOCK_C tile (``SINGLE`
 once and the gradient written from registers; otherwise two passes over column chunks: an online
 softmax pass (running maxima and rescaled sums for softmax(z), softmax(z/T), softmax(t/T)) and a
 gradient pass that re-reads the row (usually from L2).
+
+With ``BANK`` (the SAF trajectory bank, ``saf_kernels/triton/trajectory_bank.py``) row ``i``'s
+target is row ``idx[i]`` of the bank slot, read only if the row's mode has the KL bit; with the
+record bit the row's logits are written over that target row after it has been read. The KL term
+then has its own device scale (1 / rows with a past entry).
 """
 
 from __future__ import annotations
@@ -18,12 +23,22 @@ CHUNK_BLOCK = 4096
 
 
 @triton.jit
-def _narrow(x, ptr):
+def _to_storage(x, dst_ptr):
+    """``x`` rounded to ``dst_ptr``'s element type as ``Tensor.to()`` rounds (through float32)."""
+    if dst_ptr.dtype.element_ty == tl.float64:
+        return x.to(tl.float64)
     # float64 -> 16-bit goes through float32: a direct cast is not supported everywhere (the
     # interpreter stores zeros), and the extra rounding of a float64 value is harmless.
-    if ptr.dtype.element_ty == tl.float64:
-        return x
-    return x.to(tl.float32).to(ptr.dtype.element_ty)
+    x32 = x.to(tl.float32)
+    if dst_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even on the bits: GPUs' conversion does, the interpreter's truncates,
+        # and the bank must hold the same bits on every backend.
+        b = x32.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(x32 != x32, 0x7FC0, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x32.to(dst_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -45,6 +60,9 @@ def _trajectory_loss_kernel(
     kl_w,
     eps,
     ignore_index,
+    idx_ptr,
+    mode_ptr,
+    kl_scale_ptr,
     HAS_LABELS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     NEED_GRAD: tl.constexpr,
@@ -52,6 +70,7 @@ def _trajectory_loss_kernel(
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BANK: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -59,12 +78,26 @@ def _trajectory_loss_kernel(
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     z_row = z_ptr + rows64[:, None] * stride_z
-    t_row = t_ptr + rows64[:, None] * stride_t
     eps_over_c = eps / C
+    if BANK:
+        mode = tl.load(mode_ptr + rows64, mask=rmask, other=0).to(tl.int32)
+        has_t = (mode & 1) != 0
+        rec = (mode & 2) != 0
+        tidx = tl.load(idx_ptr + rows64, mask=rmask & (mode != 0), other=0).to(tl.int64)
+        t_row = t_ptr + tidx[:, None] * stride_t
+        tmask_r = rmask & has_t
+    else:
+        t_row = t_ptr + rows64[:, None] * stride_t
+        tmask_r = rmask
     if HAS_SCALE:  # 1 / (rows not ignored), computed on the device: the "mean" reduction
         scale = tl.load(scale_ptr).to(ACC)
         ce_w = ce_w * scale
-        kl_w = kl_w * scale
+        if BANK:  # the KL term averages over the rows with a past entry instead
+            kl_w = kl_w * tl.load(kl_scale_ptr).to(ACC)
+        else:
+            kl_w = kl_w * scale
+    if BANK:  # rows without a past entry: no KL term (their target reads as zeros)
+        kl_w = tl.where(has_t, kl_w, 0.0)
 
     if HAS_LABELS:
         y = tl.load(y_ptr + rows64, mask=rmask, other=ignore_index).to(tl.int64)
@@ -79,7 +112,9 @@ def _trajectory_loss_kernel(
         mask = rmask[:, None] & cmask
         # Padding lanes read 0 (so t - z stays finite) and enter the maxima and exps as -inf.
         z = tl.load(z_row + cols[None, :], mask=mask, other=0.0).to(ACC)
-        t = tl.load(t_row + cols[None, :], mask=mask, other=0.0).to(ACC)
+        t = tl.load(t_row + cols[None, :], mask=tmask_r[:, None] & cmask, other=0.0).to(ACC)
+        if BANK:  # the target row has been read: the slot takes the current logits
+            tl.store(t_row + cols[None, :], _to_storage(z, t_ptr), mask=mask & rec[:, None])
         mz = tl.where(rmask, tl.max(tl.where(mask, z, neg_inf), 1), 0.0)
         mt = tl.where(rmask, tl.max(tl.where(mask, t, neg_inf), 1), 0.0)
         d = tl.where(mask, z - mz[:, None], neg_inf)
@@ -106,7 +141,7 @@ def _trajectory_loss_kernel(
             cc = c0 + cols
             mask = rmask[:, None] & (cc[None, :] < C)
             z = tl.load(z_row + cc[None, :], mask=mask, other=0.0).to(ACC)
-            t = tl.load(t_row + cc[None, :], mask=mask, other=0.0).to(ACC)
+            t = tl.load(t_row + cc[None, :], mask=tmask_r[:, None] & (cc[None, :] < C), other=0.0).to(ACC)
             # Rows past B keep finite factors (they are never stored).
             mz_new = tl.where(rmask, tl.maximum(mz, tl.max(tl.where(mask, z, neg_inf), 1)), 0.0)
             mt_new = tl.where(rmask, tl.maximum(mt, tl.max(tl.where(mask, t, neg_inf), 1)), 0.0)
@@ -153,13 +188,16 @@ def _trajectory_loss_kernel(
                 g -= tl.where(cols[None, :] == y[:, None], hot, 0.0)
                 g = tl.where(valid[:, None], g, 0.0)
                 g = tl.where(bad[:, None], float("nan"), g)
-            tl.store(g_row + cols[None, :], _narrow(g, g_ptr), mask=mask)
+            tl.store(g_row + cols[None, :], _to_storage(g, g_ptr), mask=mask)
         else:
             for c0 in range(0, C, BLOCK_C):
                 cc = c0 + cols
                 mask = rmask[:, None] & (cc[None, :] < C)
                 z = tl.load(z_row + cc[None, :], mask=mask, other=0.0).to(ACC)
-                t = tl.load(t_row + cc[None, :], mask=mask, other=0.0).to(ACC)
+                t = tl.load(t_row + cc[None, :], mask=tmask_r[:, None] & (cc[None, :] < C), other=0.0).to(ACC)
+                if BANK:
+                    tl.store(t_row + cc[None, :], _to_storage(z, t_ptr),
+                             mask=mask & rec[:, None])
                 d = z - mz[:, None]
                 g = b[:, None] * tl.exp(d * inv_t) - dd[:, None] * tl.exp((t - mt[:, None]) * inv_t)
                 if HAS_LABELS:
@@ -167,7 +205,13 @@ def _trajectory_loss_kernel(
                     g -= tl.where(cc[None, :] == y[:, None], hot, 0.0)
                     g = tl.where(valid[:, None], g, 0.0)
                     g = tl.where(bad[:, None], float("nan"), g)
-                tl.store(g_row + cc[None, :], _narrow(g, g_ptr), mask=mask)
+                tl.store(g_row + cc[None, :], _to_storage(g, g_ptr), mask=mask)
+    elif BANK and not SINGLE:  # no gradient pass: record the logits in a pass of their own
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + cols
+            mask = rmask[:, None] & (cc[None, :] < C)
+            z = tl.load(z_row + cc[None, :], mask=mask, other=0.0)
+            tl.store(t_row + cc[None, :], _to_storage(z, t_ptr), mask=mask & rec[:, None])
 
 
 def _launch_config(C: int) -> tuple[int, int, bool, int]:
@@ -234,6 +278,9 @@ def trajectory_loss_triton(
             kl_weight * host_scale,
             label_smoothing,
             ignore_index,
+            rows,
+            rows,
+            rows,
             HAS_LABELS=has_labels,
             HAS_SCALE=scale is not None,
             NEED_GRAD=need_grad,

@@ -11,6 +11,7 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -106,50 +107,97 @@ inline WidenFn<acc_t> widen_fn(DType t) {
   return nullptr;
 }
 
+// Round a row of the accumulation type to a storage type (the bank's), as Tensor.to() rounds.
+template <typename acc_t, typename dst_t>
+inline void narrow(const acc_t* src, void* dst, int64_t n) {
+  at::vec::convert(src, static_cast<dst_t*>(dst), n);
+}
+
+template <typename acc_t>
+using NarrowFn = void (*)(const acc_t*, void*, int64_t);
+
+template <typename acc_t>
+inline NarrowFn<acc_t> narrow_fn(DType t) {
+  switch (t) {
+    case DType::F32: return &narrow<acc_t, float>;
+    case DType::F16: return &narrow<acc_t, c10::Half>;
+    case DType::BF16: return &narrow<acc_t, c10::BFloat16>;
+    case DType::F64: return &narrow<acc_t, double>;
+  }
+  return nullptr;
+}
+
 // Processes rows [begin, end). Returns the index of the first row with a label outside [0, C)
 // (other than ignore_index), or -1.
+//
+// With the bank extension (a.row_mode set, saf/trajectory_bank.h) row i's target is row
+// a.target_index[i] of a.target, used only if the row's mode has kRowKL; with kRowRecord the row's
+// logits are written over that target row (rounded to target_dtype) once the statistics pass has
+// read it. Rows are distinct bank rows (the wrapper rejects duplicate ids), so threads never share one.
 template <typename acc_t, typename grad_t>
 int64_t trajectory_rows_impl(const TrajectoryArgs& a, int64_t begin, int64_t end) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
   const int64_t C = a.cols;
-  const RowConsts<acc_t> k(a.p, C);  // the CPU wrapper folds any scale into p.scale
+  const RowConsts<acc_t> k(a.p, C);  // the CPU wrapper folds any scale into p.scale / the weights
   const bool with_ce = a.labels != nullptr;
-  const bool with_kl = true;  // target is always given: NaN in it must reach the loss even at weight 0
   const auto widen_z = widen_fn<acc_t>(a.logits_dtype);
   const auto widen_t = widen_fn<acc_t>(a.target_dtype);
+  const auto narrow_t = narrow_fn<acc_t>(a.target_dtype);
   const int zsz = dtype_size(a.logits_dtype), tsz = dtype_size(a.target_dtype);
 
-  // Per-call scratch: widened z and t, exp(z - mz), exp((z - mz)/T), exp((t - mt)/T).
-  std::vector<acc_t> scratch(5 * C);
+  // Per-call scratch: widened z and t, exp(z - mz), exp((z - mz)/T), exp((t - mt)/T), and a row of
+  // zeros standing in for the target of bank rows without a past entry.
+  std::vector<acc_t> scratch(6 * C, acc_t(0));
   acc_t* zbuf = scratch.data();
   acc_t* tbuf = zbuf + C;
   acc_t* e1 = tbuf + C;
   acc_t* ez = e1 + C;
   acc_t* et = ez + C;
+  const acc_t* zeros = et + C;
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   acc_t* row_loss = static_cast<acc_t*>(a.row_loss);
   int64_t bad_row = -1;
 
   for (int64_t i = begin; i < end; ++i) {
     grad_t* g = a.grad ? static_cast<grad_t*>(a.grad) + i * a.grad_stride : nullptr;
+    // Without the bank extension the target is always read: NaN in it must reach the loss even
+    // at weight 0.
+    const uint8_t mode = a.row_mode ? a.row_mode[i] : uint8_t(kRowKL);
+    const bool with_kl = mode & kRowKL;
+    char* trow = nullptr;
+    if (mode & (kRowKL | kRowRecord)) {
+      const int64_t r = a.target_index ? a.target_index[i] : i;
+      trow = static_cast<char*>(const_cast<void*>(a.target)) + r * a.target_stride * tsz;
+    }
+    const char* zrow = static_cast<const char*>(a.logits) + i * a.logits_stride * zsz;
+    auto record = [&]() {
+      if (!(mode & kRowRecord)) return;
+      if (a.logits_dtype == a.target_dtype) {
+        std::memcpy(trow, zrow, size_t(C) * size_t(zsz));
+      } else {
+        narrow_t(widen_z(zrow, zbuf, C), trow, C);
+      }
+    };
     int64_t y = -1;
     if (with_ce) {
       y = a.labels[i];
       if (y == a.p.ignore_index) {
+        record();
         row_loss[i] = acc_t(0);
         if (g) std::fill(g, g + C, grad_t(0));
         continue;
       }
       if (y < 0 || y >= C) {
+        record();
         if (bad_row < 0) bad_row = i;
         row_loss[i] = nan;
         if (g) std::fill(g, g + C, grad_t(nan));
         continue;
       }
     }
-    const acc_t* z = widen_z(static_cast<const char*>(a.logits) + i * a.logits_stride * zsz, zbuf, C);
-    const acc_t* t = widen_t(static_cast<const char*>(a.target) + i * a.target_stride * tsz, tbuf, C);
+    const acc_t* z = widen_z(zrow, zbuf, C);
+    const acc_t* t = with_kl ? widen_t(trow, tbuf, C) : zeros;
 
     RowStats<acc_t> r{};
     row_max2(z, t, C, r.mz, r.mt);
@@ -198,6 +246,8 @@ int64_t trajectory_rows_impl(const TrajectoryArgs& a, int64_t begin, int64_t end
     }
     r.zy = with_ce ? z[y] : acc_t(0);
     row_loss[i] = row_loss_from_stats(r, k, with_ce, with_kl, [](acc_t x) { return std::log(x); });
+    // The target row is not read again (the gradient uses et): the bank slot can take the logits.
+    record();
 
     if (g) {
       const GradCoefs<acc_t> gc = grad_coefs(r, k, with_ce, with_kl);

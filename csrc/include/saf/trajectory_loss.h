@@ -46,6 +46,17 @@ struct TrajectoryArgs {
   DType logits_dtype;
   DType target_dtype;
   TrajectoryParams p;
+  // --- Trajectory-bank extension (saf_kernels::saf_bank_step; see saf/trajectory_bank.h). All
+  // null for trajectory_loss, whose behaviour they leave unchanged.
+  const void* kl_scale_dev;     // device scalar scaling the KL term only (scale_dev then scales CE only)
+  const int64_t* target_index;  // row i's target is row target_index[i] of `target` (a gather)
+  const uint8_t* row_mode;      // per-row RowMode bits; null: every row has a target, none is recorded
+};
+
+// Per-row bits of TrajectoryArgs::row_mode.
+enum RowMode : uint8_t {
+  kRowKL = 1,      // the row has a target: the KL term applies
+  kRowRecord = 2,  // write the row's logits into its target row (after reading it), in target_dtype
 };
 
 // Derived per-row constants, in the accumulation type.
@@ -64,6 +75,13 @@ struct RowConsts {
         int_t((p.temperature >= 1.0 && p.temperature <= 8.0 && p.temperature == double(int(p.temperature)))
                   ? int(p.temperature)
                   : 0) {}
+  // Separate scales of the CE and KL terms (the bank step averages CE over the labelled rows and
+  // KL over the rows that have a past entry).
+  SAF_HD RowConsts(const TrajectoryParams& p, int64_t cols, acc_t ce_scale, acc_t kl_scale)
+      : RowConsts(p, cols, acc_t(1)) {
+    ce_w *= ce_scale;
+    kl_w *= kl_scale;
+  }
 };
 
 // Row statistics after the reduction over classes. Sums are taken after subtracting the row

@@ -1,0 +1,600 @@
+"""SAF and MESA as drop-in training components.
+
+- :class:`TrajectoryBank`: every sample's logits from ``delay`` epochs ago, kept by global sample
+  id on the GPU (or in pinned host memory), read, scored and overwritten by one fused kernel per
+  step, with no host synchronisation, and kept identical on every rank under DDP.
+- :class:`SAF`: ``loss = saf(logits, labels, sample_ids, epoch)``: cross-entropy plus, from
+  ``start_epoch`` on, ``lam * T^2 * KL(softmax(past/T) || softmax(logits/T))`` against the bank.
+- :class:`MESA`: the same loss against an EMA teacher of the model (``mesa.update()`` after each
+  optimizer step is one fused multi-tensor op).
+- :class:`IndexedDataset`: a dataset wrapper that yields each item's index, the sample id SAF needs.
+
+Algorithm and the official code's behaviour: ``shared/reference/algorithms.md`` section 1. Where
+this implementation deliberately differs from the official code:
+
+- Epochs are 0-based and the trajectory term applies from ``epoch >= start_epoch``. The official
+  code tests ``epoch > kl_start_epoch``, so its first epoch with the term is ``kl_start_epoch + 1``;
+  pass ``start_epoch=kl_start_epoch + 1`` to reproduce it exactly.
+- A sample without an entry from exactly ``delay`` epochs ago (not seen then, warm-up, a skipped
+  epoch) contributes no trajectory term, and the term averages over the rows that have one. The
+  official code reads zeros (a uniform target) for such samples, and under DDP for most samples,
+  since its bank is per process.
+- Stable log-softmax (the official ``softmax().log()`` gives ``inf`` on underflow).
+- ``delay`` slots per sample instead of ``delay + 1``: a sample's past row is read and its slot
+  overwritten in the same kernel.
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+
+import torch
+
+from .ops import ema as _ema
+from .ops import trajectory_bank as _tb
+from .ops.trajectory_loss import saf_loss as _saf_loss
+
+__all__ = ["MESA", "SAF", "IndexedDataset", "TrajectoryBank"]
+
+_ERR_OUT_OF_RANGE, _ERR_DUPLICATE = 1, 2
+_INT64_MIN = -(2**63)
+
+
+def _check_int(name: str, value, lo: int, fn: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+        raise ValueError(f"{fn}: {name} must be an int >= {lo}, got {value!r}")
+    return int(value)
+
+
+class TrajectoryBank:
+    """Per-sample logits of past epochs, by global sample id, for SAF.
+
+    Storage: ``values [num_samples, delay, num_classes]`` in ``dtype`` and ``epochs
+    [num_samples, delay]`` int32 tags (-1: empty), plus ``claims [num_samples]`` int32 (duplicate
+    detection on the GPU) and a 64-byte ``state`` (error flags). At epoch ``e`` sample ``x`` uses
+    slot ``e % delay``, which holds the row written at epoch ``e - delay`` iff its tag is
+    ``e - delay``; :meth:`step` reads it, then overwrites it with the current logits and tag ``e``.
+
+    Memory: ``num_samples * (delay * (num_classes * itemsize + 4) + 4)`` bytes (:attr:`nbytes`).
+    CIFAR-100 (50,000 x 100 classes, delay 3): 30.6 MB in bfloat16, 60.6 MB in float32. ImageNet
+    (1,281,167 x 1000, delay 3): 7.70 GB in bfloat16, 15.39 GB in float32 (the official code keeps
+    ``delay + 1`` float32 slots: 20.5 GB, hard-coded to 15M x 4 x 1000 = 240 GB of host RAM).
+
+    Where it lives: on the logits' device by default (allocated at the first step if ``device``
+    is None). With ``pin_memory=True`` values and tags live in pinned host memory and the CUDA
+    kernels reach them over PCIe (unified virtual addressing), with the same API. Cost of that,
+    *by arithmetic, not measured*: a step moves ``2 * B * C * itemsize`` bytes (the past rows in,
+    the current rows out) plus ``8 * B`` bytes of tags. ImageNet-style B=256, C=1000, bfloat16: 1 MB
+    per step, ~40 us at the ~25 GB/s a PCIe 4.0 x16 link sustains (~20 us on PCIe 5.0) against
+    ~0.3 us from HBM at 3 TB/s. That is 0.04% of a ~100 ms ResNet-50 step, so the crossover is
+    memory, not time: keep the bank on the GPU while it fits beside the model and activations, and
+    move it to pinned memory when it does not (ImageNet in float32 on a 40 GB GPU). Pinned memory
+    only pays off in time when ``2 * B * C * itemsize / BW_pcie`` nears 1% of the step, i.e. steps
+    under ~4 ms for that batch (a ResNet-18 on CIFAR, whose bank is 31 MB and belongs on the GPU).
+    The pinned path runs on the CUDA kernels; it has not been run on a GPU in CI.
+
+    Bad sample ids: on the CPU (and the ``torch`` backend) an id outside ``[0, num_samples)`` raises
+    ``IndexError`` and an id twice in one batch raises ``ValueError``, before the bank is touched.
+    The CUDA and Triton kernels cannot raise without a host synchronisation: they skip those rows
+    (no past row read, nothing recorded; the cross-entropy still counts) and set a flag on the
+    device that :meth:`check_errors` turns into the same exceptions. The bank checks it where a
+    synchronisation is cheap: at the first step of each new epoch and in :meth:`state_dict`; with
+    ``check_every_step=True`` after every step (one host sync per step).
+
+    An id seen twice in one *epoch* (in different batches) is not an error: the second time finds
+    its slot already tagged with the current epoch, so it has no trajectory term, and its logits
+    replace the first ones (``DistributedSampler`` pads an epoch with a few repeats).
+
+    Distributed (``torch.distributed`` initialised, world size > 1, ``process_group="auto"``): each
+    rank keeps a full replica. After the fused step (which then does not record), the ranks
+    all-gather the batch's rows in the bank dtype with their ids (one collective of
+    ``B * (C * itemsize + 8)`` bytes per rank) and every rank records all of them, so the replicas
+    stay identical and a sample's past row is found whichever rank sees it next. Cost per step and
+    rank: ``(world - 1) * B * (C * itemsize + 8)`` bytes received; ImageNet ResNet-50 on 8 ranks
+    (B=256, C=1000, bf16): 3.6 MB, against ~180 MB for DDP's gradient all-reduce (2%). Memory: a full
+    replica per rank (a sharded bank would need an all-to-all with data-dependent sizes, i.e. a
+    host sync, every step). Every rank must call :meth:`step` with the same batch size, as
+    ``DistributedSampler`` arranges. Ids held by two ranks in the same step are recorded by none.
+
+    Args:
+        num_samples: N, the number of distinct sample ids (the dataset's length).
+        num_classes: C.
+        delay: E~, how many epochs back the target is (paper: 3). Also the number of slots.
+        dtype: storage dtype: ``torch.bfloat16`` (default), ``torch.float16`` or ``torch.float32``.
+        device: where the bank lives; None: the logits' device at the first step.
+        pin_memory: keep values and tags in pinned host memory (for CUDA logits).
+        process_group: ``"auto"`` (the default group when torch.distributed is initialised with
+            more than one rank), a process group, or None (never synchronise).
+        check_every_step: raise bad-id errors after every step (a host sync per step).
+        backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int,
+        delay: int = 3,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        pin_memory: bool = False,
+        process_group="auto",
+        check_every_step: bool = False,
+        backend: str = "auto",
+    ):
+        fn = "saf_kernels.TrajectoryBank"
+        self.num_samples = _check_int("num_samples", num_samples, 1, fn)
+        self.num_classes = _check_int("num_classes", num_classes, 1, fn)
+        self.delay = _check_int("delay", delay, 1, fn)
+        if dtype not in _tb.BANK_DTYPES:
+            raise TypeError(f"{fn}: dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+        self.dtype = dtype
+        self.pin_memory = bool(pin_memory)
+        self.process_group = process_group
+        self.check_every_step = bool(check_every_step)
+        self.backend = backend
+        self.values: torch.Tensor | None = None
+        self.epochs: torch.Tensor | None = None
+        self._claims: torch.Tensor | None = None
+        self._state: torch.Tensor | None = None
+        self._last_epoch: int | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_counts: torch.Tensor | None = None
+        if device is not None:
+            self._allocate(torch.device(device))
+
+    # ---------------------------------------------------------------------------------------
+    # Storage
+    # ---------------------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the bank holds: ``N * (delay * (C * itemsize + 4) + 4)`` (+ 64 bytes of state)."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_samples * (self.delay * (self.num_classes * itemsize + 4) + 4) + 8 * _tb.STATE_SIZE
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the logits this bank serves (None until allocated)."""
+        return None if self._state is None else self._state.device
+
+    def _allocate(self, device: torch.device) -> None:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        host = self.pin_memory
+        if host and device.type != "cuda":
+            raise ValueError(f"saf_kernels.TrajectoryBank: pin_memory=True serves CUDA logits, not {device}")
+        where = dict(device="cpu", pin_memory=True) if host else dict(device=device)
+        N, S, C = self.num_samples, self.delay, self.num_classes
+        self.values = torch.zeros((N, S, C), dtype=self.dtype, **where)
+        self.epochs = torch.full((N, S), -1, dtype=torch.int32, **where)
+        self._claims = torch.zeros(N, dtype=torch.int32, device=device)
+        self._state = self._fresh_state(device)
+
+    @staticmethod
+    def _fresh_state(device) -> torch.Tensor:
+        state = torch.zeros(_tb.STATE_SIZE, dtype=torch.int64, device=device)
+        state[1] = state[2] = _INT64_MIN
+        state[3] = -1
+        return state
+
+    def _ensure(self, device: torch.device) -> None:
+        if self._state is None:
+            self._allocate(device)
+            if self._pending is not None:  # a checkpoint loaded before the device was known
+                values, epochs = self._pending
+                self.values.copy_(values)
+                self.epochs.copy_(epochs)
+                self._pending = None
+        elif self._state.device != device:
+            raise ValueError(f"saf_kernels.TrajectoryBank: the bank serves logits on {self._state.device}, got logits "
+                             f"on {device}; move it with bank.to({str(device)!r})")
+
+    def to(self, device: torch.device | str) -> TrajectoryBank:
+        """Move the bank to serve logits on ``device`` (values stay pinned on the host if pinned)."""
+        device = torch.device(device)
+        if self._state is None:
+            self._allocate(device)
+            return self
+        if not self.pin_memory:
+            self.values = self.values.to(device)
+            self.epochs = self.epochs.to(device)
+        self._claims = self._claims.to(device)
+        self._state = self._state.to(device)
+        return self
+
+    def reset(self) -> None:
+        """Forget every entry (all tags empty) and clear the error flags."""
+        if self._state is None:
+            return
+        self.epochs.fill_(-1)
+        self.values.zero_()
+        self._claims.zero_()
+        self._state.copy_(self._fresh_state(self._state.device))
+        self._last_epoch = None
+
+    @property
+    def _tensors(self):
+        return self.values, self.epochs, self._claims, self._state
+
+    # ---------------------------------------------------------------------------------------
+    # The step
+    # ---------------------------------------------------------------------------------------
+
+    def _group(self):
+        if self.process_group is None:
+            return None
+        import torch.distributed as dist
+
+        if self.process_group == "auto":
+            if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+                return None
+            return dist.group.WORLD
+        return self.process_group if dist.get_world_size(self.process_group) > 1 else None
+
+    def step(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor | None,
+        sample_ids: torch.Tensor,
+        epoch: int,
+        lam: float = 0.3,
+        temperature: float = 5.0,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        use_past: bool = True,
+    ) -> torch.Tensor:
+        """The fused step: ``CE + lam * T^2 * KL(past || logits)`` and its gradient, then record.
+
+        ``loss = sum(CE) / n + lam * T^2 * sum(KL) / m``: n rows whose label is not
+        ``ignore_index`` (``labels=None`` drops the CE term), m of them with an entry from exactly
+        ``delay`` epochs ago (none if ``use_past`` is False). The counts ``[n, m]`` stay on the
+        device in :attr:`last_counts`. The current logits are recorded in every case.
+
+        Returns the scalar loss in ``logits.dtype``; ``backward()`` reaches ``logits`` only.
+        """
+        self._ensure(logits.device)
+        if self._last_epoch is not None and epoch != self._last_epoch:
+            self.check_errors()  # one host sync per epoch
+        self._last_epoch = epoch
+        group = self._group()
+        loss, counts = _tb.trajectory_bank_step(
+            logits, labels, sample_ids, *self._tensors, epoch, lam, temperature, label_smoothing, ignore_index,
+            use_past, record=group is None, backend=self.backend,
+        )
+        if group is not None:
+            self._gather_and_record(logits, sample_ids, epoch, group)
+        self.last_counts = counts
+        if self.check_every_step:
+            self.check_errors()
+        return loss
+
+    @property
+    def num_with_target(self) -> torch.Tensor | None:
+        """Rows of the last step that had a past entry (m), as a device tensor (no sync)."""
+        return None if self.last_counts is None else self.last_counts[1]
+
+    def record(self, rows: torch.Tensor, sample_ids: torch.Tensor, epoch: int) -> None:
+        """Write ``rows`` into the samples' slots for ``epoch`` without computing a loss."""
+        self._ensure(rows.device)
+        _tb.trajectory_bank_record(rows, sample_ids, *self._tensors, epoch, backend=self.backend)
+
+    def _gather_and_record(self, logits: torch.Tensor, ids: torch.Tensor, epoch: int, group) -> None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        B, C = logits.shape
+        rows = logits.detach().to(self.dtype).contiguous()
+        width = C * rows.element_size()
+        # One collective: the rows' bytes and the ids side by side (no arithmetic happens on them, so
+        # bfloat16 travels as bytes even on backends without bfloat16 support).
+        payload = torch.empty((B, width + 8), dtype=torch.uint8, device=logits.device)
+        payload[:, :width].copy_(rows.view(torch.uint8))
+        payload[:, width:].copy_(ids.to(torch.int64).reshape(B, 1).view(torch.uint8))
+        gathered = torch.empty((world * B, width + 8), dtype=torch.uint8, device=logits.device)
+        dist.all_gather_into_tensor(gathered, payload, group=group)
+        all_rows = gathered[:, :width].contiguous().view(self.dtype)
+        all_ids = gathered[:, width:].contiguous().view(torch.int64).reshape(-1)
+        _tb.trajectory_bank_record(all_rows, all_ids, *self._tensors, epoch, backend=self.backend)
+
+    # ---------------------------------------------------------------------------------------
+    # Errors and checkpoints
+    # ---------------------------------------------------------------------------------------
+
+    def check_errors(self) -> None:
+        """Raise the error a GPU step flagged (and clear it): ``IndexError`` for an id out of range,
+        ``ValueError`` for an id twice in a batch. A host synchronisation; cheap."""
+        if self._state is None:
+            return
+        flags, bad, dup, epoch = self._state[:4].tolist()
+        if not flags:
+            return
+        self._state.copy_(self._fresh_state(self._state.device))
+        where = f" in a step of epoch {epoch}" if epoch >= 0 else ""
+        if flags & _ERR_OUT_OF_RANGE:
+            raise IndexError(f"saf_kernels.TrajectoryBank: sample id {bad} is outside the bank's range "
+                             f"[0, {self.num_samples}){where} (the largest bad id seen); those rows were neither "
+                             "read nor recorded")
+        raise ValueError(f"saf_kernels.TrajectoryBank: sample id {dup} appeared twice in one batch{where} (the largest "
+                         "such id); those rows were neither read nor recorded")
+
+    def state_dict(self) -> dict:
+        """Values, tags and shape; :meth:`load_state_dict` of it resumes exactly. Checks errors first."""
+        self.check_errors()
+        if self._pending is not None:
+            values, epochs = self._pending
+            return {"num_samples": self.num_samples, "num_classes": self.num_classes, "delay": self.delay,
+                    "dtype": str(self.dtype).replace("torch.", ""), "values": values, "epochs": epochs}
+        return {
+            "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
+            "delay": self.delay,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "values": self.values,
+            "epochs": self.epochs,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`state_dict` of a bank of the same shape and dtype (onto this bank's device)."""
+        fn = "saf_kernels.TrajectoryBank.load_state_dict"
+        for key in ("num_samples", "num_classes", "delay", "dtype"):
+            mine = getattr(self, key) if key != "dtype" else str(self.dtype).replace("torch.", "")
+            if state_dict.get(key) != mine:
+                raise ValueError(f"{fn}: {key} is {state_dict.get(key)!r} in the checkpoint but {mine!r} here")
+        if state_dict.get("values") is None:  # saved before the first step
+            self.reset()
+            self._pending = None
+            return
+        N, S, C = self.num_samples, self.delay, self.num_classes
+        if tuple(state_dict["values"].shape) != (N, S, C) or tuple(state_dict["epochs"].shape) != (N, S):
+            raise ValueError(f"{fn}: the checkpoint's tensors have shapes {tuple(state_dict['values'].shape)} and "
+                             f"{tuple(state_dict['epochs'].shape)}, expected ({N}, {S}, {C}) and ({N}, {S})")
+        self._last_epoch = None
+        if self._state is None:
+            # No device yet: the bank is allocated on the logits' device at the first step, where
+            # the checkpoint is copied in (wherever torch.load mapped it).
+            self._pending = (state_dict["values"], state_dict["epochs"])
+            return
+        self.values.copy_(state_dict["values"])
+        self.epochs.copy_(state_dict["epochs"])
+        self._claims.zero_()
+        self._state.copy_(self._fresh_state(self._state.device))
+        self._last_epoch = None
+
+    def __repr__(self) -> str:
+        where = "pinned host" if self.pin_memory else (str(self.device) if self.device else "unallocated")
+        return (f"TrajectoryBank(num_samples={self.num_samples}, num_classes={self.num_classes}, delay={self.delay}, "
+                f"dtype={self.dtype}, {where}, {self.nbytes / 2**20:.1f} MiB)")
+
+
+class SAF:
+    """Sharpness-Aware training for Free: ``loss = saf(logits, labels, sample_ids, epoch)``.
+
+    ``CE(logits, labels) + lam * T^2 * KL(softmax(past / T) || softmax(logits / T))``, where
+    ``past`` are the sample's logits recorded ``delay`` epochs earlier (:class:`TrajectoryBank`).
+    Logits are recorded every epoch; the trajectory term applies from ``epoch >= start_epoch``
+    (0-based epochs; the official code's ``epoch > kl_start_epoch`` starts one epoch later). Samples
+    without an entry from exactly ``delay`` epochs ago get no trajectory term, and the term averages
+    over the rows that have one (``saf.num_with_target``, a device tensor). One fused kernel per step,
+    no host synchronisation; ``loss.backward()`` costs one scale of the gradient the forward wrote.
+
+    Defaults are the paper's (Du et al., NeurIPS 2022, sec. 4.1): ``lam=0.3``, ``T=5``, ``delay=3``,
+    ``start_epoch=5``. The sample ids are the dataset indices (:class:`IndexedDataset`).
+
+    Example::
+
+        saf = SAF(len(train_set), num_classes=100)
+        loader = DataLoader(IndexedDataset(train_set), batch_size=128, shuffle=True)
+        for epoch in range(epochs):
+            for x, y, idx in loader:
+                loss = saf(model(x), y, idx, epoch)
+                opt.zero_grad(); loss.backward(); opt.step()
+
+    Args:
+        num_samples, num_classes, delay, dtype, device, pin_memory, process_group, check_every_step,
+            backend: as :class:`TrajectoryBank`.
+        lam: weight of the trajectory term (paper 0.3; the official SAF script's default is 0.16).
+        temperature: T (paper 5).
+        start_epoch: first (0-based) epoch with the trajectory term.
+        label_smoothing, ignore_index: for the cross-entropy term only (as the official code).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int,
+        lam: float = 0.3,
+        temperature: float = 5.0,
+        delay: int = 3,
+        start_epoch: int = 5,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        pin_memory: bool = False,
+        process_group="auto",
+        check_every_step: bool = False,
+        backend: str = "auto",
+    ):
+        fn = "saf_kernels.SAF"
+        self.lam = _tb._check_real("lam", lam, fn)
+        self.temperature = _tb._check_real("temperature", temperature, fn, positive=True)
+        self.start_epoch = _check_int("start_epoch", start_epoch, 0, fn)
+        self.label_smoothing = _tb._check_real("label_smoothing", label_smoothing, fn, lo=0.0, hi=1.0)
+        self.ignore_index = int(ignore_index)
+        self.bank = TrajectoryBank(num_samples, num_classes, delay, dtype, device, pin_memory, process_group,
+                                   check_every_step, backend)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor | None, sample_ids: torch.Tensor,
+                 epoch: int) -> torch.Tensor:
+        """The loss for this batch (``labels=None``: the trajectory term only, e.g. to add to a
+        mixup cross-entropy computed elsewhere). Records ``logits`` for ``epoch + delay``."""
+        return self.bank.step(logits, labels, sample_ids, epoch, self.lam, self.temperature, self.label_smoothing,
+                              self.ignore_index, use_past=epoch >= self.start_epoch)
+
+    @property
+    def num_with_target(self) -> torch.Tensor | None:
+        """How many rows of the last batch had a trajectory target (a device tensor; no sync)."""
+        return self.bank.num_with_target
+
+    def state_dict(self) -> dict:
+        """The bank's state (:meth:`TrajectoryBank.state_dict`); save it with the model's."""
+        return {"bank": self.bank.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume from :meth:`state_dict`: later losses equal those of an uninterrupted run."""
+        self.bank.load_state_dict(state_dict["bank"])
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # DistributedDataParallel / DataParallel keep the model in .module; torch.compile in ._orig_mod.
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class MESA:
+    """Memory-Efficient Sharpness-Aware training: the SAF loss against an EMA teacher.
+
+    ``loss = mesa(logits, labels, inputs, epoch)`` is ``CE + lam * T^2 * KL(softmax(teacher(inputs)/T)
+    || softmax(logits/T))`` from ``epoch >= start_epoch`` on (0-based), plain CE before (the teacher
+    is not run then). Call :meth:`update` after every ``optimizer.step()``: ``teacher = decay *
+    teacher + (1 - decay) * model`` over all parameters and floating buffers, one fused multi-tensor
+    op (:func:`saf_kernels.ops.ema_update_`), no host sync; integer buffers (``num_batches_tracked``)
+    are copied.
+
+    The teacher is a deep copy of the model in ``eval()`` mode (its BatchNorm uses the averaged
+    running statistics), never trained, run under ``no_grad``; as timm's ``ModelEmaV2`` in the
+    official code. Create MESA after moving the model to its device (the copy lands there too);
+    call :meth:`refresh` if the model's tensors are replaced later. Under DDP pass the wrapped or
+    unwrapped model: the teacher copies the inner module and every rank keeps its own (identical
+    parameters; BatchNorm statistics per rank, as the official code).
+
+    Update order: the paper's Algorithm 1 forms ``v_t = beta v_{t-1} + (1 - beta) theta_t`` and then
+    the loss with ``theta_t``; updating after the optimizer step, as here and in the official code,
+    gives the teacher of step ``t + 1`` exactly that ``v_{t+1}`` (from ``theta_{t+1}``) before its
+    loss. The two differ only at the first step, whose teacher is the initial model (the paper's
+    would be ``beta theta_0 + (1 - beta) theta_0 = theta_0`` as well if ``v_{-1} = theta_0``).
+
+    Defaults are the paper's: ``lam=0.8``, ``T=5``, ``decay=0.9998`` (timm's default, used by the
+    official script), ``start_epoch=5``. Memory: one copy of the model's parameters and buffers.
+
+    Cost: the teacher's forward is MESA's whole overhead (the loss is one fused kernel and the EMA
+    one multi-tensor op); it is about a third of a training step on a GPU and half of one on a CPU.
+    ``teacher_autocast=torch.bfloat16`` (or float16) runs it under autocast, as the official code
+    does when training with AMP: faster, with the target rounded to that precision before it is
+    softened by ``T``. The teacher's weights stay in the model's dtype.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lam: float = 0.8,
+        temperature: float = 5.0,
+        decay: float = 0.9998,
+        start_epoch: int = 5,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        backend: str = "auto",
+        teacher_autocast: torch.dtype | None = None,
+    ):
+        fn = "saf_kernels.MESA"
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+        self.lam = _tb._check_real("lam", lam, fn)
+        self.temperature = _tb._check_real("temperature", temperature, fn, positive=True)
+        self.decay = _tb._check_real("decay", decay, fn, lo=0.0, hi=1.0)
+        self.start_epoch = _check_int("start_epoch", start_epoch, 0, fn)
+        self.label_smoothing = _tb._check_real("label_smoothing", label_smoothing, fn, lo=0.0, hi=1.0)
+        self.ignore_index = int(ignore_index)
+        self.backend = backend
+        if teacher_autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"{fn}: teacher_autocast must be None, torch.bfloat16 or torch.float16, got "
+                             f"{teacher_autocast!r}")
+        self.teacher_autocast = teacher_autocast
+        self.model = _unwrap(model)
+        self.teacher = copy.deepcopy(self.model).eval()
+        self.teacher.requires_grad_(False)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-pair the teacher's tensors with the model's (after the model's tensors were replaced)."""
+        t_state = dict(self.teacher.named_parameters()) | dict(self.teacher.named_buffers())
+        m_state = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        if t_state.keys() != m_state.keys():
+            raise ValueError("saf_kernels.MESA: the model's parameters and buffers no longer match the teacher's: "
+                             f"{sorted(set(t_state) ^ set(m_state))[:5]}")
+        self._ema, self._src, self._int_dst, self._int_src = [], [], [], []
+        for name, t in t_state.items():
+            m = m_state[name]
+            if t.is_floating_point():
+                self._ema.append(t)
+                self._src.append(m)  # the Parameter itself: it survives `.data` replacement
+            else:
+                self._int_dst.append(t)
+                self._int_src.append(m)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """``teacher = decay * teacher + (1 - decay) * model`` (call after each optimizer step)."""
+        _ema.ema_update_(self._ema, self._src, self.decay, backend=self.backend)
+        if self._int_dst:
+            torch._foreach_copy_(self._int_dst, self._int_src)
+
+    @torch.no_grad()
+    def teacher_logits(self, inputs) -> torch.Tensor:
+        """The teacher's output for ``inputs`` (a tensor, or a tuple of positional arguments)."""
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        if self.teacher_autocast is None:
+            return self.teacher(*args)
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        with torch.autocast(device.type, dtype=self.teacher_autocast):
+            return self.teacher(*args)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, inputs=None, epoch: int = 0,
+                 teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss for this batch. Give the model's ``inputs`` (the teacher runs on them) or
+        precomputed ``teacher_logits``; neither is needed before ``start_epoch``."""
+        if epoch < self.start_epoch:
+            # Cross-entropy alone, through the same fused kernel (the target is not used at weight 0).
+            return _saf_loss(logits, labels, logits.detach(), 0.0, self.temperature, self.label_smoothing,
+                             self.ignore_index, backend=self.backend)
+        if teacher_logits is None:
+            if inputs is None:
+                raise ValueError("saf_kernels.MESA: give the model's inputs or teacher_logits from start_epoch on")
+            teacher_logits = self.teacher_logits(inputs)
+        return _saf_loss(logits, labels, teacher_logits, self.lam, self.temperature, self.label_smoothing,
+                         self.ignore_index, backend=self.backend)
+
+    def state_dict(self) -> dict:
+        """The teacher's parameters and buffers."""
+        return {"teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load the teacher saved by :meth:`state_dict`."""
+        self.teacher.load_state_dict(state_dict["teacher"])
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose items also carry their index: ``(*item, index)`` (or
+    ``(item, index)`` for a non-tuple item). The index is the sample id :class:`SAF` needs; the
+    default collate function turns it into an int64 tensor."""
+
+    def __init__(self, dataset):
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(f"saf_kernels.IndexedDataset: needs a map-style dataset (__getitem__ and __len__), got "
+                            f"{type(dataset).__name__}")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        """``(*self.dataset[index], index)``."""
+        item = self.dataset[index]
+        return (*item, index) if isinstance(item, tuple) else (item, index)
+
