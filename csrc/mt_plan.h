@@ -168,4 +168,128 @@ inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const at::De
   TORCH_CHECK_VALUE(t->device() == device, op, ": ", name, " is on ", t->device(), " but the tensors are on ", device);
 }
 
+// Kernels write through raw pointers; bump the autograd version counters as an in-place torch op
+// would, so that a graph that saved one of these tensors reports the modification.
+inline void bump_versions(at::TensorList l) {
+  for (const auto& t : l) {
+    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+inline bool any_f64(at::TensorList l) {
+  for (const auto& t : l) {
+    if (t.scalar_type() == at::kDouble) return true;
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plans of each op, with every check, shared by the CPU and CUDA wrappers.
+// ---------------------------------------------------------------------------------------------
+
+inline Plan sam_perturb_plan(at::TensorList params, at::TensorList grads, at::TensorList stash,
+                             at::ArrayRef<double> rho, at::ArrayRef<double> eta, at::IntArrayRef flags, double eps,
+                             int64_t stash_mode, const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf, int64_t chunk) {
+  const char* op = "saf_kernels.sam_perturb_";
+  check_stash_mode(stash_mode, op);
+  check_finite_nonneg(rho, op, "rho");
+  check_finite_nonneg(eta, op, "eta");
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
+  Plan plan(op, {{"params", params}, {"grads", grads}, {"stash", stash}}, chunk);
+  check_same_dtype(params, grads, op, "params", "grads");
+  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash (copy mode)");
+  plan.set_param(sam::RHO, rho, "rho");
+  plan.set_param(sam::ETA, eta, "eta");
+  plan.set_flags(flags, sam::kAdaptive);
+  if (!params.empty()) {
+    check_scalar_tensor(grad_scale, params[0].device(), op, "grad_scale");
+    check_scalar_tensor(found_inf, params[0].device(), op, "found_inf");
+  }
+  return plan;
+}
+
+inline Plan sam_restore_plan(at::TensorList params, at::TensorList stash, int64_t stash_mode, int64_t chunk) {
+  const char* op = "saf_kernels.sam_restore_";
+  check_stash_mode(stash_mode, op);
+  // No gradients here: the stash fills slot G too.
+  Plan plan(op, {{"params", params}, {"stash", stash}, {"stash", stash}}, chunk);
+  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash (copy mode)");
+  return plan;
+}
+
+inline Plan sam_sgd_plan(at::TensorList params, at::TensorList grads, at::TensorList stash,
+                         at::TensorList momentum_buffers, at::ArrayRef<double> lr, at::ArrayRef<double> weight_decay,
+                         at::ArrayRef<double> momentum, at::ArrayRef<double> dampening, at::IntArrayRef flags,
+                         int64_t stash_mode, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf, int64_t chunk) {
+  const char* op = "saf_kernels.sam_restore_sgd_";
+  check_stash_mode(stash_mode, op);
+  // Without momentum there is no buffer: the params stand in for the unused stream.
+  const bool has_buf = !momentum_buffers.empty();
+  Plan plan(op,
+            {{"params", params}, {"grads", grads}, {"stash", stash},
+             {"momentum_buffers", has_buf ? momentum_buffers : params}},
+            chunk);
+  check_same_dtype(params, grads, op, "params", "grads");
+  check_same_dtype(params, momentum_buffers, op, "params", "momentum_buffers");
+  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash (copy mode)");
+  plan.set_param(sgd::LR, lr, "lr");
+  plan.set_param(sgd::WD, weight_decay, "weight_decay");
+  plan.set_param(sgd::MOMENTUM, momentum, "momentum");
+  plan.set_param(sgd::DAMPENING, dampening, "dampening");
+  plan.set_flags(flags, sgd::kNesterov | sgd::kMaximize | sgd::kFirstRun);
+  for (int64_t i = 0; i < plan.n_tensors(); ++i) {
+    TORCH_CHECK_VALUE(has_buf || plan.entry(i).param[sgd::MOMENTUM] == 0.0, op, ": momentum[", i,
+                      "] != 0 needs momentum_buffers");
+  }
+  if (!params.empty()) {
+    check_scalar_tensor(grad_scale, params[0].device(), op, "grad_scale");
+    check_scalar_tensor(found_inf, params[0].device(), op, "found_inf");
+  }
+  return plan;
+}
+
+inline Plan sam_adamw_plan(at::TensorList params, at::TensorList grads, at::TensorList stash, at::TensorList exp_avg,
+                           at::TensorList exp_avg_sq, at::TensorList steps, at::ArrayRef<double> lr,
+                           at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
+                           at::ArrayRef<double> weight_decay, at::IntArrayRef flags, int64_t stash_mode,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                           int64_t chunk) {
+  const char* op = "saf_kernels.sam_restore_adamw_";
+  check_stash_mode(stash_mode, op);
+  Plan plan(op,
+            {{"params", params}, {"grads", grads}, {"stash", stash}, {"exp_avg", exp_avg},
+             {"exp_avg_sq", exp_avg_sq}, {"steps", steps, /*scalar=*/true}},
+            chunk);
+  check_same_dtype(params, grads, op, "params", "grads");
+  check_same_dtype(params, exp_avg, op, "params", "exp_avg");
+  check_same_dtype(params, exp_avg_sq, op, "params", "exp_avg_sq");
+  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash (copy mode)");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK_TYPE(steps[i].scalar_type() == at::kFloat, op, ": steps[", i, "] must be float32, got ",
+                     steps[i].scalar_type());
+  }
+  plan.set_param(adamw::LR, lr, "lr");
+  plan.set_param(adamw::BETA1, beta1, "beta1");
+  plan.set_param(adamw::BETA2, beta2, "beta2");
+  plan.set_param(adamw::EPS, eps, "eps");
+  plan.set_param(adamw::WD, weight_decay, "weight_decay");
+  plan.set_flags(flags, adamw::kMaximize);
+  if (!params.empty()) {
+    check_scalar_tensor(grad_scale, params[0].device(), op, "grad_scale");
+    check_scalar_tensor(found_inf, params[0].device(), op, "found_inf");
+  }
+  return plan;
+}
+
+inline Plan ema_plan(at::TensorList ema, at::TensorList model, double decay, const std::optional<at::Tensor>& decay_tensor,
+                     int64_t chunk) {
+  const char* op = "saf_kernels.ema_update_";
+  Plan plan(op, {{"ema", ema}, {"model", model}}, chunk);
+  TORCH_CHECK_VALUE(decay >= 0.0 && decay <= 1.0, op, ": decay must be in [0, 1], got ", decay);
+  if (decay_tensor && !ema.empty()) check_scalar_tensor(decay_tensor, ema[0].device(), op, "decay");
+  return plan;
+}
+
 }  // namespace saf::mt
