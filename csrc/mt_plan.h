@@ -140,10 +140,11 @@ class Plan {
 };
 
 // Checks shared by the backends of the SAM ops.
-inline void check_same_dtype(at::TensorList a, at::TensorList b, const char* op, const char* na, const char* nb) {
+inline void check_same_dtype(at::TensorList a, at::TensorList b, const char* op, const char* na, const char* nb,
+                             const char* why = "") {
   for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
     TORCH_CHECK_TYPE(a[i].scalar_type() == b[i].scalar_type(), op, ": ", nb, "[", i, "] has dtype ", b[i].scalar_type(),
-                     " but ", na, "[", i, "] has dtype ", a[i].scalar_type());
+                     " but ", na, "[", i, "] has dtype ", a[i].scalar_type(), why);
   }
 }
 
@@ -198,7 +199,7 @@ inline Plan sam_perturb_plan(at::TensorList params, at::TensorList grads, at::Te
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
   Plan plan(op, {{"params", params}, {"grads", grads}, {"stash", stash}}, chunk);
   check_same_dtype(params, grads, op, "params", "grads");
-  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash (copy mode)");
+  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash", " (stash_mode copy keeps the weights)");
   plan.set_param(sam::RHO, rho, "rho");
   plan.set_param(sam::ETA, eta, "eta");
   plan.set_flags(flags, sam::kAdaptive);
@@ -214,7 +215,7 @@ inline Plan sam_restore_plan(at::TensorList params, at::TensorList stash, int64_
   check_stash_mode(stash_mode, op);
   // No gradients here: the stash fills slot G too.
   Plan plan(op, {{"params", params}, {"stash", stash}, {"stash", stash}}, chunk);
-  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash (copy mode)");
+  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash", " (stash_mode copy keeps the weights)");
   return plan;
 }
 
@@ -233,7 +234,7 @@ inline Plan sam_sgd_plan(at::TensorList params, at::TensorList grads, at::Tensor
             chunk);
   check_same_dtype(params, grads, op, "params", "grads");
   check_same_dtype(params, momentum_buffers, op, "params", "momentum_buffers");
-  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash (copy mode)");
+  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash", " (stash_mode copy keeps the weights)");
   plan.set_param(sgd::LR, lr, "lr");
   plan.set_param(sgd::WD, weight_decay, "weight_decay");
   plan.set_param(sgd::MOMENTUM, momentum, "momentum");
@@ -265,7 +266,7 @@ inline Plan sam_adamw_plan(at::TensorList params, at::TensorList grads, at::Tens
   check_same_dtype(params, grads, op, "params", "grads");
   check_same_dtype(params, exp_avg, op, "params", "exp_avg");
   check_same_dtype(params, exp_avg_sq, op, "params", "exp_avg_sq");
-  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash (copy mode)");
+  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash", " (stash_mode copy keeps the weights)");
   for (size_t i = 0; i < steps.size(); ++i) {
     TORCH_CHECK_TYPE(steps[i].scalar_type() == at::kFloat, op, ": steps[", i, "] must be float32, got ",
                      steps[i].scalar_type());

@@ -90,15 +90,15 @@ def check_streams(fn: str, streams: Sequence[tuple[str, list[torch.Tensor]]], sc
             p = first[i]
             if name in scalar:
                 if t.numel() != 1:
-                    raise ValueError(f"{where} must have one element, got shape {tuple(t.shape)}")
+                    raise ValueError(f"{where} must have one element, got shape {list(t.shape)}")
                 continue
             if t.shape != p.shape:
-                raise ValueError(f"{where} has shape {tuple(t.shape)} but {first_name}[{i}] has shape {tuple(p.shape)}")
+                raise ValueError(f"{where} has shape {list(t.shape)} but {first_name}[{i}] has shape {list(p.shape)}")
             if t.numel() > 1 and t.stride() != p.stride():
-                raise ValueError(f"{where} has strides {t.stride()} but {first_name}[{i}] has strides {p.stride()} "
+                raise ValueError(f"{where} has strides {list(t.stride())} but {first_name}[{i}] has strides {list(p.stride())} "
                                  "(the lists must share one memory layout)")
             if t.numel() > 1 and not _dense(t):
-                raise ValueError(f"{where} is not dense (strides {t.stride()}); pass a contiguous tensor")
+                raise ValueError(f"{where} is not dense (strides {list(t.stride())}); pass a contiguous tensor")
             if name in same_dtype and t.dtype != p.dtype:
                 raise TypeError(f"{where} has dtype {t.dtype} but {first_name}[{i}] has dtype {p.dtype}")
 

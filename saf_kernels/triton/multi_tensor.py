@@ -71,10 +71,14 @@ def build_tables(streams: list[list[torch.Tensor]], params: list[list[float]], f
                  signature_streams: tuple[int, ...] = (0,)) -> list[Table]:
     """Tables grouping the tensors by the dtypes of ``signature_streams``.
 
-    Layout of ``meta`` (int64 words), for n tensors, L streams, K params, C chunks:
+    ``params`` holds K lists of per-tensor values and ``flags`` one int per tensor (a list of
+    length 1 applies to all). Layout of ``meta`` (int64 words), for n tensors, L streams, K params, C chunks:
     ``[addr n*L | numel n | flags n | params n*K (float64 bits) | chunk_tensor C | chunk_start C]``.
     """
     n_all = len(streams[0])
+    # Per-tensor lists of length 1 apply to every tensor (as in the C++ ops' schemas).
+    flags = flags * n_all if len(flags) == 1 else flags
+    params = [p * n_all if len(p) == 1 else p for p in params]
     groups: dict[tuple, list[int]] = {}
     for i in range(n_all):
         sig = tuple(streams[s][i].dtype for s in signature_streams)

@@ -151,7 +151,6 @@ def _sam_sgd_kernel(meta, fmeta, scale_ptr, found_ptr, O_NUMEL, O_FLAGS, O_PARAM
     maximize = (fl & 4) != 0
     first = (fl & 8) != 0
     use_buf = mom != 0.0
-    skip = False
     if HAS_FOUND:
         skip = tl.load(found_ptr) > 0
     inv = tl.full([], 1.0, ACC)
@@ -169,12 +168,16 @@ def _sam_sgd_kernel(meta, fmeta, scale_ptr, found_ptr, O_NUMEL, O_FLAGS, O_PARAM
             bv = tl.load(b + idx, mask=m, other=0.0).to(ACC)
             nb = tl.where(first, d, bv * mom + (1.0 - damp) * d)
             d = tl.where(use_buf, tl.where(nesterov, d + mom * nb, nb), d)
-            tl.store(b + idx, nb.to(DT), mask=m & use_buf & ~skip)
+            bm = tl.where(use_buf, m, False)  # where(), not &: scalar masks
+            if HAS_FOUND:
+                bm = tl.where(skip, False, bm)
+            tl.store(b + idx, nb.to(DT), mask=bm)
         new = (wv - lr * d).to(DT)
-        if COPY:
-            new = tl.where(skip, sr, new)
-        else:
-            new = tl.where(skip, wv.to(DT), new)
+        if HAS_FOUND:  # a skipped step: the restore only
+            if COPY:
+                new = tl.where(skip, sr, new)
+            else:
+                new = tl.where(skip, wv.to(DT), new)
         tl.store(w + idx, new, mask=m)
 
 
@@ -201,7 +204,6 @@ def _sam_adamw_kernel(meta, fmeta, scale_ptr, found_ptr, O_NUMEL, O_FLAGS, O_PAR
     decay = (1.0 - lr * wd).to(ACC)
     wm = (1.0 - b1).to(ACC)
     beta2 = b2.to(ACC)
-    skip = False
     if HAS_FOUND:
         skip = tl.load(found_ptr) > 0
     inv = tl.full([], 1.0, ACC)
@@ -219,12 +221,15 @@ def _sam_adamw_kernel(meta, fmeta, scale_ptr, found_ptr, O_NUMEL, O_FLAGS, O_PAR
         mv = tl.where(wm < 0.5, mv + wm * (d - mv), d - (d - mv) * (1.0 - wm))
         vv = vv * beta2 + (1.0 - beta2) * d * d
         new = (wv * decay - step_size * (mv / (tl.sqrt(vv) / bc2_sqrt + eps))).to(DT)
-        if COPY:
-            new = tl.where(skip, sr, new)
-        else:
-            new = tl.where(skip, wv.to(DT), new)
-        tl.store(ma + idx, mv.to(DT), mask=m & ~skip)
-        tl.store(va + idx, vv.to(DT), mask=m & ~skip)
+        sm = m
+        if HAS_FOUND:  # a skipped step: the restore only, state untouched
+            sm = tl.where(skip, False, m)
+            if COPY:
+                new = tl.where(skip, sr, new)
+            else:
+                new = tl.where(skip, wv.to(DT), new)
+        tl.store(ma + idx, mv.to(DT), mask=sm)
+        tl.store(va + idx, vv.to(DT), mask=sm)
         tl.store(w + idx, new, mask=m)
 
 
