@@ -388,9 +388,6 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 nesterov=[g["nesterov"] for g in g_of], maximize=[g.get("maximize", False) for g in g_of],
                 first_run=first if has_buf else False, stash_mode=self.stash_mode, grad_scale=grad_scale,
                 found_inf=found, backend=self.backend)
-            if not has_buf:
-                for p in ps:
-                    self.state[p].setdefault("momentum_buffer", None)
 
     def _fused_adamw(self, params, grads, stash, gs, grad_scale, found) -> None:
         m, v, steps = [], [], []
