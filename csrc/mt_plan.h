@@ -29,6 +29,7 @@ class Plan {
       : op_(op), chunk_size_(chunk_size) {
     TORCH_CHECK(!streams.empty() && streams.size() <= size_t(kMaxLists), op, ": bad stream count");
     const int64_t n = int64_t(streams[0].tensors.size());
+    chunks_.reserve(size_t(n));
     for (const auto& s : streams) {
       TORCH_CHECK_VALUE(int64_t(s.tensors.size()) == n, op, ": ", s.name, " has ", s.tensors.size(),
                         " tensors but ", streams[0].name, " has ", n);
@@ -43,24 +44,27 @@ class Plan {
       bool aligned = true;
       for (size_t k = 0; k < streams.size(); ++k) {
         const at::Tensor& t = streams[k].tensors[i];
-        const std::string where = op + ": " + streams[k].name + "[" + std::to_string(i) + "]";
-        TORCH_CHECK_VALUE(t.defined(), where, " is undefined (None)");
-        TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), where, " has dtype ", t.scalar_type(),
+        // The message pieces are only evaluated when a check fails: a step over hundreds of
+        // tensors pays for the comparisons alone.
+#define SAF_WHERE op, ": ", streams[k].name, "[", i, "]"
+        TORCH_CHECK_VALUE(t.defined(), SAF_WHERE, " is undefined (None)");
+        TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), SAF_WHERE, " has dtype ", t.scalar_type(),
                          "; expected float32, float16, bfloat16 or float64");
-        TORCH_CHECK_VALUE(t.device() == streams[0].tensors[0].device(), where, " is on ", t.device(), " but ",
+        TORCH_CHECK_VALUE(t.device() == streams[0].tensors[0].device(), SAF_WHERE, " is on ", t.device(), " but ",
                           streams[0].name, "[0] is on ", streams[0].tensors[0].device());
-        TORCH_CHECK_VALUE(!t.is_sparse(), where, " is sparse; only dense tensors are supported");
+        TORCH_CHECK_VALUE(!t.is_sparse(), SAF_WHERE, " is sparse; only dense tensors are supported");
         if (streams[k].scalar) {
-          TORCH_CHECK_VALUE(t.numel() == 1, where, " must have one element, got shape ", t.sizes());
+          TORCH_CHECK_VALUE(t.numel() == 1, SAF_WHERE, " must have one element, got shape ", t.sizes());
         } else if (k > 0) {
-          TORCH_CHECK_VALUE(t.sizes() == p.sizes(), where, " has shape ", t.sizes(), " but ", streams[0].name, "[",
-                            i, "] has shape ", p.sizes());
-          TORCH_CHECK_VALUE(t.numel() <= 1 || t.strides() == p.strides(), where, " has strides ", t.strides(),
+          TORCH_CHECK_VALUE(t.sizes() == p.sizes(), SAF_WHERE, " has shape ", t.sizes(), " but ", streams[0].name,
+                            "[", i, "] has shape ", p.sizes());
+          TORCH_CHECK_VALUE(t.numel() <= 1 || t.strides() == p.strides(), SAF_WHERE, " has strides ", t.strides(),
                             " but ", streams[0].name, "[", i, "] has strides ", p.strides(),
                             " (the lists must share one memory layout)");
         }
-        TORCH_CHECK_VALUE(t.numel() <= 1 || t.is_non_overlapping_and_dense(), where,
-                          " is not dense (strides ", t.strides(), "); pass a contiguous tensor");
+        TORCH_CHECK_VALUE(t.numel() <= 1 || t.is_non_overlapping_and_dense(), SAF_WHERE, " is not dense (strides ",
+                          t.strides(), "); pass a contiguous tensor");
+#undef SAF_WHERE
         e.ptr[k] = t.data_ptr();
         e.dtype[k] = int32_t(to_dtype(t.scalar_type()));
         const int64_t vec_bytes = 4 * t.element_size();

@@ -17,6 +17,7 @@ namespace saf::cpu {
 // Chunk length of the CPU kernels: large enough that the per-chunk overhead vanishes, small
 // enough that a model's chunks spread over the threads.
 constexpr int64_t kCpuChunk = 16384;
+constexpr int64_t kMinTaskElements = 65536;
 
 struct MtKernels {
   decltype(&DEFAULT::sam_norm_chunk) sam_norm;
@@ -52,7 +53,10 @@ void parallel_chunks(const mt::Plan& plan, F f) {
   if (nc == 0) return;
   const int64_t total = plan.total_elements();
   const int64_t threads = at::get_num_threads();
-  const int64_t tasks = std::min<int64_t>({nc, threads * 4, std::max<int64_t>(1, total / kCpuChunk)});
+  // At least kMinTaskElements per task: below that, waking a second thread costs more than the
+  // work (and on a loaded machine the wait for its time slice costs milliseconds), as ATen's
+  // GRAIN_SIZE reasons for its own element-wise ops.
+  const int64_t tasks = std::min<int64_t>({nc, threads * 4, std::max<int64_t>(1, total / kMinTaskElements)});
   auto run = [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const mt::ChunkEntry& ce = plan.chunk(c);

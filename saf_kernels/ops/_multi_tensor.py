@@ -33,25 +33,38 @@ def check_lengths(fn: str, **lists) -> int:
 
 
 def per_tensor(value, n: int, name: str, fn: str, *, kind=float, nonneg: bool = False) -> list:
-    """One value per tensor from a scalar or a sequence of length n, checked."""
+    """The per-tensor values of a number (returned as a one-element list: the ops broadcast it)
+    or of a sequence of length n, checked; the error names the offending value."""
     if isinstance(value, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a number or a sequence of numbers, not a tensor")
-    vals = list(value) if isinstance(value, (list, tuple)) else [value] * n
-    if len(vals) != n:
-        raise ValueError(f"{fn}: {name} has {len(vals)} values for {n} tensors")
-    out = []
-    for i, v in enumerate(vals):
-        if kind is bool:
-            if not isinstance(v, (bool, int)):
-                raise TypeError(f"{fn}: {name}[{i}] must be a bool, got {v!r}")
-            out.append(bool(v))
-            continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise ValueError(f"{fn}: {name}[{i}] must be a finite number, got {v!r}")
-        if nonneg and v < 0:
-            raise ValueError(f"{fn}: {name}[{i}] must be >= 0, got {v!r}")
-        out.append(float(v))
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{fn}: {name} has {len(value)} values for {n} tensors")
+        vals = list(value)
+    else:
+        vals = [value]
+    if kind is bool:
+        if not all(isinstance(v, (bool, int)) for v in vals):
+            i = next(i for i, v in enumerate(vals) if not isinstance(v, (bool, int)))
+            raise TypeError(f"{fn}: {name}[{i}] must be a bool, got {vals[i]!r}")
+        return [bool(v) for v in vals]
+    try:
+        out = [float(v) for v in vals]
+        ok = not any(isinstance(v, bool) for v in vals) and all(map(math.isfinite, out))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or (nonneg and out and min(out) < 0):
+        for i, v in enumerate(vals):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{fn}: {name}[{i}] must be a finite number, got {v!r}")
+            if nonneg and v < 0:
+                raise ValueError(f"{fn}: {name}[{i}] must be >= 0, got {v!r}")
     return out
+
+
+def full(values: list, n: int) -> list:
+    """A per-tensor list at full length (the reference paths zip over it)."""
+    return values * n if len(values) == 1 and n != 1 else values
 
 
 def stash_mode_code(stash_mode: str, fn: str) -> int:

@@ -30,6 +30,7 @@ from ._multi_tensor import (
     check_lengths,
     check_scalar,
     check_streams,
+    full,
     per_tensor,
     stash_mode_code,
 )
@@ -212,8 +213,8 @@ def sam_perturb_(
         check_streams(fn, [("params", params), ("grads", grads), ("stash", stash)],
                       same_dtype=("grads",) + (("stash",) if mode == 0 else ()))
     if impl == "torch":
-        return reference.sam_perturb_(params, grads, stash, rho_l, [bool(f) for f in flags], eta_l, eps, grad_scale,
-                                      found_inf, stash_mode)
+        return reference.sam_perturb_(params, grads, stash, full(rho_l, n), [bool(f) for f in full(flags, n)],
+                                      full(eta_l, n), eps, grad_scale, found_inf, stash_mode)
     return fused_ops("sam_perturb_")[impl](params, grads, stash, rho_l, eta_l, flags, eps, mode, grad_scale,
                                             found_inf)
 
@@ -292,7 +293,11 @@ def sam_restore_sgd_(
     first = per_tensor(first_run, n, "first_run", fn, kind=bool)
     if not bufs and any(m != 0 for m in mom_l):
         raise ValueError(f"{fn}: momentum != 0 needs momentum_buffers")
-    flags = [SGD_NESTEROV * a + SGD_MAXIMIZE * b + SGD_FIRST_RUN * c for a, b, c in zip(nest, maxi, first)]
+    if len(nest) == len(maxi) == len(first) == 1:
+        flags = [SGD_NESTEROV * nest[0] + SGD_MAXIMIZE * maxi[0] + SGD_FIRST_RUN * first[0]]
+    else:
+        flags = [SGD_NESTEROV * a + SGD_MAXIMIZE * b + SGD_FIRST_RUN * c
+                 for a, b, c in zip(full(nest, n), full(maxi, n), full(first, n))]
     mode = stash_mode_code(stash_mode, fn)
     if n == 0:
         return
@@ -304,8 +309,8 @@ def sam_restore_sgd_(
         streams = [("params", params), ("grads", grads), ("stash", stash)] + ([("momentum_buffers", bufs)] if bufs else [])
         check_streams(fn, streams, same_dtype=("grads", "momentum_buffers") + (("stash",) if mode == 0 else ()))
     if impl == "torch":
-        reference.sam_restore_sgd_(params, grads, stash, bufs, lr_l, wd_l, mom_l, damp_l, nest, maxi, first,
-                                   stash_mode, grad_scale, found_inf)
+        reference.sam_restore_sgd_(params, grads, stash, bufs, *(full(v, n) for v in (lr_l, wd_l, mom_l, damp_l, nest,
+                                   maxi, first)), stash_mode, grad_scale, found_inf)
         return
     fused_ops("sam_restore_sgd_")[impl](params, grads, stash, bufs, lr_l, wd_l, mom_l, damp_l, flags, mode,
                                         grad_scale, found_inf)
@@ -370,8 +375,9 @@ def sam_restore_adamw_(
             if s.dtype != torch.float32:
                 raise TypeError(f"{fn}: steps[{i}] must be float32, got {s.dtype}")
     if impl == "torch":
-        reference.sam_restore_adamw_(params, grads, stash, exp_avg, exp_avg_sq, steps, lr_l, b1, b2, eps_l, wd_l,
-                                     maxi, stash_mode, grad_scale, found_inf)
+        reference.sam_restore_adamw_(params, grads, stash, exp_avg, exp_avg_sq, steps,
+                                     *(full(v, n) for v in (lr_l, b1, b2, eps_l, wd_l, maxi)), stash_mode, grad_scale,
+                                     found_inf)
         return
     flags = [ADAMW_MAXIMIZE if m else 0 for m in maxi]
     fused_ops("sam_restore_adamw_")[impl](params, grads, stash, exp_avg, exp_avg_sq, steps, lr_l, b1, b2, eps_l,

@@ -62,14 +62,18 @@ class SAM(TwoPassOptimizer):
             check_nonneg(f"param_groups[{i}]['rho']", g["rho"], name)
             check_nonneg(f"param_groups[{i}]['eta']", g["eta"], name)
 
-    def _adaptive(self, params: list[torch.Tensor], groups: list[dict]) -> list[bool]:
+    def _adaptive(self, params: list[torch.Tensor], groups: list[dict]):
+        if len(self.param_groups) == 1:
+            return bool(self.param_groups[0]["adaptive"])
         return [bool(g["adaptive"]) for g in groups]
 
     def _perturb(self, params, grads, stash, groups, grad_scale):
+        one = len(self.param_groups) == 1  # one value for all tensors: no per-tensor lists to build
+        g0 = self.param_groups[0]
         return sam_ops.sam_perturb_(
-            params, grads, stash, [g["rho"] for g in groups], adaptive=self._adaptive(params, groups),
-            eta=[g["eta"] for g in groups], eps=self.perturb_eps, grad_scale=grad_scale,
-            stash_mode=self.stash_mode, backend=self.backend)
+            params, grads, stash, g0["rho"] if one else [g["rho"] for g in groups],
+            adaptive=self._adaptive(params, groups), eta=g0["eta"] if one else [g["eta"] for g in groups],
+            eps=self.perturb_eps, grad_scale=grad_scale, stash_mode=self.stash_mode, backend=self.backend)
 
 
 def default_adaptive_filter(p: torch.Tensor) -> bool:
