@@ -245,6 +245,7 @@ def sam_perturb(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_sca
     """The semantics of ``torch.ops.saf_kernels.sam_perturb_`` (lists already checked)."""
     dev = params[0].device
     tables = build_tables([params, grads, stash], [rho, eta], flags, signature_streams=(0, 2))
+    flags = flags * len(params) if len(flags) == 1 else flags  # one value for all tensors
     total = sum(tb.n_chunks for tb in tables)
     partials = torch.empty(max(total, 1), dtype=torch.float64, device=dev)
     off = 0
