@@ -5,10 +5,18 @@ Public API (see README.md for the table):
 - :func:`trajectory_kl_loss`, :func:`saf_loss`: the SAF/MESA trajectory loss, fused with
   cross-entropy, forward and gradient in one kernel.
 - :mod:`saf_kernels.ops`: every fused op; :mod:`saf_kernels.reference`: their plain-PyTorch versions.
+- :func:`sam_perturb_`, :func:`sam_restore_` (and the fused restore + SGD / AdamW steps): SAM's
+  multi-tensor ops; :mod:`saf_kernels.optim`: ``SAM``, ``ASAM`` on them.
 """
 
 from ._backend import BACKENDS, BackendUnavailable, available
 from .ops import saf_loss, trajectory_kl_loss
+
+# ---- SAM family ----
+from . import optim  # noqa: E402
+from .ops import sam_perturb_, sam_restore_, sam_restore_adamw_, sam_restore_sgd_  # noqa: E402
+
+# ---- end SAM family ----
 
 __version__ = "0.1.0"
 
@@ -18,4 +26,9 @@ __all__ = [
     "available",
     "saf_loss",
     "trajectory_kl_loss",
+    "optim",
+    "sam_perturb_",
+    "sam_restore_",
+    "sam_restore_sgd_",
+    "sam_restore_adamw_",
 ]

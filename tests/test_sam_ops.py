@@ -407,3 +407,27 @@ def test_reference_is_sync_free_shape():
     out = reference.sam_perturb_(params, grads, [torch.empty_like(params[0])], [0.05], [False], [0.0], 1e-12,
                                  torch.tensor(2.0), torch.tensor(0.0))
     assert isinstance(out, torch.Tensor) and out.dim() == 0
+
+
+def test_torch_compile_fullgraph():
+    _skip("cpu", "cpu")
+    params, grads = _make([(10,), (3, 4)], [torch.float32, torch.bfloat16], "cpu")
+    ref = [p.clone() for p in params]
+    st, rs = [torch.empty_like(p) for p in params], [torch.empty_like(p) for p in params]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(ps, gs, st):
+        return O.sam_perturb_(ps, gs, st, 0.05, adaptive=True, backend="cpu") * 2
+
+    out = step(params, grads, st)
+    want = O.sam_perturb_(ref, grads, rs, 0.05, adaptive=True, backend="cpu") * 2
+    assert torch.equal(out, want)
+    assert all(torch.equal(a, b) for a, b in zip(params, ref))
+
+
+def test_benchmark_param_shapes_match_torchvision():
+    from saf_kernels.bench import param_shapes as ps
+
+    for name, make in ps.MODELS.items():
+        assert ps.numel(make()) == ps.NUM_PARAMS[name], name
+    assert len(ps.MODELS["resnet50"]()) == 161 and len(ps.MODELS["resnet18"]()) == 62

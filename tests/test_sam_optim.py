@@ -570,3 +570,17 @@ def test_empty_and_gradless():
     norm = opt.first_step()  # no gradients at all
     assert norm.item() == 0.0
     opt.second_step()
+
+
+def test_sam_steps_callables_run():
+    from saf_kernels.bench.sam_steps import step_callables
+
+    model = SmallCNN()
+    before = copy.deepcopy(model)
+    x, y = _batches(1)[0]
+    steps = step_callables(model, LOSS, (x, y), "cpu", extra=True)
+    assert set(steps) == {"sgd", "sam", "asam", "sam+fused_step"}
+    for f in steps.values():
+        f()
+        f()
+    _assert_params_equal(model, before, "step_callables must work on copies")
