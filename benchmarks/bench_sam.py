@@ -25,7 +25,10 @@ def param_lists():
         if (model, dtype) not in cache:
             cache.clear()  # one list at a time: ViT-B is 350 MB per copy in fp32
             gen = torch.Generator().manual_seed(0)
-            ps = [torch.randn(s, generator=gen).mul_(0.05).to(DEVICE, dtype).requires_grad_() for s in MODELS[model]()]
+            ps = [
+                torch.randn(s, generator=gen).mul_(0.05).to(DEVICE, dtype).requires_grad_()
+                for s in MODELS[model]()
+            ]
             for p in ps:
                 p.grad = torch.randn(p.shape, generator=gen).to(DEVICE, dtype)
             cache[(model, dtype)] = ps

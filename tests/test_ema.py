@@ -32,9 +32,14 @@ def _check(ema, before, model, decay, what):
     for i, (e, b, m) in enumerate(zip(ema, before, model)):
         want = decay * b.double().cpu() + (1 - decay) * m.double().cpu()
         got = e.double().cpu()
-        tol = 2 * ULP[e.dtype] * want.abs() + 4 * ULP[torch.float32] * (b.double().abs() + m.double().abs()).cpu() \
+        tol = (
+            2 * ULP[e.dtype] * want.abs()
+            + 4 * ULP[torch.float32] * (b.double().abs() + m.double().abs()).cpu()
             + torch.finfo(e.dtype).tiny
-        assert ((got - want).abs() <= tol).all(), f"{what}: tensor {i} ({e.dtype}): max err {(got - want).abs().max()}"
+        )
+        assert ((got - want).abs() <= tol).all(), (
+            f"{what}: tensor {i} ({e.dtype}): max err {(got - want).abs().max()}"
+        )
 
 
 @pytest.mark.parametrize(("backend", "device"), PAIRS)

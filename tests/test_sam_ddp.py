@@ -5,8 +5,11 @@ its own gradient, the paper's m-sharpness) or with ``sync_first_pass=True``."""
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import socket
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -36,21 +39,31 @@ def _batch(rank, step):
 LOSS = nn.CrossEntropyLoss()
 
 
+def _train(rank, sync):
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, sync_first_pass=sync, **KW)
+    for step in range(STEPS):
+        x, y = _batch(rank, step)
+        with opt.first_pass(model):  # forward and backward inside: DDP decides at forward time
+            LOSS(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        with opt.second_pass(model):
+            LOSS(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+    return [p.detach().clone() for p in model.module.parameters()]
+
+
 def _worker(rank, port, out_dir, sync):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
-        model = nn.parallel.DistributedDataParallel(_model())
-        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, sync_first_pass=sync, **KW)
-        for step in range(STEPS):
-            x, y = _batch(rank, step)
-            with opt.first_pass(model):  # forward and backward inside: DDP decides at forward time
-                LOSS(model(x), y).backward()
-            opt.first_step(zero_grad=True)
-            with opt.second_pass(model):
-                LOSS(model(x), y).backward()
-            opt.second_step(zero_grad=True)
-        torch.save([p.detach().clone() for p in model.module.parameters()], os.path.join(out_dir, f"{rank}.pt"))
+        # The DDP module (its reducer) must be gone before the process group is destroyed: a
+        # reducer freed afterwards could hang the process at exit (seen here, intermittently).
+        params = _train(rank, sync)
+        gc.collect()
+        dist.barrier()
+        torch.save(params, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -99,7 +112,17 @@ def _free_port():
 def test_ddp_two_gloo_processes(tmp_path, sync):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), sync), nprocs=WORLD, join=True)
+    ctx = mp.spawn(_worker, args=(_free_port(), str(tmp_path), sync), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=2):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.terminate()
+            # A worker stuck in torch.distributed's teardown after saving its result is not this
+            # library's concern; one that never saved it is a failure.
+            if not all((tmp_path / f"{r}.pt").exists() for r in range(WORLD)):
+                pytest.fail("DDP workers did not finish within 120 s")
+            break
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(WORLD)]
     for a, b in zip(*ranks):  # the second gradients are synced: every replica holds the same weights
         assert torch.equal(a, b)

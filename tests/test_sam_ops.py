@@ -27,7 +27,19 @@ def _awkward_shapes(backend):
     """Many small tensors of odd sizes, one empty, and one large one whose size is not a
     multiple of any chunk (CPU 16384, Triton 16384, CUDA 65536) nor of the vector widths."""
     big = 70001 if backend != "triton" or FULL or torch.cuda.is_available() else 33331
-    return [(3, 5), (1,), (64,), (7, 7, 3), (0,), (129,), (2, 3, 4, 5), (big,), (31,), (1000, 3), (5, 1, 1, 1)]
+    return [
+        (3, 5),
+        (1,),
+        (64,),
+        (7, 7, 3),
+        (0,),
+        (129,),
+        (2, 3, 4, 5),
+        (big,),
+        (31,),
+        (1000, 3),
+        (5, 1, 1, 1),
+    ]
 
 
 def _dtypes_for(shapes, mixed):
@@ -39,8 +51,10 @@ def _dtypes_for(shapes, mixed):
 
 def _make(shapes, dtypes, device, grad_scale=1.0):
     params = [torch.randn(s, dtype=torch.float64).to(device=device, dtype=d) for s, d in zip(shapes, dtypes)]
-    grads = [(torch.randn(s, dtype=torch.float64) * grad_scale).to(device=device, dtype=d)
-             for s, d in zip(shapes, dtypes)]
+    grads = [
+        (torch.randn(s, dtype=torch.float64) * grad_scale).to(device=device, dtype=d)
+        for s, d in zip(shapes, dtypes)
+    ]
     return params, grads
 
 
@@ -63,13 +77,19 @@ def _check_perturbed(params, w64, es, what):
         # float32 arithmetic on e.
         tol = 2 * ULP[p.dtype] * want.abs() + torch.finfo(p.dtype).tiny * ULP[p.dtype] + 1e-5 * e.abs()
         bad = (got - want).abs() > tol
-        assert not bad.any(), f"{what}: tensor {i} ({p.dtype}, shape {tuple(p.shape)}): max err " \
-                              f"{(got - want).abs().max().item():.3g}, e max {e.abs().max().item():.3g}"
+        assert not bad.any(), (
+            f"{what}: tensor {i} ({p.dtype}, shape {tuple(p.shape)}): max err "
+            f"{(got - want).abs().max().item():.3g}, e max {e.abs().max().item():.3g}"
+        )
 
 
 def _bits(t):
-    v = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
-         torch.float16: torch.int16}[t.dtype]
+    v = {
+        torch.float32: torch.int32,
+        torch.float64: torch.int64,
+        torch.bfloat16: torch.int16,
+        torch.float16: torch.int16,
+    }[t.dtype]
     return t.detach().cpu().view(v)
 
 
@@ -186,8 +206,9 @@ def test_grad_scale_and_found_inf(backend, device):
         torch.testing.assert_close(a, b, rtol=4 * ULP[a.dtype], atol=0)
     # found_inf > 0: nothing is perturbed, the stash still restores.
     p3 = [p.clone() for p in p2]
-    O.sam_perturb_(p2, scaled, s2, 0.05, grad_scale=scale, found_inf=torch.ones((), device=device),
-                   backend=backend)
+    O.sam_perturb_(
+        p2, scaled, s2, 0.05, grad_scale=scale, found_inf=torch.ones((), device=device), backend=backend
+    )
     for a, b in zip(p2, p3):
         assert torch.equal(a, b)
 
@@ -225,8 +246,13 @@ def test_bad_arguments(backend, device):
         O.sam_perturb_(p, g, s, [0.1, 0.1, 0.1], backend=backend)
     with pytest.raises(ValueError, match="not dense"):
         big = torch.randn(4, 6, device=device)[:, ::2]
-        O.sam_perturb_([big], [torch.randn(4, 3, device=device)[:, :]], [torch.empty(4, 3, device=device)], 0.05,
-                       backend=backend)
+        O.sam_perturb_(
+            [big],
+            [torch.randn(4, 3, device=device)[:, :]],
+            [torch.empty(4, 3, device=device)],
+            0.05,
+            backend=backend,
+        )
     with pytest.raises(TypeError, match="list or tuple"):
         O.sam_perturb_(p[0], g, s, 0.05, backend=backend)
 
@@ -255,8 +281,9 @@ def test_cpu_isa_builds_agree(monkeypatch, isa):
     params, grads = _make(shapes, [torch.float32, torch.float32, torch.bfloat16], "cpu")
     norm_ref, w64, es = _expected(params, grads, [0.05] * 3, [True] * 3, [0.01] * 3)
     monkeypatch.setenv("SAF_KERNELS_CPU_ISA", isa)
-    norm = O.sam_perturb_(params, grads, [torch.empty_like(p) for p in params], 0.05, adaptive=True, eta=0.01,
-                          backend="cpu")
+    norm = O.sam_perturb_(
+        params, grads, [torch.empty_like(p) for p in params], 0.05, adaptive=True, eta=0.01, backend="cpu"
+    )
     assert norm.item() == pytest.approx(norm_ref, rel=1e-5)
     _check_perturbed(params, w64, es, f"isa {isa}")
 
@@ -298,9 +325,20 @@ def test_fused_restore_sgd_matches_torch(backend, device, cfg):
         for r, g in zip(ref, g2):
             r.grad = g.clone()
         opt.step()
-        O.sam_restore_sgd_(params, g2, stash, bufs, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0),
-                           momentum=mom, dampening=cfg.get("dampening", 0.0), nesterov=cfg.get("nesterov", False),
-                           maximize=cfg.get("maximize", False), first_run=step == 0, backend=backend)
+        O.sam_restore_sgd_(
+            params,
+            g2,
+            stash,
+            bufs,
+            lr=cfg["lr"],
+            weight_decay=cfg.get("weight_decay", 0.0),
+            momentum=mom,
+            dampening=cfg.get("dampening", 0.0),
+            nesterov=cfg.get("nesterov", False),
+            maximize=cfg.get("maximize", False),
+            first_run=step == 0,
+            backend=backend,
+        )
         for p, r in zip(params, ref):
             torch.testing.assert_close(p, r.detach(), rtol=1e-6, atol=1e-7)
         # Perturb again from the new weights, as the next SAM step would.
@@ -316,23 +354,44 @@ def test_fused_restore_sgd_amp(backend, device):
     bufs0 = [b.clone() for b in bufs]
     scale = torch.tensor(256.0, device=device)
     # found_inf: the weights are restored, the buffers untouched.
-    O.sam_restore_sgd_(params, [g * 256 for g in g2], stash, bufs, lr=0.1, momentum=0.9, grad_scale=scale,
-                       found_inf=torch.ones((), device=device), backend=backend)
+    O.sam_restore_sgd_(
+        params,
+        [g * 256 for g in g2],
+        stash,
+        bufs,
+        lr=0.1,
+        momentum=0.9,
+        grad_scale=scale,
+        found_inf=torch.ones((), device=device),
+        backend=backend,
+    )
     assert all(torch.equal(p, o) for p, o in zip(params, orig))
     assert all(torch.equal(b, c) for b, c in zip(bufs, bufs0))
     # Scaled gradients give the unscaled result.
     p2 = [p.clone() for p in params]
     b2 = [b.clone() for b in bufs]
     s2 = [p.clone() for p in params]
-    O.sam_restore_sgd_(params, [g * 256 for g in g2], [p.clone() for p in params], bufs, lr=0.1, momentum=0.9,
-                       grad_scale=scale, found_inf=torch.zeros((), device=device), backend=backend)
+    O.sam_restore_sgd_(
+        params,
+        [g * 256 for g in g2],
+        [p.clone() for p in params],
+        bufs,
+        lr=0.1,
+        momentum=0.9,
+        grad_scale=scale,
+        found_inf=torch.zeros((), device=device),
+        backend=backend,
+    )
     O.sam_restore_sgd_(p2, g2, s2, b2, lr=0.1, momentum=0.9, backend=backend)
     for a, b in zip(params + bufs, p2 + b2):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-ADAMW_CONFIGS = [dict(lr=1e-3), dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
-                 dict(lr=1e-3, betas=(0.5, 0.9), maximize=True)]
+ADAMW_CONFIGS = [
+    dict(lr=1e-3),
+    dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+    dict(lr=1e-3, betas=(0.5, 0.9), maximize=True),
+]
 
 
 @pytest.mark.parametrize(("backend", "device"), PAIRS)
@@ -351,9 +410,21 @@ def test_fused_restore_adamw_matches_torch(backend, device, cfg):
             r.grad = g.clone()
         opt.step()
         torch._foreach_add_(steps, 1.0)
-        O.sam_restore_adamw_(params, g2, stash, m, v, steps, lr=cfg["lr"], beta1=b1, beta2=b2,
-                             eps=cfg.get("eps", 1e-8), weight_decay=cfg.get("weight_decay", 1e-2),
-                             maximize=cfg.get("maximize", False), backend=backend)
+        O.sam_restore_adamw_(
+            params,
+            g2,
+            stash,
+            m,
+            v,
+            steps,
+            lr=cfg["lr"],
+            beta1=b1,
+            beta2=b2,
+            eps=cfg.get("eps", 1e-8),
+            weight_decay=cfg.get("weight_decay", 1e-2),
+            maximize=cfg.get("maximize", False),
+            backend=backend,
+        )
         for p, r in zip(params, ref):
             torch.testing.assert_close(p, r.detach(), rtol=1e-5, atol=1e-6)
         O.sam_perturb_(params, g2, stash, 0.3, backend="torch")
@@ -382,12 +453,16 @@ def test_opcheck(backend):
     torch.library.opcheck(op("sam_perturb"), (p, g, s, [0.05, 0.1], [0.0, 0.0], [0, 2], 1e-12, 0, None, None))
     torch.library.opcheck(op("sam_restore"), (p, s, 0))
     bufs = [torch.zeros_like(x) for x in p]
-    torch.library.opcheck(op("sam_restore_sgd"), (p, g, s, bufs, [0.1], [0.0], [0.9], [0.0], [8], 0, None, None))
+    torch.library.opcheck(
+        op("sam_restore_sgd"), (p, g, s, bufs, [0.1], [0.0], [0.9], [0.0], [8], 0, None, None)
+    )
     m = [torch.zeros_like(x) for x in p]
     v = [torch.zeros_like(x) for x in p]
     steps = [torch.ones(()) for _ in p]
-    torch.library.opcheck(op("sam_restore_adamw"),
-                          (p, g, s, m, v, steps, [1e-3], [0.9], [0.999], [1e-8], [0.01], [0], 0, None, None))
+    torch.library.opcheck(
+        op("sam_restore_adamw"),
+        (p, g, s, m, v, steps, [1e-3], [0.9], [0.999], [1e-8], [0.01], [0], 0, None, None),
+    )
     ema = [torch.randn_like(x) for x in p]
     name = "ema_update_" if backend == "cpu" else "ema_update_triton"
     torch.library.opcheck(getattr(torch.ops.saf_kernels, name), (ema, p, 0.9, None))
@@ -404,8 +479,17 @@ def test_backends_listed():
 def test_reference_is_sync_free_shape():
     # The reference returns a device tensor and takes tensors for the AMP scale and found_inf.
     params, grads = _make([(4,)], [torch.float32], "cpu")
-    out = reference.sam_perturb_(params, grads, [torch.empty_like(params[0])], [0.05], [False], [0.0], 1e-12,
-                                 torch.tensor(2.0), torch.tensor(0.0))
+    out = reference.sam_perturb_(
+        params,
+        grads,
+        [torch.empty_like(params[0])],
+        [0.05],
+        [False],
+        [0.0],
+        1e-12,
+        torch.tensor(2.0),
+        torch.tensor(0.0),
+    )
     assert isinstance(out, torch.Tensor) and out.dim() == 0
 
 

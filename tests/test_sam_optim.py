@@ -63,9 +63,17 @@ class RefSAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _grad_norm(self):
-        return torch.norm(torch.stack([
-            ((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2)
-            for group in self.param_groups for p in group["params"] if p.grad is not None]), p=2)
+        return torch.norm(
+            torch.stack(
+                [
+                    ((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2)
+                    for group in self.param_groups
+                    for p in group["params"]
+                    if p.grad is not None
+                ]
+            ),
+            p=2,
+        )
 
 
 class RefASAM:
@@ -150,7 +158,7 @@ def _two_step(opt, model, x, y, second_pass=True):
 
 def _assert_params_close(m1, m2, atol=1e-6, rtol=0.0, what=""):
     for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
-        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda s: f"{what} {n}: {s}")
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda s, n=n: f"{what} {n}: {s}")
 
 
 def _assert_params_equal(m1, m2, what=""):
@@ -182,8 +190,16 @@ def test_asam_matches_official():
     model = SmallCNN()
     ref_model = copy.deepcopy(model)
     weights = {p for n, p in model.named_parameters() if "weight" in n}
-    opt = ASAM(model.parameters(), torch.optim.SGD, rho=0.5, eta=0.01, adaptive_filter=lambda p: p in weights,
-               perturb_eps=1e-16, lr=0.05, momentum=0.9)
+    opt = ASAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=0.5,
+        eta=0.01,
+        adaptive_filter=lambda p: p in weights,
+        perturb_eps=1e-16,
+        lr=0.05,
+        momentum=0.9,
+    )
     base = torch.optim.SGD(ref_model.parameters(), lr=0.05, momentum=0.9)
     ref = RefASAM(base, ref_model, rho=0.5, eta=0.01)
     for x, y in _batches(4):
@@ -214,10 +230,14 @@ def test_asam_default_leaves_1d_unscaled():
     assert opt.last_grad_norm.item() == pytest.approx(norm.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("base,kw", [
-    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
-    (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05)),
-], ids=["sgd", "adamw"])
+@pytest.mark.parametrize(
+    "base,kw",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+        (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05)),
+    ],
+    ids=["sgd", "adamw"],
+)
 def test_rho_zero_is_the_base_optimizer(base, kw):
     model = SmallCNN()
     ref_model = copy.deepcopy(model)
@@ -262,7 +282,7 @@ def test_awkward_parameter_list():
 
         def forward(self, x):
             s = sum(p.sum() * (i + 1) * 0.01 for i, p in enumerate(self.small))
-            return (x * self.big[: x.numel()].reshape(x.shape)).sum() ** 2 * 1e-3 + s ** 2
+            return (x * self.big[: x.numel()].reshape(x.shape)).sum() ** 2 * 1e-3 + s**2
 
     model = Awkward()
     ref_model = copy.deepcopy(model)
@@ -286,9 +306,14 @@ def test_per_group_rho():
     ref_model = copy.deepcopy(model)
 
     def groups(m):
-        return [{"params": [m.conv1.weight, m.conv2.weight], "rho": 0.1},
-                {"params": [p for n, p in m.named_parameters() if n not in ("conv1.weight", "conv2.weight")],
-                 "rho": 0.0, "lr": 0.05}]
+        return [
+            {"params": [m.conv1.weight, m.conv2.weight], "rho": 0.1},
+            {
+                "params": [p for n, p in m.named_parameters() if n not in ("conv1.weight", "conv2.weight")],
+                "rho": 0.0,
+                "lr": 0.05,
+            },
+        ]
 
     opt = SAM(groups(model), torch.optim.SGD, rho=0.05, lr=0.1)
     ref = RefSAM(groups(ref_model), torch.optim.SGD, rho=0.05, lr=0.1)
@@ -303,12 +328,16 @@ def test_per_group_rho():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("base,kw,fused", [
-    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4), False),
-    (torch.optim.AdamW, dict(lr=1e-2), False),
-    (torch.optim.SGD, dict(lr=0.1, momentum=0.9), True),
-    (torch.optim.AdamW, dict(lr=1e-2), True),
-], ids=["sgd", "adamw", "sgd-fused", "adamw-fused"])
+@pytest.mark.parametrize(
+    "base,kw,fused",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4), False),
+        (torch.optim.AdamW, dict(lr=1e-2), False),
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9), True),
+        (torch.optim.AdamW, dict(lr=1e-2), True),
+    ],
+    ids=["sgd", "adamw", "sgd-fused", "adamw-fused"],
+)
 def test_checkpoint_round_trip(base, kw, fused):
     batches = _batches(4)
     model = SmallCNN()
@@ -468,7 +497,8 @@ def test_closure_matches_two_step():
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, model=model)
     ref = SAM(ref_model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     for x, y in _batches(3):
-        def closure():
+
+        def closure(x=x, y=y):
             loss = LOSS(model(x), y)
             loss.backward()
             return loss
@@ -497,11 +527,15 @@ def test_lr_scheduler_drives_base_and_warns_nothing():
     assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
-@pytest.mark.parametrize("base,kw", [
-    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)),
-    (torch.optim.SGD, dict(lr=0.1)),
-    (torch.optim.AdamW, dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)),
-], ids=["sgd-nesterov", "sgd-plain", "adamw"])
+@pytest.mark.parametrize(
+    "base,kw",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)),
+        (torch.optim.SGD, dict(lr=0.1)),
+        (torch.optim.AdamW, dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)),
+    ],
+    ids=["sgd-nesterov", "sgd-plain", "adamw"],
+)
 def test_fused_step_matches_default(base, kw):
     # An MLP, not the BN model: a bias feeding BatchNorm has a pure-rounding-noise gradient,
     # which Adam normalises to full steps, so two correct paths would diverge there.
@@ -529,7 +563,9 @@ def test_fused_step_matches_default(base, kw):
 def test_delta_stash_bf16_trains_like_copy():
     model = SmallCNN()
     ref_model = copy.deepcopy(model)
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, stash_mode="delta", stash_dtype=torch.bfloat16)
+    opt = SAM(
+        model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, stash_mode="delta", stash_dtype=torch.bfloat16
+    )
     ref = SAM(ref_model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     for x, y in _batches(3):
         _two_step(opt, model, x, y)

@@ -87,8 +87,15 @@ class ForeachSAM:
 
 class OursSAM:
     def __init__(self, params, rho, backend, fused):
-        self.opt = SAM(params, torch.optim.SGD, rho=rho, backend=backend, fused_step=fused,
-                       **({} if fused else {"foreach": True}), **SGD_KW)
+        self.opt = SAM(
+            params,
+            torch.optim.SGD,
+            rho=rho,
+            backend=backend,
+            fused_step=fused,
+            **({} if fused else {"foreach": True}),
+            **SGD_KW,
+        )
 
     def step(self):
         self.opt.first_step()
@@ -127,8 +134,9 @@ def _passes(provider: str) -> int:
     return PASSES[provider]
 
 
-def _interleaved(steps: dict[str, Callable[[], None]], device: torch.device, rounds: int,
-                 warmup: int) -> dict[str, Timing]:
+def _interleaved(
+    steps: dict[str, Callable[[], None]], device: torch.device, rounds: int, warmup: int
+) -> dict[str, Timing]:
     """Median time per call of each step, the providers timed in rotating order round after
     round, so that load from other processes (the machines are shared) drifts over all of them
     alike rather than over whichever ran last."""
@@ -148,7 +156,7 @@ def _interleaved(steps: dict[str, Callable[[], None]], device: torch.device, rou
         inner[n] = 1 if device.type == "cpu" else max(1, min(200, int(2e-3 / max(one, 1e-6))))
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        for n in names[r % len(names):] + names[: r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             if device.type == "cuda":
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
@@ -164,8 +172,13 @@ def _interleaved(steps: dict[str, Callable[[], None]], device: torch.device, rou
     out = {}
     for n, xs in samples.items():
         xs = sorted(xs)
-        out[n] = Timing(statistics.median(xs), xs[int(0.2 * (len(xs) - 1))], xs[int(0.8 * (len(xs) - 1) + 0.5)],
-                        len(xs), inner[n])
+        out[n] = Timing(
+            statistics.median(xs),
+            xs[int(0.2 * (len(xs) - 1))],
+            xs[int(0.8 * (len(xs) - 1) + 0.5)],
+            len(xs),
+            inner[n],
+        )
     return out
 
 
@@ -178,15 +191,26 @@ def run(device: torch.device, quick: bool, progress) -> list[dict]:
     for model, dtype, provs in plan:
         shapes = MODELS[model]()
         gen = torch.Generator(device="cpu").manual_seed(0)
-        params = [torch.randn(s, generator=gen).mul_(0.05).to(device=device, dtype=dtype).requires_grad_()
-                  for s in shapes]
+        params = [
+            torch.randn(s, generator=gen).mul_(0.05).to(device=device, dtype=dtype).requires_grad_()
+            for s in shapes
+        ]
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)
         n = sum(p.numel() for p in params)
         esize = torch.finfo(dtype).bits // 8
-        label = f"{model} ({len(shapes)} tensors, {n / 1e6:.1f}M, {'fp32' if dtype == torch.float32 else 'bf16'})"
-        base = {"kind": "multi_tensor", "op": "sam_step", "case": label, "model": model, "tensors": len(shapes),
-                "numel": n, "dtype": str(dtype).replace("torch.", "")}
+        label = (
+            f"{model} ({len(shapes)} tensors, {n / 1e6:.1f}M, {'fp32' if dtype == torch.float32 else 'bf16'})"
+        )
+        base = {
+            "kind": "multi_tensor",
+            "op": "sam_step",
+            "case": label,
+            "model": model,
+            "tensors": len(shapes),
+            "numel": n,
+            "dtype": str(dtype).replace("torch.", ""),
+        }
         steps, out_rows = {}, {}
         for name, make in provs.items():
             progress(f"sam_step {model} {name}")
@@ -244,12 +268,25 @@ def table(rows: list[dict]) -> str:
                 notes.append(f"  - {case} {name}: {r.get('unavailable') or r.get('error')}")
                 continue
             t = r["median_s"]
-            lines.append([case, name, _fmt(t), str(r["passes"]), f"{r['gbps']:.1f}",
-                          f"{loop / t:.2f}x" if loop else "-", f"{fe / t:.2f}x" if fe else "-",
-                          f"{100 * r['floor_share']:.0f}%" if "floor_share" in r else "-"])
-    text = _table(["parameters", "provider", "step", "passes", "GB/s", "vs loop", "vs foreach", "of floor"], lines)
-    text += (f"\n(passes: reads + writes over all parameters, as counted in saf_kernels/bench/multi_tensor.py; "
-             f"'of floor' = {FLOOR_PASSES} passes at the GPU's datasheet bandwidth / time)")
+            lines.append(
+                [
+                    case,
+                    name,
+                    _fmt(t),
+                    str(r["passes"]),
+                    f"{r['gbps']:.1f}",
+                    f"{loop / t:.2f}x" if loop else "-",
+                    f"{fe / t:.2f}x" if fe else "-",
+                    f"{100 * r['floor_share']:.0f}%" if "floor_share" in r else "-",
+                ]
+            )
+    text = _table(
+        ["parameters", "provider", "step", "passes", "GB/s", "vs loop", "vs foreach", "of floor"], lines
+    )
+    text += (
+        f"\n(passes: reads + writes over all parameters, as counted in saf_kernels/bench/multi_tensor.py; "
+        f"'of floor' = {FLOOR_PASSES} passes at the GPU's datasheet bandwidth / time)"
+    )
     if notes:
         text += "\n\nNot measured:\n" + "\n".join(notes)
     return text

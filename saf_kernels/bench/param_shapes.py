@@ -34,7 +34,20 @@ def vit_b_16(classes: int = 1000) -> list[tuple[int, ...]]:
     d, mlp, patches = 768, 3072, 197
     shapes = [(1, 1, d), (d, 3, 16, 16), (d,), (1, patches, d)]
     for _ in range(12):
-        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (mlp, d), (mlp,), (d, mlp), (d,)]
+        shapes += [
+            (d,),
+            (d,),
+            (3 * d, d),
+            (3 * d,),
+            (d, d),
+            (d,),
+            (d,),
+            (d,),
+            (mlp, d),
+            (mlp,),
+            (d, mlp),
+            (d,),
+        ]
     shapes += [(d,), (d,), (classes, d), (classes,)]
     return shapes
 

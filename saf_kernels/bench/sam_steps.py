@@ -19,10 +19,22 @@ from torch import nn
 from ..optim import ASAM, SAM
 
 
-def step_callables(model: nn.Module, loss_fn: Callable, batch, device: torch.device | str, *, lr: float = 0.1,
-                   momentum: float = 0.9, weight_decay: float = 5e-4, rho: float = 0.05, asam_rho: float = 0.5,
-                   asam_eta: float = 0.01, fused_step: bool = False, backend: str = "auto",
-                   extra: bool = False) -> dict[str, Callable[[], None]]:
+def step_callables(
+    model: nn.Module,
+    loss_fn: Callable,
+    batch,
+    device: torch.device | str,
+    *,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    rho: float = 0.05,
+    asam_rho: float = 0.5,
+    asam_eta: float = 0.01,
+    fused_step: bool = False,
+    backend: str = "auto",
+    extra: bool = False,
+) -> dict[str, Callable[[], None]]:
     """Step callables ``{"sgd", "sam", "asam"}`` (``extra=True`` adds ``"sam+fused_step"``).
 
     Each call is one full training step on ``batch = (inputs, targets)``: forward, backward and
@@ -79,9 +91,15 @@ class SmallCNN(nn.Module):
         super().__init__()
 
         def block(i, o, s):
-            return [nn.Conv2d(i, o, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(i, o, 3, stride=s, padding=1, bias=False),
+                nn.BatchNorm2d(o),
+                nn.ReLU(inplace=True),
+            ]
 
-        self.features = nn.Sequential(*block(3, 32, 1), *block(32, 64, 2), *block(64, 128, 2), *block(128, 128, 1))
+        self.features = nn.Sequential(
+            *block(3, 32, 1), *block(32, 64, 2), *block(64, 128, 2), *block(128, 128, 1)
+        )
         self.head = nn.Linear(128, classes)
 
     def forward(self, x):
@@ -91,13 +109,20 @@ class SmallCNN(nn.Module):
 def main(argv: list[str] | None = None) -> int:
     from .multi_tensor import _interleaved
 
-    ap = argparse.ArgumentParser(prog="python -m saf_kernels.bench.sam_steps", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m saf_kernels.bench.sam_steps",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (1 gives stable numbers on a loaded machine)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 gives stable numbers on a loaded machine)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,13 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     steps = step_callables(model, nn.CrossEntropyLoss(), batch, device, extra=True)
     t = _interleaved(steps, device, args.rounds, warmup=3)
     sgd = t["sgd"].median_s
-    print(f"SmallCNN ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), batch {args.batch}, "
-          f"{device}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
+    print(
+        f"SmallCNN ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), batch {args.batch}, "
+        f"{device}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds"
+    )
     for name, tm in t.items():
         ratio = tm.median_s / sgd
         extra = f"  (overhead above 2x: {100 * (ratio - 2) / 2:+.1f}%)" if name != "sgd" else ""
-        print(f"  {name:16s} {tm.median_s * 1e3:8.2f} ms  [{tm.p20_s * 1e3:.2f}, {tm.p80_s * 1e3:.2f}]  "
-              f"{ratio:.3f}x SGD{extra}")
+        print(
+            f"  {name:16s} {tm.median_s * 1e3:8.2f} ms  [{tm.p20_s * 1e3:.2f}, {tm.p80_s * 1e3:.2f}]  "
+            f"{ratio:.3f}x SGD{extra}"
+        )
     return 0
 
 

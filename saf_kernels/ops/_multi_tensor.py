@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -69,7 +69,9 @@ def full(values: list, n: int) -> list:
 
 def stash_mode_code(stash_mode: str, fn: str) -> int:
     if stash_mode not in STASH_MODES:
-        raise ValueError(f"{fn}: stash_mode must be 'copy' (exact restore) or 'delta' (lossy), got {stash_mode!r}")
+        raise ValueError(
+            f"{fn}: stash_mode must be 'copy' (exact restore) or 'delta' (lossy), got {stash_mode!r}"
+        )
     return STASH_MODES[stash_mode]
 
 
@@ -79,13 +81,19 @@ def check_scalar(t, name: str, fn: str, device: torch.device | None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a tensor or None, got {type(t).__name__}")
     if t.numel() != 1 or not t.is_floating_point():
-        raise ValueError(f"{fn}: {name} must be a one-element floating tensor, got shape {tuple(t.shape)} {t.dtype}")
+        raise ValueError(
+            f"{fn}: {name} must be a one-element floating tensor, got shape {tuple(t.shape)} {t.dtype}"
+        )
     if device is not None and t.device != device:
         raise ValueError(f"{fn}: {name} is on {t.device} but the tensors are on {device}")
 
 
-def check_streams(fn: str, streams: Sequence[tuple[str, list[torch.Tensor]]], scalar: Sequence[str] = (),
-                  same_dtype: Sequence[str] = ()) -> None:
+def check_streams(
+    fn: str,
+    streams: Sequence[tuple[str, list[torch.Tensor]]],
+    scalar: Sequence[str] = (),
+    same_dtype: Sequence[str] = (),
+) -> None:
     """Per-tensor checks of the Triton and reference paths (the C++ ops make the same ones)."""
     first_name, first = streams[0]
     dev = first[0].device if first else None
@@ -95,7 +103,9 @@ def check_streams(fn: str, streams: Sequence[tuple[str, list[torch.Tensor]]], sc
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{where} is {type(t).__name__}, not a tensor")
             if t.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"{where} has dtype {t.dtype}; expected float32, float16, bfloat16 or float64")
+                raise TypeError(
+                    f"{where} has dtype {t.dtype}; expected float32, float16, bfloat16 or float64"
+                )
             if t.device != dev:
                 raise ValueError(f"{where} is on {t.device} but {first_name}[0] is on {dev}")
             if t.is_sparse:
@@ -106,12 +116,18 @@ def check_streams(fn: str, streams: Sequence[tuple[str, list[torch.Tensor]]], sc
                     raise ValueError(f"{where} must have one element, got shape {list(t.shape)}")
                 continue
             if t.shape != p.shape:
-                raise ValueError(f"{where} has shape {list(t.shape)} but {first_name}[{i}] has shape {list(p.shape)}")
+                raise ValueError(
+                    f"{where} has shape {list(t.shape)} but {first_name}[{i}] has shape {list(p.shape)}"
+                )
             if t.numel() > 1 and t.stride() != p.stride():
-                raise ValueError(f"{where} has strides {list(t.stride())} but {first_name}[{i}] has strides {list(p.stride())} "
-                                 "(the lists must share one memory layout)")
+                raise ValueError(
+                    f"{where} has strides {list(t.stride())} but {first_name}[{i}] has strides "
+                    f"{list(p.stride())} (the lists must share one memory layout)"
+                )
             if t.numel() > 1 and not _dense(t):
-                raise ValueError(f"{where} is not dense (strides {list(t.stride())}); pass a contiguous tensor")
+                raise ValueError(
+                    f"{where} is not dense (strides {list(t.stride())}); pass a contiguous tensor"
+                )
             if name in same_dtype and t.dtype != p.dtype:
                 raise TypeError(f"{where} has dtype {t.dtype} but {first_name}[{i}] has dtype {p.dtype}")
 

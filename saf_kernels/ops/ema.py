@@ -27,8 +27,9 @@ if _backend.HAS_EXT:
 
 
 @torch.library.custom_op("saf_kernels::ema_update_triton", mutates_args=("ema",))
-def _ema_update_triton(ema: list[torch.Tensor], model: list[torch.Tensor], decay: float,
-                       decay_tensor: torch.Tensor | None) -> None:
+def _ema_update_triton(
+    ema: list[torch.Tensor], model: list[torch.Tensor], decay: float, decay_tensor: torch.Tensor | None
+) -> None:
     from ..triton.ema import ema_update
 
     ema_update(ema, model, decay, decay_tensor)
@@ -62,14 +63,17 @@ def _check(ema, model, decay, fn):
 def _check_tensors(ema, model, fn):
     for i, e in enumerate(ema):
         if isinstance(e, torch.Tensor) and not e.is_floating_point():
-            raise TypeError(f"{fn}: ema[{i}] has dtype {e.dtype}; only floating tensors are averaged "
-                            "(copy integer buffers such as num_batches_tracked instead)")
+            raise TypeError(
+                f"{fn}: ema[{i}] has dtype {e.dtype}; only floating tensors are averaged "
+                "(copy integer buffers such as num_batches_tracked instead)"
+            )
     check_streams(fn, [("ema", list(ema)), ("model", list(model))])
 
 
 @torch.no_grad()
-def ema_update_(ema: list[torch.Tensor], model: list[torch.Tensor], decay: float | torch.Tensor,
-                backend: str = "auto") -> None:
+def ema_update_(
+    ema: list[torch.Tensor], model: list[torch.Tensor], decay: float | torch.Tensor, backend: str = "auto"
+) -> None:
     """In place, for every pair: ``ema = decay * ema + (1 - decay) * model`` (arithmetic in float32,
     torch.lerp's formula, one rounding to ``ema``'s dtype).
 

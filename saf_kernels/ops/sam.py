@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 
@@ -64,9 +65,18 @@ if _backend.HAS_EXT:
 
 
 @torch.library.custom_op("saf_kernels::sam_perturb_triton", mutates_args=("params", "stash"))
-def _sam_perturb_triton(params: list[torch.Tensor], grads: list[torch.Tensor], stash: list[torch.Tensor],
-                        rho: list[float], eta: list[float], flags: list[int], eps: float, stash_mode: int,
-                        grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> torch.Tensor:
+def _sam_perturb_triton(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    stash: list[torch.Tensor],
+    rho: list[float],
+    eta: list[float],
+    flags: list[int],
+    eps: float,
+    stash_mode: int,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> torch.Tensor:
     from ..triton.sam import sam_perturb
 
     return sam_perturb(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale, found_inf)
@@ -86,29 +96,80 @@ _sam_restore_triton.register_fake(_void_fake)
 
 
 @torch.library.custom_op("saf_kernels::sam_restore_sgd_triton", mutates_args=("params", "momentum_buffers"))
-def _sam_restore_sgd_triton(params: list[torch.Tensor], grads: list[torch.Tensor], stash: list[torch.Tensor],
-                            momentum_buffers: list[torch.Tensor], lr: list[float], weight_decay: list[float],
-                            momentum: list[float], dampening: list[float], flags: list[int], stash_mode: int,
-                            grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+def _sam_restore_sgd_triton(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    stash: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    lr: list[float],
+    weight_decay: list[float],
+    momentum: list[float],
+    dampening: list[float],
+    flags: list[int],
+    stash_mode: int,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
     from ..triton.sam import sam_restore_sgd
 
-    sam_restore_sgd(params, grads, stash, momentum_buffers, lr, weight_decay, momentum, dampening, flags, stash_mode,
-                    grad_scale, found_inf)
+    sam_restore_sgd(
+        params,
+        grads,
+        stash,
+        momentum_buffers,
+        lr,
+        weight_decay,
+        momentum,
+        dampening,
+        flags,
+        stash_mode,
+        grad_scale,
+        found_inf,
+    )
 
 
 _sam_restore_sgd_triton.register_fake(_void_fake)
 
 
-@torch.library.custom_op("saf_kernels::sam_restore_adamw_triton", mutates_args=("params", "exp_avg", "exp_avg_sq"))
-def _sam_restore_adamw_triton(params: list[torch.Tensor], grads: list[torch.Tensor], stash: list[torch.Tensor],
-                              exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor], steps: list[torch.Tensor],
-                              lr: list[float], beta1: list[float], beta2: list[float], eps: list[float],
-                              weight_decay: list[float], flags: list[int], stash_mode: int,
-                              grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+@torch.library.custom_op(
+    "saf_kernels::sam_restore_adamw_triton", mutates_args=("params", "exp_avg", "exp_avg_sq")
+)
+def _sam_restore_adamw_triton(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    stash: list[torch.Tensor],
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr: list[float],
+    beta1: list[float],
+    beta2: list[float],
+    eps: list[float],
+    weight_decay: list[float],
+    flags: list[int],
+    stash_mode: int,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
     from ..triton.sam import sam_restore_adamw
 
-    sam_restore_adamw(params, grads, stash, exp_avg, exp_avg_sq, steps, lr, beta1, beta2, eps, weight_decay, flags,
-                      stash_mode, grad_scale, found_inf)
+    sam_restore_adamw(
+        params,
+        grads,
+        stash,
+        exp_avg,
+        exp_avg_sq,
+        steps,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        flags,
+        stash_mode,
+        grad_scale,
+        found_inf,
+    )
 
 
 _sam_restore_adamw_triton.register_fake(_void_fake)
@@ -196,7 +257,11 @@ def sam_perturb_(
         perturbed: the weights stay as they were and the stash still allows the restore.
     """
     fn = "saf_kernels.sam_perturb_"
-    params, grads, stash = as_list(params, "params", fn), as_list(grads, "grads", fn), as_list(stash, "stash", fn)
+    params, grads, stash = (
+        as_list(params, "params", fn),
+        as_list(grads, "grads", fn),
+        as_list(stash, "stash", fn),
+    )
     n = check_lengths(fn, params=params, grads=grads, stash=stash)
     rho_l = per_tensor(rho, n, "rho", fn, nonneg=True)
     eta_l = per_tensor(eta, n, "eta", fn, nonneg=True)
@@ -210,18 +275,36 @@ def sam_perturb_(
         return torch.zeros((), dtype=torch.float32, device=dev)
     impl = _backend.resolve(backend, dev, "sam_perturb_")
     if impl in ("triton", "torch"):
-        check_streams(fn, [("params", params), ("grads", grads), ("stash", stash)],
-                      same_dtype=("grads",) + (("stash",) if mode == 0 else ()))
+        check_streams(
+            fn,
+            [("params", params), ("grads", grads), ("stash", stash)],
+            same_dtype=("grads",) + (("stash",) if mode == 0 else ()),
+        )
     if impl == "torch":
-        return reference.sam_perturb_(params, grads, stash, full(rho_l, n), [bool(f) for f in full(flags, n)],
-                                      full(eta_l, n), eps, grad_scale, found_inf, stash_mode)
-    return fused_ops("sam_perturb_")[impl](params, grads, stash, rho_l, eta_l, flags, eps, mode, grad_scale,
-                                            found_inf)
+        return reference.sam_perturb_(
+            params,
+            grads,
+            stash,
+            full(rho_l, n),
+            [bool(f) for f in full(flags, n)],
+            full(eta_l, n),
+            eps,
+            grad_scale,
+            found_inf,
+            stash_mode,
+        )
+    return fused_ops("sam_perturb_")[impl](
+        params, grads, stash, rho_l, eta_l, flags, eps, mode, grad_scale, found_inf
+    )
 
 
 @torch.no_grad()
-def sam_restore_(params: Sequence[torch.Tensor], stash: Sequence[torch.Tensor], stash_mode: str = "copy",
-                 backend: str = "auto") -> None:
+def sam_restore_(
+    params: Sequence[torch.Tensor],
+    stash: Sequence[torch.Tensor],
+    stash_mode: str = "copy",
+    backend: str = "auto",
+) -> None:
     """Puts back the weights :func:`sam_perturb_` started from, in place.
 
     ``stash_mode="copy"``: the stash is copied back, bit for bit. ``"delta"``: the stashed
@@ -279,11 +362,17 @@ def sam_restore_sgd_(
             leaves the buffers, as a skipped step.
     """
     fn = "saf_kernels.sam_restore_sgd_"
-    params, grads, stash = as_list(params, "params", fn), as_list(grads, "grads", fn), as_list(stash, "stash", fn)
+    params, grads, stash = (
+        as_list(params, "params", fn),
+        as_list(grads, "grads", fn),
+        as_list(stash, "stash", fn),
+    )
     bufs = as_list(momentum_buffers, "momentum_buffers", fn)
     n = check_lengths(fn, params=params, grads=grads, stash=stash)
     if bufs and len(bufs) != n:
-        raise ValueError(f"{fn}: momentum_buffers has {len(bufs)} tensors but params has {n} (pass [] for none)")
+        raise ValueError(
+            f"{fn}: momentum_buffers has {len(bufs)} tensors but params has {n} (pass [] for none)"
+        )
     lr_l = per_tensor(lr, n, "lr", fn, nonneg=True)
     wd_l = per_tensor(weight_decay, n, "weight_decay", fn)
     mom_l = per_tensor(momentum, n, "momentum", fn, nonneg=True)
@@ -296,8 +385,10 @@ def sam_restore_sgd_(
     if len(nest) == len(maxi) == len(first) == 1:
         flags = [SGD_NESTEROV * nest[0] + SGD_MAXIMIZE * maxi[0] + SGD_FIRST_RUN * first[0]]
     else:
-        flags = [SGD_NESTEROV * a + SGD_MAXIMIZE * b + SGD_FIRST_RUN * c
-                 for a, b, c in zip(full(nest, n), full(maxi, n), full(first, n))]
+        flags = [
+            SGD_NESTEROV * a + SGD_MAXIMIZE * b + SGD_FIRST_RUN * c
+            for a, b, c in zip(full(nest, n), full(maxi, n), full(first, n))
+        ]
     mode = stash_mode_code(stash_mode, fn)
     if n == 0:
         return
@@ -306,14 +397,27 @@ def sam_restore_sgd_(
     check_scalar(found_inf, "found_inf", fn, dev)
     impl = _backend.resolve(backend, dev, "sam_restore_sgd_")
     if impl in ("triton", "torch"):
-        streams = [("params", params), ("grads", grads), ("stash", stash)] + ([("momentum_buffers", bufs)] if bufs else [])
-        check_streams(fn, streams, same_dtype=("grads", "momentum_buffers") + (("stash",) if mode == 0 else ()))
+        streams = [("params", params), ("grads", grads), ("stash", stash)] + (
+            [("momentum_buffers", bufs)] if bufs else []
+        )
+        check_streams(
+            fn, streams, same_dtype=("grads", "momentum_buffers") + (("stash",) if mode == 0 else ())
+        )
     if impl == "torch":
-        reference.sam_restore_sgd_(params, grads, stash, bufs, *(full(v, n) for v in (lr_l, wd_l, mom_l, damp_l, nest,
-                                   maxi, first)), stash_mode, grad_scale, found_inf)
+        reference.sam_restore_sgd_(
+            params,
+            grads,
+            stash,
+            bufs,
+            *(full(v, n) for v in (lr_l, wd_l, mom_l, damp_l, nest, maxi, first)),
+            stash_mode,
+            grad_scale,
+            found_inf,
+        )
         return
-    fused_ops("sam_restore_sgd_")[impl](params, grads, stash, bufs, lr_l, wd_l, mom_l, damp_l, flags, mode,
-                                        grad_scale, found_inf)
+    fused_ops("sam_restore_sgd_")[impl](
+        params, grads, stash, bufs, lr_l, wd_l, mom_l, damp_l, flags, mode, grad_scale, found_inf
+    )
 
 
 @torch.no_grad()
@@ -345,11 +449,16 @@ def sam_restore_adamw_(
     ``exp_avg_sq`` have the params' dtypes. Agrees with ``torch.optim.AdamW`` to rounding.
     """
     fn = "saf_kernels.sam_restore_adamw_"
-    params, grads, stash = as_list(params, "params", fn), as_list(grads, "grads", fn), as_list(stash, "stash", fn)
+    params, grads, stash = (
+        as_list(params, "params", fn),
+        as_list(grads, "grads", fn),
+        as_list(stash, "stash", fn),
+    )
     exp_avg, exp_avg_sq = as_list(exp_avg, "exp_avg", fn), as_list(exp_avg_sq, "exp_avg_sq", fn)
     steps = as_list(steps, "steps", fn)
-    n = check_lengths(fn, params=params, grads=grads, stash=stash, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                      steps=steps)
+    n = check_lengths(
+        fn, params=params, grads=grads, stash=stash, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, steps=steps
+    )
     lr_l = per_tensor(lr, n, "lr", fn, nonneg=True)
     b1 = per_tensor(beta1, n, "beta1", fn, nonneg=True)
     b2 = per_tensor(beta2, n, "beta2", fn, nonneg=True)
@@ -368,17 +477,51 @@ def sam_restore_adamw_(
     check_scalar(found_inf, "found_inf", fn, dev)
     impl = _backend.resolve(backend, dev, "sam_restore_adamw_")
     if impl in ("triton", "torch"):
-        check_streams(fn, [("params", params), ("grads", grads), ("stash", stash), ("exp_avg", exp_avg),
-                           ("exp_avg_sq", exp_avg_sq), ("steps", steps)], scalar=("steps",),
-                      same_dtype=("grads", "exp_avg", "exp_avg_sq") + (("stash",) if mode == 0 else ()))
+        check_streams(
+            fn,
+            [
+                ("params", params),
+                ("grads", grads),
+                ("stash", stash),
+                ("exp_avg", exp_avg),
+                ("exp_avg_sq", exp_avg_sq),
+                ("steps", steps),
+            ],
+            scalar=("steps",),
+            same_dtype=("grads", "exp_avg", "exp_avg_sq") + (("stash",) if mode == 0 else ()),
+        )
         for i, s in enumerate(steps):
             if s.dtype != torch.float32:
                 raise TypeError(f"{fn}: steps[{i}] must be float32, got {s.dtype}")
     if impl == "torch":
-        reference.sam_restore_adamw_(params, grads, stash, exp_avg, exp_avg_sq, steps,
-                                     *(full(v, n) for v in (lr_l, b1, b2, eps_l, wd_l, maxi)), stash_mode, grad_scale,
-                                     found_inf)
+        reference.sam_restore_adamw_(
+            params,
+            grads,
+            stash,
+            exp_avg,
+            exp_avg_sq,
+            steps,
+            *(full(v, n) for v in (lr_l, b1, b2, eps_l, wd_l, maxi)),
+            stash_mode,
+            grad_scale,
+            found_inf,
+        )
         return
     flags = [ADAMW_MAXIMIZE if m else 0 for m in maxi]
-    fused_ops("sam_restore_adamw_")[impl](params, grads, stash, exp_avg, exp_avg_sq, steps, lr_l, b1, b2, eps_l,
-                                          wd_l, flags, mode, grad_scale, found_inf)
+    fused_ops("sam_restore_adamw_")[impl](
+        params,
+        grads,
+        stash,
+        exp_avg,
+        exp_avg_sq,
+        steps,
+        lr_l,
+        b1,
+        b2,
+        eps_l,
+        wd_l,
+        flags,
+        mode,
+        grad_scale,
+        found_inf,
+    )

@@ -35,7 +35,8 @@ import contextlib
 import math
 import numbers
 import warnings
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -70,14 +71,27 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, base_optimizer: type, defaults: dict[str, Any], base_kwargs: dict[str, Any], *,
-                 stash_mode: str = "copy", stash_dtype: torch.dtype | None = None, fused_step: bool = False,
-                 model: nn.Module | None = None, sync_first_pass: bool = False, bn_first_pass_only: bool = True,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        params,
+        base_optimizer: type,
+        defaults: dict[str, Any],
+        base_kwargs: dict[str, Any],
+        *,
+        stash_mode: str = "copy",
+        stash_dtype: torch.dtype | None = None,
+        fused_step: bool = False,
+        model: nn.Module | None = None,
+        sync_first_pass: bool = False,
+        bn_first_pass_only: bool = True,
+        backend: str = "auto",
+    ):
         name = type(self).__name__
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
-            raise TypeError(f"{name}: base_optimizer must be an optimizer class such as torch.optim.SGD, got "
-                            f"{base_optimizer!r} (pass the class and its arguments, e.g. lr=0.1, as keywords)")
+            raise TypeError(
+                f"{name}: base_optimizer must be an optimizer class such as torch.optim.SGD, got "
+                f"{base_optimizer!r} (pass the class and its arguments, e.g. lr=0.1, as keywords)"
+            )
         if stash_mode not in ("copy", "delta"):
             raise ValueError(f"{name}: stash_mode must be 'copy' or 'delta', got {stash_mode!r}")
         if stash_dtype is not None and stash_mode != "delta":
@@ -109,8 +123,14 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     # To implement
     # ----------------------------------------------------------------------------------------
 
-    def _perturb(self, params: list[torch.Tensor], grads: list[torch.Tensor], stash: list[torch.Tensor],
-                 groups: list[dict], grad_scale: torch.Tensor | None) -> torch.Tensor:
+    def _perturb(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        stash: list[torch.Tensor],
+        groups: list[dict],
+        grad_scale: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Perturb ``params`` in place from ``grads`` (scaled by ``grad_scale`` if given), writing
         the stash; ``groups[i]`` is the param group of ``params[i]``. Returns the gradient norm
         (a device tensor; non-finite means nothing was perturbed)."""
@@ -147,7 +167,13 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         for p in params:
             s = self._stash.get(p)
             dtype = p.dtype if self.stash_dtype is None else self.stash_dtype
-            if s is None or s.shape != p.shape or s.dtype != dtype or s.device != p.device or s.stride() != p.stride():
+            if (
+                s is None
+                or s.shape != p.shape
+                or s.dtype != dtype
+                or s.device != p.device
+                or s.stride() != p.stride()
+            ):
                 s = torch.empty_like(p, dtype=dtype)
                 self._stash[p] = s
             out.append(s)
@@ -173,14 +199,18 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             The norm of the (unscaled) first gradients, a device tensor.
         """
         if self._perturbed is not None:
-            raise RuntimeError(f"{type(self).__name__}.first_step() was called twice without second_step() "
-                               "(the weights are still perturbed)")
+            raise RuntimeError(
+                f"{type(self).__name__}.first_step() was called twice without second_step() "
+                "(the weights are still perturbed)"
+            )
         grad_scale = None
         self._grad_scaler = None
         if grad_scaler is not None and grad_scaler.is_enabled():
             grad_scale = grad_scaler._get_scale_async()
             if grad_scale is None:
-                raise RuntimeError("grad_scaler has no scale yet: call grad_scaler.scale(loss).backward() first")
+                raise RuntimeError(
+                    "grad_scaler has no scale yet: call grad_scaler.scale(loss).backward() first"
+                )
             self._grad_scaler = grad_scaler
         params, grads, groups = self._collect()
         stash = self._stash_for(params)
@@ -208,8 +238,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if self._grad_scaler is not None and found_inf is None:
-            raise RuntimeError(f"{type(self).__name__}: first_step() used a GradScaler; finish the step with "
-                               "grad_scaler.step(optimizer) so that the second gradients are unscaled and checked")
+            raise RuntimeError(
+                f"{type(self).__name__}: first_step() used a GradScaler; finish the step with "
+                "grad_scaler.step(optimizer) so that the second gradients are unscaled and checked"
+            )
         found = self._combined_found_inf(found_inf)
         stash = [self._stash[p] for p in params]
         if self.fused_step:
@@ -239,9 +271,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         """
         if closure is None:
             if self._perturbed is None:
-                raise RuntimeError(f"{type(self).__name__}.step() without a closure finishes a step begun by "
-                                   "first_step(); call first_step() first, or pass a closure that computes the "
-                                   "loss and its gradients")
+                raise RuntimeError(
+                    f"{type(self).__name__}.step() without a closure finishes a step begun by "
+                    "first_step(); call first_step() first, or pass a closure that computes the "
+                    "loss and its gradients"
+                )
             self.second_step()
             return None
         with torch.enable_grad(), self.first_pass(self.model):
@@ -282,8 +316,12 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         first = self._first_found_inf
         if first is None:
             return found_inf
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1 and not self.sync_first_pass:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+            and not self.sync_first_pass
+        ):
             # Unsynced first gradients overflow per replica; every replica must skip together.
             first = first.clone()
             torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MAX)
@@ -300,8 +338,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             for t in record.values():
                 t.add_(first.to(t.device))
         elif scaler is not None:
-            warnings.warn("saf_kernels: could not report a first-pass overflow to the GradScaler (unknown "
-                          "GradScaler internals); the step is still skipped", stacklevel=4)
+            warnings.warn(
+                "saf_kernels: could not report a first-pass overflow to the GradScaler (unknown "
+                "GradScaler internals); the step is still skipped",
+                stacklevel=4,
+            )
 
     def _base_step(self, grad_scale: torch.Tensor | None, found: torch.Tensor | None) -> None:
         base = self.base_optimizer
@@ -333,19 +374,25 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         base = self.base_optimizer
         kind = type(base).__name__
         if type(base) not in (torch.optim.SGD, torch.optim.AdamW):
-            raise ValueError(f"{type(self).__name__}: fused_step=True supports torch.optim.SGD and torch.optim.AdamW "
-                             f"base optimizers, got {kind}")
+            raise ValueError(
+                f"{type(self).__name__}: fused_step=True supports torch.optim.SGD and torch.optim.AdamW "
+                f"base optimizers, got {kind}"
+            )
         for g in self.param_groups:
             if g.get("differentiable") or g.get("amsgrad") or isinstance(g.get("lr"), torch.Tensor):
-                raise ValueError(f"{type(self).__name__}: fused_step=True does not support differentiable, amsgrad "
-                                 "or tensor learning rates")
+                raise ValueError(
+                    f"{type(self).__name__}: fused_step=True does not support differentiable, amsgrad "
+                    "or tensor learning rates"
+                )
 
     def _fused_second_step(self, params, stash, grad_scale, found) -> None:
         perturbed = {id(p): s for p, s in zip(params, stash)}
         # Perturbed but without a second gradient: restore only (torch skips such params too).
         lost = [p for p in params if p.grad is None]
         if lost:
-            sam_ops.sam_restore_(lost, [perturbed[id(p)] for p in lost], self.stash_mode, backend=self.backend)
+            sam_ops.sam_restore_(
+                lost, [perturbed[id(p)] for p in lost], self.stash_mode, backend=self.backend
+            )
         now, grads, gs = self._collect()
         # A gradient only in the second pass: nothing to restore, so the stash is the weight itself
         # (copy mode) or a zero perturbation (delta mode).
@@ -353,7 +400,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         for p in now:
             s = perturbed.get(id(p))
             if s is None:
-                s = p.clone() if self.stash_mode == "copy" else torch.zeros_like(p, dtype=self.stash_dtype or p.dtype)
+                s = (
+                    p.clone()
+                    if self.stash_mode == "copy"
+                    else torch.zeros_like(p, dtype=self.stash_dtype or p.dtype)
+                )
             st.append(s)
         if not now:
             return
@@ -382,12 +433,22 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                     bufs.append(b)
             g_of = [gs[i] for i in idx]
             sam_ops.sam_restore_sgd_(
-                ps, [grads[i] for i in idx], [stash[i] for i in idx], bufs,
-                lr=[g["lr"] for g in g_of], weight_decay=[g["weight_decay"] for g in g_of],
-                momentum=[g["momentum"] for g in g_of], dampening=[g["dampening"] for g in g_of],
-                nesterov=[g["nesterov"] for g in g_of], maximize=[g.get("maximize", False) for g in g_of],
-                first_run=first if has_buf else False, stash_mode=self.stash_mode, grad_scale=grad_scale,
-                found_inf=found, backend=self.backend)
+                ps,
+                [grads[i] for i in idx],
+                [stash[i] for i in idx],
+                bufs,
+                lr=[g["lr"] for g in g_of],
+                weight_decay=[g["weight_decay"] for g in g_of],
+                momentum=[g["momentum"] for g in g_of],
+                dampening=[g["dampening"] for g in g_of],
+                nesterov=[g["nesterov"] for g in g_of],
+                maximize=[g.get("maximize", False) for g in g_of],
+                first_run=first if has_buf else False,
+                stash_mode=self.stash_mode,
+                grad_scale=grad_scale,
+                found_inf=found,
+                backend=self.backend,
+            )
 
     def _fused_adamw(self, params, grads, stash, gs, grad_scale, found) -> None:
         m, v, steps = [], [], []
@@ -412,10 +473,23 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             else:
                 torch._foreach_add_(ss, (1.0 - found.clamp(max=1.0)).to(dev))
         sam_ops.sam_restore_adamw_(
-            params, grads, stash, m, v, steps, lr=[g["lr"] for g in gs], beta1=[g["betas"][0] for g in gs],
-            beta2=[g["betas"][1] for g in gs], eps=[g["eps"] for g in gs], weight_decay=[g["weight_decay"] for g in gs],
-            maximize=[g.get("maximize", False) for g in gs], stash_mode=self.stash_mode, grad_scale=grad_scale,
-            found_inf=found, backend=self.backend)
+            params,
+            grads,
+            stash,
+            m,
+            v,
+            steps,
+            lr=[g["lr"] for g in gs],
+            beta1=[g["betas"][0] for g in gs],
+            beta2=[g["betas"][1] for g in gs],
+            eps=[g["eps"] for g in gs],
+            weight_decay=[g["weight_decay"] for g in gs],
+            maximize=[g.get("maximize", False) for g in gs],
+            stash_mode=self.stash_mode,
+            grad_scale=grad_scale,
+            found_inf=found,
+            backend=self.backend,
+        )
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
@@ -426,10 +500,16 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         ``rho`` are in the groups). Save between steps: a checkpoint taken between first_step and
         second_step would pair perturbed weights with it."""
         if self._perturbed is not None:
-            warnings.warn(f"{type(self).__name__}.state_dict() between first_step() and second_step(): the model's "
-                          "weights are perturbed right now", stacklevel=2)
+            warnings.warn(
+                f"{type(self).__name__}.state_dict() between first_step() and second_step(): the model's "
+                "weights are perturbed right now",
+                stacklevel=2,
+            )
         sd = super().state_dict()
-        sd["saf_kernels"] = {"optimizer": type(self).__name__, "base_optimizer": type(self.base_optimizer).__name__}
+        sd["saf_kernels"] = {
+            "optimizer": type(self).__name__,
+            "base_optimizer": type(self.base_optimizer).__name__,
+        }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -437,8 +517,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         own rules for casting state, e.g. Adam's ``step``, apply), keeping the two shared."""
         info = state_dict.get("saf_kernels")
         if info and info.get("base_optimizer") not in (None, type(self.base_optimizer).__name__):
-            raise ValueError(f"{type(self).__name__}.load_state_dict: the checkpoint's base optimizer is "
-                             f"{info['base_optimizer']}, this one's is {type(self.base_optimizer).__name__}")
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the checkpoint's base optimizer is "
+                f"{info['base_optimizer']}, this one's is {type(self.base_optimizer).__name__}"
+            )
         sd = {k: v for k, v in state_dict.items() if k != "saf_kernels"}
         self.base_optimizer.load_state_dict(sd)
         self.param_groups = self.base_optimizer.param_groups
@@ -451,6 +533,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
 
 def check_nonneg(name: str, value, cls: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"{cls}: {name} must be a finite number >= 0, got {value!r}")
     return float(value)

@@ -47,17 +47,41 @@ class SAM(TwoPassOptimizer):
     gradients; pass ``zero_grad=True`` so the second pass starts from zero).
     """
 
-    def __init__(self, params, base_optimizer: type, rho: float = 0.05, adaptive: bool = False, *, eta: float = 0.0,
-                 perturb_eps: float = 1e-12, stash_mode: str = "copy", stash_dtype: torch.dtype | None = None,
-                 fused_step: bool = False, model: torch.nn.Module | None = None, sync_first_pass: bool = False,
-                 bn_first_pass_only: bool = True, backend: str = "auto", **base_kwargs):
+    def __init__(
+        self,
+        params,
+        base_optimizer: type,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        eta: float = 0.0,
+        perturb_eps: float = 1e-12,
+        stash_mode: str = "copy",
+        stash_dtype: torch.dtype | None = None,
+        fused_step: bool = False,
+        model: torch.nn.Module | None = None,
+        sync_first_pass: bool = False,
+        bn_first_pass_only: bool = True,
+        backend: str = "auto",
+        **base_kwargs,
+    ):
         name = type(self).__name__
         check_nonneg("rho", rho, name)
         check_nonneg("eta", eta, name)
         self.perturb_eps = check_nonneg("perturb_eps", perturb_eps, name)
-        super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive, eta=eta), base_kwargs,
-                         stash_mode=stash_mode, stash_dtype=stash_dtype, fused_step=fused_step, model=model,
-                         sync_first_pass=sync_first_pass, bn_first_pass_only=bn_first_pass_only, backend=backend)
+        super().__init__(
+            params,
+            base_optimizer,
+            dict(rho=rho, adaptive=adaptive, eta=eta),
+            base_kwargs,
+            stash_mode=stash_mode,
+            stash_dtype=stash_dtype,
+            fused_step=fused_step,
+            model=model,
+            sync_first_pass=sync_first_pass,
+            bn_first_pass_only=bn_first_pass_only,
+            backend=backend,
+        )
         for i, g in enumerate(self.param_groups):
             check_nonneg(f"param_groups[{i}]['rho']", g["rho"], name)
             check_nonneg(f"param_groups[{i}]['eta']", g["eta"], name)
@@ -71,9 +95,17 @@ class SAM(TwoPassOptimizer):
         one = len(self.param_groups) == 1  # one value for all tensors: no per-tensor lists to build
         g0 = self.param_groups[0]
         return sam_ops.sam_perturb_(
-            params, grads, stash, g0["rho"] if one else [g["rho"] for g in groups],
-            adaptive=self._adaptive(params, groups), eta=g0["eta"] if one else [g["eta"] for g in groups],
-            eps=self.perturb_eps, grad_scale=grad_scale, stash_mode=self.stash_mode, backend=self.backend)
+            params,
+            grads,
+            stash,
+            g0["rho"] if one else [g["rho"] for g in groups],
+            adaptive=self._adaptive(params, groups),
+            eta=g0["eta"] if one else [g["eta"] for g in groups],
+            eps=self.perturb_eps,
+            grad_scale=grad_scale,
+            stash_mode=self.stash_mode,
+            backend=self.backend,
+        )
 
 
 def default_adaptive_filter(p: torch.Tensor) -> bool:
@@ -99,8 +131,16 @@ class ASAM(SAM):
         Other arguments: as :class:`SAM` (``perturb_eps`` 1e-12; the official code uses 1e-16).
     """
 
-    def __init__(self, params, base_optimizer: type, rho: float = 0.5, eta: float = 0.01, *,
-                 adaptive_filter: Callable[[torch.Tensor], bool] | None = None, **kwargs):
+    def __init__(
+        self,
+        params,
+        base_optimizer: type,
+        rho: float = 0.5,
+        eta: float = 0.01,
+        *,
+        adaptive_filter: Callable[[torch.Tensor], bool] | None = None,
+        **kwargs,
+    ):
         if "adaptive" in kwargs:
             raise TypeError("ASAM is always adaptive; use adaptive_filter (or a group with adaptive=False)")
         super().__init__(params, base_optimizer, rho=rho, adaptive=True, eta=eta, **kwargs)

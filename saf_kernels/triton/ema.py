@@ -14,8 +14,20 @@ from .multi_tensor import BLOCK, CHUNK, TL_DTYPE, build_tables, offsets
 
 
 @triton.jit
-def _ema_kernel(meta, decay_ptr, weight, O_NUMEL, O_CT, O_CS, DT: tl.constexpr, MD: tl.constexpr,
-                ACC: tl.constexpr, HAS_DECAY_PTR: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _ema_kernel(
+    meta,
+    decay_ptr,
+    weight,
+    O_NUMEL,
+    O_CT,
+    O_CS,
+    DT: tl.constexpr,
+    MD: tl.constexpr,
+    ACC: tl.constexpr,
+    HAS_DECAY_PTR: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     c = tl.program_id(0)
     t = tl.load(meta + O_CT + c)
     start = tl.load(meta + O_CS + c)
@@ -45,7 +57,17 @@ def ema_update(ema, model, decay: float, decay_tensor) -> None:
         o = offsets(tb, 2, 0)
         if tb.n_chunks:
             _ema_kernel[(tb.n_chunks,)](
-                tb.meta, decay_tensor if decay_tensor is not None else tb.meta, 1.0 - float(decay), o.numel,
-                o.chunk_tensor, o.chunk_start, DT=TL_DTYPE[tb.dtypes[0]], MD=TL_DTYPE[tb.dtypes[1]],
+                tb.meta,
+                decay_tensor if decay_tensor is not None else tb.meta,
+                1.0 - float(decay),
+                o.numel,
+                o.chunk_tensor,
+                o.chunk_start,
+                DT=TL_DTYPE[tb.dtypes[0]],
+                MD=TL_DTYPE[tb.dtypes[1]],
                 ACC=tl.float64 if tb.dtypes[0] == torch.float64 else tl.float32,
-                HAS_DECAY_PTR=decay_tensor is not None, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=4)
+                HAS_DECAY_PTR=decay_tensor is not None,
+                CHUNK=CHUNK,
+                BLOCK=BLOCK,
+                num_warps=4,
+            )

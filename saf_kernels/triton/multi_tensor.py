@@ -24,8 +24,12 @@ import numpy as np
 import torch
 import triton.language as tl
 
-TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-            torch.float64: tl.float64}
+TL_DTYPE = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 # Elements per program and per inner step. The interpreter runs one numpy op per step, so fewer,
@@ -67,8 +71,12 @@ def _upload(arr: np.ndarray, device: torch.device) -> torch.Tensor:
     return dev
 
 
-def build_tables(streams: list[list[torch.Tensor]], params: list[list[float]], flags: list[int],
-                 signature_streams: tuple[int, ...] = (0,)) -> list[Table]:
+def build_tables(
+    streams: list[list[torch.Tensor]],
+    params: list[list[float]],
+    flags: list[int],
+    signature_streams: tuple[int, ...] = (0,),
+) -> list[Table]:
     """Tables grouping the tensors by the dtypes of ``signature_streams``.
 
     ``params`` holds K lists of per-tensor values and ``flags`` one int per tensor (a list of

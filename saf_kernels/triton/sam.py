@@ -35,9 +35,22 @@ def _ptr(meta, t, s, L: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _sam_norm_kernel(meta, fmeta, partial_ptr, part_off, O_NUMEL, O_FLAGS, O_PARAMS, O_CT, O_CS,
-                     DT: tl.constexpr, ACC: tl.constexpr, ADAPTIVE: tl.constexpr, CHUNK: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _sam_norm_kernel(
+    meta,
+    fmeta,
+    partial_ptr,
+    part_off,
+    O_NUMEL,
+    O_FLAGS,
+    O_PARAMS,
+    O_CT,
+    O_CS,
+    DT: tl.constexpr,
+    ACC: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     t, start, end = _chunk(meta, O_CT, O_CS, O_NUMEL, CHUNK)
     g = _ptr(meta, t, 1, 3, DT)
     w = _ptr(meta, t, 0, 3, DT)
@@ -56,8 +69,18 @@ def _sam_norm_kernel(meta, fmeta, partial_ptr, part_off, O_NUMEL, O_FLAGS, O_PAR
 
 
 @triton.jit
-def _sam_coef_kernel(partial_ptr, n, scale_ptr, found_ptr, norm_ptr, coef_ptr, eps, HAS_SCALE: tl.constexpr,
-                     HAS_FOUND: tl.constexpr, BLOCK: tl.constexpr):
+def _sam_coef_kernel(
+    partial_ptr,
+    n,
+    scale_ptr,
+    found_ptr,
+    norm_ptr,
+    coef_ptr,
+    eps,
+    HAS_SCALE: tl.constexpr,
+    HAS_FOUND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     acc = tl.zeros([BLOCK], tl.float64)
     for off in range(0, n, BLOCK):
         i = off + tl.arange(0, BLOCK)
@@ -76,9 +99,22 @@ def _sam_coef_kernel(partial_ptr, n, scale_ptr, found_ptr, norm_ptr, coef_ptr, e
 
 
 @triton.jit
-def _sam_perturb_kernel(meta, fmeta, coef_ptr, O_NUMEL, O_FLAGS, O_PARAMS, O_CT, O_CS, DT: tl.constexpr,
-                        SD: tl.constexpr, ACC: tl.constexpr, COPY: tl.constexpr, CHUNK: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _sam_perturb_kernel(
+    meta,
+    fmeta,
+    coef_ptr,
+    O_NUMEL,
+    O_FLAGS,
+    O_PARAMS,
+    O_CT,
+    O_CS,
+    DT: tl.constexpr,
+    SD: tl.constexpr,
+    ACC: tl.constexpr,
+    COPY: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     t, start, end = _chunk(meta, O_CT, O_CS, O_NUMEL, CHUNK)
     w = _ptr(meta, t, 0, 3, DT)
     g = _ptr(meta, t, 1, 3, DT)
@@ -117,8 +153,18 @@ def _restored(w, s, idx, m, ACC: tl.constexpr, COPY: tl.constexpr):
 
 
 @triton.jit
-def _sam_restore_kernel(meta, O_NUMEL, O_CT, O_CS, DT: tl.constexpr, SD: tl.constexpr, ACC: tl.constexpr,
-                        COPY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _sam_restore_kernel(
+    meta,
+    O_NUMEL,
+    O_CT,
+    O_CS,
+    DT: tl.constexpr,
+    SD: tl.constexpr,
+    ACC: tl.constexpr,
+    COPY: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     t, start, end = _chunk(meta, O_CT, O_CS, O_NUMEL, CHUNK)
     w = _ptr(meta, t, 0, 3, DT)
     s = _ptr(meta, t, 2, 3, SD)
@@ -134,9 +180,26 @@ def _sam_restore_kernel(meta, O_NUMEL, O_CT, O_CS, DT: tl.constexpr, SD: tl.cons
 
 
 @triton.jit
-def _sam_sgd_kernel(meta, fmeta, scale_ptr, found_ptr, O_NUMEL, O_FLAGS, O_PARAMS, O_CT, O_CS, DT: tl.constexpr,
-                    SD: tl.constexpr, ACC: tl.constexpr, COPY: tl.constexpr, HAS_BUF: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _sam_sgd_kernel(
+    meta,
+    fmeta,
+    scale_ptr,
+    found_ptr,
+    O_NUMEL,
+    O_FLAGS,
+    O_PARAMS,
+    O_CT,
+    O_CS,
+    DT: tl.constexpr,
+    SD: tl.constexpr,
+    ACC: tl.constexpr,
+    COPY: tl.constexpr,
+    HAS_BUF: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_FOUND: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     t, start, end = _chunk(meta, O_CT, O_CS, O_NUMEL, CHUNK)
     w = _ptr(meta, t, 0, 4, DT)
     g = _ptr(meta, t, 1, 4, DT)
@@ -182,9 +245,25 @@ def _sam_sgd_kernel(meta, fmeta, scale_ptr, found_ptr, O_NUMEL, O_FLAGS, O_PARAM
 
 
 @triton.jit
-def _sam_adamw_kernel(meta, fmeta, scale_ptr, found_ptr, O_NUMEL, O_FLAGS, O_PARAMS, O_CT, O_CS, DT: tl.constexpr,
-                      SD: tl.constexpr, ACC: tl.constexpr, COPY: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      HAS_FOUND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _sam_adamw_kernel(
+    meta,
+    fmeta,
+    scale_ptr,
+    found_ptr,
+    O_NUMEL,
+    O_FLAGS,
+    O_PARAMS,
+    O_CT,
+    O_CS,
+    DT: tl.constexpr,
+    SD: tl.constexpr,
+    ACC: tl.constexpr,
+    COPY: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_FOUND: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     t, start, end = _chunk(meta, O_CT, O_CS, O_NUMEL, CHUNK)
     w = _ptr(meta, t, 0, 6, DT)
     g = _ptr(meta, t, 1, 6, DT)
@@ -241,7 +320,9 @@ def _num_warps() -> int:
     return 4
 
 
-def sam_perturb(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale, found_inf) -> torch.Tensor:
+def sam_perturb(
+    params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale, found_inf
+) -> torch.Tensor:
     """The semantics of ``torch.ops.saf_kernels.sam_perturb_`` (lists already checked)."""
     dev = params[0].device
     tables = build_tables([params, grads, stash], [rho, eta], flags, signature_streams=(0, 2))
@@ -254,22 +335,57 @@ def sam_perturb(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_sca
         adaptive = any(flags[i] & ADAPTIVE_FLAG for i in tb.index)
         if tb.n_chunks:
             _sam_norm_kernel[(tb.n_chunks,)](
-                tb.meta, tb.fmeta, partials, off, o.numel, o.flags, o.params, o.chunk_tensor, o.chunk_start,
-                DT=TL_DTYPE[tb.dtypes[0]], ACC=_acc(tb.dtypes[0]), ADAPTIVE=adaptive, CHUNK=CHUNK, BLOCK=BLOCK,
-                num_warps=_num_warps())
+                tb.meta,
+                tb.fmeta,
+                partials,
+                off,
+                o.numel,
+                o.flags,
+                o.params,
+                o.chunk_tensor,
+                o.chunk_start,
+                DT=TL_DTYPE[tb.dtypes[0]],
+                ACC=_acc(tb.dtypes[0]),
+                ADAPTIVE=adaptive,
+                CHUNK=CHUNK,
+                BLOCK=BLOCK,
+                num_warps=_num_warps(),
+            )
         off += tb.n_chunks
     norm = torch.empty((), dtype=torch.float64 if any_f64(params) else torch.float32, device=dev)
     coef = torch.empty((), dtype=torch.float64, device=dev)
-    _sam_coef_kernel[(1,)](partials, total, grad_scale if grad_scale is not None else coef,
-                           found_inf if found_inf is not None else coef, norm, coef, eps,
-                           HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None, BLOCK=1024)
+    _sam_coef_kernel[(1,)](
+        partials,
+        total,
+        grad_scale if grad_scale is not None else coef,
+        found_inf if found_inf is not None else coef,
+        norm,
+        coef,
+        eps,
+        HAS_SCALE=grad_scale is not None,
+        HAS_FOUND=found_inf is not None,
+        BLOCK=1024,
+    )
     for tb in tables:
         o = offsets(tb, 3, 2)
         if tb.n_chunks:
             _sam_perturb_kernel[(tb.n_chunks,)](
-                tb.meta, tb.fmeta, coef, o.numel, o.flags, o.params, o.chunk_tensor, o.chunk_start,
-                DT=TL_DTYPE[tb.dtypes[0]], SD=TL_DTYPE[tb.dtypes[1]], ACC=_acc(tb.dtypes[0]), COPY=stash_mode == 0,
-                CHUNK=CHUNK, BLOCK=BLOCK, num_warps=_num_warps())
+                tb.meta,
+                tb.fmeta,
+                coef,
+                o.numel,
+                o.flags,
+                o.params,
+                o.chunk_tensor,
+                o.chunk_start,
+                DT=TL_DTYPE[tb.dtypes[0]],
+                SD=TL_DTYPE[tb.dtypes[1]],
+                ACC=_acc(tb.dtypes[0]),
+                COPY=stash_mode == 0,
+                CHUNK=CHUNK,
+                BLOCK=BLOCK,
+                num_warps=_num_warps(),
+            )
     return norm
 
 
@@ -279,40 +395,110 @@ def sam_restore(params, stash, stash_mode) -> None:
         o = offsets(tb, 3, 0)
         if tb.n_chunks:
             _sam_restore_kernel[(tb.n_chunks,)](
-                tb.meta, o.numel, o.chunk_tensor, o.chunk_start, DT=TL_DTYPE[tb.dtypes[0]],
-                SD=TL_DTYPE[tb.dtypes[1]], ACC=_acc(tb.dtypes[0]), COPY=stash_mode == 0, CHUNK=CHUNK, BLOCK=BLOCK,
-                num_warps=_num_warps())
+                tb.meta,
+                o.numel,
+                o.chunk_tensor,
+                o.chunk_start,
+                DT=TL_DTYPE[tb.dtypes[0]],
+                SD=TL_DTYPE[tb.dtypes[1]],
+                ACC=_acc(tb.dtypes[0]),
+                COPY=stash_mode == 0,
+                CHUNK=CHUNK,
+                BLOCK=BLOCK,
+                num_warps=_num_warps(),
+            )
 
 
-def sam_restore_sgd(params, grads, stash, momentum_buffers, lr, weight_decay, momentum, dampening, flags,
-                    stash_mode, grad_scale, found_inf) -> None:
+def sam_restore_sgd(
+    params,
+    grads,
+    stash,
+    momentum_buffers,
+    lr,
+    weight_decay,
+    momentum,
+    dampening,
+    flags,
+    stash_mode,
+    grad_scale,
+    found_inf,
+) -> None:
     has_buf = len(momentum_buffers) > 0
     bufs = momentum_buffers if has_buf else params
-    tables = build_tables([params, grads, stash, bufs], [lr, weight_decay, momentum, dampening], flags,
-                          signature_streams=(0, 2))
+    tables = build_tables(
+        [params, grads, stash, bufs], [lr, weight_decay, momentum, dampening], flags, signature_streams=(0, 2)
+    )
     dummy = params[0]
     for tb in tables:
         o = offsets(tb, 4, 4)
         if tb.n_chunks:
             _sam_sgd_kernel[(tb.n_chunks,)](
-                tb.meta, tb.fmeta, grad_scale if grad_scale is not None else dummy,
-                found_inf if found_inf is not None else dummy, o.numel, o.flags, o.params, o.chunk_tensor,
-                o.chunk_start, DT=TL_DTYPE[tb.dtypes[0]], SD=TL_DTYPE[tb.dtypes[1]], ACC=_acc(tb.dtypes[0]),
-                COPY=stash_mode == 0, HAS_BUF=has_buf, HAS_SCALE=grad_scale is not None,
-                HAS_FOUND=found_inf is not None, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=_num_warps())
+                tb.meta,
+                tb.fmeta,
+                grad_scale if grad_scale is not None else dummy,
+                found_inf if found_inf is not None else dummy,
+                o.numel,
+                o.flags,
+                o.params,
+                o.chunk_tensor,
+                o.chunk_start,
+                DT=TL_DTYPE[tb.dtypes[0]],
+                SD=TL_DTYPE[tb.dtypes[1]],
+                ACC=_acc(tb.dtypes[0]),
+                COPY=stash_mode == 0,
+                HAS_BUF=has_buf,
+                HAS_SCALE=grad_scale is not None,
+                HAS_FOUND=found_inf is not None,
+                CHUNK=CHUNK,
+                BLOCK=BLOCK,
+                num_warps=_num_warps(),
+            )
 
 
-def sam_restore_adamw(params, grads, stash, exp_avg, exp_avg_sq, steps, lr, beta1, beta2, eps, weight_decay, flags,
-                      stash_mode, grad_scale, found_inf) -> None:
-    tables = build_tables([params, grads, stash, exp_avg, exp_avg_sq, steps], [lr, beta1, beta2, eps, weight_decay],
-                          flags, signature_streams=(0, 2))
+def sam_restore_adamw(
+    params,
+    grads,
+    stash,
+    exp_avg,
+    exp_avg_sq,
+    steps,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    flags,
+    stash_mode,
+    grad_scale,
+    found_inf,
+) -> None:
+    tables = build_tables(
+        [params, grads, stash, exp_avg, exp_avg_sq, steps],
+        [lr, beta1, beta2, eps, weight_decay],
+        flags,
+        signature_streams=(0, 2),
+    )
     dummy = params[0]
     for tb in tables:
         o = offsets(tb, 6, 5)
         if tb.n_chunks:
             _sam_adamw_kernel[(tb.n_chunks,)](
-                tb.meta, tb.fmeta, grad_scale if grad_scale is not None else dummy,
-                found_inf if found_inf is not None else dummy, o.numel, o.flags, o.params, o.chunk_tensor,
-                o.chunk_start, DT=TL_DTYPE[tb.dtypes[0]], SD=TL_DTYPE[tb.dtypes[1]], ACC=_acc(tb.dtypes[0]),
-                COPY=stash_mode == 0, HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
-                CHUNK=CHUNK, BLOCK=BLOCK, num_warps=_num_warps())
+                tb.meta,
+                tb.fmeta,
+                grad_scale if grad_scale is not None else dummy,
+                found_inf if found_inf is not None else dummy,
+                o.numel,
+                o.flags,
+                o.params,
+                o.chunk_tensor,
+                o.chunk_start,
+                DT=TL_DTYPE[tb.dtypes[0]],
+                SD=TL_DTYPE[tb.dtypes[1]],
+                ACC=_acc(tb.dtypes[0]),
+                COPY=stash_mode == 0,
+                HAS_SCALE=grad_scale is not None,
+                HAS_FOUND=found_inf is not None,
+                CHUNK=CHUNK,
+                BLOCK=BLOCK,
+                num_warps=_num_warps(),
+            )
