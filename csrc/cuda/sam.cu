@@ -123,12 +123,12 @@ __global__ void __launch_bounds__(kBlock) sam_perturb_kernel(const void* plan, c
     chunk_loop(c.n, aligned, [&](auto width, int64_t i) {
       constexpr int N = decltype(width)::value;
       acc_t wv[N], gv[N], e[N];
-      ld<N>(w, i, wv);
+      const Raw<N, T> wr = ld_raw<N>(w, i, wv);  // read once: stashed raw, used for the arithmetic
       ld<N>(g, i, gv);
 #pragma unroll
       for (int j = 0; j < N; ++j) e[j] = saf::mt::sam_e(wv[j], gv[j], rc, eta, adaptive);
       if (mode == S::COPY) {
-        copy_raw<N>(stash_t, w, i);
+        st_raw<N>(stash_t, i, wr);
       } else {
         st_any<N>(stash, sdt, i, e);
 #pragma unroll

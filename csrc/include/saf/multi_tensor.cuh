@@ -136,6 +136,40 @@ __device__ __forceinline__ void copy_raw(T* dst, const T* src, int64_t i) {
   }
 }
 
+// N raw elements of T (one 4-wide load or a scalar), and their values in acc_t: the weights are
+// read once, stashed bit for bit and used for the arithmetic.
+template <int N, typename T>
+struct Raw {
+  T v[N];
+};
+
+template <int N, typename T, typename acc_t>
+__device__ __forceinline__ Raw<N, T> ld_raw(const T* p, int64_t i, acc_t (&out)[N]) {
+  Raw<N, T> r;
+  if constexpr (N == 4) {
+    const Pack4<T> pk = *reinterpret_cast<const Pack4<T>*>(p + i);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) r.v[j] = pk.v[j];
+  } else {
+    r.v[0] = p[i];
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = to_acc<acc_t>(r.v[j]);
+  return r;
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void st_raw(T* p, int64_t i, const Raw<N, T>& r) {
+  if constexpr (N == 4) {
+    Pack4<T> pk;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) pk.v[j] = r.v[j];
+    *reinterpret_cast<Pack4<T>*>(p + i) = pk;
+  } else {
+    p[i] = r.v[0];
+  }
+}
+
 // Runs body(std::integral_constant<int, N>, i) over the block's n elements: 4-wide where every
 // stream is aligned for it (plan flag), then scalar for the tail.
 template <typename Body>
