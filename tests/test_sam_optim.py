@@ -620,3 +620,64 @@ def test_sam_steps_callables_run():
         f()
         f()
     _assert_params_equal(model, before, "step_callables must work on copies")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA): the CUDA and Triton paths in a training loop, and no host syncs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_matches_reference_and_never_syncs(backend):
+    skip_unless_available(backend, "cuda", "sam_perturb_")
+    dev = torch.device("cuda")
+    model = SmallCNN().to(dev)
+    ref_model = copy.deepcopy(model)
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, **kw)
+    ref = RefSAM(ref_model.parameters(), torch.optim.SGD, rho=0.05, **kw)
+    for x, y in _batches(4):
+        x, y = x.to(dev), y.to(dev)
+        _two_step(opt, model, x, y)
+        _two_step(ref, ref_model, x, y)
+    _assert_params_close(model, ref_model, atol=1e-5, what=f"cuda {backend}")
+    # first_step / second_step enqueue work only: any synchronising call raises here.
+    x, y = _batches(1)[0]
+    x, y = x.to(dev), y.to(dev)
+    LOSS(model(x), y).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.first_step(zero_grad=False)
+        opt.second_step(zero_grad=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_amp_fused_step_is_sync_free(backend):
+    skip_unless_available(backend, "cuda", "sam_perturb_")
+    dev = torch.device("cuda")
+    model = SmallCNN().to(dev)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, fused_step=True, lr=0.1,
+              momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    x, y = _batches(1)[0]
+    x, y = x.to(dev), y.to(dev)
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.float16):
+            scaler.scale(LOSS(model(x), y)).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.first_step(zero_grad=True, grad_scaler=scaler)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        with torch.autocast("cuda", dtype=torch.float16), opt.second_pass(model):
+            scaler.scale(LOSS(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
