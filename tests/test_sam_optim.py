@@ -677,7 +677,12 @@ def test_cuda_amp_fused_step_is_sync_free(backend):
             torch.cuda.set_sync_debug_mode("default")
         with torch.autocast("cuda", dtype=torch.float16), opt.second_pass(model):
             scaler.scale(LOSS(model(x), y)).backward()
-        scaler.step(opt)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.step(opt)  # the second step with grad_scale / found_inf on the device
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         scaler.update()
         opt.zero_grad()
     assert all(torch.isfinite(p).all() for p in model.parameters())
