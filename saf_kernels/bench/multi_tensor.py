@@ -7,7 +7,8 @@ passes) on parameter lists shaped like ResNet-18, ResNet-50 and ViT-B/16, in one
 - ``foreach``: the best plain-PyTorch version (clip_grad style): ``_foreach_norm``, stash with
   ``_foreach_copy_``, ``_foreach_mul`` + ``_foreach_add_``, copy back, SGD ``foreach=True``.
 - ``saf_kernels[<backend>]``: ``saf_kernels.optim.SAM`` (fused norm + perturb, fused restore,
-  then SGD ``foreach=True``), and ``+fused_step`` (restore fused into the SGD update).
+  then the base SGD in torch's default implementation, as the loop's), and ``+fused_step``
+  (restore fused into the SGD update).
 
 The base optimizer is SGD with momentum 0.9 and weight decay 5e-4. Bytes are counted as the
 passes over the parameters each provider makes (a pass = P elements read or written):
@@ -25,6 +26,9 @@ saf_kernels+fused      1      4       5 (restore+SGD)  10
 (page faults on a CPU) and breaks aliasing with flat parameter buffers. SGD's 11 passes:
 ``d = g + wd * w`` (3), ``buf *= m`` (2), ``buf += d`` (3), ``w -= lr * buf`` (3). The floor of
 SAM + SGD with momentum is 10 passes (performance.md 4.3: perturb 5, restore fused into SGD 5).
+Per-tensor code keeps a tensor's temporaries in the CPU caches, so on a CPU the loop's (and
+torch's for-loop SGD's) counted passes overstate its DRAM traffic; on a GPU the loop is
+launch-bound instead (about 4 launches per tensor).
 """
 
 from __future__ import annotations
@@ -87,15 +91,9 @@ class ForeachSAM:
 
 class OursSAM:
     def __init__(self, params, rho, backend, fused):
-        self.opt = SAM(
-            params,
-            torch.optim.SGD,
-            rho=rho,
-            backend=backend,
-            fused_step=fused,
-            **({} if fused else {"foreach": True}),
-            **SGD_KW,
-        )
+        # The base SGD in torch's default implementation, as the per-tensor loop's (for-loop on
+        # CPU, where it beats foreach; foreach on CUDA).
+        self.opt = SAM(params, torch.optim.SGD, rho=rho, backend=backend, fused_step=fused, **SGD_KW)
 
     def step(self):
         self.opt.first_step()
