@@ -55,5 +55,10 @@ TORCH_LIBRARY(saf_kernels, m) {
   // ema = decay * ema + (1 - decay) * model for every pair (torch.lerp's formula, float32 math);
   // decay_tensor, when given, replaces decay (a schedule with no recompiles or syncs).
   m.def("ema_update_(Tensor(a!)[] ema, Tensor[] model, float decay, Tensor? decay_tensor) -> ()");
+  // Test-only: the serialised plan sam_perturb_ would upload to a GPU (uint8), built with the
+  // given chunk length, so that CPU-only CI checks the layout the CUDA kernels read.
+  m.def(
+      "_sam_perturb_plan(Tensor[] params, Tensor[] grads, Tensor[] stash, float[] rho, float[] eta, int[] flags, "
+      "int chunk_size) -> Tensor");
   // ---- end multi-tensor ops ----
 }

@@ -515,3 +515,49 @@ def test_benchmark_param_shapes_match_torchvision():
     for name, make in ps.MODELS.items():
         assert ps.numel(make()) == ps.NUM_PARAMS[name], name
     assert len(ps.MODELS["resnet50"]()) == 161 and len(ps.MODELS["resnet18"]()) == 62
+
+
+def test_serialised_plan_layout():
+    """The bytes the CUDA kernels read (csrc/include/saf/multi_tensor.h), checked on the CPU: header,
+    per-tensor entries and a chunk map that covers every element exactly once."""
+    if not _backend.HAS_EXT:
+        pytest.skip("extension not built")
+    import numpy as np
+
+    dt = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float64]
+    params = [torch.randn(s).to(d) for s, d in zip([(5, 3), (100,), (0,), (7,), (300,)], dt)]
+    params.append(torch.randn(9)[1:])  # storage offset 4 bytes: not 16-byte aligned
+    grads = [torch.randn_like(p) for p in params]
+    stash = [torch.empty_like(p) for p in params]
+    rho = [0.1 * i for i in range(len(params))]
+    eta = [0.5] * len(params)
+    flags = [2 * (i % 2) for i in range(len(params))]
+    chunk = 64
+    raw = torch.ops.saf_kernels._sam_perturb_plan(params, grads, stash, rho, eta, flags, chunk).numpy()
+    n_tensors, n_chunks, chunk_size, t_off, c_off = raw[:40].view(np.int64)
+    n_lists = raw[40:44].view(np.int32)[0]
+    assert (n_tensors, chunk_size, n_lists) == (len(params), chunk, 3)
+    entry = np.dtype([("ptr", "<i8", 6), ("numel", "<i8"), ("rng_offset", "<i8"), ("param", "<f8", 8),
+                      ("dtype", "<i4", 6), ("flags", "<i4"), ("reserved", "<i4")])
+    assert entry.itemsize == 160
+    entries = raw[t_off:t_off + n_tensors * 160].view(entry)
+    codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+    offset = 0
+    for i, (p, g, s, e) in enumerate(zip(params, grads, stash, entries)):
+        assert list(e["ptr"][:3]) == [p.data_ptr(), g.data_ptr(), s.data_ptr()]
+        assert e["numel"] == p.numel() and e["rng_offset"] == offset
+        assert list(e["dtype"][:3]) == [codes[p.dtype]] * 3 and list(e["dtype"][3:]) == [-1] * 3
+        assert e["param"][0] == pytest.approx(rho[i]) and e["param"][1] == 0.5
+        aligned = all(t.data_ptr() % (4 * t.element_size()) == 0 for t in (p, g, s))
+        assert e["flags"] == flags[i] | (1 if aligned else 0)
+        offset += p.numel()
+    assert entries[-1]["flags"] & 1 == 0
+    chunks = raw[c_off:c_off + n_chunks * 8].view(np.int32).reshape(-1, 2)
+    covered = {i: np.zeros(p.numel(), dtype=int) for i, p in enumerate(params)}
+    for t, c in chunks:  # what chunk_ref() computes on the device
+        start = c * chunk
+        n = min(chunk, entries[t]["numel"] - start)
+        assert n > 0
+        covered[t][start:start + n] += 1
+    assert all((v == 1).all() for v in covered.values())
+    assert len(raw) == c_off + n_chunks * 8

@@ -102,7 +102,19 @@ void sam_restore_adamw_cpu(at::TensorList params, at::TensorList grads, at::Tens
   }
 }
 
+at::Tensor sam_perturb_plan_cpu(at::TensorList params, at::TensorList grads, at::TensorList stash,
+                                at::ArrayRef<double> rho, at::ArrayRef<double> eta, at::IntArrayRef flags,
+                                int64_t chunk_size) {
+  TORCH_CHECK_VALUE(chunk_size > 0, "chunk_size must be > 0");
+  const mt::Plan plan = mt::sam_perturb_plan(params, grads, stash, rho, eta, flags, 1e-12, mt::sam::COPY,
+                                             std::nullopt, std::nullopt, chunk_size);
+  at::Tensor out = at::empty({plan.bytes()}, at::TensorOptions().dtype(at::kByte));
+  plan.write(out.data_ptr<uint8_t>());
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(saf_kernels, CPU, m) {
+  m.impl("_sam_perturb_plan", &sam_perturb_plan_cpu);
   m.impl("sam_perturb_", &sam_perturb_cpu);
   m.impl("sam_restore_", &sam_restore_cpu);
   m.impl("sam_restore_sgd_", &sam_restore_sgd_cpu);
