@@ -47,4 +47,41 @@ TORCH_LIBRARY(saf_kernels, m) {
       "saf_bank_record(Tensor rows, Tensor ids, Tensor(a!) values, Tensor(b!) epochs, Tensor(c!) claims, "
       "Tensor(d!) state, int epoch) -> ()");
   // ---- end SAF trajectory bank -------------------------------------------------------------------
+  // ---- multi-tensor ops (SAM family, EMA); layout and math: csrc/include/saf/multi_tensor.h ----
+  // Per-tensor lists (rho, eta, lr, ...) have one value per tensor, or one value for all; flags
+  // are per-tensor bit masks whose bits each op documents there. stash_mode: 0 = copy (exact
+  // restore), 1 = delta (stash the perturbation, restore subtracts it: lossy, any float dtype).
+  // grad_scale / found_inf: GradScaler's device tensors (the gradients are scaled by grad_scale;
+  // found_inf > 0 skips the update). No op synchronises with the host on CUDA.
+  //
+  // SAM / ASAM first step: global L2 norm of T * g (T = |w| + eta on tensors flagged adaptive,
+  // else 1), then w += rho * T^2 * g / (norm + eps) with the stash written. Returns the norm of
+  // the unscaled gradients (float32, float64 for float64 params); a non-finite norm, or
+  // found_inf > 0, perturbs nothing.
+  m.def(
+      "sam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] stash, float[] rho, float[] eta, "
+      "int[] flags, float eps, int stash_mode, Tensor? grad_scale, Tensor? found_inf) -> Tensor");
+  // Puts back the weights sam_perturb_ started from (copy mode: bit exact).
+  m.def("sam_restore_(Tensor(a!)[] params, Tensor[] stash, int stash_mode) -> ()");
+  // Restore, then one torch.optim.SGD step on the restored weights, in one pass. momentum_buffers
+  // is empty when no tensor has momentum. flags: 2 nesterov, 4 maximize, 8 first step of the buffer.
+  m.def(
+      "sam_restore_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor[] stash, Tensor(b!)[] momentum_buffers, "
+      "float[] lr, float[] weight_decay, float[] momentum, float[] dampening, int[] flags, int stash_mode, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // Restore, then one torch.optim.AdamW step (no amsgrad); steps are one-element float32 tensors
+  // already incremented for this step. flags: 2 maximize.
+  m.def(
+      "sam_restore_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor[] stash, Tensor(b!)[] exp_avg, "
+      "Tensor(c!)[] exp_avg_sq, Tensor[] steps, float[] lr, float[] beta1, float[] beta2, float[] eps, "
+      "float[] weight_decay, int[] flags, int stash_mode, Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // ema = decay * ema + (1 - decay) * model for every pair (torch.lerp's formula, float32 math);
+  // decay_tensor, when given, replaces decay (a schedule with no recompiles or syncs).
+  m.def("ema_update_(Tensor(a!)[] ema, Tensor[] model, float decay, Tensor? decay_tensor) -> ()");
+  // Test-only: the serialised plan sam_perturb_ would upload to a GPU (uint8), built with the
+  // given chunk length, so that CPU-only CI checks the layout the CUDA kernels read.
+  m.def(
+      "_sam_perturb_plan(Tensor[] params, Tensor[] grads, Tensor[] stash, float[] rho, float[] eta, int[] flags, "
+      "int chunk_size) -> Tensor");
+  // ---- end multi-tensor ops ----
 }

@@ -205,3 +205,126 @@ def saf_bank_record(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
     slot = epoch % S
     values[ids[keep], slot] = rows[keep].to(values.dtype)
     epochs[ids[keep], slot] = epoch
+# SAM family (sam_perturb_, sam_restore_, fused restore + SGD / AdamW). Per-tensor arguments
+# are sequences with one value per tensor. No host synchronisation: the AMP scale, found_inf
+# and the "perturb nothing" decision stay tensors.
+# --------------------------------------------------------------------------------------------
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def sam_scaled_grads(params, grads, adaptive, eta):
+    """``T * g`` per tensor in the accumulation dtype, ``T = |w| + eta`` where adaptive, else 1."""
+    out = []
+    for p, g, a, et in zip(params, grads, adaptive, eta):
+        x = g.to(_acc(p))
+        if a:
+            x = x * (p.to(_acc(p)).abs() + et)
+        out.append(x)
+    return out
+
+
+def sam_perturb_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    stash: list[torch.Tensor],
+    rho: list[float],
+    adaptive: list[bool],
+    eta: list[float],
+    eps: float = 1e-12,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    stash_mode: str = "copy",
+) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.sam_perturb_`: global norm of ``T * g`` over every
+    tensor, then ``w += rho * T^2 * g / (norm + eps)`` (``g`` unscaled by ``grad_scale``), with the
+    stash written. A non-finite norm or ``found_inf > 0`` perturbs nothing. Returns the norm."""
+    acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    dev = params[0].device
+    scaled = sam_scaled_grads(params, grads, adaptive, eta)
+    sumsq = sum((x.double() ** 2).sum() for x in scaled)
+    inv = torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None else 1.0 / grad_scale.double()
+    norm = sumsq.sqrt() * inv
+    ok = torch.isfinite(norm)
+    if found_inf is not None:
+        ok = ok & (found_inf <= 0)
+    coef = torch.where(ok, inv / (norm + eps), torch.zeros_like(norm))
+    for p, g, s, r, a, et in zip(params, grads, stash, rho, adaptive, eta):
+        dt = _acc(p)
+        w = p.to(dt)
+        t = (w.abs() + et) if a else torch.ones((), dtype=dt, device=dev)
+        e = (r * coef).to(dt) * (t * t) * g.to(dt)
+        e = torch.where(ok, e, torch.zeros((), dtype=dt, device=dev))
+        if stash_mode == "copy":
+            s.copy_(p)
+        else:
+            s.copy_(e)
+            e = s.to(dt)  # add exactly what the restore subtracts
+        p.copy_(torch.where(ok, w + e, w))
+    return norm.to(acc)
+
+
+def sam_restore_(params: list[torch.Tensor], stash: list[torch.Tensor], stash_mode: str = "copy") -> None:
+    """Reference of :func:`saf_kernels.ops.sam_restore_` (copy: bit exact; delta: ``w - e``)."""
+    for p, s in zip(params, stash):
+        if stash_mode == "copy":
+            p.copy_(s)
+        else:
+            p.copy_(p.to(_acc(p)) - s.to(_acc(p)))
+
+
+def _restored(p, s, stash_mode):
+    return s.to(_acc(p)) if stash_mode == "copy" else p.to(_acc(p)) - s.to(_acc(p))
+
+
+def sam_restore_sgd_(params, grads, stash, momentum_buffers, lr, weight_decay, momentum, dampening, nesterov,
+                     maximize, first_run, stash_mode="copy", grad_scale=None, found_inf=None) -> None:
+    """Reference of :func:`saf_kernels.ops.sam_restore_sgd_`: restore, then torch.optim.SGD's
+    update on the restored weights with ``g / grad_scale``; ``found_inf > 0`` restores only."""
+    skip = None if found_inf is None else found_inf > 0
+    for i, (p, g, s) in enumerate(zip(params, grads, stash)):
+        dt = _acc(p)
+        w = _restored(p, s, stash_mode)
+        d = g.to(dt) if grad_scale is None else g.to(dt) / grad_scale.to(dt)
+        if maximize[i]:
+            d = -d
+        if weight_decay[i] != 0:
+            d = d + weight_decay[i] * w
+        if momentum[i] != 0:
+            b = momentum_buffers[i]
+            nb = d if first_run[i] else b.to(dt) * momentum[i] + (1 - dampening[i]) * d
+            d = d + momentum[i] * nb if nesterov[i] else nb
+            b.copy_(nb if skip is None else torch.where(skip, b.to(dt), nb))
+        new = w - lr[i] * d
+        if skip is not None:
+            new = torch.where(skip, w, new)
+        p.copy_(new)
+
+
+def sam_restore_adamw_(params, grads, stash, exp_avg, exp_avg_sq, steps, lr, beta1, beta2, eps, weight_decay,
+                       maximize, stash_mode="copy", grad_scale=None, found_inf=None) -> None:
+    """Reference of :func:`saf_kernels.ops.sam_restore_adamw_`: restore, then torch.optim.AdamW's
+    update (no amsgrad); ``steps`` already count this step; ``found_inf > 0`` restores only."""
+    skip = None if found_inf is None else found_inf > 0
+    for i, (p, g, s, m, v, st) in enumerate(zip(params, grads, stash, exp_avg, exp_avg_sq, steps)):
+        dt = _acc(p)
+        w = _restored(p, s, stash_mode)
+        d = g.to(dt) if grad_scale is None else g.to(dt) / grad_scale.to(dt)
+        if maximize[i]:
+            d = -d
+        step = st.to(torch.float64)
+        bc1 = 1 - beta1[i] ** step
+        bc2_sqrt = (1 - beta2[i] ** step).sqrt()
+        w2 = w * (1 - lr[i] * weight_decay[i])
+        nm = m.to(dt).lerp(d, 1 - beta1[i])
+        nv = v.to(dt) * beta2[i] + (1 - beta2[i]) * d * d
+        new = w2 - (lr[i] / bc1).to(dt) * (nm / (nv.sqrt() / bc2_sqrt.to(dt) + eps[i]))
+        if skip is not None:
+            new = torch.where(skip, w, new)
+            nm = torch.where(skip, m.to(dt), nm)
+            nv = torch.where(skip, v.to(dt), nv)
+        m.copy_(nm)
+        v.copy_(nv)
+        p.copy_(new)

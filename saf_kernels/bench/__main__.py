@@ -67,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     if ops != []:
         rows += op_bench.run_op_benchmarks(device, args.quick, ops, progress, compile_baseline=not args.no_compile)
         sections["Fused ops, forward + backward (median per call; speed-up = baseline time / fused time)"] = op_table(rows)
+        # ---- multi-tensor family ----
+        if any(r.get("kind") == "multi_tensor" for r in rows):
+            from .multi_tensor import table as multi_tensor_table
+
+            sections["SAM first_step + second_step (SGD momentum base; everything but forward/backward)"] = \
+                multi_tensor_table(rows)
+        # ---- end multi-tensor family ----
     if methods != []:
         if methods_mod is None:
             sections["Training step vs plain SGD"] = "not available in this version"

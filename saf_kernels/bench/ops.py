@@ -134,6 +134,12 @@ FAMILIES = {
 }
 OP_NAMES = {op: "trajectory_loss" for op in TRAJECTORY_OPS}
 
+# ---- multi-tensor family: SAM first_step + second_step on ResNet-18/50 and ViT-B parameter lists
+# (cases, providers, byte counts and table: saf_kernels/bench/multi_tensor.py) ----
+MULTI_TENSOR_OPS = ("sam_step",)
+OP_NAMES.update({op: "multi_tensor" for op in MULTI_TENSOR_OPS})
+# ---- end multi-tensor family ----
+
 
 def run_op_benchmarks(device: torch.device, quick: bool, ops: list[str] | None, progress,
                       compile_baseline: bool = True) -> list[dict]:
@@ -170,6 +176,12 @@ def run_op_benchmarks(device: torch.device, quick: bool, ops: list[str] | None, 
                 except Exception as e:  # noqa: BLE001  (a provider failing is a result, not a crash)
                     row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)
+    # ---- multi-tensor family ----
+    if ops is None or any(op in MULTI_TENSOR_OPS for op in ops):
+        from . import multi_tensor
+
+        rows += multi_tensor.run(device, quick, progress)
+    # ---- end multi-tensor family ----
     return rows
 
 

@@ -4,4 +4,8 @@ from .ema import ema_update_
 from .trajectory_bank import trajectory_bank_record, trajectory_bank_step
 from .trajectory_loss import saf_loss, trajectory_kl_loss
 
-__all__ = ["ema_update_", "saf_loss", "trajectory_bank_record", "trajectory_bank_step", "trajectory_kl_loss"]
+# ---- SAM family (multi-tensor ops) ----
+from .sam import sam_perturb_, sam_restore_, sam_restore_adamw_, sam_restore_sgd_  # noqa: E402
+
+__all__ = ["ema_update_", "saf_loss", "trajectory_bank_record", "trajectory_bank_step", "trajectory_kl_loss",
+           "sam_perturb_", "sam_restore_", "sam_restore_sgd_", "sam_restore_adamw_"]

@@ -1,0 +1,124 @@
+// CPU implementation of the SAM ops (schemas: csrc/ops.cpp; plans and checks: csrc/mt_plan.h):
+// chunks split over threads (csrc/cpu/multi_tensor.h), each chunk handled by the build for
+// this CPU's instruction set (csrc/cpu/kernels/sam.cpp).
+//
+// sam_perturb_ is two passes over the tensors: the sum of squares (one partial per chunk,
+// summed in chunk order: the same bits whatever the thread count), then the perturbation.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/multi_tensor.h"
+#include "mt_plan.h"
+
+namespace saf::cpu {
+
+namespace {
+
+// GradScaler's scale and found_inf live on the tensors' device; on CPU reading them costs nothing.
+double inv_scale_of(const std::optional<at::Tensor>& grad_scale) {
+  return grad_scale ? 1.0 / grad_scale->item<double>() : 1.0;
+}
+
+bool found_inf_of(const std::optional<at::Tensor>& found_inf) {
+  return found_inf && found_inf->item<double>() > 0;
+}
+
+}  // namespace
+
+at::Tensor sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList stash, at::ArrayRef<double> rho,
+                           at::ArrayRef<double> eta, at::IntArrayRef flags, double eps, int64_t stash_mode,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const mt::Plan plan =
+      mt::sam_perturb_plan(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale, found_inf, kCpuChunk);
+  const MtKernels k = mt_kernels();
+  std::vector<double> partial(plan.n_chunks(), 0.0);
+  parallel_chunks(plan, [&](int64_t c, const mt::TensorEntry& t, int64_t start, int64_t n) {
+    partial[c] = k.sam_norm(t, start, n);
+  });
+  double sumsq = 0;
+  for (double p : partial) sumsq += p;
+  const mt::SamCoef sc = mt::sam_coef(sumsq, inv_scale_of(grad_scale), eps, found_inf_of(found_inf));
+  parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
+    k.sam_perturb(t, start, n, sc.coef, stash_mode);
+  });
+  mt::bump_versions(params);
+  mt::bump_versions(stash);
+  const auto dtype = mt::any_f64(params) ? at::kDouble : at::kFloat;
+  return at::scalar_tensor(sc.norm, at::TensorOptions().dtype(dtype));
+}
+
+void sam_restore_cpu(at::TensorList params, at::TensorList stash, int64_t stash_mode) {
+  const mt::Plan plan = mt::sam_restore_plan(params, stash, stash_mode, kCpuChunk);
+  const MtKernels k = mt_kernels();
+  parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
+    k.sam_restore(t, start, n, stash_mode);
+  });
+  mt::bump_versions(params);
+}
+
+void sam_restore_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList stash,
+                         at::TensorList momentum_buffers, at::ArrayRef<double> lr, at::ArrayRef<double> weight_decay,
+                         at::ArrayRef<double> momentum, at::ArrayRef<double> dampening, at::IntArrayRef flags,
+                         int64_t stash_mode, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf) {
+  const mt::Plan plan = mt::sam_sgd_plan(params, grads, stash, momentum_buffers, lr, weight_decay, momentum, dampening,
+                                         flags, stash_mode, grad_scale, found_inf, kCpuChunk);
+  const MtKernels k = mt_kernels();
+  const bool skip = found_inf_of(found_inf);  // a skipped step: the restore only
+  const double inv_scale = inv_scale_of(grad_scale);
+  parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
+    if (skip) {
+      k.sam_restore(t, start, n, stash_mode);
+    } else {
+      k.sam_restore_sgd(t, start, n, stash_mode, inv_scale);
+    }
+  });
+  mt::bump_versions(params);
+  if (!skip) mt::bump_versions(momentum_buffers);
+}
+
+void sam_restore_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList stash, at::TensorList exp_avg,
+                           at::TensorList exp_avg_sq, at::TensorList steps, at::ArrayRef<double> lr,
+                           at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
+                           at::ArrayRef<double> weight_decay, at::IntArrayRef flags, int64_t stash_mode,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const mt::Plan plan = mt::sam_adamw_plan(params, grads, stash, exp_avg, exp_avg_sq, steps, lr, beta1, beta2, eps,
+                                           weight_decay, flags, stash_mode, grad_scale, found_inf, kCpuChunk);
+  const MtKernels k = mt_kernels();
+  const bool skip = found_inf_of(found_inf);
+  const double inv_scale = inv_scale_of(grad_scale);
+  parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
+    if (skip) {
+      k.sam_restore(t, start, n, stash_mode);
+    } else {
+      k.sam_restore_adamw(t, start, n, stash_mode, inv_scale);
+    }
+  });
+  mt::bump_versions(params);
+  if (!skip) {
+    mt::bump_versions(exp_avg);
+    mt::bump_versions(exp_avg_sq);
+  }
+}
+
+at::Tensor sam_perturb_plan_cpu(at::TensorList params, at::TensorList grads, at::TensorList stash,
+                                at::ArrayRef<double> rho, at::ArrayRef<double> eta, at::IntArrayRef flags,
+                                int64_t chunk_size) {
+  TORCH_CHECK_VALUE(chunk_size > 0, "chunk_size must be > 0");
+  const mt::Plan plan = mt::sam_perturb_plan(params, grads, stash, rho, eta, flags, 1e-12, mt::sam::COPY,
+                                             std::nullopt, std::nullopt, chunk_size);
+  at::Tensor out = at::empty({plan.bytes()}, at::TensorOptions().dtype(at::kByte));
+  plan.write(out.data_ptr<uint8_t>());
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(saf_kernels, CPU, m) {
+  m.impl("_sam_perturb_plan", &sam_perturb_plan_cpu);
+  m.impl("sam_perturb_", &sam_perturb_cpu);
+  m.impl("sam_restore_", &sam_restore_cpu);
+  m.impl("sam_restore_sgd_", &sam_restore_sgd_cpu);
+  m.impl("sam_restore_adamw_", &sam_restore_adamw_cpu);
+}
+
+}  // namespace saf::cpu

@@ -1,0 +1,32 @@
+// Torch-side wrapper of the CUDA ema_update_ kernel (csrc/cuda/ema.cu): plan and checks
+// (csrc/mt_plan.h), cached device copy of the plan, launch. No host synchronisation: a decay
+// tensor is read by the kernel.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/mt_launchers.h"
+#include "cuda/mt_plan_cuda.h"
+#include "mt_plan.h"
+
+namespace saf::cuda {
+
+void ema_update_cuda(at::TensorList ema, at::TensorList model, double decay,
+                     const std::optional<at::Tensor>& decay_tensor) {
+  const mt::Plan plan = mt::ema_plan(ema, model, decay, decay_tensor, mt_chunk_size());
+  if (ema.empty()) return;
+  const c10::cuda::CUDAGuard guard(ema[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor d = decay_tensor ? decay_tensor->to(at::kDouble).contiguous() : at::Tensor();
+  const void* dplan = PlanCache::instance().upload(plan, stream);
+  const cudaError_t err = ema_update_launch(dplan, plan.n_chunks(), mt::any_f64(ema), decay,
+                                            d.defined() ? d.data_ptr<double>() : nullptr, stream);
+  TORCH_CHECK(err == cudaSuccess, "saf_kernels.ema_update_: CUDA error: ", cudaGetErrorString(err));
+  mt::bump_versions(ema);
+}
+
+TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
+  m.impl("ema_update_", &ema_update_cuda);
+}
+
+}  // namespace saf::cuda

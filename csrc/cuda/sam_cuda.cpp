@@ -1,0 +1,104 @@
+// Torch-side wrappers of the CUDA SAM kernels (csrc/cuda/sam.cu): plans and checks
+// (csrc/mt_plan.h, shared with the CPU ops), the cached device copy of the plan, scratch, launch.
+// Nothing here waits for the device.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/mt_launchers.h"
+#include "cuda/mt_plan_cuda.h"
+#include "mt_plan.h"
+
+namespace saf::cuda {
+
+#define SAF_MT_CUDA_CHECK(expr, what)                                                                   \
+  do {                                                                                                  \
+    const cudaError_t err_ = (expr);                                                                    \
+    TORCH_CHECK(err_ == cudaSuccess, "saf_kernels.", what, ": CUDA error: ", cudaGetErrorString(err_)); \
+  } while (0)
+
+at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList stash,
+                            at::ArrayRef<double> rho, at::ArrayRef<double> eta, at::IntArrayRef flags, double eps,
+                            int64_t stash_mode, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf) {
+  const mt::Plan plan = mt::sam_perturb_plan(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale,
+                                             found_inf, mt_chunk_size());
+  TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.sam_perturb_: empty parameter list on CUDA");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool f64 = mt::any_f64(params);
+  const auto opts = params[0].options();
+  at::Tensor partials = at::empty({std::max<int64_t>(1, plan.n_chunks())}, opts.dtype(at::kDouble));
+  at::Tensor coef = at::empty({1}, opts.dtype(at::kDouble));
+  at::Tensor norm = at::empty({}, opts.dtype(f64 ? at::kDouble : at::kFloat));
+  const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
+  const void* dplan = PlanCache::instance().upload(plan, stream);
+  SAF_MT_CUDA_CHECK(sam_norm_launch(dplan, plan.n_chunks(), f64, partials.data_ptr<double>(), stream), "sam_perturb_");
+  SAF_MT_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), plan.n_chunks(), f32_ptr(gs), f32_ptr(fi), eps,
+                                    norm.data_ptr(), f64, coef.data_ptr<double>(), stream),
+                    "sam_perturb_");
+  SAF_MT_CUDA_CHECK(sam_perturb_launch(dplan, plan.n_chunks(), f64, coef.data_ptr<double>(), stash_mode, stream),
+                    "sam_perturb_");
+  mt::bump_versions(params);
+  mt::bump_versions(stash);
+  return norm;
+}
+
+void sam_restore_cuda(at::TensorList params, at::TensorList stash, int64_t stash_mode) {
+  const mt::Plan plan = mt::sam_restore_plan(params, stash, stash_mode, mt_chunk_size());
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const void* dplan = PlanCache::instance().upload(plan, stream);
+  SAF_MT_CUDA_CHECK(sam_restore_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, stream),
+                    "sam_restore_");
+  mt::bump_versions(params);
+}
+
+void sam_restore_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList stash,
+                          at::TensorList momentum_buffers, at::ArrayRef<double> lr, at::ArrayRef<double> weight_decay,
+                          at::ArrayRef<double> momentum, at::ArrayRef<double> dampening, at::IntArrayRef flags,
+                          int64_t stash_mode, const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf) {
+  const mt::Plan plan = mt::sam_sgd_plan(params, grads, stash, momentum_buffers, lr, weight_decay, momentum,
+                                         dampening, flags, stash_mode, grad_scale, found_inf, mt_chunk_size());
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
+  const void* dplan = PlanCache::instance().upload(plan, stream);
+  SAF_MT_CUDA_CHECK(sam_restore_sgd_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, f32_ptr(gs),
+                                           f32_ptr(fi), stream),
+                    "sam_restore_sgd_");
+  mt::bump_versions(params);
+  mt::bump_versions(momentum_buffers);
+}
+
+void sam_restore_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList stash, at::TensorList exp_avg,
+                            at::TensorList exp_avg_sq, at::TensorList steps, at::ArrayRef<double> lr,
+                            at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
+                            at::ArrayRef<double> weight_decay, at::IntArrayRef flags, int64_t stash_mode,
+                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const mt::Plan plan = mt::sam_adamw_plan(params, grads, stash, exp_avg, exp_avg_sq, steps, lr, beta1, beta2, eps,
+                                           weight_decay, flags, stash_mode, grad_scale, found_inf, mt_chunk_size());
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
+  const void* dplan = PlanCache::instance().upload(plan, stream);
+  SAF_MT_CUDA_CHECK(sam_restore_adamw_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, f32_ptr(gs),
+                                             f32_ptr(fi), stream),
+                    "sam_restore_adamw_");
+  mt::bump_versions(params);
+  mt::bump_versions(exp_avg);
+  mt::bump_versions(exp_avg_sq);
+}
+
+TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
+  m.impl("sam_perturb_", &sam_perturb_cuda);
+  m.impl("sam_restore_", &sam_restore_cuda);
+  m.impl("sam_restore_sgd_", &sam_restore_sgd_cuda);
+  m.impl("sam_restore_adamw_", &sam_restore_adamw_cuda);
+}
+
+}  // namespace saf::cuda

@@ -1,0 +1,527 @@
+"""SAM / ASAM on fused multi-tensor kernels: the perturbation, the exact restore, and fused
+restore + SGD / AdamW steps.
+
+Flow: public function -> :func:`saf_kernels._backend.resolve` -> ``torch.ops.saf_kernels.<op>``
+(C++ CPU / CUDA kernels: ``csrc/cpu/sam.cpp``, ``csrc/cuda/sam.cu``) or
+``saf_kernels::<op>_triton`` (``saf_kernels/triton/sam.py``) or :mod:`saf_kernels.reference`.
+
+Launches per call on CUDA, whatever the number of tensors: :func:`sam_perturb_` 3 (norm partials,
+finalize, perturbation), :func:`sam_restore_` 1, :func:`sam_restore_sgd_` / :func:`sam_restore_adamw_`
+1. Triton: the same per dtype signature of the list. No function here synchronises with the
+device: the norm, the AMP scale, ``found_inf`` and the "perturb nothing" decision stay on it.
+
+Bytes per element (``s`` = element size) of the kernels, the floors of performance.md 4.3:
+perturb reads ``g`` (norm; ASAM also ``w``), then reads ``w, g`` and writes ``w, stash``: 5 passes
+(ASAM 6); restore (copy) reads the stash and writes ``w``: 2; fused restore + SGD with momentum
+reads ``stash, g, buf`` and writes ``w, buf``: 5 (a separate restore + ``torch.optim.SGD`` is 2 + 5).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+
+from .. import _backend, reference
+from ._multi_tensor import (
+    as_list,
+    check_lengths,
+    check_scalar,
+    check_streams,
+    full,
+    per_tensor,
+    stash_mode_code,
+)
+
+Floats = Union[float, Sequence[float]]
+Bools = Union[bool, Sequence[bool]]
+
+ADAPTIVE = 2  # flags bit of sam_perturb_ (csrc/include/saf/multi_tensor.h)
+SGD_NESTEROV, SGD_MAXIMIZE, SGD_FIRST_RUN = 2, 4, 8
+ADAMW_MAXIMIZE = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Registration: fake kernels of the C++ ops, and the Triton custom ops.
+# --------------------------------------------------------------------------------------------
+
+
+def _norm_fake(params, *args):
+    dt = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return torch.empty((), dtype=dt, device=params[0].device)
+
+
+def _void_fake(*args):
+    return None
+
+
+if _backend.HAS_EXT:
+    torch.library.register_fake("saf_kernels::sam_perturb_")(_norm_fake)
+    for _op in ("sam_restore_", "sam_restore_sgd_", "sam_restore_adamw_"):
+        torch.library.register_fake(f"saf_kernels::{_op}")(_void_fake)
+
+
+@torch.library.custom_op("saf_kernels::sam_perturb_triton", mutates_args=("params", "stash"))
+def _sam_perturb_triton(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    stash: list[torch.Tensor],
+    rho: list[float],
+    eta: list[float],
+    flags: list[int],
+    eps: float,
+    stash_mode: int,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> torch.Tensor:
+    from ..triton.sam import sam_perturb
+
+    return sam_perturb(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale, found_inf)
+
+
+_sam_perturb_triton.register_fake(_norm_fake)
+
+
+@torch.library.custom_op("saf_kernels::sam_restore_triton", mutates_args=("params",))
+def _sam_restore_triton(params: list[torch.Tensor], stash: list[torch.Tensor], stash_mode: int) -> None:
+    from ..triton.sam import sam_restore
+
+    sam_restore(params, stash, stash_mode)
+
+
+_sam_restore_triton.register_fake(_void_fake)
+
+
+@torch.library.custom_op("saf_kernels::sam_restore_sgd_triton", mutates_args=("params", "momentum_buffers"))
+def _sam_restore_sgd_triton(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    stash: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    lr: list[float],
+    weight_decay: list[float],
+    momentum: list[float],
+    dampening: list[float],
+    flags: list[int],
+    stash_mode: int,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    from ..triton.sam import sam_restore_sgd
+
+    sam_restore_sgd(
+        params,
+        grads,
+        stash,
+        momentum_buffers,
+        lr,
+        weight_decay,
+        momentum,
+        dampening,
+        flags,
+        stash_mode,
+        grad_scale,
+        found_inf,
+    )
+
+
+_sam_restore_sgd_triton.register_fake(_void_fake)
+
+
+@torch.library.custom_op(
+    "saf_kernels::sam_restore_adamw_triton", mutates_args=("params", "exp_avg", "exp_avg_sq")
+)
+def _sam_restore_adamw_triton(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    stash: list[torch.Tensor],
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr: list[float],
+    beta1: list[float],
+    beta2: list[float],
+    eps: list[float],
+    weight_decay: list[float],
+    flags: list[int],
+    stash_mode: int,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    from ..triton.sam import sam_restore_adamw
+
+    sam_restore_adamw(
+        params,
+        grads,
+        stash,
+        exp_avg,
+        exp_avg_sq,
+        steps,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        flags,
+        stash_mode,
+        grad_scale,
+        found_inf,
+    )
+
+
+_sam_restore_adamw_triton.register_fake(_void_fake)
+
+
+def fused_ops(name: str) -> dict[str, object]:
+    """The fused op of each kernel backend for ``name`` (``cpu``/``cuda`` share the C++ op)."""
+    ops = {"triton": getattr(torch.ops.saf_kernels, f"{name.rstrip('_')}_triton")}
+    if _backend.HAS_EXT:
+        ops["cpu"] = ops["cuda"] = getattr(torch.ops.saf_kernels, name)
+    return ops
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _device(lst, *scalars):
+    if lst:
+        return lst[0].device
+    for s in scalars:
+        if isinstance(s, torch.Tensor):
+            return s.device
+    return torch.device("cpu")
+
+
+def _check_eps(eps, fn):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{fn}: eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sam_perturb_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    stash: Sequence[torch.Tensor],
+    rho: Floats,
+    adaptive: Bools = False,
+    eta: Floats = 0.0,
+    eps: float = 1e-12,
+    *,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    stash_mode: str = "copy",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SAM / ASAM ascent step over a list of tensors, in place: ``w += e`` with
+    ``e = rho * T_w^2 * g / (||T_w * g||_2 + eps)``.
+
+    The norm is global: over every element of every tensor of the list (SAM's
+    ``sqrt(sum over leaves of sum(g^2))``). ``T_w = |w| + eta`` on tensors whose ``adaptive`` is
+    true (ASAM; ``eta = 0`` gives the "adaptive" of the widely used port), 1 elsewhere.
+
+    Args:
+        params: the weights, perturbed in place (float32, float16, bfloat16 or float64; dtypes may
+            differ between tensors).
+        grads: their gradients, same shapes, layouts and dtypes. May be scaled by ``grad_scale``.
+        stash: written here. ``stash_mode="copy"``: one tensor like each param (the weights
+            before the step; :func:`sam_restore_` puts them back bit for bit). ``"delta"``: the
+            perturbation ``e`` in the stash tensor's dtype (e.g. bfloat16 to halve the memory);
+            the weights get exactly that rounded ``e`` added, and the restore subtracts it, which
+            is not bit exact (``w + e - e != w`` in floating point).
+        rho: the radius, >= 0; a number or one per tensor (per-group rho).
+        adaptive: ASAM scaling, a bool or one per tensor (biases and normalisation parameters
+            are usually left out).
+        eta: ASAM's offset, >= 0; a number or one per tensor.
+        eps: added to the norm (1e-12 as the widely used port; zero gradients give ``e = 0``, not NaN).
+        grad_scale: a one-element tensor on the tensors' device, e.g. ``GradScaler``'s scale: the
+            gradients are divided by it inside the kernels (they are not modified).
+        found_inf: a one-element tensor; when > 0 nothing is perturbed.
+        stash_mode: ``"copy"`` (exact) or ``"delta"`` (lossy, lower memory).
+        backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``.
+
+    Returns:
+        The norm ``||T_w * g||`` of the unscaled gradients as a 0-dim float32 tensor (float64 if
+        a param is float64) on the tensors' device, without a host synchronisation. When it is
+        not finite (an inf or NaN gradient, or overflow of the sum of squares), nothing is
+        perturbed: the weights stay as they were and the stash still allows the restore.
+    """
+    fn = "saf_kernels.sam_perturb_"
+    params, grads, stash = (
+        as_list(params, "params", fn),
+        as_list(grads, "grads", fn),
+        as_list(stash, "stash", fn),
+    )
+    n = check_lengths(fn, params=params, grads=grads, stash=stash)
+    rho_l = per_tensor(rho, n, "rho", fn, nonneg=True)
+    eta_l = per_tensor(eta, n, "eta", fn, nonneg=True)
+    flags = [ADAPTIVE if a else 0 for a in per_tensor(adaptive, n, "adaptive", fn, kind=bool)]
+    eps = _check_eps(eps, fn)
+    mode = stash_mode_code(stash_mode, fn)
+    dev = _device(params, grad_scale, found_inf)
+    check_scalar(grad_scale, "grad_scale", fn, dev if n else None)
+    check_scalar(found_inf, "found_inf", fn, dev if n else None)
+    if n == 0:
+        return torch.zeros((), dtype=torch.float32, device=dev)
+    impl = _backend.resolve(backend, dev, "sam_perturb_")
+    if impl in ("triton", "torch"):
+        check_streams(
+            fn,
+            [("params", params), ("grads", grads), ("stash", stash)],
+            same_dtype=("grads",) + (("stash",) if mode == 0 else ()),
+        )
+    if impl == "torch":
+        return reference.sam_perturb_(
+            params,
+            grads,
+            stash,
+            full(rho_l, n),
+            [bool(f) for f in full(flags, n)],
+            full(eta_l, n),
+            eps,
+            grad_scale,
+            found_inf,
+            stash_mode,
+        )
+    return fused_ops("sam_perturb_")[impl](
+        params, grads, stash, rho_l, eta_l, flags, eps, mode, grad_scale, found_inf
+    )
+
+
+@torch.no_grad()
+def sam_restore_(
+    params: Sequence[torch.Tensor],
+    stash: Sequence[torch.Tensor],
+    stash_mode: str = "copy",
+    backend: str = "auto",
+) -> None:
+    """Puts back the weights :func:`sam_perturb_` started from, in place.
+
+    ``stash_mode="copy"``: the stash is copied back, bit for bit. ``"delta"``: the stashed
+    perturbation is subtracted (lossy by a rounding). Use the same mode as the perturbation.
+    """
+    fn = "saf_kernels.sam_restore_"
+    params, stash = as_list(params, "params", fn), as_list(stash, "stash", fn)
+    n = check_lengths(fn, params=params, stash=stash)
+    mode = stash_mode_code(stash_mode, fn)
+    if n == 0:
+        return
+    impl = _backend.resolve(backend, params[0].device, "sam_restore_")
+    if impl in ("triton", "torch"):
+        check_streams(fn, [("params", params), ("stash", stash)], same_dtype=("stash",) if mode == 0 else ())
+    if impl == "torch":
+        reference.sam_restore_(params, stash, stash_mode)
+        return
+    fused_ops("sam_restore_")[impl](params, stash, mode)
+
+
+@torch.no_grad()
+def sam_restore_sgd_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    stash: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    *,
+    lr: Floats,
+    weight_decay: Floats = 0.0,
+    momentum: Floats = 0.0,
+    dampening: Floats = 0.0,
+    nesterov: Bools = False,
+    maximize: Bools = False,
+    first_run: Bools = False,
+    stash_mode: str = "copy",
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """SAM's second step fused into one pass: restore the weights, then one
+    ``torch.optim.SGD`` step on them with the gradients ``g / grad_scale``.
+
+    Same math and order of operations as ``torch.optim.SGD`` (weight decay, momentum with
+    dampening, nesterov, maximize); results agree with it to rounding (the compiler may fuse
+    multiply-adds), not bit for bit -- the optimizers' default path (restore, then the base
+    optimizer's own step) is the exact one.
+
+    Args:
+        momentum_buffers: one buffer like each param (same dtype), read and written; an empty
+            list when no tensor has momentum. A tensor whose ``first_run`` is true gets its
+            buffer initialised to the gradient, as torch does on the first step.
+        lr, weight_decay, momentum, dampening, nesterov, maximize, first_run: numbers / bools,
+            or one per tensor (per-group hyperparameters).
+        grad_scale, found_inf: GradScaler's tensors; ``found_inf > 0`` restores the weights and
+            leaves the buffers, as a skipped step.
+    """
+    fn = "saf_kernels.sam_restore_sgd_"
+    params, grads, stash = (
+        as_list(params, "params", fn),
+        as_list(grads, "grads", fn),
+        as_list(stash, "stash", fn),
+    )
+    bufs = as_list(momentum_buffers, "momentum_buffers", fn)
+    n = check_lengths(fn, params=params, grads=grads, stash=stash)
+    if bufs and len(bufs) != n:
+        raise ValueError(
+            f"{fn}: momentum_buffers has {len(bufs)} tensors but params has {n} (pass [] for none)"
+        )
+    lr_l = per_tensor(lr, n, "lr", fn, nonneg=True)
+    wd_l = per_tensor(weight_decay, n, "weight_decay", fn)
+    mom_l = per_tensor(momentum, n, "momentum", fn, nonneg=True)
+    damp_l = per_tensor(dampening, n, "dampening", fn)
+    nest = per_tensor(nesterov, n, "nesterov", fn, kind=bool)
+    maxi = per_tensor(maximize, n, "maximize", fn, kind=bool)
+    first = per_tensor(first_run, n, "first_run", fn, kind=bool)
+    if not bufs and any(m != 0 for m in mom_l):
+        raise ValueError(f"{fn}: momentum != 0 needs momentum_buffers")
+    if len(nest) == len(maxi) == len(first) == 1:
+        flags = [SGD_NESTEROV * nest[0] + SGD_MAXIMIZE * maxi[0] + SGD_FIRST_RUN * first[0]]
+    else:
+        flags = [
+            SGD_NESTEROV * a + SGD_MAXIMIZE * b + SGD_FIRST_RUN * c
+            for a, b, c in zip(full(nest, n), full(maxi, n), full(first, n))
+        ]
+    mode = stash_mode_code(stash_mode, fn)
+    if n == 0:
+        return
+    dev = params[0].device
+    check_scalar(grad_scale, "grad_scale", fn, dev)
+    check_scalar(found_inf, "found_inf", fn, dev)
+    impl = _backend.resolve(backend, dev, "sam_restore_sgd_")
+    if impl in ("triton", "torch"):
+        streams = [("params", params), ("grads", grads), ("stash", stash)] + (
+            [("momentum_buffers", bufs)] if bufs else []
+        )
+        check_streams(
+            fn, streams, same_dtype=("grads", "momentum_buffers") + (("stash",) if mode == 0 else ())
+        )
+    if impl == "torch":
+        reference.sam_restore_sgd_(
+            params,
+            grads,
+            stash,
+            bufs,
+            *(full(v, n) for v in (lr_l, wd_l, mom_l, damp_l, nest, maxi, first)),
+            stash_mode,
+            grad_scale,
+            found_inf,
+        )
+        return
+    fused_ops("sam_restore_sgd_")[impl](
+        params, grads, stash, bufs, lr_l, wd_l, mom_l, damp_l, flags, mode, grad_scale, found_inf
+    )
+
+
+@torch.no_grad()
+def sam_restore_adamw_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    stash: Sequence[torch.Tensor],
+    exp_avg: Sequence[torch.Tensor],
+    exp_avg_sq: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    *,
+    lr: Floats,
+    beta1: Floats = 0.9,
+    beta2: Floats = 0.999,
+    eps: Floats = 1e-8,
+    weight_decay: Floats = 1e-2,
+    maximize: Bools = False,
+    stash_mode: str = "copy",
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """SAM's second step fused into one pass: restore the weights, then one
+    ``torch.optim.AdamW`` step (no amsgrad) on them with the gradients ``g / grad_scale``.
+
+    ``steps`` are one-element float32 tensors on the params' device holding the step count
+    *including* this step (increment them first, e.g. ``torch._foreach_add_(steps, 1)``; with
+    AMP add ``1 - found_inf`` so that a skipped step does not count). ``exp_avg`` and
+    ``exp_avg_sq`` have the params' dtypes. Agrees with ``torch.optim.AdamW`` to rounding.
+    """
+    fn = "saf_kernels.sam_restore_adamw_"
+    params, grads, stash = (
+        as_list(params, "params", fn),
+        as_list(grads, "grads", fn),
+        as_list(stash, "stash", fn),
+    )
+    exp_avg, exp_avg_sq = as_list(exp_avg, "exp_avg", fn), as_list(exp_avg_sq, "exp_avg_sq", fn)
+    steps = as_list(steps, "steps", fn)
+    n = check_lengths(
+        fn, params=params, grads=grads, stash=stash, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, steps=steps
+    )
+    lr_l = per_tensor(lr, n, "lr", fn, nonneg=True)
+    b1 = per_tensor(beta1, n, "beta1", fn, nonneg=True)
+    b2 = per_tensor(beta2, n, "beta2", fn, nonneg=True)
+    eps_l = per_tensor(eps, n, "eps", fn, nonneg=True)
+    wd_l = per_tensor(weight_decay, n, "weight_decay", fn)
+    maxi = per_tensor(maximize, n, "maximize", fn, kind=bool)
+    for name, vals in (("beta1", b1), ("beta2", b2)):
+        for i, v in enumerate(vals):
+            if not v < 1.0:
+                raise ValueError(f"{fn}: {name}[{i}] must be in [0, 1), got {v!r}")
+    mode = stash_mode_code(stash_mode, fn)
+    if n == 0:
+        return
+    dev = params[0].device
+    check_scalar(grad_scale, "grad_scale", fn, dev)
+    check_scalar(found_inf, "found_inf", fn, dev)
+    impl = _backend.resolve(backend, dev, "sam_restore_adamw_")
+    if impl in ("triton", "torch"):
+        check_streams(
+            fn,
+            [
+                ("params", params),
+                ("grads", grads),
+                ("stash", stash),
+                ("exp_avg", exp_avg),
+                ("exp_avg_sq", exp_avg_sq),
+                ("steps", steps),
+            ],
+            scalar=("steps",),
+            same_dtype=("grads", "exp_avg", "exp_avg_sq") + (("stash",) if mode == 0 else ()),
+        )
+        for i, s in enumerate(steps):
+            if s.dtype != torch.float32:
+                raise TypeError(f"{fn}: steps[{i}] must be float32, got {s.dtype}")
+    if impl == "torch":
+        reference.sam_restore_adamw_(
+            params,
+            grads,
+            stash,
+            exp_avg,
+            exp_avg_sq,
+            steps,
+            *(full(v, n) for v in (lr_l, b1, b2, eps_l, wd_l, maxi)),
+            stash_mode,
+            grad_scale,
+            found_inf,
+        )
+        return
+    flags = [ADAMW_MAXIMIZE if m else 0 for m in maxi]
+    fused_ops("sam_restore_adamw_")[impl](
+        params,
+        grads,
+        stash,
+        exp_avg,
+        exp_avg_sq,
+        steps,
+        lr_l,
+        b1,
+        b2,
+        eps_l,
+        wd_l,
+        flags,
+        mode,
+        grad_scale,
+        found_inf,
+    )

@@ -1,0 +1,543 @@
+"""The two-pass base shared by the sharpness-aware optimizers (SAM, ASAM; ESAM, R-SAM, GSAM build
+on it): wraps a base optimizer given as a class, shares its ``param_groups`` and ``state``, and
+runs
+
+    first_step:  w -> w + e(g)  (a fused op; the weights needed for the restore are stashed)
+    second_step: restore w, then the base optimizer's step with the gradient taken at w + e
+
+with GradScaler support, BatchNorm statistics from the first pass only, the DDP first pass
+with or without synchronisation, checkpoints that hold the base optimizer's state, and an
+optional fused restore + SGD / AdamW step.
+
+AMP flow (a plain loop, no closure)::
+
+    scaler.scale(loss_fn(model(x), y)).backward()
+    opt.first_step(zero_grad=True, grad_scaler=scaler)   # reads the scale tensor; unscales in-kernel
+    scaler.scale(loss_fn(model(x), y)).backward()
+    scaler.step(opt)                                      # GradScaler hands grad_scale / found_inf over
+    scaler.update()
+
+``_step_supports_amp_scaling = True``, so ``GradScaler.step`` (torch >= 2.0) checks the second
+gradients for inf itself (one read pass) and sets ``opt.grad_scale`` / ``opt.found_inf`` for the
+duration of ``opt.step()``. The first pass's overflow is the fused norm being non-finite: the
+perturbation is skipped on the device, the step is skipped, and the flag is added to the
+scaler's found-inf record so that ``scaler.update()`` backs off the scale. No host
+synchronisation happens in this machinery except one: with AMP and a base optimizer that cannot
+skip a step on the device (torch's for-loop / foreach SGD, Adam, ...), whether to call its
+``step()`` is decided on the host (one ``.item()``, as ``GradScaler`` itself does for such
+optimizers). The fused restore + SGD / AdamW path (``fused_step=True``) and torch's own fused
+base optimizers (``fused=True``) are sync-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import warnings
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..ops import sam as sam_ops
+from . import utils
+
+_FUSABLE = ("SGD", "AdamW")
+
+
+class TwoPassOptimizer(torch.optim.Optimizer):
+    """Base of the two-pass sharpness-aware optimizers; subclasses implement :meth:`_perturb`.
+
+    Args:
+        params: parameters or parameter groups (groups may set the subclass's options, e.g. ``rho``).
+        base_optimizer: the optimizer *class* (e.g. ``torch.optim.SGD``), built here on the same
+            parameter groups with ``**base_kwargs``. LR schedulers may be attached to this object
+            or to ``.base_optimizer``: the groups are the same dicts.
+        defaults: the subclass's per-group options.
+        stash_mode: ``"copy"`` (default; the restore is bit exact, one extra copy of the weights)
+            or ``"delta"`` (stash the perturbation in ``stash_dtype``, e.g. ``torch.bfloat16`` to
+            halve that memory; the restore subtracts it and is not bit exact).
+        fused_step: restore and base step in one pass (``saf_kernels.ops.sam_restore_sgd_`` /
+            ``sam_restore_adamw_``); needs a ``torch.optim.SGD`` or ``torch.optim.AdamW`` base
+            (no amsgrad, not differentiable). Agrees with torch to rounding; the default path is
+            bit exact (``rho=0`` gives exactly the base optimizer).
+        model: optional; lets ``step(closure)`` apply :meth:`first_pass` / :meth:`second_pass`.
+        sync_first_pass: DDP: average the first gradients across replicas (False: m-sharpness).
+        bn_first_pass_only: BatchNorm running statistics come from the first pass only.
+        backend: kernel backend of the fused ops (``"auto" | "cuda" | "triton" | "cpu" | "torch"``).
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params,
+        base_optimizer: type,
+        defaults: dict[str, Any],
+        base_kwargs: dict[str, Any],
+        *,
+        stash_mode: str = "copy",
+        stash_dtype: torch.dtype | None = None,
+        fused_step: bool = False,
+        model: nn.Module | None = None,
+        sync_first_pass: bool = False,
+        bn_first_pass_only: bool = True,
+        backend: str = "auto",
+    ):
+        name = type(self).__name__
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(
+                f"{name}: base_optimizer must be an optimizer class such as torch.optim.SGD, got "
+                f"{base_optimizer!r} (pass the class and its arguments, e.g. lr=0.1, as keywords)"
+            )
+        if stash_mode not in ("copy", "delta"):
+            raise ValueError(f"{name}: stash_mode must be 'copy' or 'delta', got {stash_mode!r}")
+        if stash_dtype is not None and stash_mode != "delta":
+            raise ValueError(f"{name}: stash_dtype applies to stash_mode='delta' only")
+        self._own_defaults = dict(defaults)
+        super().__init__(params, {**base_kwargs, **defaults})
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        # One set of groups and one state for both: schedulers, checkpoints and hooks see the
+        # base optimizer's hyperparameters and moments through this object.
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+        self.stash_mode = stash_mode
+        self.stash_dtype = stash_dtype
+        self.model = model
+        self.sync_first_pass = sync_first_pass
+        self.bn_first_pass_only = bn_first_pass_only
+        self.backend = backend
+        self.fused_step = bool(fused_step)
+        if self.fused_step:
+            self._check_fusable()
+        self._stash: dict[torch.Tensor, torch.Tensor] = {}
+        self._perturbed: list[torch.Tensor] | None = None
+        self._first_found_inf: torch.Tensor | None = None
+        self._grad_scaler = None
+        self.last_grad_norm: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------
+    # To implement
+    # ----------------------------------------------------------------------------------------
+
+    def _perturb(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        stash: list[torch.Tensor],
+        groups: list[dict],
+        grad_scale: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Perturb ``params`` in place from ``grads`` (scaled by ``grad_scale`` if given), writing
+        the stash; ``groups[i]`` is the param group of ``params[i]``. Returns the gradient norm
+        (a device tensor; non-finite means nothing was perturbed)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------
+    # Groups
+    # ----------------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds a group to both this optimizer and the base optimizer (they share the list)."""
+        if not hasattr(self, "base_optimizer"):
+            super().add_param_group(param_group)
+            return
+        for k, v in self._own_defaults.items():
+            param_group.setdefault(k, v)
+        self.base_optimizer.add_param_group(param_group)
+
+    def _collect(self) -> tuple[list, list, list]:
+        params, grads, groups = [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                params.append(p)
+                grads.append(p.grad)
+                groups.append(group)
+        return params, grads, groups
+
+    def _stash_for(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for p in params:
+            s = self._stash.get(p)
+            dtype = p.dtype if self.stash_dtype is None else self.stash_dtype
+            if (
+                s is None
+                or s.shape != p.shape
+                or s.dtype != dtype
+                or s.device != p.device
+                or s.stride() != p.stride()
+            ):
+                s = torch.empty_like(p, dtype=dtype)
+                self._stash[p] = s
+            out.append(s)
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # The two steps
+    # ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> torch.Tensor:
+        """Perturbs the weights from the current gradients (the ascent step).
+
+        Args:
+            zero_grad: clear the gradients afterwards (``set_to_none``), ready for the second
+                backward. Leave False to accumulate the second pass into fresh gradients yourself.
+            grad_scaler: the ``torch.amp.GradScaler`` that scaled the loss, if any. Its scale is
+                read from its device tensor (no synchronisation) and divided out inside the
+                kernels; an overflow perturbs nothing and makes the whole step skip. Finish
+                the step with ``grad_scaler.step(optimizer)``.
+
+        Returns:
+            The norm of the (unscaled) first gradients, a device tensor.
+        """
+        if self._perturbed is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.first_step() was called twice without second_step() "
+                "(the weights are still perturbed)"
+            )
+        grad_scale = None
+        self._grad_scaler = None
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            grad_scale = grad_scaler._get_scale_async()
+            if grad_scale is None:
+                raise RuntimeError(
+                    "grad_scaler has no scale yet: call grad_scaler.scale(loss).backward() first"
+                )
+            self._grad_scaler = grad_scaler
+        params, grads, groups = self._collect()
+        stash = self._stash_for(params)
+        norm = self._perturb(params, grads, stash, groups, grad_scale)
+        self._perturbed = params
+        self._first_found_inf = None
+        if grad_scale is not None:
+            self._first_found_inf = (~torch.isfinite(norm)).to(torch.float32).reshape(())
+        self.last_grad_norm = norm
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+        return norm
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restores the weights and applies the base optimizer's step with the current gradients
+        (taken at the perturbed weights).
+
+        Under AMP call ``grad_scaler.step(optimizer)`` instead (it calls :meth:`step`, which
+        lands here with ``grad_scale`` / ``found_inf`` set).
+        """
+        params = self._perturbed
+        if params is None:
+            raise RuntimeError(f"{type(self).__name__}.second_step() without first_step()")
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if self._grad_scaler is not None and found_inf is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: first_step() used a GradScaler; finish the step with "
+                "grad_scaler.step(optimizer) so that the second gradients are unscaled and checked"
+            )
+        found = self._combined_found_inf(found_inf)
+        stash = [self._stash[p] for p in params]
+        if self.fused_step:
+            self._fused_second_step(params, stash, grad_scale, found)
+        else:
+            sam_ops.sam_restore_(params, stash, self.stash_mode, backend=self.backend)
+            self._base_step(grad_scale, found)
+        self._perturbed = None
+        self._first_found_inf = None
+        self._grad_scaler = None
+        self._opt_called = True  # LR schedulers check this flag of the stepped optimizer
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One full step.
+
+        With a closure (torch's convention: it clears the gradients if it wants to, computes the
+        loss and calls ``backward()``; no ``GradScaler``): the closure is called for the first
+        pass, the weights are perturbed, the closure is called again at the perturbed weights,
+        then :meth:`second_step`. Returns the first loss. If the optimizer was given a ``model``,
+        the first call runs inside :meth:`first_pass` and the second inside :meth:`second_pass`.
+
+        Without a closure: finishes a step begun by :meth:`first_step` (this is how
+        ``GradScaler.step(optimizer)`` drives the second step).
+        """
+        if closure is None:
+            if self._perturbed is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}.step() without a closure finishes a step begun by "
+                    "first_step(); call first_step() first, or pass a closure that computes the "
+                    "loss and its gradients"
+                )
+            self.second_step()
+            return None
+        with torch.enable_grad(), self.first_pass(self.model):
+            loss = closure()
+        self.first_step(zero_grad=True)
+        with torch.enable_grad(), self.second_pass(self.model):
+            closure()
+        self.second_step()
+        return loss
+
+    # ----------------------------------------------------------------------------------------
+    # Training-loop contexts
+    # ----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def first_pass(self, model: nn.Module | None = None) -> Iterator[None]:
+        """Wrap the first forward + backward: under DDP, skips the gradient all-reduce unless
+        ``sync_first_pass`` (see :func:`saf_kernels.optim.utils.first_pass`)."""
+        with utils.first_pass(model if model is not None else self.model, sync=self.sync_first_pass):
+            yield
+
+    @contextlib.contextmanager
+    def second_pass(self, model: nn.Module | None = None) -> Iterator[None]:
+        """Wrap the second forward (+ backward): keeps BatchNorm's running statistics from the
+        first pass (``bn_first_pass_only``; see :func:`saf_kernels.optim.utils.frozen_bn_stats`)."""
+        model = model if model is not None else self.model
+        if model is not None and self.bn_first_pass_only:
+            with utils.frozen_bn_stats(model):
+                yield
+        else:
+            yield
+
+    # ----------------------------------------------------------------------------------------
+    # AMP and the base step
+    # ----------------------------------------------------------------------------------------
+
+    def _combined_found_inf(self, found_inf: torch.Tensor | None) -> torch.Tensor | None:
+        first = self._first_found_inf
+        if first is None:
+            return found_inf
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+            and not self.sync_first_pass
+        ):
+            # Unsynced first gradients overflow per replica; every replica must skip together.
+            first = first.clone()
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MAX)
+        self._report_first_pass_overflow(first)
+        return first if found_inf is None else found_inf + first.to(found_inf.device)
+
+    def _report_first_pass_overflow(self, first: torch.Tensor) -> None:
+        # GradScaler.update() backs off the scale from the found-inf tensors it recorded for this
+        # optimizer; the first pass's overflow must count too, or a scale that overflows only in
+        # the first pass would never shrink (and every step would be skipped).
+        scaler = self._grad_scaler
+        record = getattr(scaler, "_per_optimizer_states", {}).get(id(self), {}).get("found_inf_per_device")
+        if record:
+            for t in record.values():
+                t.add_(first.to(t.device))
+        elif scaler is not None:
+            warnings.warn(
+                "saf_kernels: could not report a first-pass overflow to the GradScaler (unknown "
+                "GradScaler internals); the step is still skipped",
+                stacklevel=4,
+            )
+
+    def _base_step(self, grad_scale: torch.Tensor | None, found: torch.Tensor | None) -> None:
+        base = self.base_optimizer
+        if grad_scale is None and found is None:
+            base.step()
+            return
+        if getattr(base, "_step_supports_amp_scaling", False):
+            # torch's fused optimizers unscale and skip on the device.
+            base.grad_scale, base.found_inf = grad_scale, found
+            try:
+                base.step()
+            finally:
+                del base.grad_scale, base.found_inf
+            return
+        if grad_scale is not None:
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        by_device.setdefault(p.grad.device, []).append(p.grad)
+            inv = grad_scale.double().reciprocal().float()
+            for dev, grads in by_device.items():
+                torch._foreach_mul_(grads, inv.to(dev))
+        # The one host synchronisation: a generic optimizer cannot skip a step on the device.
+        if found is None or found.item() == 0:
+            base.step()
+
+    def _check_fusable(self) -> None:
+        base = self.base_optimizer
+        kind = type(base).__name__
+        if type(base) not in (torch.optim.SGD, torch.optim.AdamW):
+            raise ValueError(
+                f"{type(self).__name__}: fused_step=True supports torch.optim.SGD and torch.optim.AdamW "
+                f"base optimizers, got {kind}"
+            )
+        for g in self.param_groups:
+            if g.get("differentiable") or g.get("amsgrad") or isinstance(g.get("lr"), torch.Tensor):
+                raise ValueError(
+                    f"{type(self).__name__}: fused_step=True does not support differentiable, amsgrad "
+                    "or tensor learning rates"
+                )
+
+    def _fused_second_step(self, params, stash, grad_scale, found) -> None:
+        perturbed = {id(p): s for p, s in zip(params, stash)}
+        # Perturbed but without a second gradient: restore only (torch skips such params too).
+        lost = [p for p in params if p.grad is None]
+        if lost:
+            sam_ops.sam_restore_(
+                lost, [perturbed[id(p)] for p in lost], self.stash_mode, backend=self.backend
+            )
+        now, grads, gs = self._collect()
+        # A gradient only in the second pass: nothing to restore, so the stash is the weight itself
+        # (copy mode) or a zero perturbation (delta mode).
+        st = []
+        for p in now:
+            s = perturbed.get(id(p))
+            if s is None:
+                s = (
+                    p.clone()
+                    if self.stash_mode == "copy"
+                    else torch.zeros_like(p, dtype=self.stash_dtype or p.dtype)
+                )
+            st.append(s)
+        if not now:
+            return
+        if type(self.base_optimizer) is torch.optim.SGD:
+            self._fused_sgd(now, grads, st, gs, grad_scale, found)
+        else:
+            self._fused_adamw(now, grads, st, gs, grad_scale, found)
+
+    def _fused_sgd(self, params, grads, stash, gs, grad_scale, found) -> None:
+        with_buf = [i for i, g in enumerate(gs) if g["momentum"] != 0]
+        without = [i for i, g in enumerate(gs) if g["momentum"] == 0]
+        for idx, has_buf in ((with_buf, True), (without, False)):
+            if not idx:
+                continue
+            ps = [params[i] for i in idx]
+            bufs, first = [], []
+            if has_buf:
+                for p in ps:
+                    st = self.state[p]
+                    b = st.get("momentum_buffer")
+                    first.append(b is None)
+                    if b is None:
+                        # Zeros, not empty: a first step skipped by AMP leaves it as it is.
+                        b = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["momentum_buffer"] = b
+                    bufs.append(b)
+            g_of = [gs[i] for i in idx]
+            sam_ops.sam_restore_sgd_(
+                ps,
+                [grads[i] for i in idx],
+                [stash[i] for i in idx],
+                bufs,
+                lr=[g["lr"] for g in g_of],
+                weight_decay=[g["weight_decay"] for g in g_of],
+                momentum=[g["momentum"] for g in g_of],
+                dampening=[g["dampening"] for g in g_of],
+                nesterov=[g["nesterov"] for g in g_of],
+                maximize=[g.get("maximize", False) for g in g_of],
+                first_run=first if has_buf else False,
+                stash_mode=self.stash_mode,
+                grad_scale=grad_scale,
+                found_inf=found,
+                backend=self.backend,
+            )
+
+    def _fused_adamw(self, params, grads, stash, gs, grad_scale, found) -> None:
+        m, v, steps = [], [], []
+        for p in params:
+            st = self.state[p]
+            if len(st) == 0 or "step" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            step = st["step"]
+            if not isinstance(step, torch.Tensor) or step.device != p.device or step.dtype != torch.float32:
+                st["step"] = step = torch.as_tensor(step, dtype=torch.float32).to(p.device).reshape(())
+            m.append(st["exp_avg"])
+            v.append(st["exp_avg_sq"])
+            steps.append(step)
+        by_dev: dict[torch.device, list[torch.Tensor]] = {}
+        for s in steps:
+            by_dev.setdefault(s.device, []).append(s)
+        for dev, ss in by_dev.items():
+            if found is None:
+                torch._foreach_add_(ss, 1.0)
+            else:
+                torch._foreach_add_(ss, (1.0 - found.clamp(max=1.0)).to(dev))
+        sam_ops.sam_restore_adamw_(
+            params,
+            grads,
+            stash,
+            m,
+            v,
+            steps,
+            lr=[g["lr"] for g in gs],
+            beta1=[g["betas"][0] for g in gs],
+            beta2=[g["betas"][1] for g in gs],
+            eps=[g["eps"] for g in gs],
+            weight_decay=[g["weight_decay"] for g in gs],
+            maximize=[g.get("maximize", False) for g in gs],
+            stash_mode=self.stash_mode,
+            grad_scale=grad_scale,
+            found_inf=found,
+            backend=self.backend,
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Checkpoints
+    # ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state and the shared groups (this optimizer's options such as
+        ``rho`` are in the groups). Save between steps: a checkpoint taken between first_step and
+        second_step would pair perturbed weights with it."""
+        if self._perturbed is not None:
+            warnings.warn(
+                f"{type(self).__name__}.state_dict() between first_step() and second_step(): the model's "
+                "weights are perturbed right now",
+                stacklevel=2,
+            )
+        sd = super().state_dict()
+        sd["saf_kernels"] = {
+            "optimizer": type(self).__name__,
+            "base_optimizer": type(self.base_optimizer).__name__,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads groups and the base optimizer's state (through the base optimizer, so that its
+        own rules for casting state, e.g. Adam's ``step``, apply), keeping the two shared."""
+        info = state_dict.get("saf_kernels")
+        if info and info.get("base_optimizer") not in (None, type(self.base_optimizer).__name__):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the checkpoint's base optimizer is "
+                f"{info['base_optimizer']}, this one's is {type(self.base_optimizer).__name__}"
+            )
+        sd = {k: v for k, v in state_dict.items() if k != "saf_kernels"}
+        self.base_optimizer.load_state_dict(sd)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self._stash.clear()
+        self._perturbed = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r})"
+
+
+def check_nonneg(name: str, value, cls: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{cls}: {name} must be a finite number >= 0, got {value!r}")
+    return float(value)
