@@ -16,6 +16,7 @@ figures for ``python/evidence.py``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -87,7 +88,10 @@ class Method:
         elif self.name == "mesa":
             loss = self.mesa(model(x), y, x, epoch)
         elif self.name == "esam":
-            return opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), inputs=(x, y))
+            from saf_kernels.optim.esam import per_sample_closure
+
+            per_sample = functools.partial(F.cross_entropy, reduction="none")
+            return opt.step(per_sample_closure(model, x, y, per_sample)).mean()
         else:
 
             def closure():
@@ -103,11 +107,6 @@ class Method:
         if self.mesa is not None:
             self.mesa.update()
         return loss.detach()
-
-    def end_epoch(self, epoch: int) -> None:
-        sched = getattr(self.opt, "update_rho_t", None)  # GSAM / R-SAM rho schedules follow the LR
-        if callable(sched):
-            sched()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +176,6 @@ def run(args) -> dict:
                 sys.stderr.write(f"\r  epoch {epoch:3d} [{'#' * int(20 * done):20s}] {bi + 1}/{len(batches)}")
         if rank == 0 and not args.quiet and sys.stderr.isatty():
             sys.stderr.write("\r" + " " * 60 + "\r")
-        method.end_epoch(epoch)
         if sched is not None:
             sched.step()
         mean_loss = torch.stack(losses).float().mean().item()

@@ -84,6 +84,35 @@ def step_callables(
     return out
 
 
+def _two_pass_builder(cls, **okw):
+    """A ``methods.py`` step builder: ``build(ctx) -> step(i)``, the batch rotated by ``ctx.batch(i)``."""
+
+    def build(ctx):
+        m = ctx.model_fn().train()
+        opt = cls(m.parameters(), torch.optim.SGD, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay,
+                  **okw)
+
+        def step(i: int) -> None:
+            x, y, _ = ctx.batch(i)
+            with opt.first_pass(m):
+                ctx.loss_fn(m(x), y).backward()
+            opt.first_step(zero_grad=True)
+            with opt.second_pass(m):
+                ctx.loss_fn(m(x), y).backward()
+            opt.second_step(zero_grad=True)
+
+        return step
+
+    return build
+
+
+# The methods section of `python -m saf_kernels.bench` (saf_kernels/bench/methods.py).
+BUILDERS = {
+    "sam": _two_pass_builder(SAM, rho=0.05),
+    "asam": _two_pass_builder(ASAM, rho=0.5, eta=0.01),
+}
+
+
 class SmallCNN(nn.Module):
     """A CIFAR-sized CNN with BatchNorm (0.29M parameters, 14 tensors)."""
 
