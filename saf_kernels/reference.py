@@ -475,7 +475,7 @@ def gsam_coefficients(grads, old_grads, alpha, eps=1e-12, grad_scale=None, old_g
     out = []
     for a, b in zip(g, o):
         vertical = b - cos * n_old * a / (n_new + eps)
-        out.append(torch.where(finite, a - alpha * vertical, a))
+        out.append(torch.where(finite, a - alpha * vertical, a) if alpha != 0 else a.clone())
     apply = torch.ones((), dtype=torch.bool) if found_inf is None else (found_inf <= 0).cpu()
     return out, cos, n_old, n_new, apply
 

@@ -144,9 +144,14 @@ __global__ void __launch_bounds__(kBlock)
       if (apply) {
         acc_t gv[N], ov[N];
         ld<N>(g, i, gv);
-        ld<N>(o, i, ov);
+        if (co != acc_t(0)) {  // else old_g is not read (alpha = 0, or 0 * inf)
+          ld<N>(o, i, ov);
 #pragma unroll
-        for (int j = 0; j < N; ++j) gv[j] = cn * gv[j] + co * ov[j];
+          for (int j = 0; j < N; ++j) gv[j] = cn * gv[j] + co * ov[j];
+        } else {
+#pragma unroll
+          for (int j = 0; j < N; ++j) gv[j] = cn * gv[j];
+        }
         st<N>(g, i, gv);
       }
     });
@@ -182,7 +187,12 @@ __global__ void __launch_bounds__(kBlock) gsam_sgd_kernel(const void* plan, cons
       }
       acc_t gv[N], ov[N], bv[N];
       ld<N>(g, i, gv);
-      ld<N>(o, i, ov);
+      if (co != acc_t(0)) {
+        ld<N>(o, i, ov);
+      } else {  // old_g is not read (alpha = 0, or 0 * inf)
+#pragma unroll
+        for (int j = 0; j < N; ++j) ov[j] = acc_t(0);
+      }
       if (mom != acc_t(0) && !first) ld<N>(buf, i, bv);
 #pragma unroll
       for (int j = 0; j < N; ++j) {

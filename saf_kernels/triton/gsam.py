@@ -114,7 +114,9 @@ def _gsam_combine_kernel(meta, coef_ptr, O_NUMEL, O_CT, O_CS, DT: tl.constexpr, 
                 tl.store(w + idx, wv.to(DT), mask=m)
         gr = tl.load(g + idx, mask=m, other=0.0)
         ov = tl.load(o + idx, mask=m, other=0.0).to(ACC)
-        tl.store(g + idx, tl.where(apply, (cn * gr.to(ACC) + co * ov).to(DT), gr), mask=m)
+        # c_old == 0 (alpha = 0, or an undefined decomposition): old_g must not count (0 * inf).
+        new = tl.where(co == 0.0, cn * gr.to(ACC), cn * gr.to(ACC) + co * ov)
+        tl.store(g + idx, tl.where(apply, new.to(DT), gr), mask=m)
 
 
 @triton.jit
@@ -144,7 +146,8 @@ def _gsam_sgd_kernel(meta, fmeta, coef_ptr, O_NUMEL, O_FLAGS, O_PARAMS, O_CT, O_
         m = lane < end
         idx = start + lane
         sr, wv = _restored(w, s, idx, m, ACC, COPY)
-        d = cn * tl.load(g + idx, mask=m, other=0.0).to(ACC) + co * tl.load(o + idx, mask=m, other=0.0).to(ACC)
+        d = cn * tl.load(g + idx, mask=m, other=0.0).to(ACC)
+        d = tl.where(co == 0.0, d, d + co * tl.load(o + idx, mask=m, other=0.0).to(ACC))
         d = tl.where(maximize, -d, d)
         d = tl.where(wd != 0.0, d + wd * wv, d)
         if HAS_BUF:

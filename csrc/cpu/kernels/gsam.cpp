@@ -84,10 +84,14 @@ void gsam_combine_impl(const mt::TensorEntry& t, int64_t start, int64_t n, doubl
     }
     if (!apply) continue;
     acc_t* g = load_stream<acc_t>(t, G::G, off, m, s.d);
-    const acc_t* o = load_stream<acc_t>(t, G::OLD_G, off, m, s.e);
-    vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) {
-      vstore(g + i, vn * vload(g + i, lanes) + vo * vload(o + i, lanes), lanes);
-    });
+    if (c_old == 0.0) {  // alpha = 0 or an undefined decomposition: old_g is not read (0 * inf)
+      vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) { vstore(g + i, vn * vload(g + i, lanes), lanes); });
+    } else {
+      const acc_t* o = load_stream<acc_t>(t, G::OLD_G, off, m, s.e);
+      vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) {
+        vstore(g + i, vn * vload(g + i, lanes) + vo * vload(o + i, lanes), lanes);
+      });
+    }
     store_stream<acc_t>(t, G::G, off, m, g);
   }
 }
@@ -113,11 +117,13 @@ void gsam_sgd_impl(const mt::TensorEntry& t, int64_t start, int64_t n, double c_
     acc_t* wo = out_stream<acc_t>(t, G::W, off, s.a);
     const acc_t* w = restored_block<acc_t>(t, off, m, mode, s.b, s.c, s.a);
     const acc_t* g = load_stream<acc_t>(t, G::G, off, m, s.b);
-    const acc_t* o = load_stream<acc_t>(t, G::OLD_G, off, m, s.c);
+    // c_old == 0 (alpha = 0 or an undefined decomposition): old_g is not read (0 * inf).
+    const acc_t* o = c_old != 0.0 ? load_stream<acc_t>(t, G::OLD_G, off, m, s.c) : nullptr;
     acc_t* buf = has_buf ? load_stream<acc_t>(t, G::BUF, off, m, s.d) : nullptr;
     vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) {
       const V wv = vload(w + i, lanes);
-      V gv = vn * vload(g + i, lanes) + vo * vload(o + i, lanes);
+      V gv = vn * vload(g + i, lanes);
+      if (o != nullptr) gv = gv + vo * vload(o + i, lanes);
       if (maximize) gv = V(acc_t(0)) - gv;
       if (wd != acc_t(0)) gv = gv + vwd * wv;
       if (has_buf) {

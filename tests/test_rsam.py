@@ -1,0 +1,165 @@
+"""R-SAM: the fused filter-wise noise and ascent (rsam_noise_ / rsam_perturb_) on every backend
+against float64, and the RSAM optimizer against a plain-PyTorch version of its published rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from saf_kernels import reference
+from saf_kernels import ops as O
+
+from .helpers import KERNEL_PAIRS, skip_unless_available
+
+PAIRS = KERNEL_PAIRS + [pytest.param("torch", "cpu", id="torch-cpu")]
+ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float64: 2.0**-52}
+# Conv and linear weights of odd sizes, 1-D params, a 0-dim one, an empty one, a long unit
+# (>= 2048 elements: the CUDA kernel's block-per-unit path) and many short ones.
+SHAPES = [(3, 5), (1,), (64,), (7, 7, 3), (0,), (), (129,), (3, 2500), (1000, 3), (4, 3, 3, 3), (8, 1, 1)]
+
+
+def _skip(backend, device, op="rsam_noise_"):
+    skip_unless_available(backend, device, op)
+
+
+def _make(shapes, dtypes, device):
+    params = [torch.randn(s, dtype=torch.float64).to(device=device, dtype=d) for s, d in zip(shapes, dtypes)]
+    grads = [torch.randn(s, dtype=torch.float64).to(device=device, dtype=d) for s, d in zip(shapes, dtypes)]
+    return params, grads
+
+
+def _noise64(params, std, seed, offset):
+    """delta from the rule, in float64: std * ||W[j, ...]|| * z (1-D: std * (||p|| + 1e-16) * z),
+    z the Philox normals of each element's position (generator checked in tests/test_philox.py)."""
+    out, base = [], 0
+    for p, s in zip(params, std):
+        w = p.detach().double().cpu()
+        n = w.numel()
+        if w.dim() >= 2:
+            scale = s * w.reshape(w.shape[0], -1).norm(dim=1, keepdim=True).expand(w.shape[0], n // w.shape[0])
+        else:
+            scale = (s * (w.norm() + 1e-16)).expand(n)
+        pos = base + torch.arange(n, dtype=torch.int64)
+        out.append(scale.reshape(-1) * reference.philox_normal(pos, seed, offset))
+        base += (n + 3) // 4 * 4
+    return out
+
+
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+@pytest.mark.parametrize("mixed", [False, True], ids=["fp32", "mixed"])
+def test_noise_matches_rule(backend, device, mixed):
+    _skip(backend, device)
+    cycle = [torch.float32, torch.bfloat16, torch.float32, torch.float16] if mixed else [torch.float32]
+    dtypes = [cycle[i % len(cycle)] for i in range(len(SHAPES))]
+    params, _ = _make(SHAPES, dtypes, device)
+    orig = [p.clone() for p in params]
+    stash = [torch.empty_like(p) for p in params]
+    std = [0.01 * (1 + i % 3) for i in range(len(params))]  # per-tensor std
+    expect = _noise64(params, std, 99, 7)
+    O.rsam_noise_(params, stash, std, 99, 7, backend=backend)
+    for i, (p, o, s, d) in enumerate(zip(params, orig, stash, expect)):
+        assert torch.equal(s, o), "the stash holds the weights before the noise"
+        got = p.double().cpu().reshape(-1)
+        want = o.double().cpu().reshape(-1) + d
+        # One rounding of w + delta to the param's dtype, plus float32 normals (a few ulps).
+        tol = 2 * ULP[p.dtype] * want.abs() + 1e-5 * d.abs() + 1e-30
+        assert ((got - want).abs() <= tol).all(), f"{backend} tensor {i} {p.dtype} {tuple(p.shape)}"
+    # Distinct streams per tensor: the two same-shaped 1-D tensors do not share draws (the
+    # official code's one key for every tensor would make them equal up to scale).
+    z = [d / d.abs().max() for d in expect if d.numel() == 64]
+    assert len(z) == 1 or not torch.allclose(z[0], z[1])
+
+
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+def test_noise_unit_norms_and_statistics(backend, device):
+    """Each output unit's noise has standard deviation std * ||W[j]|| (a statistical check that
+    cannot pass with a per-tensor scale or with the wrong axis)."""
+    _skip(backend, device)
+    w = torch.randn(6, 20000, device=device) * torch.tensor([0.1, 1, 3, 0.5, 2, 10], device=device)[:, None]
+    p = [w.clone()]
+    O.rsam_noise_(p, [torch.empty_like(w)], 0.001, 3, backend=backend)
+    d = (p[0] - w).double()
+    ratio = d.std(dim=1) / (0.001 * w.double().norm(dim=1))
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=0.03), ratio
+
+
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+def test_perturb_matches_rule(backend, device):
+    _skip(backend, device, "rsam_perturb_")
+    dtypes = [torch.float32, torch.bfloat16, torch.float64][:1] * len(SHAPES)
+    params, grads = _make(SHAPES, dtypes, device)
+    stash = [torch.empty_like(p) for p in params]
+    O.rsam_noise_(params, stash, 0.01, 5, backend="torch")
+    noisy = [p.clone() for p in params]
+    rho = [0.05 + 0.01 * (i % 2) for i in range(len(params))]
+    norm = O.rsam_perturb_(params, grads, stash, rho, lam=2.0, backend=backend)
+    d = [2.0 * g.double() + (n.double() - s.double()) for g, n, s in zip(grads, noisy, stash)]
+    nd = math.sqrt(sum(float((x * x).sum()) for x in d))
+    assert norm.item() == pytest.approx(nd, rel=1e-5)
+    for p, s, x, r in zip(params, stash, d, rho):
+        torch.testing.assert_close(p.double(), s.double() + r * x / (nd + 1e-12), rtol=3e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+def test_perturb_amp_and_nonfinite(backend, device):
+    _skip(backend, device, "rsam_perturb_")
+    params, grads = _make([(9,), (30, 100)], [torch.float32] * 2, device)
+    stash = [torch.empty_like(p) for p in params]
+    O.rsam_noise_(params, stash, 0.01, 5, backend="torch")
+    noisy = [p.clone() for p in params]
+    a = [p.clone() for p in params]
+    n1 = O.rsam_perturb_(a, grads, stash, 0.1, backend=backend)
+    b = [p.clone() for p in noisy]
+    n2 = O.rsam_perturb_(b, [g * 256 for g in grads], stash, 0.1, grad_scale=torch.tensor(256.0, device=device),
+                         backend=backend)
+    assert n2.item() == pytest.approx(n1.item(), rel=1e-6)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=2e-6, atol=1e-7)
+    # found_inf, or an inf gradient: back to the clean weights, bit exact.
+    c = [p.clone() for p in noisy]
+    O.rsam_perturb_(c, grads, stash, 0.1, found_inf=torch.ones((), device=device), backend=backend)
+    assert all(torch.equal(x, s) for x, s in zip(c, stash))
+    g = [x.clone() for x in grads]
+    g[1][3, 7] = math.inf
+    c = [p.clone() for p in noisy]
+    assert not math.isfinite(O.rsam_perturb_(c, g, stash, 0.1, backend=backend).item())
+    assert all(torch.equal(x, s) for x, s in zip(c, stash))
+
+
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+def test_bad_arguments(backend, device):
+    _skip(backend, device)
+    p, s = [torch.randn(4, 3, device=device)], [torch.empty(4, 3, device=device)]
+    with pytest.raises(ValueError, match=r"std\[0\] must be >= 0, got -0.1"):
+        O.rsam_noise_(p, s, -0.1, 0, backend=backend)
+    with pytest.raises(ValueError, match="output unit"):
+        w = torch.randn(3, 4, device=device).t()  # dim 0 is not the outer dimension in memory
+        O.rsam_noise_([w], [torch.empty_like(w)], 0.1, 0, backend=backend)
+    with pytest.raises(ValueError, match=r"rho\[0\] must be >= 0, got -1"):
+        O.rsam_perturb_(p, p, s, -1, backend=backend)
+    with pytest.raises(ValueError, match="lam must be a finite number"):
+        O.rsam_perturb_(p, p, s, 0.1, lam=math.nan, backend=backend)
+
+
+def test_channels_last_units():
+    """A channels_last conv weight keeps W[j] contiguous: accepted, same noise per unit norm."""
+    _skip("cpu", "cpu")
+    w = torch.randn(8, 3, 5, 5).to(memory_format=torch.channels_last)
+    p = [w.clone()]
+    O.rsam_noise_(p, [torch.empty_like(w)], 0.01, 4, backend="cpu")
+    q = [w.clone()]
+    O.rsam_noise_(q, [torch.empty_like(w)], 0.01, 4, backend="torch")
+    torch.testing.assert_close(p[0], q[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend):
+    _skip(backend, "cpu")
+    sfx = "_" if backend == "cpu" else "_triton"
+    params, grads = _make([(5,), (3, 4)], [torch.float32, torch.float32], "cpu")
+    stash = [torch.empty_like(p) for p in params]
+    torch.library.opcheck(getattr(torch.ops.saf_kernels, "rsam_noise" + sfx), (params, stash, [0.01, 0.02], 3, 0))
+    torch.library.opcheck(getattr(torch.ops.saf_kernels, "rsam_perturb" + sfx),
+                          (params, grads, stash, [0.05], 2.0, 1e-12, None, None))
