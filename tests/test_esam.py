@@ -310,3 +310,213 @@ def test_sds_select_picks_the_largest_increases():
                 assert diff[idx].min() >= diff[rest].max()
     with pytest.raises(ValueError, match="per-sample loss vectors"):
         O.sds_select(torch.randn(4, 2), torch.randn(4, 2), 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ESAM optimizer against a plain-PyTorch version of the official rule
+# ---------------------------------------------------------------------------------------------
+
+import copy  # noqa: E402
+import functools  # noqa: E402
+import random  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from saf_kernels.optim import ESAM, per_sample_closure  # noqa: E402
+from saf_kernels.optim._rng import step_key  # noqa: E402
+
+from .optim_models import assert_same_params, batches, make_model, per_sample  # noqa: E402
+
+LOSS = functools.partial(F.cross_entropy, reduction="none")
+OPT_PAIRS = [pytest.param("cpu", id="cpu"), pytest.param("torch", id="torch"),
+             pytest.param("triton", marks=pytest.mark.triton, id="triton")]
+
+
+def esam_reference_step(model, sgd, x, y, rho, beta, gamma, keep_fn, eps=1e-7):
+    """One ESAM step as utils/Esam.py computes it (the SDS rule keeping ceil(gamma B) samples),
+    written plainly. keep_fn(params with a gradient) -> one bool mask per tensor (flat)."""
+    params = list(model.parameters())
+    for p in params:
+        p.grad = None
+    before = per_sample(model, x, y)
+    before.mean().backward()
+    live = [p for p in params if p.grad is not None]
+    masks = keep_fn(live)
+    norm = math.sqrt(sum(float((p.grad.reshape(-1)[m] ** 2).sum()) for p, m in zip(live, masks)))
+    saved = [p.detach().clone() for p in live]
+    with torch.no_grad():
+        for p, m in zip(live, masks):
+            e = torch.where(m, rho / beta * p.grad.reshape(-1) / (norm + eps), torch.zeros((), dtype=p.dtype))
+            p.add_(e.view_as(p))
+        after = per_sample(model, x, y)
+    k = O.sds_count(gamma, x.shape[0])
+    idx = torch.sort(torch.topk(after - before.detach(), k).indices).values if k < x.shape[0] else None
+    for p in params:
+        p.grad = None
+    xs, ys = (x, y) if idx is None else (x[idx], y[idx])
+    per_sample(model, xs, ys).mean().backward()
+    with torch.no_grad():
+        for p, s in zip(live, saved):
+            p.copy_(s)
+    sgd.step()
+    return idx
+
+
+@pytest.mark.parametrize("backend", OPT_PAIRS)
+@pytest.mark.parametrize("stash_mode", ["copy", "delta"])
+def test_esam_element_matches_reference(backend, stash_mode):
+    _skip(backend if backend != "torch" else "torch", "cpu")
+    model, ref = make_model(), make_model()
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.1, beta=0.5, gamma=0.5, seed=1234, stash_mode=stash_mode,
+               backend=backend, **kw)
+    sgd = torch.optim.SGD(ref.parameters(), **kw)
+    for i, (x, y) in enumerate(batches(4)):
+        key = step_key(1234, i)
+        losses = opt.step(per_sample_closure(model, x, y, LOSS))
+        assert losses.shape == (x.shape[0],) and not losses.requires_grad
+        idx = esam_reference_step(ref, sgd, x, y, 0.1, 0.5, 0.5,
+                                  lambda live, k=key: reference.esam_keep_masks(live, [0.5] * len(live), k, 0))
+        assert torch.equal(opt.last_selected, idx), f"step {i}: SDS picked other samples"
+        assert opt.last_selected.numel() == 12
+        assert_same_params(model, ref, rtol=1e-10, atol=1e-12, what=f"{backend} step {i}")
+    assert model.unused.grad is None
+
+
+def test_esam_tensor_granularity_matches_reference_and_skips_gradients():
+    model, ref = make_model(), make_model()
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.1, beta=0.5, gamma=0.75, swp="tensor", seed=7, lr=0.05,
+               model=model)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.05)
+    rng = random.Random(7)  # the official per-tensor draw: random.random() per tensor
+    names = [n for n, _ in model.named_parameters()]
+
+    def draw():
+        keep = [rng.random() < 0.5 for _ in names]
+        if not any(keep):
+            keep[rng.randrange(len(names))] = True
+        return keep
+
+    for i, (x, y) in enumerate(batches(4)):
+        keep = draw()
+        kept_names = {n for n, k in zip(names, keep) if k}
+        # The first pass by hand: the dropped tensors get no gradient (autograd skipped them).
+        with opt.first_pass():
+            per_sample(model, x, y).mean().backward()
+        got = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert got == kept_names - {"unused"}, f"step {i}"
+        assert all(p.requires_grad for p in model.parameters())
+        opt.zero_grad()
+        break
+    # A clean run: optimizer vs reference, several steps.
+    model, ref = make_model(), make_model()
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.1, beta=0.5, gamma=0.75, swp="tensor", seed=7, lr=0.05,
+               model=model)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.05)
+    rng = random.Random(7)
+    for i, (x, y) in enumerate(batches(4)):
+        keep = draw()
+        kept = {id(p) for p, k in zip(ref.parameters(), keep) if k}
+        opt.step(per_sample_closure(model, x, y, LOSS))
+        esam_reference_step(ref, sgd, x, y, 0.1, 0.5, 0.75,
+                            lambda live: [torch.full((p.numel(),), id(p) in kept) for p in live])
+        assert_same_params(model, ref, rtol=1e-10, atol=1e-12, what=f"tensor step {i}")
+
+
+def test_sds_counts_in_the_optimizer():
+    model = make_model()
+    calls = []
+
+    def closure(idx):
+        calls.append(None if idx is None else idx.numel())
+        return per_sample(model, x, y) if idx is None else per_sample(model, x[idx], y[idx])
+
+    for B, gamma, k in ((7, 0.5, 4), (1, 0.5, 1), (10, 0.3, 3), (24, 1.0, 24), (24, 0.99, 24)):
+        x, y = batches(1, B=B)[0]
+        opt = ESAM(model.parameters(), torch.optim.SGD, gamma=gamma, lr=0.01)
+        calls.clear()
+        opt.step(closure)
+        if k < B:  # pass 1, the no-grad forward at w + e, pass 2 on k samples
+            assert calls == [None, None, k] and opt.last_selected.numel() == k
+        else:  # every sample: no extra forward
+            assert calls == [None, None] and opt.last_selected is None
+
+
+def test_esam_bad_arguments():
+    p = make_model().parameters()
+    for kw, msg in ((dict(beta=0.0), r"beta must be in \(0, 1\], got 0.0"), (dict(beta=1.5), "got 1.5"),
+                    (dict(gamma=0.0), r"gamma must be in \(0, 1\], got 0.0"), (dict(gamma=2), "got 2"),
+                    (dict(rho=-0.1), "rho must be a finite number >= 0, got -0.1"),
+                    (dict(swp="layer"), "swp must be 'element' or 'tensor', got 'layer'")):
+        with pytest.raises(ValueError, match=msg):
+            ESAM(p, torch.optim.SGD, lr=0.1, **kw)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['beta'\] must be in \(0, 1\], got 0"):
+        m = make_model()
+        ESAM([{"params": [m.l1.weight]}, {"params": [m.l2.weight], "beta": 0}], torch.optim.SGD, lr=0.1)
+    model = make_model()
+    opt = ESAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batches(1)[0]
+    with pytest.raises(TypeError, match="per-sample losses"):
+        opt.step(lambda idx: F.cross_entropy(model(x), y))
+
+
+@pytest.mark.parametrize("swp", ["element", "tensor"])
+def test_esam_resume_is_exact(swp):
+    data = batches(4)
+
+    def run(model, opt, steps):
+        for x, y in steps:
+            opt.step(per_sample_closure(model, x, y, LOSS))
+
+    m1 = make_model()
+    o1 = ESAM(m1.parameters(), torch.optim.SGD, swp=swp, seed=3, lr=0.05, momentum=0.9)
+    run(m1, o1, data[:2])
+    # deepcopy: a state dict holds references to the live buffers (torch.save would copy them).
+    ckpt = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict()})
+    run(m1, o1, data[2:])
+    m2 = make_model(seed=9)
+    o2 = ESAM(m2.parameters(), torch.optim.SGD, swp=swp, seed=99, lr=0.05, momentum=0.9)
+    m2.load_state_dict(ckpt["model"])
+    o2.load_state_dict(ckpt["opt"])
+    run(m2, o2, data[2:])
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_esam_amp_grad_scaler():
+    """GradScaler: scaled losses, unscaled in the kernels; the same weights as without AMP (the
+    scale is a power of two), and an overflow skips the step and backs off the scale."""
+    data = batches(2)
+    m1, m2 = make_model(dtype=torch.float32), make_model(dtype=torch.float32)
+    o1 = ESAM(m1.parameters(), torch.optim.SGD, seed=5, lr=0.05)
+    o2 = ESAM(m2.parameters(), torch.optim.SGD, seed=5, lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for x, y in data:
+        x = x.float()
+        o1.step(per_sample_closure(m1, x, y, LOSS))
+        o2.step(per_sample_closure(m2, x, y, LOSS), scaler=scaler)
+        scaler.update()
+    assert_same_params(m1, m2, rtol=1e-5, atol=1e-6, what="amp")
+    before = [p.clone() for p in m2.parameters()]
+    big = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    x, y = data[0]
+    o2.step(per_sample_closure(m2, x.float() * 1e10, y, LOSS), scaler=big)
+    big.update()
+    assert all(torch.equal(p, b) for p, b in zip(m2.parameters(), before)), "an overflow must skip the step"
+    assert big.get_scale() < 2.0**127
+
+
+def test_esam_batchnorm_statistics_from_the_first_pass():
+    model = make_model(bn=True)
+    twin = make_model(bn=True)
+    x, y = batches(1)[0]
+    opt = ESAM(model.parameters(), torch.optim.SGD, lr=0.05, model=model)
+    twin(x)  # one training forward at the clean weights
+    opt.step(per_sample_closure(model, x, y, LOSS))
+    assert torch.equal(model.bn.running_mean, twin.bn.running_mean)
+    assert torch.equal(model.bn.num_batches_tracked, twin.bn.num_batches_tracked)
+    # bn_first_pass_only=False: the three forwards update them (the official code).
+    model = make_model(bn=True)
+    opt = ESAM(model.parameters(), torch.optim.SGD, lr=0.05, model=model, bn_first_pass_only=False)
+    opt.step(per_sample_closure(model, x, y, LOSS))
+    assert int(model.bn.num_batches_tracked) == 3

@@ -146,3 +146,136 @@ def test_opcheck(backend):
     torch.library.opcheck(getattr(torch.ops.saf_kernels, "gsam_restore_sgd" + sfx),
                           (params, g, old, stash, bufs, [0.1], [0.0], [0.9], [0.0], [8], 0.4, 1e-12, 0, None, None,
                            None))
+
+
+# ---------------------------------------------------------------------------------------------
+# The GSAM optimizer against a plain-PyTorch version of the official code
+# ---------------------------------------------------------------------------------------------
+
+import copy  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from saf_kernels.optim import GSAM, ProportionScheduler  # noqa: E402
+
+from .optim_models import assert_same_params, batches, make_model  # noqa: E402
+
+OPT_PAIRS = [pytest.param("cpu", id="cpu"), pytest.param("torch", id="torch"),
+             pytest.param("triton", marks=pytest.mark.triton, id="triton")]
+
+
+def gsam_reference_step(model, base, x, y, rho, alpha, adaptive=False, eps=1e-12):
+    """juntang-zhuang/GSAM's step (perturb_weights, gradient_decompose, unperturb, base step)."""
+    params = list(model.parameters())
+    for p in params:
+        p.grad = None
+    F.cross_entropy(model(x), y).backward()
+    live = [p for p in params if p.grad is not None]
+    old_g = [p.grad.detach().clone() for p in live]
+    norm = math.sqrt(sum(float(((p.detach().abs() if adaptive else 1) * g).pow(2).sum()) for p, g in zip(live, old_g)))
+    e_w = [g * rho / (norm + eps) * (p.detach() ** 2 if adaptive else 1) for p, g in zip(live, old_g)]
+    with torch.no_grad():
+        for p, e in zip(live, e_w):
+            p.add_(e)
+    for p in params:
+        p.grad = None
+    F.cross_entropy(model(x), y).backward()
+    expect, *_ = official_decompose([p.grad for p in live], old_g, alpha, eps)
+    with torch.no_grad():
+        for p, e, g in zip(live, e_w, expect):
+            p.sub_(e)
+            p.grad.copy_(g)
+    base.step()
+
+
+def _closure(opt, model, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("backend", OPT_PAIRS)
+@pytest.mark.parametrize("base_cfg", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+                                      (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.05))], ids=["sgd", "adamw"])
+@pytest.mark.parametrize("fused", [False, True], ids=["generic", "fused"])
+def test_gsam_matches_reference(backend, base_cfg, fused):
+    _skip(backend, "cpu")
+    base_cls, kw = base_cfg
+    model, ref = make_model(), make_model()
+    sched = ProportionScheduler(max_lr=kw["lr"], min_lr=0.0, max_value=0.1, min_value=0.02)
+    opt = GSAM(model.parameters(), base_cls, alpha=0.3, rho_scheduler=sched, fused_step=fused, adaptive=fused,
+               backend=backend, **kw)
+    base = base_cls(ref.parameters(), **kw)
+    for i, (x, y) in enumerate(batches(3)):
+        lr = kw["lr"] * (1 - 0.3 * i)
+        for g in opt.param_groups + base.param_groups:
+            g["lr"] = lr
+        opt.step(_closure(opt, model, x, y))
+        gsam_reference_step(ref, base, x, y, sched(lr, i), 0.3, adaptive=fused)
+        tol = dict(rtol=1e-10, atol=1e-12) if not fused else dict(rtol=1e-9, atol=1e-11)
+        assert_same_params(model, ref, what=f"{backend} step {i}", **tol)
+    stats = opt.last_stats
+    assert stats.shape == (3,) and -1 <= stats[0] <= 1
+
+
+def test_gsam_alpha_zero_is_sam_and_first_grads_are_not_copied():
+    from saf_kernels.optim import SAM
+
+    model, twin = make_model(), make_model()
+    opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.05, alpha=0.0, lr=0.1)
+    sam = SAM(twin.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    for x, y in batches(2):
+        F.cross_entropy(model(x), y).backward()
+        grads = {p: p.grad for p in model.parameters() if p.grad is not None}
+        opt.first_step(zero_grad=False)
+        assert all(p.grad is None for p in grads)  # taken out of .grad ...
+        assert all(opt._old_g[p] is g for p, g in grads.items())  # ... and kept as they are
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        sam.step(_closure(sam, twin, x, y))
+    assert_same_params(model, twin, rtol=1e-12, atol=1e-14, what="alpha=0")
+
+
+def test_gsam_amp_and_resume():
+    data = batches(4)
+    m1, m2 = make_model(dtype=torch.float32), make_model(dtype=torch.float32)
+    o1 = GSAM(m1.parameters(), torch.optim.SGD, alpha=0.2, lr=0.05, momentum=0.9)
+    o2 = GSAM(m2.parameters(), torch.optim.SGD, alpha=0.2, lr=0.05, momentum=0.9, fused_step=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for x, y in data[:2]:
+        x = x.float()
+        o1.step(_closure(o1, m1, x, y))
+        o2.zero_grad()
+        scaler.scale(F.cross_entropy(m2(x), y)).backward()
+        o2.first_step(zero_grad=True, grad_scaler=scaler)
+        scaler.scale(F.cross_entropy(m2(x), y)).backward()
+        scaler.step(o2)
+        scaler.update()
+    assert_same_params(m1, m2, rtol=1e-5, atol=1e-6, what="amp")
+    ckpt = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict()})
+    for x, y in data[2:]:
+        o1.step(_closure(o1, m1, x.float(), y))
+    m3 = make_model(dtype=torch.float32, seed=3)
+    o3 = GSAM(m3.parameters(), torch.optim.SGD, alpha=0.2, lr=0.05, momentum=0.9)
+    m3.load_state_dict(ckpt["model"])
+    o3.load_state_dict(ckpt["opt"])
+    for x, y in data[2:]:
+        o3.step(_closure(o3, m3, x.float(), y))
+    for p, q in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_gsam_bad_arguments():
+    m = make_model()
+    with pytest.raises(ValueError, match="rho must be a finite number >= 0, got -0.5"):
+        GSAM(m.parameters(), torch.optim.SGD, rho=-0.5, lr=0.1)
+    with pytest.raises(ValueError, match="alpha must be a finite number, got inf"):
+        GSAM(m.parameters(), torch.optim.SGD, alpha=math.inf, lr=0.1)
+    with pytest.raises(TypeError, match="rho_scheduler must be callable"):
+        GSAM(m.parameters(), torch.optim.SGD, rho_scheduler=0.1, lr=0.1)
+    with pytest.raises(ValueError, match="alpha must be the same for every group"):
+        GSAM([{"params": [m.l1.weight], "alpha": 0.1}, {"params": [m.l2.weight]}], torch.optim.SGD, lr=0.1)

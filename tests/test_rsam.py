@@ -159,7 +159,151 @@ def test_opcheck(backend):
     _skip(backend, "cpu")
     sfx = "_" if backend == "cpu" else "_triton"
     params, grads = _make([(5,), (3, 4)], [torch.float32, torch.float32], "cpu")
-    stash = [torch.empty_like(p) for p in params]
-    torch.library.opcheck(getattr(torch.ops.saf_kernels, "rsam_noise" + sfx), (params, stash, [0.01, 0.02], 3, 0))
+    stash = [p - 0.01 for p in params]  # rsam_perturb_ reads it: never uninitialised memory
+    torch.library.opcheck(getattr(torch.ops.saf_kernels, "rsam_noise" + sfx),
+                          (params, [torch.empty_like(p) for p in params], [0.01, 0.02], 3, 0))
     torch.library.opcheck(getattr(torch.ops.saf_kernels, "rsam_perturb" + sfx),
                           (params, grads, stash, [0.05], 2.0, 1e-12, None, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# The RSAM optimizer against a plain-PyTorch version of the official rule
+# ---------------------------------------------------------------------------------------------
+
+import copy  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from saf_kernels.optim import RSAM, CosineIncrease, ProportionScheduler  # noqa: E402
+from saf_kernels.optim._rng import step_key  # noqa: E402
+
+from .optim_models import assert_same_params, batches, make_model  # noqa: E402
+
+OPT_PAIRS = [pytest.param("cpu", id="cpu"), pytest.param("torch", id="torch"),
+             pytest.param("triton", marks=pytest.mark.triton, id="triton")]
+
+
+def rsam_reference_step(model, base, x, y, rho, std, lam, key, eps=1e-12):
+    """One step of vit_jax/train.py's R-SAM, in PyTorch, with distinct noise per tensor."""
+    params = list(model.parameters())
+    delta = reference.rsam_noise(params, [std] * len(params), key, 0)
+    clean = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, d in zip(params, delta):
+            p.add_(d.view_as(p))
+    for p in params:
+        p.grad = None
+    F.cross_entropy(model(x), y).backward()
+    live = [(p, c, d) for p, c, d in zip(params, clean, delta) if p.grad is not None]
+    ds = [lam * p.grad.reshape(-1).detach() + d for p, _, d in live]
+    norm = math.sqrt(sum(float((v * v).sum()) for v in ds))
+    with torch.no_grad():
+        for p, c in zip(params, clean):
+            p.copy_(c)
+        for (p, c, _), v in zip(live, ds):
+            p.add_((rho * v / (norm + eps)).view_as(p))
+    for p in params:
+        p.grad = None
+    F.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        for p, c in zip(params, clean):
+            p.copy_(c)
+    base.step()
+
+
+def _closure(opt, model, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("backend", OPT_PAIRS)
+def test_rsam_matches_reference(backend):
+    _skip(backend, "cpu")
+    model, ref = make_model(), make_model()
+    sched = ProportionScheduler(max_lr=0.1, min_lr=0.0, max_value=0.2, min_value=0.05)
+    opt = RSAM(model.parameters(), torch.optim.SGD, rho_scheduler=sched, noise_std=(5e-4, 2.5e-3), total_steps=4,
+               seed=11, backend=backend, lr=0.1, momentum=0.9)
+    lr_sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    base = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    std_sched = CosineIncrease(5e-4, 2.5e-3, 4)
+    for i, (x, y) in enumerate(batches(4)):
+        lr = base.param_groups[0]["lr"]
+        opt.step(_closure(opt, model, x, y))
+        assert opt.last_rho[0] == pytest.approx(sched(lr, i)) and opt.last_std == pytest.approx(std_sched(i))
+        rsam_reference_step(ref, base, x, y, sched(lr, i), std_sched(i), 2.0, step_key(11, i))
+        lr_sched.step()
+        for g in base.param_groups:
+            g["lr"] *= 0.5
+        # The kernels' float32 normals differ from the float64 oracle's by ~1e-7 of the noise.
+        assert_same_params(model, ref, rtol=1e-9, atol=1e-10, what=f"{backend} step {i}")
+    assert model.unused.grad is None
+
+
+def test_rsam_manual_api_amp_and_errors():
+    model = make_model(dtype=torch.float32)
+    twin = copy.deepcopy(model)
+    x, y = batches(1)[0]
+    x = x.float()
+    opt = RSAM(model.parameters(), torch.optim.SGD, seed=2, lr=0.1)
+    o2 = RSAM(twin.parameters(), torch.optim.SGD, seed=2, lr=0.1)
+    with pytest.raises(RuntimeError, match="call noise_step"):
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step()
+    opt.zero_grad()
+    opt._perturbed = None
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    opt.noise_step()
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    opt.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    o2.step(_closure(o2, twin, x, y))
+    assert_same_params(model, twin, rtol=1e-5, atol=1e-7, what="amp")
+    for kw, msg in ((dict(rho=-1.0), "rho must be a finite number >= 0, got -1.0"),
+                    (dict(noise_std=(1e-3, 2e-3)), "needs total_steps"), (dict(noise_std=-1.0), "got -1.0"),
+                    (dict(lam=math.inf), "lam must be a finite number")):
+        with pytest.raises(ValueError, match=msg):
+            RSAM(model.parameters(), torch.optim.SGD, lr=0.1, **kw)
+
+
+def test_rsam_resume_is_exact():
+    data = batches(4)
+    m1 = make_model()
+    o1 = RSAM(m1.parameters(), torch.optim.SGD, seed=4, noise_std=(1e-3, 2e-3), total_steps=4, lr=0.05, momentum=0.9)
+    for x, y in data[:2]:
+        o1.step(_closure(o1, m1, x, y))
+    ckpt = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict()})
+    for x, y in data[2:]:
+        o1.step(_closure(o1, m1, x, y))
+    m2 = make_model(seed=5)
+    o2 = RSAM(m2.parameters(), torch.optim.SGD, seed=123, noise_std=(1e-3, 2e-3), total_steps=4, lr=0.05,
+              momentum=0.9)
+    m2.load_state_dict(ckpt["model"])
+    o2.load_state_dict(ckpt["opt"])
+    for x, y in data[2:]:
+        o2.step(_closure(o2, m2, x, y))
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_schedulers():
+    s = ProportionScheduler(max_lr=1.6, min_lr=0.016, max_value=0.04, min_value=0.02)
+    assert s(1.6, 0) == pytest.approx(0.04) and s(0.016, 9) == pytest.approx(0.02)
+    assert s(0.808, 3) == pytest.approx(0.03)
+    assert s(5.0, 0) == pytest.approx(0.04)  # clamped
+    w = ProportionScheduler(max_lr=3e-3, min_lr=3e-5, max_value=2.5, min_value=1.5, warmup_steps=10000)
+    assert w(1.5e-3, 10) == pytest.approx(1.25)  # warm-up: lr / lr_max * rho_max
+    assert w(3e-5, 20000) == pytest.approx(1.5)
+    c = CosineIncrease(5e-4, 2.5e-3, 93834)
+    assert c(0) == pytest.approx(5e-4) and c(93834) == pytest.approx(2.5e-3) and c(10**6) == pytest.approx(2.5e-3)
+    assert c(46917) == pytest.approx(0.0005 * (1 + 4 * 0.5))
+    with pytest.raises(ValueError, match="max_lr must be > min_lr"):
+        ProportionScheduler(max_lr=0.1, min_lr=0.1)
+    with pytest.raises(ValueError, match="total_steps must be an int >= 1"):
+        CosineIncrease(0, 1, 0)

@@ -118,7 +118,7 @@ class ESAM(TwoPassOptimizer):
             (default) BatchNorm's running statistics come from pass 1 only; ``False`` lets all
             three forwards update them, as the official code.
 
-    AMP: ``opt.step(closure, grad_scaler=scaler)`` scales both backward passes, unscales in the
+    AMP: ``opt.step(closure, scaler=scaler)`` scales both backward passes, unscales in the
     kernels, finishes with ``scaler.step(opt)`` internally; call ``scaler.update()`` after it.
     Put ``autocast`` in the closure.
 
@@ -253,12 +253,15 @@ class ESAM(TwoPassOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[Optional[torch.Tensor]], torch.Tensor] | None = None, *,
-             grad_scaler: Any = None) -> torch.Tensor | None:
+             scaler: Any = None) -> torch.Tensor | None:
         """One ESAM step (see the class docstring). ``closure(idx)`` returns per-sample losses
         and computes nothing else (no ``backward``, no ``zero_grad``: the optimizer does both).
 
         Without a closure: finishes a step begun by :meth:`first_step` (how
         ``GradScaler.step(optimizer)`` drives the second step).
+
+        ``scaler``: a ``torch.amp.GradScaler`` (not ``grad_scaler=``: GradScaler.step would
+        then pass itself under that name instead of handing over its tensors).
 
         Returns:
             The per-sample losses of the first pass (detached), or None without a closure.
@@ -266,7 +269,7 @@ class ESAM(TwoPassOptimizer):
         if closure is None:
             return super().step()
         cls = type(self).__name__
-        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.zero_grad(set_to_none=True)
         with torch.enable_grad(), self.first_pass(self.model):
             losses = self._losses(closure(None), None, cls)

@@ -26,7 +26,8 @@ class ProportionScheduler:
     optimizer calls it every step with each group's current ``lr``, so attach the LR scheduler
     as usual (to the optimizer or its ``base_optimizer``). Same arguments as the widely used
     ``ProportionScheduler`` (GSAM repository, pytorch_optimizer), without the LR scheduler
-    object. Values are clamped to ``[min(min_value, max_value), max(...)]``.
+    object. Values are clamped to ``[min(min_value, max_value), max(...)]`` (to
+    ``[0, max_value]`` during the warm-up).
 
     Example (GSAM's ResNet setting, Table 4): ``ProportionScheduler(max_lr=1.6, min_lr=0.016,
     max_value=0.04, min_value=0.02)``.
@@ -48,10 +49,9 @@ class ProportionScheduler:
         self.warmup_steps = warmup_steps
 
     def __call__(self, lr: float, step: int) -> float:
-        if step < self.warmup_steps:
-            v = lr / self.max_lr * self.max_value
-        else:
-            v = self.min_value + (self.max_value - self.min_value) * (lr - self.min_lr) / (self.max_lr - self.min_lr)
+        if step < self.warmup_steps:  # R-SAM's warm-up: from 0 with the LR, below min_value
+            return min(max(lr / self.max_lr * self.max_value, 0.0), self.max_value)
+        v = self.min_value + (self.max_value - self.min_value) * (lr - self.min_lr) / (self.max_lr - self.min_lr)
         lo, hi = min(self.min_value, self.max_value), max(self.min_value, self.max_value)
         return min(max(v, lo), hi)
 
