@@ -417,7 +417,7 @@ def rsam_unit_scales(params: list[torch.Tensor], std: list[float]) -> list[torch
     tensors with fewer than 2 dims use ``std * (||p|| + 1e-16)``."""
     out = []
     for p, s in zip(params, std):
-        x = flat_memory(p).double()
+        x = flat_memory(p.detach()).double()
         if p.dim() < 2 or p.numel() == 0:
             out.append((s * (x.norm() + 1e-16)).expand(p.numel()))
             continue
