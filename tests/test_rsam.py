@@ -66,10 +66,21 @@ def test_noise_matches_rule(backend, device, mixed):
         # One rounding of w + delta to the param's dtype, plus float32 normals (a few ulps).
         tol = 2 * ULP[p.dtype] * want.abs() + 1e-5 * d.abs() + 1e-30
         assert ((got - want).abs() <= tol).all(), f"{backend} tensor {i} {p.dtype} {tuple(p.shape)}"
-    # Distinct streams per tensor: the two same-shaped 1-D tensors do not share draws (the
-    # official code's one key for every tensor would make them equal up to scale).
-    z = [d / d.abs().max() for d in expect if d.numel() == 64]
-    assert len(z) == 1 or not torch.allclose(z[0], z[1])
+
+
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+def test_distinct_streams_per_tensor(backend, device):
+    """Two tensors of the same shape get different draws (the official code's one key for every
+    tensor gives them the same standard normals), and so do two steps (seeds)."""
+    _skip(backend, device)
+    w = torch.randn(4, 50, device=device)
+    params = [w.clone(), w.clone()]
+    O.rsam_noise_(params, [torch.empty_like(w), torch.empty_like(w)], 0.01, 8, backend=backend)
+    z0, z1 = params[0] - w, params[1] - w  # same unit norms: equal iff the normals are equal
+    assert (z0 - z1).abs().max() > 1e-3 * z0.abs().max()
+    again = [w.clone()]
+    O.rsam_noise_(again, [torch.empty_like(w)], 0.01, 9, backend=backend)
+    assert (again[0] - w - z0).abs().max() > 1e-3 * z0.abs().max()
 
 
 @pytest.mark.parametrize(("backend", "device"), PAIRS)
