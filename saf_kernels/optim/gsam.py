@@ -3,15 +3,17 @@ decomposition of the second gradient fused with the restore and the base step.""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..ops import gsam as gsam_ops
 from ..ops import sam as sam_ops
+from . import utils
 from .base import TwoPassOptimizer, check_nonneg
 from .schedulers import ProportionScheduler
 
@@ -50,9 +52,15 @@ class GSAM(TwoPassOptimizer):
         stash_mode, stash_dtype, fused_step, model, sync_first_pass, bn_first_pass_only, backend:
             as :class:`saf_kernels.optim.base.TwoPassOptimizer`.
 
-    DDP: the official code runs both passes under ``no_sync`` and all-reduces the decomposed
-    gradient; here the second pass is synchronised by DDP as for SAM, so ``g_p`` is the
-    replicas' mean and ``g`` each replica's own first gradient.
+    DDP (``sync_first_pass=False``, the default): as the official code, each replica perturbs
+    with its own first gradient and decomposes its own second gradient (both passes under
+    ``no_sync`` when the optimizer knows the DDP ``model``), then the decomposed gradients are
+    averaged across replicas (one all-reduce per dtype and device, before the base step; the
+    fused restore + SGD kernel is then not used, the combined gradient has to exist in memory to
+    be reduced). Without ``model`` the second pass is averaged by DDP too and the average is
+    taken again after the decomposition: the replicas stay identical either way.
+    ``sync_first_pass=True``: both gradients are averages, the decomposition is the same on every
+    replica and nothing extra is reduced.
     """
 
     def __init__(self, params, base_optimizer: type, rho: float = 0.05, alpha: float = 0.4, *,
@@ -142,9 +150,10 @@ class GSAM(TwoPassOptimizer):
                              else torch.zeros_like(p, dtype=self.stash_dtype or p.dtype))
         base = self.base_optimizer
         momenta = {g["momentum"] != 0 for g in groups} if type(base) is torch.optim.SGD else set()
+        local = self._local_decomposition()
         if not now:
             pass
-        elif self.fused_step and len(momenta) == 1:
+        elif self.fused_step and len(momenta) == 1 and not local:
             # One fused pass: restore + SGD with g_p - alpha g_perp (one call, so one global
             # decomposition; groups mixing momentum and none take the path below).
             self._fused_gsam_sgd(now, grads, old, stash, groups, alpha, grad_scale, found, momenta.pop())
@@ -153,6 +162,8 @@ class GSAM(TwoPassOptimizer):
                 now, grads, old, stash, alpha, self.perturb_eps, restore=not self.fused_step,
                 stash_mode=self.stash_mode, grad_scale=grad_scale, old_grad_scale=self._old_scale, found_inf=found,
                 backend=self.backend)
+            if local:  # each replica decomposed its own gradients: average them
+                _all_reduce_mean(grads)
             # The gradients are unscaled now: the base step gets found_inf only.
             if self.fused_step:
                 self._fused_second_step(now, stash, None, found)
@@ -167,6 +178,25 @@ class GSAM(TwoPassOptimizer):
         self._opt_called = True
         if zero_grad:
             self.zero_grad(set_to_none=True)
+
+    def _local_decomposition(self) -> bool:
+        """True when replicas decompose different first gradients (DDP, unsynchronised first pass)."""
+        dist = torch.distributed
+        return (not self.sync_first_pass and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
+
+    @contextlib.contextmanager
+    def second_pass(self, model: nn.Module | None = None) -> Iterator[None]:
+        """The second forward + backward: BatchNorm as :class:`TwoPassOptimizer`; under DDP with
+        an unsynchronised first pass also without DDP's all-reduce (the decomposed gradient is
+        averaged instead, as the official code does)."""
+        model = model if model is not None else self.model
+        with super().second_pass(model):
+            if model is not None and utils.is_ddp(model) and self._local_decomposition():
+                with model.no_sync():
+                    yield
+            else:
+                yield
 
     def _fused_gsam_sgd(self, params, grads, old, stash, groups, alpha, grad_scale, found, has_buf) -> None:
         bufs, first = [], []
@@ -202,6 +232,20 @@ class GSAM(TwoPassOptimizer):
         super().load_state_dict(state_dict)
         self._step = int(info.get("step", 0))
         self._old_g = {}
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Average tensors across the default process group: one flat all-reduce per (device, dtype)."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for ts in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        torch._foreach_copy_(ts, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in ts]), ts)])
 
 
 __all__ = ["GSAM", "ProportionScheduler"]

@@ -69,6 +69,10 @@ class RSAM(TwoPassOptimizer):
 
     Parameters that get no gradient in the first pass are put back at once and take no part
     in ``d`` (they do not change the loss, only ``||d||``).
+
+    DDP: with ``sync_first_pass=False`` (default) every replica draws its own noise (counter
+    offset ``rank * 2^40``; the official code folds the device index into its key) and ascends
+    along its own first gradient; the second gradients are averaged by DDP.
     """
 
     def __init__(self, params, base_optimizer: type, rho: float = 0.05, *,
@@ -135,8 +139,17 @@ class RSAM(TwoPassOptimizer):
             raise ValueError(f"{type(self).__name__}: the noise schedule gave std = {std!r}")
         self.last_std = std
         rsam_ops.rsam_noise_(params, self._stash_for(params), std, _rng.step_key(self._seed, self._step),
-                             backend=self.backend)
+                             self._rank_offset(), backend=self.backend)
         self._noised = params
+
+    def _rank_offset(self) -> int:
+        """Under DDP with an unsynchronised first pass each replica draws its own noise (the
+        official code folds the device index into its key): replica r's counters start at
+        r * 2^40, disjoint for any model below 2^42 parameters."""
+        dist = torch.distributed
+        if self.sync_first_pass or not (dist.is_available() and dist.is_initialized()):
+            return 0
+        return dist.get_rank() << 40
 
     def _perturb(self, params, grads, stash, groups, grad_scale):
         if self._noised is None:
