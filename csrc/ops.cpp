@@ -84,4 +84,46 @@ TORCH_LIBRARY(saf_kernels, m) {
       "_sam_perturb_plan(Tensor[] params, Tensor[] grads, Tensor[] stash, float[] rho, float[] eta, int[] flags, "
       "int chunk_size) -> Tensor");
   // ---- end multi-tensor ops ----
+
+  // ---- ESAM, R-SAM, GSAM (random numbers: csrc/include/saf/philox.h; math: saf/multi_tensor.h) ----
+  // Counter-based random numbers of positions 0..numel-1 of out (memory order), the streams the
+  // ESAM / R-SAM ops use: kind 0 raw 32-bit words (out int64), 1 uniform [0, 1), 2 standard
+  // normal, 3 Bernoulli(p) as 0 / 1 (out floating). seed: any int64 (its bits are the key);
+  // offset >= 0 shifts the counters.
+  m.def("philox_(Tensor(a!) out, int seed, int offset, int kind, float p) -> ()");
+  // ESAM stochastic weight perturbation, elementwise: keep ~ Bernoulli(beta) per element
+  // (regenerated from seed / offset, never stored), norm of keep * T * g over the list, then
+  // w += keep * rho / beta * T^2 * g / (norm + eps). Returns the norm (as sam_perturb_).
+  m.def(
+      "esam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] stash, float[] rho, float[] eta, "
+      "float[] beta, int[] flags, float eps, int seed, int offset, int stash_mode, Tensor? grad_scale, "
+      "Tensor? found_inf) -> Tensor");
+  // Undo esam_perturb_: copy mode restores bit for bit; delta mode regenerates the mask and
+  // subtracts the stashed perturbation from the kept elements only.
+  m.def(
+      "esam_restore_(Tensor(a!)[] params, Tensor[] stash, float[] beta, int seed, int offset, int stash_mode) "
+      "-> ()");
+  // R-SAM's random smoothing: stash = w; w += std * ||W[j, ...]|| * N(0, 1) per output unit j
+  // (tensors with < 2 dims: std * (||p|| + 1e-16)), normals drawn per element from seed / offset.
+  m.def("rsam_noise_(Tensor(a!)[] params, Tensor(b!)[] stash, float[] std, int seed, int offset) -> ()");
+  // R-SAM's ascent from the clean weights: delta = w - stash (the noise applied), d = lam * g +
+  // delta, w = stash + rho * d / (||d|| + eps). Returns ||d||; non-finite or found_inf: w = stash.
+  m.def(
+      "rsam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor[] stash, float[] rho, float lam, float eps, "
+      "Tensor? grad_scale, Tensor? found_inf) -> Tensor");
+  // GSAM: <old_g, g>, |old_g|^2, |g|^2 in one pass, then g = g_p - alpha * g_perp (unscaled) in
+  // place, and w restored from the stash if restore. Returns [cos, ||old_g||, ||g||]. found_inf > 0:
+  // the gradients are left as they are (the caller skips the step); a non-finite sum: g = g_p.
+  m.def(
+      "gsam_combine_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] old_grads, Tensor[] stash, float alpha, "
+      "float eps, int stash_mode, bool restore, Tensor? grad_scale, Tensor? old_grad_scale, Tensor? found_inf) "
+      "-> Tensor");
+  // GSAM fused: the same reductions, then restore + one torch.optim.SGD step with g_p - alpha *
+  // g_perp (flags as sam_restore_sgd_). found_inf > 0: restore only; a non-finite sum: g = g_p.
+  m.def(
+      "gsam_restore_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor[] old_grads, Tensor[] stash, "
+      "Tensor(b!)[] momentum_buffers, float[] lr, float[] weight_decay, float[] momentum, float[] dampening, "
+      "int[] flags, float alpha, float eps, int stash_mode, Tensor? grad_scale, Tensor? old_grad_scale, "
+      "Tensor? found_inf) -> Tensor");
+  // ---- end ESAM, R-SAM, GSAM ----
 }

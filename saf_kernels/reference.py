@@ -328,3 +328,275 @@ def sam_restore_adamw_(params, grads, stash, exp_avg, exp_avg_sq, steps, lr, bet
         m.copy_(nm)
         v.copy_(nv)
         p.copy_(new)
+
+
+# --------------------------------------------------------------------------------------------
+# ESAM, R-SAM, GSAM. Random numbers: Philox4x32-10 exactly as csrc/include/saf/philox.h (and
+# Triton's tl.randint4x), here in int64 torch arithmetic (every product split so that nothing
+# overflows), so the oracle runs on any device without the extension. Positions follow each
+# tensor's memory order, and every tensor's first position is padded to a multiple of 4.
+# --------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+BERNOULLI_BITS = 24
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) words of the 64-bit product of the constant a and the 32-bit words b (int64)."""
+    p0 = b * (a & 0xFFFF)  # < 2^48
+    p1 = b * (a >> 16)  # < 2^48
+    mid = p0 + ((p1 & 0xFFFF) << 16)  # < 2^49
+    return (p1 >> 16) + (mid >> 32), mid & _M32
+
+
+def philox4x32_10(counters: torch.Tensor, seed: int) -> torch.Tensor:
+    """The 4 words of each counter (int64 >= 0), key = the seed's 64 bits; shape [..., 4] int64."""
+    key = seed & ((1 << 64) - 1)
+    k0, k1 = key & _M32, key >> 32
+    c0 = counters & _M32
+    c1 = (counters >> 32) & _M32
+    c2 = torch.zeros_like(counters)
+    c3 = torch.zeros_like(counters)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W0) & _M32
+        k1 = (k1 + _PHILOX_W1) & _M32
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def philox_words(positions: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
+    """The word of each position: word ``pos % 4`` of counter ``offset + pos // 4``."""
+    w = philox4x32_10(offset + positions // 4, seed)
+    return w.gather(-1, (positions % 4).unsqueeze(-1)).squeeze(-1)
+
+
+def philox_range(start: int, n: int, seed: int, offset: int = 0, device=None) -> torch.Tensor:
+    """The words of the contiguous positions ``[start, start + n)`` (one Philox evaluation per
+    counter, 4 positions each), int64."""
+    first, last = start // 4, (start + max(n, 1) - 1) // 4
+    ctr = offset + torch.arange(first, last + 1, device=device, dtype=torch.int64)
+    words = philox4x32_10(ctr, seed).reshape(-1)
+    return words[start - 4 * first:start - 4 * first + n]
+
+
+def philox_uniform(words: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float: float32 in [0, 1), bit for bit."""
+    i = torch.where(words >= 2**31, (2**32 - 1) - words, words)
+    return i.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=words.device)
+
+
+def philox_keep(positions: torch.Tensor, seed: int, offset: int, beta) -> torch.Tensor:
+    """Bernoulli(beta) decisions of positions (bool): top 24 bits < round-down(beta * 2^24)."""
+    thr = bernoulli_threshold(beta)
+    return (philox_words(positions, seed, offset) >> (32 - BERNOULLI_BITS)) < thr
+
+
+def bernoulli_threshold(p: float) -> int:
+    if not p > 0:
+        return 0
+    return 1 << BERNOULLI_BITS if p >= 1 else int(p * (1 << BERNOULLI_BITS))
+
+
+def philox_normal(positions: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
+    """Standard normals of positions in float64 (Triton's randn4x: Box-Muller on words (0, 1) and
+    (2, 3) of each counter), from the same float32 uniforms and angle as the kernels; the kernels'
+    float32 log / cos / sin agree with this to a few float32 ulps."""
+    w = philox4x32_10(offset + positions // 4, seed)
+    lane = positions % 4
+    pair = lane // 2
+    a = w.gather(-1, (2 * pair).unsqueeze(-1)).squeeze(-1)
+    b = w.gather(-1, (2 * pair + 1).unsqueeze(-1)).squeeze(-1)
+    u1 = philox_uniform(a).clamp(min=1.0e-7).double()
+    th = (torch.tensor(6.2831855, dtype=torch.float32, device=w.device) * philox_uniform(b)).double()
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return torch.where(lane % 2 == 0, r * torch.cos(th), r * torch.sin(th))
+
+
+def philox_(out: torch.Tensor, seed: int, offset: int = 0, kind: str = "normal", p: float = 0.5) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.philox_` (positions = flat indices of ``out``)."""
+    pos = torch.arange(out.numel(), device=out.device, dtype=torch.int64)
+    if kind == "words":
+        v = philox_words(pos, seed, offset)
+    elif kind == "uniform":
+        v = philox_uniform(philox_words(pos, seed, offset))
+    elif kind == "normal":
+        v = philox_normal(pos, seed, offset)
+    else:
+        v = philox_keep(pos, seed, offset, p)
+    out.copy_(v.view(out.shape))
+    return out
+
+
+def rng_bases(params: list[torch.Tensor]) -> list[int]:
+    """First position of each tensor in a list: element counts padded to multiples of 4."""
+    out, off = [], 0
+    for p in params:
+        out.append(off)
+        off += (p.numel() + 3) // 4 * 4
+    return out
+
+
+def flat_memory(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor's elements in memory order (the kernels' element order)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def esam_keep_masks(params: list[torch.Tensor], beta: list[float], seed: int, offset: int) -> list[torch.Tensor]:
+    """ESAM's elementwise keep mask of each tensor, flat in memory order."""
+    out = []
+    for p, base, b in zip(params, rng_bases(params), beta):
+        words = philox_range(base, p.numel(), seed, offset, p.device)
+        out.append((words >> (32 - BERNOULLI_BITS)) < bernoulli_threshold(b))
+    return out
+
+
+def esam_perturb_(params, grads, stash, rho, adaptive, eta, beta, seed, offset=0, eps=1e-7, grad_scale=None,
+                  found_inf=None, stash_mode="copy") -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.esam_perturb_`: keep ~ Bernoulli(beta) per element;
+    norm of the kept ``T * g``; ``w += keep * rho / beta * T^2 * g / (norm + eps)``."""
+    acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    dev = params[0].device
+    masks = esam_keep_masks(params, beta, seed, offset)
+    scaled = sam_scaled_grads(params, grads, adaptive, eta)
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    sumsq = sum(torch.where(m, flat_memory(x).double() ** 2, zero).sum() for m, x in zip(masks, scaled))
+    inv = torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None else 1.0 / grad_scale.double()
+    norm = sumsq.sqrt() * inv
+    ok = torch.isfinite(norm)
+    if found_inf is not None:
+        ok = ok & (found_inf <= 0)
+    coef = torch.where(ok, inv / (norm + eps), torch.zeros_like(norm))
+    for p, g, s, r, a, et, b, m in zip(params, grads, stash, rho, adaptive, eta, beta, masks):
+        dt = _acc(p)
+        w = flat_memory(p).to(dt)
+        t = (w.abs() + et) if a else torch.ones((), dtype=dt, device=dev)
+        e = (r / b * coef).to(dt) * (t * t) * flat_memory(g).to(dt)
+        e = torch.where(ok & m, e, torch.zeros((), dtype=dt, device=dev))
+        if stash_mode == "copy":
+            flat_memory(s).copy_(flat_memory(p))
+        else:
+            flat_memory(s).copy_(e)
+            e = flat_memory(s).to(dt)
+        flat_memory(p).copy_(torch.where(ok & m, w + e, w))
+    return norm.to(acc)
+
+
+def esam_restore_(params, stash, beta, seed, offset=0, stash_mode="copy") -> None:
+    """Reference of :func:`saf_kernels.ops.esam_restore_` (delta mode: the regenerated mask's
+    elements only)."""
+    if stash_mode == "copy":
+        sam_restore_(params, stash, "copy")
+        return
+    for p, s, m in zip(params, stash, esam_keep_masks(params, beta, seed, offset)):
+        dt = _acc(p)
+        w = flat_memory(p).to(dt)
+        flat_memory(p).copy_(torch.where(m, w - flat_memory(s).to(dt), w))
+
+
+def sds_select(loss_before: torch.Tensor, loss_after: torch.Tensor, gamma: float) -> torch.Tensor:
+    """ESAM's sharpness-sensitive data selection, plainly: the indices of the ``ceil(gamma * B)``
+    (at least 1) largest ``loss_after - loss_before``, sorted."""
+    import math
+
+    B = loss_before.numel()
+    k = min(B, max(1, math.ceil(round(gamma * B, 9))))
+    return torch.sort(torch.topk(loss_after - loss_before, k).indices).values
+
+
+def rsam_unit_scales(params: list[torch.Tensor], std: list[float]) -> list[torch.Tensor]:
+    """R-SAM's per-element noise scale ``std * ||W[j, ...]||`` (flat, memory order, float64);
+    tensors with fewer than 2 dims use ``std * (||p|| + 1e-16)``."""
+    out = []
+    for p, s in zip(params, std):
+        x = flat_memory(p.detach()).double()
+        if p.dim() < 2 or p.numel() == 0:
+            out.append((s * (x.norm() + 1e-16)).expand(p.numel()))
+            continue
+        rows = x.view(p.shape[0], -1)
+        out.append((s * rows.norm(dim=1, keepdim=True)).expand_as(rows).reshape(-1))
+    return out
+
+
+def rsam_noise(params: list[torch.Tensor], std: list[float], seed: int, offset: int = 0) -> list[torch.Tensor]:
+    """R-SAM's noise delta of each tensor (float64, flat in memory order)."""
+    out = []
+    for p, base, sc in zip(params, rng_bases(params), rsam_unit_scales(params, std)):
+        pos = base + torch.arange(p.numel(), device=p.device, dtype=torch.int64)
+        out.append(sc * philox_normal(pos, seed, offset))
+    return out
+
+
+def rsam_noise_(params, stash, std, seed, offset=0) -> None:
+    """Reference of :func:`saf_kernels.ops.rsam_noise_`: stash = w; w += delta."""
+    for p, s, d in zip(params, stash, rsam_noise(params, std, seed, offset)):
+        flat_memory(s).copy_(flat_memory(p))
+        flat_memory(p).copy_(flat_memory(p).to(_acc(p)) + d.to(_acc(p)))
+
+
+def rsam_perturb_(params, grads, stash, rho, lam=2.0, eps=1e-12, grad_scale=None, found_inf=None) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.rsam_perturb_`: ``d = lam * g + (w - stash)``,
+    ``w = stash + rho * d / (||d|| + eps)``; non-finite ``||d||`` or found_inf: ``w = stash``."""
+    acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    dev = params[0].device
+    inv = torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None else 1.0 / grad_scale.double()
+    ds = [lam * g.to(_acc(p)) * inv.to(_acc(p)) + (p.to(_acc(p)) - s.to(_acc(p))) for p, g, s in zip(params, grads, stash)]
+    norm = sum((d.double() ** 2).sum() for d in ds).sqrt()
+    ok = torch.isfinite(norm)
+    if found_inf is not None:
+        ok = ok & (found_inf <= 0)
+    coef = torch.where(ok, 1.0 / (norm + eps), torch.zeros_like(norm))
+    for p, s, d, r in zip(params, stash, ds, rho):
+        new = s.to(_acc(p)) + (r * coef).to(_acc(p)) * d
+        p.copy_(torch.where(ok, new.to(p.dtype), s))
+    return norm.to(acc)
+
+
+def gsam_coefficients(grads, old_grads, alpha, eps=1e-12, grad_scale=None, old_grad_scale=None, found_inf=None):
+    """GSAM's decomposition as the official code computes it, on unscaled float64 gradients:
+    returns ``(combined gradients, cos, ||old_g||, ||g||, apply)``."""
+    inv_n = 1.0 if grad_scale is None else 1.0 / grad_scale.double()
+    inv_o = 1.0 if old_grad_scale is None else 1.0 / old_grad_scale.double()
+    g = [x.double() * inv_n for x in grads]
+    o = [x.double() * inv_o for x in old_grads]
+    dot = sum((a * b).sum() for a, b in zip(o, g))
+    n_new = sum((a * a).sum() for a in g).sqrt()
+    n_old = sum((a * a).sum() for a in o).sqrt()
+    cos = dot / (n_new * n_old + eps)
+    finite = torch.isfinite(n_new + n_old + cos)
+    out = []
+    for a, b in zip(g, o):
+        vertical = b - cos * n_old * a / (n_new + eps)
+        out.append(torch.where(finite, a - alpha * vertical, a) if alpha != 0 else a.clone())
+    apply = torch.ones((), dtype=torch.bool) if found_inf is None else (found_inf <= 0).cpu()
+    return out, cos, n_old, n_new, apply
+
+
+def gsam_combine_(params, grads, old_grads, stash, alpha, eps=1e-12, stash_mode="copy", restore=True,
+                  grad_scale=None, old_grad_scale=None, found_inf=None) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.gsam_combine_`."""
+    comb, cos, n_old, n_new, apply = gsam_coefficients(grads, old_grads, alpha, eps, grad_scale, old_grad_scale,
+                                                       found_inf)
+    if restore:
+        sam_restore_(params, stash, stash_mode)
+    for g, c in zip(grads, comb):
+        g.copy_(torch.where(apply.to(g.device), c.to(g.dtype), g))
+    acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return torch.stack([cos, n_old, n_new]).to(acc)
+
+
+def gsam_restore_sgd_(params, grads, old_grads, stash, momentum_buffers, lr, weight_decay, momentum, dampening,
+                      nesterov, maximize, first_run, alpha, eps=1e-12, stash_mode="copy", grad_scale=None,
+                      old_grad_scale=None, found_inf=None) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.gsam_restore_sgd_`: the combined gradient, then
+    :func:`sam_restore_sgd_` on it."""
+    comb, cos, n_old, n_new, apply = gsam_coefficients(grads, old_grads, alpha, eps, grad_scale, old_grad_scale,
+                                                       found_inf)
+    skip = None if found_inf is None else found_inf
+    sam_restore_sgd_(params, [c.to(_acc(p)) for c, p in zip(comb, params)], stash, momentum_buffers, lr, weight_decay,
+                     momentum, dampening, nesterov, maximize, first_run, stash_mode, None, skip)
+    acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return torch.stack([cos, n_old, n_new]).to(acc)

@@ -10,7 +10,8 @@
 #define SAF_CPU_KERNEL_DECLS                                                                 \
   /* Rows [begin, end) of the fused trajectory loss; returns the first bad-label row or -1. */ \
   int64_t trajectory_loss_rows(const TrajectoryArgs& a, int64_t begin, int64_t end);         \
-  SAF_CPU_MT_KERNEL_DECLS
+  SAF_CPU_MT_KERNEL_DECLS                                                                    \
+  SAF_CPU_ESAM_KERNEL_DECLS
 
 // ---- multi-tensor kernels (SAM family, EMA): elements [start, start + n) of one plan entry ----
 #define SAF_CPU_MT_KERNEL_DECLS                                                                         \
@@ -27,6 +28,32 @@
   /* ema = lerp(ema, model, weight), weight = 1 - decay. */                                              \
   void ema_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double weight);
 // ---- end multi-tensor kernels ----
+
+// ---- ESAM, R-SAM, GSAM kernels (csrc/cpu/kernels/{esam,rsam,gsam}.cpp); key / offset: Philox ----
+#define SAF_CPU_ESAM_KERNEL_DECLS                                                                        \
+  /* ESAM: sum of (keep T g)^2 over the chunk (keep: Bernoulli(beta) at each element's position). */     \
+  double esam_norm_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, uint64_t key, uint64_t offset); \
+  /* w += keep rho / beta T^2 g coef; stash w (copy) or the rounded perturbation (delta). */              \
+  void esam_perturb_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double coef, int64_t mode,  \
+                          uint64_t key, uint64_t offset);                                                 \
+  /* copy: w = stash; delta: w -= stash where the regenerated mask keeps the element. */                \
+  void esam_restore_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, int64_t mode, uint64_t key, \
+                          uint64_t offset);                                                               \
+  /* R-SAM: rows [row0, row0 + nrows): stash = w; w += std * ||row|| * N(0, 1). */                        \
+  void rsam_noise_chunk(const mt::TensorEntry& t, int64_t row0, int64_t nrows, uint64_t key, uint64_t offset); \
+  /* R-SAM: sum of d^2, d = lam * g * inv_scale + (w - stash); then w = stash + rho d coef. */           \
+  double rsam_norm_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double lam, double inv_scale); \
+  void rsam_perturb_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double lam, double inv_scale, \
+                          double coef);                                                                   \
+  /* GSAM: out[0..2] = sum old_g g, sum old_g^2, sum g^2 over the chunk. */                             \
+  void gsam_dots_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double* out);                 \
+  /* GSAM: g = c_new g + c_old old_g (if apply), w = restored (if restore). */                           \
+  void gsam_combine_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double c_new, double c_old, \
+                          bool apply, bool restore, int64_t mode);                                        \
+  /* GSAM: restore + torch.optim.SGD with c_new g + c_old old_g (apply false: restore only). */          \
+  void gsam_sgd_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double c_new, double c_old,     \
+                      bool apply, int64_t mode);
+// ---- end ESAM, R-SAM, GSAM kernels ----
 
 namespace saf::cpu {
 namespace DEFAULT {

@@ -119,6 +119,76 @@ namespace ema {
 enum Stream { EMA = 0, MODEL = 1 };
 }
 
+// ---- ESAM, R-SAM, GSAM (issue 5): streams, params and math of their multi-tensor ops ----------
+// Random numbers come from saf/philox.h: element i of tensor t draws at position
+// rng_offset + i, and these ops pad rng_offset to a multiple of 4 (csrc/mt_plan_esam.h).
+
+// ESAM stochastic weight perturbation (esam_perturb_ / esam_restore_): streams w, g, stash;
+// params rho, eta, beta (keep probability); flag adaptive. keep = Bernoulli(beta) at the element's
+// position (regenerated, never stored):
+//   norm = || keep * T * g ||_2 over every element of every tensor (the kept gradients)
+//   e    = keep * (rho / beta) * T^2 * g * coef,  coef = 1 / (norm + eps)  (/ grad_scale)
+// i.e. the official code's scale rho / (norm + eps) / beta, elementwise instead of per tensor.
+namespace esam {
+enum Stream { W = 0, G = 1, STASH = 2 };
+enum Param { RHO = 0, ETA = 1, BETA = 2 };
+constexpr int32_t kAdaptive = kFlagA;
+}  // namespace esam
+
+// R-SAM. rsam_noise_ (streams w, stash; row-aligned chunks, see mt_plan_esam.h): for every output
+// unit j (the slice W[j, ...] along dim 0, contiguous in memory) delta = std * ||W[j]|| * z with
+// z ~ N(0, 1) per element; tensors with fewer than 2 dims are one unit scaled by ||p|| + 1e-16.
+// stash = w, w += delta. rsam_perturb_ (streams w, g, stash; plain chunks): with the noise that
+// was actually applied recovered as delta = w - stash,
+//   d = lam * g + delta,  w = stash + rho * d * coef,  coef = 1 / (||d|| + eps)  (g / grad_scale)
+namespace rsam {
+enum Stream { W = 0, G = 1, STASH = 2 };
+enum Param { STD = 0, ROW_LEN = 1, CHUNK_ROWS = 2, RHO = 3 };
+constexpr int32_t kVector = kFlagA;  // fewer than 2 dims: one unit, ||p|| + 1e-16
+constexpr double kVectorEps = 1e-16;
+}  // namespace rsam
+
+// GSAM (gsam_combine_ / gsam_restore_sgd_): streams w, g (the gradient g_p at the perturbed
+// weights), stash, momentum buffer (SGD only), old_g (the first gradient); SGD's params and flags
+// in sgd's slots. One pass of partial sums <old_g, g>, |old_g|^2, |g|^2, then
+//   grad = c_new * g + c_old * old_g   (GsamCoef below: g_p - alpha * g_perp, unscaled)
+namespace gsam {
+enum Stream { W = 0, G = 1, STASH = 2, BUF = 3, OLD_G = 4 };
+}  // namespace gsam
+
+// GSAM's decomposition (juntang-zhuang/GSAM gradient_decompose) folded into two coefficients of
+// the raw (possibly AMP-scaled) gradients: with g = g_raw * inv_new, o = o_raw * inv_old,
+//   cos    = <o, g> / (||g|| ||o|| + eps)
+//   g_perp = o - cos * ||o|| * g / (||g|| + eps)
+//   grad   = g - alpha * g_perp = (1 + alpha * cos * ||o|| / (||g|| + eps)) g - alpha o
+// skip (found_inf): apply = false, the caller leaves the gradients and skips the step. A sum that
+// is not finite (no AMP): the decomposition is undefined and grad = g (the unscaled g_p), whose
+// inf / NaN then reach the base step as they would in torch.
+struct GsamCoef {
+  double c_new;  // multiplies g_raw
+  double c_old;  // multiplies o_raw
+  double cos;
+  double norm_old;
+  double norm_new;
+  bool apply;
+};
+
+SAF_MT_FN GsamCoef gsam_coef(double dot, double ss_old, double ss_new, double inv_new, double inv_old, double alpha,
+                             double eps, bool skip) {
+  GsamCoef r;
+  r.norm_old = std::sqrt(ss_old) * inv_old;
+  r.norm_new = std::sqrt(ss_new) * inv_new;
+  const double d = dot * inv_new * inv_old;
+  r.cos = d / (r.norm_new * r.norm_old + eps);
+  const double chk = r.norm_old + r.norm_new + r.cos;
+  const bool finite = chk - chk == 0.0;  // false for inf and NaN
+  r.apply = !skip;
+  r.c_new = skip ? 0.0 : (finite ? (1.0 + alpha * r.cos * r.norm_old / (r.norm_new + eps)) * inv_new : inv_new);
+  r.c_old = (skip || !finite) ? 0.0 : -alpha * inv_old;
+  return r;
+}
+// ---- end ESAM, R-SAM, GSAM ----------------------------------------------------------------------
+
 // ---------------------------------------------------------------------------------------------
 // Per-element math, identical on every backend (acc_t is float, or double for float64 tensors)
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+// Torch-side wrappers of the CUDA R-SAM kernels (csrc/cuda/rsam.cu): plans and checks
+// (csrc/mt_plan_esam.h), cached device plans, scratch, launch. Nothing here waits for the device.
+//
+// The schedules change std and rho every step; when every tensor has the same value (the
+// optimizers' case) it travels as a kernel argument and the plan holds 1, so that the cached
+// device plan stays valid from step to step.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cuda/esam_launchers.h"
+#include "cuda/esam_plan_cuda.h"
+#include "cuda/mt_launchers.h"
+#include "cuda/mt_plan_cuda.h"
+#include "mt_plan_esam.h"
+
+namespace saf::cuda {
+
+namespace {
+
+// (values for the plan, common factor): all-equal values become ones and the factor.
+double common_factor(at::ArrayRef<double> v, std::vector<double>& out) {
+  out.assign(v.begin(), v.end());
+  if (v.empty()) return 1.0;
+  for (double x : v) {
+    if (x != v[0]) return 1.0;
+  }
+  std::fill(out.begin(), out.end(), 1.0);
+  return v[0];
+}
+
+}  // namespace
+
+#define SAF_RSAM_CUDA_CHECK(expr, what)                                                                 \
+  do {                                                                                                  \
+    const cudaError_t err_ = (expr);                                                                    \
+    TORCH_CHECK(err_ == cudaSuccess, "saf_kernels.", what, ": CUDA error: ", cudaGetErrorString(err_)); \
+  } while (0)
+
+void rsam_noise_cuda(at::TensorList params, at::TensorList stash, at::ArrayRef<double> stdev, int64_t seed,
+                     int64_t offset) {
+  std::vector<double> plan_std;
+  mt::check_finite_nonneg(stdev, "saf_kernels.rsam_noise_", "std");
+  const double mult = common_factor(stdev, plan_std);
+  // A chunk of whole rows per block: at least one row, else about mt_chunk_size() elements.
+  const mt::RowPlan plan = mt::rsam_noise_plan(params, stash, plan_std, offset, mt_chunk_size());
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const void* dplan = RowPlanCache::instance().upload(plan, stream);
+  SAF_RSAM_CUDA_CHECK(rsam_noise_launch(dplan, plan.n_chunks(), mt::any_f64(params), mt::philox_key(seed),
+                                        uint64_t(offset), mult, stream),
+                      "rsam_noise_");
+  mt::bump_versions(params);
+  mt::bump_versions(stash);
+}
+
+at::Tensor rsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList stash,
+                             at::ArrayRef<double> rho, double lam, double eps,
+                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  std::vector<double> plan_rho;
+  mt::check_finite_nonneg(rho, "saf_kernels.rsam_perturb_", "rho");
+  const double mult = common_factor(rho, plan_rho);
+  const mt::Plan plan =
+      mt::rsam_perturb_plan(params, grads, stash, plan_rho, lam, eps, grad_scale, found_inf, mt_chunk_size());
+  TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.rsam_perturb_: empty parameter list on CUDA");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool f64 = mt::any_f64(params);
+  const auto opts = params[0].options();
+  at::Tensor partials = at::empty({std::max<int64_t>(1, plan.n_chunks())}, opts.dtype(at::kDouble));
+  at::Tensor coef = at::empty({1}, opts.dtype(at::kDouble));
+  at::Tensor norm = at::empty({}, opts.dtype(f64 ? at::kDouble : at::kFloat));
+  const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
+  const void* dplan = PlanCache::instance().upload(plan, stream);
+  SAF_RSAM_CUDA_CHECK(rsam_norm_launch(dplan, plan.n_chunks(), f64, lam, f32_ptr(gs), partials.data_ptr<double>(),
+                                       stream),
+                      "rsam_perturb_");
+  // d is already unscaled: the finalize gets no grad_scale, only found_inf.
+  SAF_RSAM_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), plan.n_chunks(), nullptr, f32_ptr(fi), eps,
+                                      norm.data_ptr(), f64, coef.data_ptr<double>(), stream),
+                      "rsam_perturb_");
+  SAF_RSAM_CUDA_CHECK(rsam_perturb_launch(dplan, plan.n_chunks(), f64, lam, f32_ptr(gs), coef.data_ptr<double>(),
+                                          mult, stream),
+                      "rsam_perturb_");
+  mt::bump_versions(params);
+  return norm;
+}
+
+TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
+  m.impl("rsam_noise_", &rsam_noise_cuda);
+  m.impl("rsam_perturb_", &rsam_perturb_cuda);
+}
+
+}  // namespace saf::cuda

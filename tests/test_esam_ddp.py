@@ -1,0 +1,160 @@
+"""ESAM, R-SAM and GSAM under DistributedDataParallel: 2 processes on gloo (CPU).
+
+ESAM's DDP rule (the official code): each replica perturbs with its own first gradient
+(m-sharpness: no all-reduce in pass 1), selects its own samples, and the second gradients are
+averaged by DDP. The ESAM run is checked against that rule computed in one process; R-SAM and
+GSAM are checked to keep the replicas identical.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saf_kernels import reference
+from saf_kernels.ops import sds_count
+from saf_kernels.optim import ESAM, GSAM, RSAM, per_sample_closure
+from saf_kernels.optim._rng import step_key
+
+from .optim_models import batches, make_model, per_sample
+
+WORLD, STEPS, SEED = 2, 2, 5
+LOSS = functools.partial(F.cross_entropy, reduction="none")
+
+
+def _data(rank):
+    return batches(STEPS, B=16, seed=100 + rank)
+
+
+def _worker(rank, world, port, out_dir, kind):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    # A bounded timeout: a replica stuck in a collective fails the test instead of hanging it.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        torch.set_num_threads(1)
+        model = make_model()
+        ddp = DDP(model, find_unused_parameters=True)  # Net has a parameter no forward uses
+        if kind.startswith("esam"):
+            opt = ESAM(ddp.parameters(), torch.optim.SGD, rho=0.1, beta=0.5, gamma=0.5, swp=kind.split("-")[1],
+                       seed=SEED, lr=0.05, model=ddp, backend="cpu")
+            for x, y in _data(rank):
+                opt.step(per_sample_closure(ddp, x, y, LOSS))
+        else:
+            cls = RSAM if kind == "rsam" else GSAM
+            opt = cls(ddp.parameters(), torch.optim.SGD, lr=0.05, model=ddp, backend="cpu",
+                      **({"seed": SEED} if kind == "rsam" else {}))
+            for x, y in _data(rank):
+
+                def closure(x=x, y=y):
+                    opt.zero_grad()
+                    loss = F.cross_entropy(ddp(x), y)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+        torch.save([p.detach().clone() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp_path, kind):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path), kind), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _esam_second_grads(model, x, y, keep_fn, rho=0.1, beta=0.5, gamma=0.5, eps=1e-7):
+    """One replica's ESAM second gradients (dict param -> grad), computed from the rule."""
+    params = list(model.parameters())
+    saved = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = None
+    before = per_sample(model, x, y)
+    before.mean().backward()
+    live = [p for p in params if p.grad is not None]
+    masks = keep_fn(live)
+    norm = math.sqrt(sum(float((p.grad.reshape(-1)[m] ** 2).sum()) for p, m in zip(live, masks)))
+    with torch.no_grad():
+        for p, m in zip(live, masks):
+            p.add_(torch.where(m, rho / beta * p.grad.reshape(-1) / (norm + eps), 0.0).view_as(p))
+        after = per_sample(model, x, y)
+    idx = torch.sort(torch.topk(after - before.detach(), sds_count(gamma, x.shape[0])).indices).values
+    for p in params:
+        p.grad = None
+    per_sample(model, x[idx], y[idx]).mean().backward()
+    out = {p: p.grad.clone() for p in params if p.grad is not None}
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("swp", ["element", "tensor"])
+def test_esam_ddp_matches_per_replica_rule(tmp_path, swp):
+    pytest.importorskip("torch.distributed")
+    _skip_cpu()
+    ranks = _run(tmp_path, f"esam-{swp}")
+    for a, b in zip(*ranks):
+        assert torch.equal(a, b), "replicas diverged"
+    import random
+
+    model = make_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = [_data(r) for r in range(WORLD)]
+    rng = random.Random(SEED)
+    for step in range(STEPS):
+        if swp == "element":
+            def keep_fn(live, k=step_key(SEED, step)):
+                return reference.esam_keep_masks(live, [0.5] * len(live), k, 0)
+        else:  # every replica draws the same tensors from the same seeded random.Random
+            keep = [rng.random() < 0.5 for _ in model.parameters()]
+            if not any(keep):
+                keep[rng.randrange(len(keep))] = True
+            kept = {id(p) for p, k in zip(model.parameters(), keep) if k}
+
+            def keep_fn(live, kept=kept):
+                return [torch.full((p.numel(),), id(p) in kept) for p in live]
+        grads = [_esam_second_grads(model, *data[r][step], keep_fn) for r in range(WORLD)]
+        for p in model.parameters():
+            gs = [g[p] for g in grads if p in g]
+            p.grad = sum(gs) / WORLD if gs else None
+        sgd.step()
+    for p, q in zip(model.parameters(), ranks[0]):
+        torch.testing.assert_close(q, p.detach(), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["rsam", "gsam"])
+def test_rsam_gsam_ddp_keep_replicas_identical(tmp_path, kind):
+    _skip_cpu()
+    ranks = _run(tmp_path, kind)
+    start = [p.detach() for p in make_model().parameters()]
+    for a, b, s in zip(*ranks, start):
+        assert torch.equal(a, b), "replicas diverged"
+        assert torch.isfinite(a).all()
+    assert any(not torch.equal(a, s) for a, s in zip(ranks[0], start))
+
+
+def _skip_cpu():
+    from .helpers import skip_unless_available
+
+    skip_unless_available("cpu", "cpu", "esam_perturb_")
