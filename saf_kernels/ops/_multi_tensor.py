@@ -67,6 +67,11 @@ def full(values: list, n: int) -> list:
     return values * n if len(values) == 1 and n != 1 else values
 
 
+def per_tensor_full(value, n: int, name: str, fn: str, **kw) -> list:
+    """:func:`per_tensor` at full length, for ops whose kernels index one value per tensor."""
+    return full(per_tensor(value, n, name, fn, **kw), n)
+
+
 def stash_mode_code(stash_mode: str, fn: str) -> int:
     if stash_mode not in STASH_MODES:
         raise ValueError(

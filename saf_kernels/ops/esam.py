@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import _backend, reference
-from ._multi_tensor import as_list, check_lengths, check_scalar, check_streams, per_tensor, stash_mode_code
+from ._multi_tensor import as_list, check_lengths, check_scalar, check_streams, per_tensor_full, stash_mode_code
 from .philox import check_offset, check_seed
 from .sam import _check_eps, _device, _norm_fake, _void_fake
 
@@ -73,7 +73,7 @@ def _op(name: str, impl: str):
 
 
 def _beta_list(beta, n, fn):
-    vals = per_tensor(beta, n, "beta", fn)
+    vals = per_tensor_full(beta, n, "beta", fn)
     for i, b in enumerate(vals):
         if not 0.0 < b <= 1.0:
             raise ValueError(f"{fn}: beta[{i}] must be in (0, 1], got {b!r}")
@@ -129,10 +129,10 @@ def esam_perturb_(
     fn = "saf_kernels.esam_perturb_"
     params, grads, stash = as_list(params, "params", fn), as_list(grads, "grads", fn), as_list(stash, "stash", fn)
     n = check_lengths(fn, params=params, grads=grads, stash=stash)
-    rho_l = per_tensor(rho, n, "rho", fn, nonneg=True)
+    rho_l = per_tensor_full(rho, n, "rho", fn, nonneg=True)
     beta_l = _beta_list(beta, n, fn)
-    eta_l = per_tensor(eta, n, "eta", fn, nonneg=True)
-    flags = [ADAPTIVE if a else 0 for a in per_tensor(adaptive, n, "adaptive", fn, kind=bool)]
+    eta_l = per_tensor_full(eta, n, "eta", fn, nonneg=True)
+    flags = [ADAPTIVE if a else 0 for a in per_tensor_full(adaptive, n, "adaptive", fn, kind=bool)]
     eps = _check_eps(eps, fn)
     seed = check_seed(seed, fn)
     offset = check_offset(offset, fn)

@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import _backend, reference
-from ._multi_tensor import as_list, check_lengths, check_scalar, check_streams, per_tensor
+from ._multi_tensor import as_list, check_lengths, check_scalar, check_streams, per_tensor_full
 from .philox import check_offset, check_seed
 from .sam import _check_eps, _device, _norm_fake, _void_fake
 
@@ -104,7 +104,7 @@ def rsam_noise_(params: Sequence[torch.Tensor], stash: Sequence[torch.Tensor], s
     fn = "saf_kernels.rsam_noise_"
     params, stash = as_list(params, "params", fn), as_list(stash, "stash", fn)
     n = check_lengths(fn, params=params, stash=stash)
-    std_l = per_tensor(std, n, "std", fn, nonneg=True)
+    std_l = per_tensor_full(std, n, "std", fn, nonneg=True)
     seed = check_seed(seed, fn)
     offset = check_offset(offset, fn)
     if n == 0:
@@ -139,7 +139,7 @@ def rsam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     fn = "saf_kernels.rsam_perturb_"
     params, grads, stash = as_list(params, "params", fn), as_list(grads, "grads", fn), as_list(stash, "stash", fn)
     n = check_lengths(fn, params=params, grads=grads, stash=stash)
-    rho_l = per_tensor(rho, n, "rho", fn, nonneg=True)
+    rho_l = per_tensor_full(rho, n, "rho", fn, nonneg=True)
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
         raise ValueError(f"{fn}: lam must be a finite number, got {lam!r}")
     eps = _check_eps(eps, fn)
