@@ -292,7 +292,8 @@ class TrajectoryBank:
         payload[:, :width].copy_(rows.view(torch.uint8))
         payload[:, width:].copy_(ids.to(torch.int64).reshape(B, 1).view(torch.uint8))
         gathered = torch.empty((world * B, width + 8), dtype=torch.uint8, device=logits.device)
-        dist.all_gather_into_tensor(gathered, payload, group=group)
+        # all_gather_single is the name from torch 2.13 on (the old one warns there).
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(gathered, payload, group=group)
         all_rows = gathered[:, :width].contiguous().view(self.dtype)
         all_ids = gathered[:, width:].contiguous().view(torch.int64).reshape(-1)
         _tb.trajectory_bank_record(all_rows, all_ids, *self._tensors, epoch, backend=self.backend)
