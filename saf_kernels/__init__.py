@@ -8,18 +8,22 @@ Public API (see README.md for the table):
   drop-in training components (a GPU-resident bank of past logits; an EMA teacher).
 - :mod:`saf_kernels.ops`: every fused op; :mod:`saf_kernels.reference`: their plain-PyTorch versions.
 - :func:`sam_perturb_`, :func:`sam_restore_` (and the fused restore + SGD / AdamW steps): SAM's
-  multi-tensor ops; :mod:`saf_kernels.optim`: ``SAM``, ``ASAM`` on them.
+  multi-tensor ops; :mod:`saf_kernels.optim`: ``SAM``, ``ASAM``, ``ESAM``, ``RSAM``, ``GSAM`` on
+  them; :mod:`saf_kernels.sharpness`: top Hessian eigenvalue, worst loss increase in a rho-ball.
 """
 
+from . import optim, sharpness
 from ._backend import BACKENDS, BackendUnavailable, available
-from .ops import saf_loss, trajectory_kl_loss
+from .ops import (
+    ema_update_,
+    saf_loss,
+    sam_perturb_,
+    sam_restore_,
+    sam_restore_adamw_,
+    sam_restore_sgd_,
+    trajectory_kl_loss,
+)
 from .saf import MESA, SAF, IndexedDataset, TrajectoryBank
-
-# ---- SAM family ----
-from . import optim  # noqa: E402
-from .ops import sam_perturb_, sam_restore_, sam_restore_adamw_, sam_restore_sgd_  # noqa: E402
-
-# ---- end SAM family ----
 
 __version__ = "0.1.0"
 
@@ -33,7 +37,9 @@ __all__ = [
     "available",
     "saf_loss",
     "trajectory_kl_loss",
+    "ema_update_",
     "optim",
+    "sharpness",
     "sam_perturb_",
     "sam_restore_",
     "sam_restore_sgd_",

@@ -29,7 +29,8 @@ def build_and_load():
     cflags = ["-O3", "-fopenmp", "-DSAF_KERNELS_EXT", "-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
     cuda_flags = []
     if torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("SAF_KERNELS_BUILD") != "cpu":
-        sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")) + glob.glob(os.path.join(csrc, "cuda", "*.cpp")))
+        cuda = os.path.join(csrc, "cuda")
+        sources += sorted(glob.glob(os.path.join(cuda, "*.cu")) + glob.glob(os.path.join(cuda, "*.cpp")))
         cflags.append("-DSAF_KERNELS_CUDA")
         cuda_flags = ["-O3", "-DSAF_KERNELS_CUDA", "--expt-relaxed-constexpr"]
     load(

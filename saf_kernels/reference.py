@@ -543,7 +543,8 @@ def rsam_perturb_(params, grads, stash, rho, lam=2.0, eps=1e-12, grad_scale=None
     acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     dev = params[0].device
     inv = torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None else 1.0 / grad_scale.double()
-    ds = [lam * g.to(_acc(p)) * inv.to(_acc(p)) + (p.to(_acc(p)) - s.to(_acc(p))) for p, g, s in zip(params, grads, stash)]
+    ds = [lam * g.to(_acc(p)) * inv.to(_acc(p)) + (p.to(_acc(p)) - s.to(_acc(p)))
+          for p, g, s in zip(params, grads, stash)]
     norm = sum((d.double() ** 2).sum() for d in ds).sqrt()
     ok = torch.isfinite(norm)
     if found_inf is not None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 

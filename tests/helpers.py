@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from saf_kernels import _backend  
+from saf_kernels import _backend
 
 FULL = os.environ.get("SAF_FULL") == "1"
 HAS_CUDA = torch.cuda.is_available()

@@ -44,4 +44,5 @@ def per_sample(model, x, y):
 
 def assert_same_params(a: nn.Module, b: nn.Module, rtol: float, atol: float, what: str = "") -> None:
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=rtol, atol=atol, msg=lambda m, n=name: f"{what} {n}: {m}")
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=rtol, atol=atol,
+                                   msg=lambda m, n=name: f"{what} {n}: {m}")

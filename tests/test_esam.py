@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from saf_kernels import reference
 from saf_kernels import ops as O
+from saf_kernels import reference
 
 from .helpers import FULL, KERNEL_PAIRS, skip_unless_available
 
@@ -134,7 +134,7 @@ def test_delta_stash_regenerates_the_mask(backend, device, stash_dtype):
     beta = [0.5, 0.25, 0.5]
     norm_ref, w64, es, masks = _expected(params, grads, [0.5] * 3, beta, [False] * 3, [0.0] * 3, 9, 0)
     O.esam_perturb_(params, grads, stash, 0.5, beta, 9, stash_mode="delta", backend=backend)
-    for p, o, s, e, m in zip(params, orig, stash, es, masks):
+    for p, o, s, e in zip(params, orig, stash, es):
         # The stash holds e rounded to its dtype (0 where dropped); exactly that was added.
         torch.testing.assert_close(s.double().cpu().reshape(-1), e, rtol=2 * ULP[s.dtype], atol=1e-30)
         added = (o.double() + s.double()).to(p.dtype)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saf_kernels import reference
 from saf_kernels import ops as O
+from saf_kernels import reference
 
 from .helpers import KERNEL_PAIRS, skip_unless_available
 

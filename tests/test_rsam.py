@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from saf_kernels import reference
 from saf_kernels import ops as O
+from saf_kernels import reference
 
 from .helpers import KERNEL_PAIRS, skip_unless_available
 
@@ -211,7 +211,7 @@ def rsam_reference_step(model, base, x, y, rho, std, lam, key, eps=1e-12):
     with torch.no_grad():
         for p, c in zip(params, clean):
             p.copy_(c)
-        for (p, c, _), v in zip(live, ds):
+        for (p, _c, _), v in zip(live, ds):
             p.add_((rho * v / (norm + eps)).view_as(p))
     for p in params:
         p.grad = None

@@ -352,9 +352,9 @@ def test_bad_arguments_raise_clear_errors():
         (lambda: step(z, y[:2], ids, *bank, 0), ValueError, r"labels must have shape \(3,\)"),
         (lambda: step(torch.randn(3, 4), y, ids, *bank, 0), ValueError, "holds 5 classes but the logits have 4"),
         (lambda: step(z, y, ids, bank[0].double(), *bank[1:], 0), ValueError, "float32/bfloat16/float16"),
-        (lambda: step(z, y, ids, bank[0], bank[1].long(), *bank[2:], 0), ValueError, "epochs must be a contiguous int32"),
+        (lambda: step(z, y, ids, bank[0], bank[1].long(), *bank[2:], 0), ValueError, "epochs must be a contiguous int32"),  # noqa: E501
         (lambda: step(z, y, ids, *bank[:2], bank[2][:3], bank[3], 0), ValueError, r"claims must be .* shape \(6,\)"),
-        (lambda: step(z, y, ids, *bank[:3], bank[3][:4], 0), ValueError, r"state must be an int64 tensor of shape \(8,\)"),
+        (lambda: step(z, y, ids, *bank[:3], bank[3][:4], 0), ValueError, r"state must be an int64 tensor of shape \(8,\)"),  # noqa: E501
         (lambda: step(z, y, ids, *bank, -1), ValueError, "epoch must be an int in"),
         (lambda: step(z, y, ids, *bank, 1.5), ValueError, "epoch must be an int in"),
         (lambda: step(z, y, ids, *bank, 0, temperature=0.0), ValueError, "temperature must be > 0"),

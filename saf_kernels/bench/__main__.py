@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     sections: dict[str, str] = {}
     if ops != []:
         rows += op_bench.run_op_benchmarks(device, args.quick, ops, progress, compile_baseline=not args.no_compile)
-        sections["Fused ops, forward + backward (median per call; speed-up = baseline time / fused time)"] = op_table(rows)
+        title = "Fused ops, forward + backward (median per call; speed-up = baseline time / fused time)"
+        sections[title] = op_table(rows)
         # ---- multi-tensor family ----
         if any(r.get("kind") == "multi_tensor" for r in rows):
             from .multi_tensor import table as multi_tensor_table

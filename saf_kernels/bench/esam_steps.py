@@ -200,7 +200,7 @@ def run(device: torch.device, methods: list[str], rounds: int, inner: int) -> di
     ctx = _Context(device)
     table = {"sgd": _build_sgd, "sam": build_sam, "sam_fused": lambda c: build_sam(c, True), **BUILDERS}
     steps = {m: table[m](ctx) for m in methods}
-    for m, s in steps.items():
+    for _m, s in steps.items():
         for i in range(3):
             s(i)
     samples: dict[str, list[float]] = {m: [] for m in steps}

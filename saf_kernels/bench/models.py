@@ -52,7 +52,9 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     def __init__(self, blocks: tuple[int, ...], num_classes: int = 100, width: int = 64):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
         layers, cin = [], width
         for i, n in enumerate(blocks):
             cout = width * 2**i

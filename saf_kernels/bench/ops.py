@@ -96,7 +96,9 @@ def _reference_fn(op: str):
     return lambda z, y, t: reference.trajectory_kl_loss(z, t, 5.0)
 
 
-def trajectory_providers(case: OpCase, device: torch.device, compile_baseline: bool = True) -> dict[str, Callable | str]:
+def trajectory_providers(
+    case: OpCase, device: torch.device, compile_baseline: bool = True
+) -> dict[str, Callable | str]:
     """Provider name -> ``call(z, y, t) -> loss``, or a string saying why it is unavailable."""
     providers: dict[str, Callable | str] = {}
     for b in ("cuda", "triton", "cpu"):

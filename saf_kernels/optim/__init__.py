@@ -1,18 +1,25 @@
-"""Sharpness-aware optimizers on the fused multi-tensor kernels."""
+"""Sharpness-aware optimizers on the fused multi-tensor kernels: SAM, ASAM, ESAM, R-SAM, GSAM."""
 
-# ---- SAM family ----
 from .base import TwoPassOptimizer
+from .esam import ESAM, index_batch, per_sample_closure
+from .gsam import GSAM
+from .rsam import RSAM
 from .sam import ASAM, SAM, default_adaptive_filter
+from .schedulers import CosineIncrease, ProportionScheduler
 from .utils import first_pass, frozen_bn_stats
 
-__all__ = ["ASAM", "SAM", "TwoPassOptimizer", "default_adaptive_filter", "first_pass", "frozen_bn_stats"]
-# ---- end SAM family ----
-
-# ---- ESAM, R-SAM, GSAM ----
-from .esam import ESAM, index_batch, per_sample_closure  # noqa: E402
-from .gsam import GSAM  # noqa: E402
-from .rsam import RSAM  # noqa: E402
-from .schedulers import CosineIncrease, ProportionScheduler  # noqa: E402
-
-__all__ += ["ESAM", "RSAM", "GSAM", "ProportionScheduler", "CosineIncrease", "index_batch", "per_sample_closure"]
-# ---- end ESAM, R-SAM, GSAM ----
+__all__ = [
+    "ASAM",
+    "CosineIncrease",
+    "ESAM",
+    "GSAM",
+    "ProportionScheduler",
+    "RSAM",
+    "SAM",
+    "TwoPassOptimizer",
+    "default_adaptive_filter",
+    "first_pass",
+    "frozen_bn_stats",
+    "index_batch",
+    "per_sample_closure",
+]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 import numbers
 import random
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
