@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="property tests need hypothesis (the GPU machines lack it)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import saf_kernels as sk
 from saf_kernels import reference
