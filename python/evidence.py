@@ -28,6 +28,21 @@ def _ms(xs):
     return f"{statistics.mean(xs):.3g} ± {statistics.stdev(xs):.2g}"
 
 
+def _meta() -> dict:
+    import platform
+    import subprocess
+
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = ""
+    return dict(commit=commit, date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+                threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(train.METHODS))
@@ -75,7 +90,7 @@ def main(argv=None) -> int:
     print("\n" + table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"table": table, "results": results, "argv": sys.argv[1:]}, f, indent=1)
+            json.dump({"table": table, "results": results, "argv": sys.argv[1:], "meta": _meta()}, f, indent=1)
     return 0
 
 
