@@ -1,0 +1,636 @@
+"""Bad arguments to every public function, in one table: each row calls a function with one bad
+argument and expects an exception of a given type whose message names the offending argument
+(and, where there is one, its value).
+
+Rows marked xfail(strict=True) are arguments a function does not reject today (it accepts them
+silently, or fails later with an error that does not name them); the mark's reason says what
+happens. Strict: once the function checks the argument, the row passes, fails the suite, and the
+mark must go.
+
+Values that live on the device (``grad_scale``, ``found_inf``, the AdamW ``steps``, a tensor
+``decay`` on CUDA) are not in the table: checking them would need a host synchronisation, which
+the ops avoid by design.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import saf_kernels as sk
+from saf_kernels import BackendUnavailable, _backend, sharpness
+from saf_kernels import ops as O
+from saf_kernels.optim import ASAM, ESAM, GSAM, RSAM, SAM, CosineIncrease, ProportionScheduler
+
+SGD, AdamW = torch.optim.SGD, torch.optim.AdamW
+CE = torch.nn.functional.cross_entropy
+
+# How an xfail row fails today (xfail's ``raises``).
+ACCEPTED = pytest.fail.Exception  # pytest.raises: DID NOT RAISE
+WRONG_MESSAGE = AssertionError  # pytest.raises: the message does not name the argument
+
+
+def bad(label, call, exc, match, xfail=None, raises=None, needs_ext=False):
+    """One row. ``needs_ext``: the message is the compiled CPU op's (the plain-PyTorch fallback
+    raises torch's own error there)."""
+    marks = [pytest.mark.xfail(strict=True, reason=xfail, raises=raises)] if xfail else []
+    if needs_ext:
+        marks.append(pytest.mark.skipif(not _backend.HAS_EXT, reason="saf_kernels._C is not built"))
+    return pytest.param(call, exc, match, id=label, marks=marks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs, built inside the rows (nothing is allocated at collection)
+# ---------------------------------------------------------------------------------------------
+
+
+def z(B=4, C=5):
+    return torch.randn(B, C)
+
+
+def y(B=4, C=5):
+    return torch.randint(0, C, (B,))
+
+
+def lst(*shapes, dtype=torch.float32):
+    return [torch.randn(s, dtype=dtype) for s in shapes]
+
+
+def pgs():
+    """params, grads, stash of two tensors."""
+    return lst(4, 3), lst(4, 3), lst(4, 3)
+
+
+def sam(**kw):
+    return O.sam_perturb_(*pgs(), kw.pop("rho", 0.05), **kw)
+
+
+def sgd(bufs=(), **kw):
+    return O.sam_restore_sgd_(*pgs(), list(bufs), **{"lr": 0.1, **kw})
+
+
+def adamw(steps=None, exp_avg=None, **kw):
+    steps = [torch.ones(()), torch.ones(())] if steps is None else steps
+    return O.sam_restore_adamw_(*pgs(), exp_avg or lst(4, 3), lst(4, 3), steps, **{"lr": 0.1, **kw})
+
+
+def esam(rho=0.05, beta=0.5, seed=1, offset=0, **kw):
+    return O.esam_perturb_(*pgs(), rho, beta, seed, offset, **kw)
+
+
+def gsam(stash=None, **kw):
+    p, g, s = pgs()
+    return O.gsam_combine_(p, g, lst(4, 3), s if stash is None else stash, **kw)
+
+
+def gsam_sgd(bufs=(), **kw):
+    p, g, s = pgs()
+    return O.gsam_restore_sgd_(p, g, lst(4, 3), s, list(bufs), **{"lr": 0.1, **kw})
+
+
+def raw_bank(N=4, S=1, C=3, values=None, epochs=None, state=None):
+    values = torch.zeros(N, S, C) if values is None else values
+    epochs = torch.full((N, S), -1, dtype=torch.int32) if epochs is None else epochs
+    state = torch.zeros(8, dtype=torch.int64) if state is None else state
+    return values, epochs, torch.zeros(N, dtype=torch.int32), state
+
+
+def bank_step(ids=None, bank=None, **kw):
+    ids = torch.arange(2) if ids is None else ids
+    return O.trajectory_bank_step(torch.randn(2, 3), None, ids, *(bank or raw_bank()), 0, **kw)
+
+
+def model():
+    return torch.nn.Linear(3, 2)
+
+
+def params():
+    return model().parameters()
+
+
+def data():
+    return [(torch.randn(4, 3), torch.randint(0, 2, (4,)))]
+
+
+def optimizer_step(make):
+    """Build an optimizer on a small model and take one step (for arguments checked only then)."""
+    net = model()
+    opt = make(net.parameters())
+    x, t = data()[0]
+
+    def closure():
+        loss = CE(net(x), t)
+        loss.backward()
+        return loss
+
+    return opt.step(closure)
+
+
+def mesa_call(epoch, **kw):
+    return sk.MESA(model(), **kw)(torch.randn(4, 2), torch.randint(0, 2, (4,)), torch.randn(4, 3), epoch=epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+LOSSES = [
+    bad("trajectory_kl_loss:temperature=0", lambda: sk.trajectory_kl_loss(z(), z(), 0.0), ValueError,
+        r"temperature must be > 0, got 0\.0"),
+    bad("trajectory_kl_loss:temperature=nan", lambda: sk.trajectory_kl_loss(z(), z(), math.nan), ValueError,
+        r"temperature must be a finite number, got nan"),
+    bad("trajectory_kl_loss:temperature=True", lambda: sk.trajectory_kl_loss(z(), z(), True), ValueError,
+        r"temperature must be a finite number, got True"),
+    bad("trajectory_kl_loss:reduction", lambda: sk.trajectory_kl_loss(z(), z(), 5.0, "avg"), ValueError,
+        r"reduction must be one of .*got 'avg'"),
+    bad("trajectory_kl_loss:logits-1d", lambda: sk.trajectory_kl_loss(z()[0], z()[0]), ValueError,
+        r"logits must be 2-D \[batch, classes\], got shape \(5,\)"),
+    bad("trajectory_kl_loss:logits-int", lambda: sk.trajectory_kl_loss(z().long(), z()), TypeError,
+        r"logits must be float32, float16, bfloat16 or float64, got torch\.int64"),
+    bad("trajectory_kl_loss:target-shape", lambda: sk.trajectory_kl_loss(z(), z(4, 3)), ValueError,
+        r"target_logits shape \(4, 3\) differs from logits shape \(4, 5\)"),
+    bad("trajectory_kl_loss:target-list", lambda: sk.trajectory_kl_loss(z(), z().tolist()), TypeError,
+        r"target_logits must be a torch\.Tensor, got list"),
+    bad("trajectory_kl_loss:no-classes", lambda: sk.trajectory_kl_loss(z(4, 0), z(4, 0)), ValueError,
+        r"logits need at least one class, got shape \(4, 0\)"),
+    bad("trajectory_kl_loss:backend", lambda: sk.trajectory_kl_loss(z(), z(), backend="gpu"), ValueError,
+        r"unknown backend 'gpu'"),
+    bad("trajectory_kl_loss:backend-cuda-cpu-tensors", lambda: sk.trajectory_kl_loss(z(), z(), backend="cuda"),
+        BackendUnavailable, r"backend 'cuda' .*needs cuda tensors, got cpu tensors"),
+    bad("saf_loss:lam=inf", lambda: sk.saf_loss(z(), y(), z(), lam=math.inf), ValueError,
+        r"lam must be a finite number, got inf"),
+    bad("saf_loss:lam-str", lambda: sk.saf_loss(z(), y(), z(), lam="0.3"), ValueError,
+        r"lam must be a finite number, got '0\.3'"),
+    bad("saf_loss:temperature=0", lambda: sk.saf_loss(z(), y(), z(), temperature=0), ValueError,
+        r"temperature must be > 0, got 0"),
+    bad("saf_loss:label_smoothing=1.5", lambda: sk.saf_loss(z(), y(), z(), label_smoothing=1.5), ValueError,
+        r"label_smoothing must be in \[0\.0, 1\.0\], got 1\.5"),
+    bad("saf_loss:labels-float", lambda: sk.saf_loss(z(), y().float(), z()), TypeError,
+        r"labels must be int64 or int32 class indices, got torch\.float32"),
+    bad("saf_loss:labels-shape", lambda: sk.saf_loss(z(), y(3), z()), ValueError,
+        r"labels must have shape \(4,\), got \(3,\)"),
+    bad("saf_loss:label-out-of-range", lambda: sk.saf_loss(z(), torch.tensor([0, 1, 7, 2]), z()), IndexError,
+        r"label 7 of row 2 is outside \[0, 5\)", needs_ext=True),
+    bad("saf_loss:ignore_index=1.5", lambda: sk.saf_loss(z(), y(), z(), ignore_index=1.5), TypeError,
+        r"ignore_index must be an int, got 1\.5"),
+]
+
+BANK = [
+    bad("TrajectoryBank:num_samples=0", lambda: sk.TrajectoryBank(0, 10), ValueError,
+        r"num_samples must be an int >= 1, got 0"),
+    bad("TrajectoryBank:num_samples=True", lambda: sk.TrajectoryBank(True, 10), ValueError,
+        r"num_samples must be an int >= 1, got True"),
+    bad("TrajectoryBank:num_classes=2.5", lambda: sk.TrajectoryBank(10, 2.5), ValueError,
+        r"num_classes must be an int >= 1, got 2\.5"),
+    bad("TrajectoryBank:delay=0", lambda: sk.TrajectoryBank(10, 10, delay=0), ValueError,
+        r"delay must be an int >= 1, got 0"),
+    bad("TrajectoryBank:dtype=float64", lambda: sk.TrajectoryBank(10, 10, dtype=torch.float64), TypeError,
+        r"dtype must be torch\.bfloat16, torch\.float16 or torch\.float32, got torch\.float64"),
+    bad("TrajectoryBank:pin_memory-cpu", lambda: sk.TrajectoryBank(10, 10, device="cpu", pin_memory=True),
+        ValueError, r"pin_memory=True serves CUDA logits, not cpu"),
+    bad("TrajectoryBank.step:backend", lambda: sk.TrajectoryBank(10, 5, backend="gpu").step(z(), y(),
+        torch.arange(4), 0), ValueError, r"unknown backend 'gpu'"),
+    bad("TrajectoryBank.step:id-out-of-range", lambda: sk.TrajectoryBank(3, 5).step(z(), y(), torch.arange(4), 0),
+        IndexError, r"sample id 3 of row 3 is outside the bank's range \[0, 3\)"),
+    bad("TrajectoryBank.step:duplicate-id", lambda: sk.TrajectoryBank(10, 5).step(z(), y(),
+        torch.tensor([1, 2, 2, 3]), 0), ValueError, r"sample id 2 appears in rows 1 and 2 of one batch"),
+    bad("TrajectoryBank.step:ids-float", lambda: sk.TrajectoryBank(10, 5).step(z(), y(), torch.arange(4.0), 0),
+        TypeError, r"sample ids must be int64 or int32, got torch\.float32"),
+    bad("TrajectoryBank.step:epoch=-1", lambda: sk.TrajectoryBank(10, 5).step(z(), y(), torch.arange(4), -1),
+        ValueError, r"epoch must be an int in \[0, 2\*\*31 - 1\) \(0-based\), got -1"),
+    bad("TrajectoryBank.step:epoch=1.5", lambda: sk.TrajectoryBank(10, 5).step(z(), y(), torch.arange(4), 1.5),
+        ValueError, r"epoch must be an int .*got 1\.5"),
+    bad("TrajectoryBank.step:classes", lambda: sk.TrajectoryBank(10, 6).step(z(), y(), torch.arange(4), 0),
+        ValueError, r"the bank holds 6 classes but the logits have 5"),
+    bad("TrajectoryBank.step:temperature=0", lambda: sk.TrajectoryBank(10, 5).step(z(), y(), torch.arange(4), 0,
+        temperature=0.0), ValueError, r"temperature must be > 0, got 0\.0"),
+    bad("TrajectoryBank.step:lam=nan", lambda: sk.TrajectoryBank(10, 5).step(z(), y(), torch.arange(4), 0,
+        lam=math.nan), ValueError, r"lam must be a finite number, got nan"),
+    bad("TrajectoryBank.step:label_smoothing", lambda: sk.TrajectoryBank(10, 5).step(z(), y(), torch.arange(4), 0,
+        label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0\.0, 1\.0\], got -0\.1"),
+    bad("TrajectoryBank.step:label-out-of-range", lambda: sk.TrajectoryBank(10, 5).step(z(),
+        torch.tensor([0, 1, 9, 2]), torch.arange(4), 0), IndexError, r"label 9 of row 2 is outside \[0, 5\)"),
+    bad("TrajectoryBank.step:ignore_index=1.5", lambda: sk.TrajectoryBank(10, 5).step(z(), y(), torch.arange(4), 0,
+        ignore_index=1.5), TypeError, r"ignore_index must be an int, got 1\.5"),
+    bad("TrajectoryBank.record:id-out-of-range", lambda: sk.TrajectoryBank(3, 5).record(z(), torch.arange(4), 0),
+        IndexError, r"sample id 3 of row 3 is outside the bank's range \[0, 3\)"),
+    bad("TrajectoryBank.load_state_dict:shape", lambda: sk.TrajectoryBank(10, 5).load_state_dict(
+        sk.TrajectoryBank(11, 5).state_dict()), ValueError, r"num_samples is 11 in the checkpoint but 10 here"),
+    bad("SAF:lam=nan", lambda: sk.SAF(10, 5, lam=math.nan), ValueError, r"lam must be a finite number, got nan"),
+    bad("SAF:temperature=0", lambda: sk.SAF(10, 5, temperature=0.0), ValueError, r"temperature must be > 0, got 0\.0"),
+    bad("SAF:start_epoch=-1", lambda: sk.SAF(10, 5, start_epoch=-1), ValueError,
+        r"start_epoch must be an int >= 0, got -1"),
+    bad("SAF:label_smoothing=2", lambda: sk.SAF(10, 5, label_smoothing=2.0), ValueError,
+        r"label_smoothing must be in \[0\.0, 1\.0\], got 2\.0"),
+    bad("SAF:delay=0", lambda: sk.SAF(10, 5, delay=0), ValueError, r"delay must be an int >= 1, got 0"),
+    bad("SAF:num_samples=0", lambda: sk.SAF(0, 5), ValueError, r"num_samples must be an int >= 1, got 0"),
+    bad("SAF.__call__:epoch=-1", lambda: sk.SAF(10, 5)(z(), y(), torch.arange(4), -1), ValueError,
+        r"epoch must be an int .*got -1"),
+    bad("SAF:ignore_index=1.5", lambda: sk.SAF(10, 5, ignore_index=1.5), TypeError,
+        r"ignore_index must be an int, got 1\.5", xfail="SAF accepts ignore_index=1.5 and truncates it to 1 "
+        "(int(ignore_index)); saf_loss and TrajectoryBank.step reject it", raises=ACCEPTED),
+    bad("MESA:model", lambda: sk.MESA("model"), TypeError, r"model must be a torch\.nn\.Module, got str"),
+    bad("MESA:decay=1.5", lambda: sk.MESA(model(), decay=1.5), ValueError,
+        r"decay must be in \[0\.0, 1\.0\], got 1\.5"),
+    bad("MESA:decay=nan", lambda: sk.MESA(model(), decay=math.nan), ValueError,
+        r"decay must be a finite number, got nan"),
+    bad("MESA:lam=inf", lambda: sk.MESA(model(), lam=math.inf), ValueError, r"lam must be a finite number, got inf"),
+    bad("MESA:temperature=-1", lambda: sk.MESA(model(), temperature=-1.0), ValueError,
+        r"temperature must be > 0, got -1\.0"),
+    bad("MESA:start_epoch=-1", lambda: sk.MESA(model(), start_epoch=-1), ValueError,
+        r"start_epoch must be an int >= 0, got -1"),
+    bad("MESA:label_smoothing=1.1", lambda: sk.MESA(model(), label_smoothing=1.1), ValueError,
+        r"label_smoothing must be in \[0\.0, 1\.0\], got 1\.1"),
+    bad("MESA:teacher_autocast", lambda: sk.MESA(model(), teacher_autocast=torch.float32), ValueError,
+        r"teacher_autocast must be None, torch\.bfloat16 or torch\.float16, got torch\.float32"),
+    bad("MESA.__call__:no-inputs", lambda: sk.MESA(model(), start_epoch=0)(torch.randn(4, 2),
+        torch.randint(0, 2, (4,)), epoch=0), ValueError, r"give the model's inputs or teacher_logits"),
+    bad("MESA.__call__:backend", lambda: mesa_call(0, backend="gpu"), ValueError, r"unknown backend 'gpu'"),
+    bad("MESA:ignore_index=1.5", lambda: sk.MESA(model(), ignore_index=1.5), TypeError,
+        r"ignore_index must be an int, got 1\.5", xfail="MESA accepts ignore_index=1.5 and truncates it to 1 "
+        "(int(ignore_index))", raises=ACCEPTED),
+    bad("MESA.__call__:epoch=-1", lambda: mesa_call(-1), ValueError, r"epoch must be an int .*got -1",
+        xfail="MESA.__call__ accepts epoch=-1 (and 1.5) without a check (SAF.__call__ rejects it)", raises=ACCEPTED),
+    bad("IndexedDataset:object", lambda: sk.IndexedDataset(object()), TypeError,
+        r"needs a map-style dataset \(__getitem__ and __len__\), got object"),
+]
+
+EMA = [
+    bad("ema_update_:decay=1.5", lambda: sk.ema_update_(lst(4, 3), lst(4, 3), 1.5), ValueError,
+        r"decay must be in \[0, 1\], got 1\.5"),
+    bad("ema_update_:decay=nan", lambda: sk.ema_update_(lst(4, 3), lst(4, 3), math.nan), ValueError,
+        r"decay must be in \[0, 1\], got nan"),
+    bad("ema_update_:decay=True", lambda: sk.ema_update_(lst(4, 3), lst(4, 3), True), ValueError,
+        r"decay must be in \[0, 1\], got True"),
+    bad("ema_update_:decay-tensor-2", lambda: sk.ema_update_(lst(4, 3), lst(4, 3), torch.tensor([0.9, 0.8])),
+        ValueError, r"decay must be a float or a one-element floating tensor"),
+    bad("ema_update_:decay-tensor-int", lambda: sk.ema_update_(lst(4, 3), lst(4, 3), torch.tensor(1)), ValueError,
+        r"decay must be a float or a one-element floating tensor"),
+    bad("ema_update_:decay-tensor-1.5-cpu", lambda: sk.ema_update_(lst(4, 3), lst(4, 3), torch.tensor(1.5)),
+        ValueError, r"decay must be in \[0, 1\], got 1\.5", needs_ext=True),
+    bad("ema_update_:lengths", lambda: sk.ema_update_(lst(4, 3), lst(4), 0.9), ValueError,
+        r"ema has 2 tensors but model has 1"),
+    bad("ema_update_:not-a-list", lambda: sk.ema_update_(torch.randn(3), torch.randn(3), 0.9), TypeError,
+        r"ema and model must be lists of tensors"),
+    bad("ema_update_:shape", lambda: sk.ema_update_(lst(4, 3), lst(4, 4), 0.9), ValueError,
+        r"model\[1\] has shape \[4\] but ema\[1\] has shape \[3\]"),
+    bad("ema_update_:int-ema", lambda: sk.ema_update_([torch.ones(3, dtype=torch.long)], lst(3), 0.9), TypeError,
+        r"ema\[0\] has dtype (Long|torch\.int64)"),
+    bad("ema_update_:backend", lambda: sk.ema_update_(lst(4), lst(4), 0.9, backend="fast"), ValueError,
+        r"unknown backend 'fast'"),
+]
+
+SAM_OPS = [
+    bad("sam_perturb_:rho=-0.1", lambda: sam(rho=-0.1), ValueError, r"rho\[0\] must be >= 0, got -0\.1"),
+    bad("sam_perturb_:rho=nan", lambda: sam(rho=math.nan), ValueError, r"rho\[0\] must be a finite number, got nan"),
+    bad("sam_perturb_:rho[1]=inf", lambda: sam(rho=[0.1, math.inf]), ValueError,
+        r"rho\[1\] must be a finite number, got inf"),
+    bad("sam_perturb_:rho-length", lambda: sam(rho=[0.1, 0.1, 0.1]), ValueError, r"rho has 3 values for 2 tensors"),
+    bad("sam_perturb_:rho-tensor", lambda: sam(rho=torch.tensor(0.1)), TypeError,
+        r"rho must be a number or a sequence of numbers, not a tensor"),
+    bad("sam_perturb_:eta=-1", lambda: sam(eta=-1.0), ValueError, r"eta\[0\] must be >= 0, got -1\.0"),
+    bad("sam_perturb_:eps=nan", lambda: sam(eps=math.nan), ValueError, r"eps must be a finite number >= 0, got nan"),
+    bad("sam_perturb_:eps=-1", lambda: sam(eps=-1.0), ValueError, r"eps must be a finite number >= 0, got -1\.0"),
+    bad("sam_perturb_:adaptive-str", lambda: sam(adaptive="yes"), TypeError,
+        r"adaptive\[0\] must be a bool, got 'yes'"),
+    bad("sam_perturb_:stash_mode", lambda: sam(stash_mode="swap"), ValueError,
+        r"stash_mode must be 'copy' \(exact restore\) or 'delta' \(lossy\), got 'swap'"),
+    bad("sam_perturb_:params-tensor", lambda: O.sam_perturb_(torch.randn(4), lst(4), lst(4), 0.05), TypeError,
+        r"params must be a list or tuple of tensors, got Tensor"),
+    bad("sam_perturb_:grads-length", lambda: O.sam_perturb_(lst(4, 3), lst(4), lst(4, 3), 0.05), ValueError,
+        r"grads has 1 tensors but params has 2"),
+    bad("sam_perturb_:grads-shape", lambda: O.sam_perturb_(lst(4, 3), lst(4, 4), lst(4, 3), 0.05), ValueError,
+        r"grads\[1\] has shape \[4\] but params\[1\] has shape \[3\]"),
+    bad("sam_perturb_:grads-dtype", lambda: O.sam_perturb_(lst(4), lst(4, dtype=torch.float64), lst(4), 0.05),
+        TypeError, r"grads\[0\] has dtype (Double|torch\.float64) but params\[0\] has dtype (Float|torch\.float32)"),
+    bad("sam_perturb_:grads-dtype-torch-backend", lambda: O.sam_perturb_(lst(4), lst(4, dtype=torch.float64), lst(4),
+        0.05, backend="torch"), TypeError, r"grads\[0\] has dtype torch\.float64 but params\[0\] has dtype"),
+    bad("sam_perturb_:params-int", lambda: O.sam_perturb_([torch.ones(4, dtype=torch.long)], lst(4), lst(4), 0.05),
+        TypeError, r"params\[0\] has dtype (Long|torch\.int64)"),
+    bad("sam_perturb_:params-not-dense", lambda: O.sam_perturb_([torch.randn(4, 6)[:, ::2]], lst((4, 3)),
+        lst((4, 3)), 0.05), ValueError, r"params\[0\] is not dense"),
+    bad("sam_perturb_:grad_scale-shape", lambda: sam(grad_scale=torch.ones(2)), ValueError,
+        r"grad_scale must be a one-element floating tensor, got shape \(2,\)"),
+    bad("sam_perturb_:grad_scale-float", lambda: sam(grad_scale=2.0), TypeError,
+        r"grad_scale must be a tensor or None, got float"),
+    bad("sam_perturb_:found_inf-int", lambda: sam(found_inf=torch.tensor(1)), ValueError,
+        r"found_inf must be a one-element floating tensor, got shape \(\) torch\.int64"),
+    bad("sam_perturb_:backend", lambda: sam(backend="gpu"), ValueError, r"unknown backend 'gpu'"),
+    bad("sam_restore_:stash_mode", lambda: O.sam_restore_(lst(4), lst(4), "swap"), ValueError,
+        r"stash_mode must be 'copy' .*got 'swap'"),
+    bad("sam_restore_:stash-length", lambda: O.sam_restore_(lst(4, 3), lst(4)), ValueError,
+        r"stash has 1 tensors but params has 2"),
+    bad("sam_restore_sgd_:lr=-1", lambda: sgd(lr=-1.0), ValueError, r"lr\[0\] must be >= 0, got -1\.0"),
+    bad("sam_restore_sgd_:lr=nan", lambda: sgd(lr=math.nan), ValueError, r"lr\[0\] must be a finite number, got nan"),
+    bad("sam_restore_sgd_:momentum=-0.5", lambda: sgd(lst(4, 3), momentum=-0.5), ValueError,
+        r"momentum\[0\] must be >= 0, got -0\.5"),
+    bad("sam_restore_sgd_:momentum-without-buffers", lambda: sgd(momentum=0.9), ValueError,
+        r"momentum != 0 needs momentum_buffers"),
+    bad("sam_restore_sgd_:buffers-length", lambda: sgd(lst(4), momentum=0.9), ValueError,
+        r"momentum_buffers has 1 tensors but params has 2"),
+    bad("sam_restore_sgd_:dampening=nan", lambda: sgd(dampening=math.nan), ValueError,
+        r"dampening\[0\] must be a finite number, got nan"),
+    bad("sam_restore_sgd_:nesterov-str", lambda: sgd(nesterov="no"), TypeError,
+        r"nesterov\[0\] must be a bool, got 'no'"),
+    bad("sam_restore_sgd_:weight_decay=-1", lambda: sgd(weight_decay=-1.0), ValueError,
+        r"weight_decay\[0\] must be >= 0, got -1\.0", xfail="a negative weight_decay is accepted (torch.optim.SGD "
+        "raises 'Invalid weight_decay value: -1.0')", raises=ACCEPTED),
+    bad("sam_restore_sgd_:nesterov-without-momentum", lambda: sgd(nesterov=True), ValueError, r"nesterov",
+        xfail="nesterov=True with momentum 0 is accepted and ignored (torch.optim.SGD raises 'Nesterov momentum "
+        "requires a momentum and zero dampening')", raises=ACCEPTED),
+    bad("sam_restore_adamw_:beta1=1", lambda: adamw(beta1=1.0), ValueError,
+        r"beta1\[0\] must be in \[0, 1\), got 1\.0"),
+    bad("sam_restore_adamw_:beta2=-0.1", lambda: adamw(beta2=-0.1), ValueError, r"beta2\[0\] must be >= 0, got -0\.1"),
+    bad("sam_restore_adamw_:eps=-1", lambda: adamw(eps=-1.0), ValueError, r"eps\[0\] must be >= 0, got -1\.0"),
+    bad("sam_restore_adamw_:lr=-1", lambda: adamw(lr=-1.0), ValueError, r"lr\[0\] must be >= 0, got -1\.0"),
+    bad("sam_restore_adamw_:steps-int", lambda: adamw(steps=[torch.ones((), dtype=torch.long)] * 2), TypeError,
+        r"steps\[0\] has dtype (Long|torch\.int64)"),
+    bad("sam_restore_adamw_:steps-shape", lambda: adamw(steps=[torch.ones(2)] * 2), ValueError,
+        r"steps\[0\] must have one element, got shape \[2\]"),
+    bad("sam_restore_adamw_:steps-length", lambda: adamw(steps=[torch.ones(())]), ValueError,
+        r"steps has 1 tensors but params has 2"),
+    bad("sam_restore_adamw_:exp_avg-shape", lambda: adamw(exp_avg=lst(4, 4)), ValueError,
+        r"exp_avg\[1\] has shape \[4\] but params\[1\] has shape \[3\]"),
+    bad("sam_restore_adamw_:weight_decay=-1", lambda: adamw(weight_decay=-1.0), ValueError,
+        r"weight_decay\[0\] must be >= 0, got -1\.0", xfail="a negative weight_decay is accepted (torch.optim.AdamW "
+        "raises 'Invalid weight_decay value: -1.0')", raises=ACCEPTED),
+]
+
+RANDOM_OPS = [
+    bad("esam_perturb_:beta=0", lambda: esam(beta=0.0), ValueError, r"beta\[0\] must be in \(0, 1\], got 0\.0"),
+    bad("esam_perturb_:beta=1.5", lambda: esam(beta=1.5), ValueError, r"beta\[0\] must be in \(0, 1\], got 1\.5"),
+    bad("esam_perturb_:beta=nan", lambda: esam(beta=math.nan), ValueError,
+        r"beta\[0\] must be a finite number, got nan"),
+    bad("esam_perturb_:rho=-1", lambda: esam(rho=-1.0), ValueError, r"rho\[0\] must be >= 0, got -1\.0"),
+    bad("esam_perturb_:seed=1.5", lambda: esam(seed=1.5), ValueError,
+        r"seed must be an integer in \[-2\*\*63, 2\*\*64\), got 1\.5"),
+    bad("esam_perturb_:seed=2**64", lambda: esam(seed=2**64), ValueError,
+        r"seed must be an integer .*got 18446744073709551616"),
+    bad("esam_perturb_:seed=None", lambda: esam(seed=None), ValueError, r"seed must be an integer .*got None"),
+    bad("esam_perturb_:offset=-1", lambda: esam(offset=-1), ValueError,
+        r"offset must be an integer in \[0, 2\*\*62\), got -1"),
+    bad("esam_perturb_:eps=-1", lambda: esam(eps=-1.0), ValueError, r"eps must be a finite number >= 0, got -1\.0"),
+    bad("esam_restore_:beta=1.5", lambda: O.esam_restore_(lst(4), lst(4), 1.5, 1), ValueError,
+        r"beta\[0\] must be in \(0, 1\], got 1\.5"),
+    bad("esam_restore_:seed-str", lambda: O.esam_restore_(lst(4), lst(4), 0.5, "1"), ValueError,
+        r"seed must be an integer .*got '1'"),
+    bad("esam_restore_:stash_mode", lambda: O.esam_restore_(lst(4), lst(4), 0.5, 1, 0, "swap"), ValueError,
+        r"stash_mode must be 'copy' .*got 'swap'"),
+    bad("sds_count:gamma=0", lambda: O.sds_count(0.0, 10), ValueError, r"gamma must be in \(0, 1\], got 0\.0"),
+    bad("sds_count:gamma=nan", lambda: O.sds_count(math.nan, 10), ValueError, r"gamma must be in \(0, 1\], got nan"),
+    bad("sds_count:batch=0", lambda: O.sds_count(0.5, 0), ValueError,
+        r"the batch must hold at least one sample, got 0"),
+    bad("sds_count:batch=2.5", lambda: O.sds_count(0.5, 2.5), ValueError, r"batch.*2\.5",
+        xfail="a fractional batch is accepted (sds_count(0.5, 2.5) returns 2)", raises=ACCEPTED),
+    bad("sds_select:shapes", lambda: O.sds_select(torch.randn(4), torch.randn(5), 0.5), ValueError,
+        r"expected two per-sample loss vectors of the same shape \[B\], got \(4,\) and \(5,\)"),
+    bad("sds_select:2-d", lambda: O.sds_select(torch.randn(4, 2), torch.randn(4, 2), 0.5), ValueError,
+        r"per-sample loss vectors .*got \(4, 2\) and \(4, 2\)"),
+    bad("sds_select:gamma=1.5", lambda: O.sds_select(torch.randn(4), torch.randn(4), 1.5), ValueError,
+        r"gamma must be in \(0, 1\], got 1\.5"),
+    bad("rsam_noise_:std=-0.1", lambda: O.rsam_noise_(lst((4, 3)), lst((4, 3)), -0.1, 0), ValueError,
+        r"std\[0\] must be >= 0, got -0\.1"),
+    bad("rsam_noise_:std=nan", lambda: O.rsam_noise_(lst((4, 3)), lst((4, 3)), math.nan, 0), ValueError,
+        r"std\[0\] must be a finite number, got nan"),
+    bad("rsam_noise_:seed-str", lambda: O.rsam_noise_(lst((4, 3)), lst((4, 3)), 0.1, "x"), ValueError,
+        r"seed must be an integer .*got 'x'"),
+    bad("rsam_noise_:output-units-not-contiguous", lambda: O.rsam_noise_([torch.randn(3, 4).t()],
+        [torch.empty(3, 4).t()], 0.1, 0), ValueError,
+        r"params\[0\] \(shape \[?\(?4, 3.*does not keep each output unit W\[j, \.\.\.\] contiguous"),
+    bad("rsam_noise_:stash-dtype", lambda: O.rsam_noise_(lst((4, 3)), lst((4, 3), dtype=torch.bfloat16), 0.1, 0),
+        TypeError, r"stash\[0\] has dtype (BFloat16|torch\.bfloat16) but params\[0\] has dtype"),
+    bad("rsam_perturb_:rho=-1", lambda: O.rsam_perturb_(*pgs(), -1.0), ValueError, r"rho\[0\] must be >= 0, got -1\.0"),
+    bad("rsam_perturb_:lam=nan", lambda: O.rsam_perturb_(*pgs(), 0.1, lam=math.nan), ValueError,
+        r"lam must be a finite number, got nan"),
+    bad("rsam_perturb_:eps=inf", lambda: O.rsam_perturb_(*pgs(), 0.1, eps=math.inf), ValueError,
+        r"eps must be a finite number >= 0, got inf"),
+    bad("gsam_combine_:alpha=nan", lambda: gsam(alpha=math.nan), ValueError, r"alpha must be a finite number, got nan"),
+    bad("gsam_combine_:alpha-str", lambda: gsam(alpha="0.4"), ValueError, r"alpha must be a finite number, got '0\.4'"),
+    bad("gsam_combine_:restore-without-stash", lambda: gsam(stash=[]), ValueError,
+        r"restore=True needs one stash tensor per param \(2\), got 0"),
+    bad("gsam_combine_:old_grads-length", lambda: O.gsam_combine_(*pgs()[:2], lst(4), lst(4, 3)), ValueError,
+        r"old_grads has 1 tensors but params has 2"),
+    bad("gsam_combine_:eps=-1", lambda: gsam(eps=-1.0), ValueError, r"eps must be a finite number >= 0, got -1\.0"),
+    bad("gsam_combine_:old_grad_scale-shape", lambda: gsam(old_grad_scale=torch.ones(3)), ValueError,
+        r"old_grad_scale must be a one-element floating tensor, got shape \(3,\)"),
+    bad("gsam_combine_:stash_mode", lambda: gsam(stash_mode="x"), ValueError, r"stash_mode must be 'copy' .*got 'x'"),
+    bad("gsam_restore_sgd_:lr=-0.1", lambda: gsam_sgd(lr=-0.1), ValueError, r"lr\[0\] must be >= 0, got -0\.1"),
+    bad("gsam_restore_sgd_:momentum-without-buffers", lambda: gsam_sgd(momentum=0.9), ValueError,
+        r"momentum != 0 needs momentum_buffers"),
+    bad("gsam_restore_sgd_:alpha=inf", lambda: gsam_sgd(alpha=math.inf), ValueError,
+        r"alpha must be a finite number, got inf"),
+    bad("gsam_restore_sgd_:weight_decay=-1", lambda: gsam_sgd(weight_decay=-1.0), ValueError,
+        r"weight_decay\[0\] must be >= 0, got -1\.0", xfail="a negative weight_decay is accepted (torch.optim.SGD "
+        "raises 'Invalid weight_decay value: -1.0')", raises=ACCEPTED),
+    bad("philox_:kind", lambda: O.philox_(torch.empty(8), 1, kind="gauss"), ValueError,
+        r"kind must be one of .*got 'gauss'"),
+    bad("philox_:p=1.5", lambda: O.philox_(torch.empty(8), 1, kind="bernoulli", p=1.5), ValueError,
+        r"p must be in \[0, 1\], got 1\.5"),
+    bad("philox_:words-float-out", lambda: O.philox_(torch.empty(8), 1, kind="words"), TypeError,
+        r"kind='words' needs an int64 out, got torch\.float32"),
+    bad("philox_:normal-int-out", lambda: O.philox_(torch.empty(8, dtype=torch.long), 1), TypeError,
+        r"kind='normal' needs a floating out, got torch\.int64"),
+    bad("philox_:out-not-contiguous", lambda: O.philox_(torch.empty(8, 2).t(), 1), ValueError,
+        r"out must be contiguous"),
+    bad("philox_:out-list", lambda: O.philox_([0.0] * 8, 1), TypeError, r"out must be a tensor, got list"),
+    bad("philox_:seed-too-small", lambda: O.philox_(torch.empty(8), -(2**63) - 1), ValueError,
+        r"seed must be an integer .*got -9223372036854775809"),
+]
+
+BANK_OPS = [
+    bad("trajectory_bank_step:values-float64", lambda: bank_step(bank=raw_bank(values=torch.zeros(4, 1, 3,
+        dtype=torch.float64))), ValueError, r"bank values must be a contiguous .* got torch\.float64 \(4, 1, 3\)"),
+    bad("trajectory_bank_step:epochs-int64", lambda: bank_step(bank=raw_bank(epochs=torch.zeros(4, 1,
+        dtype=torch.int64))), ValueError, r"bank epochs must be a contiguous int32 tensor .*got torch\.int64"),
+    bad("trajectory_bank_step:state-shape", lambda: bank_step(bank=raw_bank(state=torch.zeros(4, dtype=torch.int64))),
+        ValueError, r"bank state must be an int64 tensor of shape \(8,\), got torch\.int64 \(4,\)"),
+    bad("trajectory_bank_step:ids-shape", lambda: bank_step(ids=torch.arange(3)), ValueError,
+        r"sample ids must have shape \(2,\), got \(3,\)"),
+    bad("trajectory_bank_step:temperature=-1", lambda: bank_step(temperature=-1.0), ValueError,
+        r"temperature must be > 0, got -1\.0"),
+    bad("trajectory_bank_step:epoch-str", lambda: O.trajectory_bank_step(torch.randn(2, 3), None, torch.arange(2),
+        *raw_bank(), "0"), ValueError, r"epoch must be an int .*got '0'"),
+    bad("trajectory_bank_step:use_past-str", lambda: bank_step(use_past="no"), TypeError, r"use_past",
+        xfail="use_past='no' is accepted as True (bool('no')); record likewise", raises=ACCEPTED),
+    bad("trajectory_bank_record:id-out-of-range", lambda: O.trajectory_bank_record(torch.randn(2, 3),
+        torch.tensor([0, 9]), *raw_bank(), 0), IndexError,
+        r"sample id 9 of row 1 is outside the bank's range \[0, 4\)"),
+]
+
+OPTIMIZERS = [
+    bad("SAM:rho=-0.1", lambda: SAM(params(), SGD, rho=-0.1, lr=0.1), ValueError,
+        r"SAM: rho must be a finite number >= 0, got -0\.1"),
+    bad("SAM:rho=nan", lambda: SAM(params(), SGD, rho=math.nan, lr=0.1), ValueError,
+        r"rho must be a finite number >= 0, got nan"),
+    bad("SAM:rho-str", lambda: SAM(params(), SGD, rho="0.05", lr=0.1), ValueError,
+        r"rho must be a finite number >= 0, got '0\.05'"),
+    bad("SAM:eta=-1", lambda: SAM(params(), SGD, eta=-1.0, lr=0.1), ValueError,
+        r"eta must be a finite number >= 0, got -1\.0"),
+    bad("SAM:perturb_eps=-1", lambda: SAM(params(), SGD, perturb_eps=-1.0, lr=0.1), ValueError,
+        r"perturb_eps must be a finite number >= 0, got -1\.0"),
+    bad("SAM:base-optimizer-instance", lambda: SAM(params(), SGD(params(), lr=0.1), lr=0.1), TypeError,
+        r"base_optimizer must be an optimizer class such as torch\.optim\.SGD, got SGD"),
+    bad("SAM:base-optimizer-str", lambda: SAM(params(), "SGD", lr=0.1), TypeError,
+        r"base_optimizer must be an optimizer class .*got 'SGD'"),
+    bad("SAM:base-optimizer-module", lambda: SAM(params(), torch.nn.Linear, lr=0.1), TypeError,
+        r"base_optimizer must be an optimizer class .*Linear"),
+    bad("SAM:stash_mode", lambda: SAM(params(), SGD, stash_mode="swap", lr=0.1), ValueError,
+        r"stash_mode must be 'copy' or 'delta', got 'swap'"),
+    bad("SAM:stash_dtype-with-copy", lambda: SAM(params(), SGD, stash_dtype=torch.bfloat16, lr=0.1), ValueError,
+        r"stash_dtype applies to stash_mode='delta' only"),
+    bad("SAM:fused_step-Adam", lambda: SAM(params(), torch.optim.Adam, fused_step=True, lr=0.1), ValueError,
+        r"fused_step=True supports torch\.optim\.SGD and torch\.optim\.AdamW base optimizers, got Adam"),
+    bad("SAM:fused_step-amsgrad", lambda: SAM(params(), AdamW, fused_step=True, amsgrad=True, lr=0.1), ValueError,
+        r"fused_step=True does not support .*amsgrad"),
+    bad("SAM:group-rho", lambda: SAM([{"params": list(params()), "rho": -1.0}], SGD, lr=0.1), ValueError,
+        r"param_groups\[0\]\['rho'\] must be a finite number >= 0, got -1\.0"),
+    bad("SAM:group-eta", lambda: SAM([{"params": list(params()), "eta": math.inf}], SGD, lr=0.1), ValueError,
+        r"param_groups\[0\]\['eta'\] must be a finite number >= 0, got inf"),
+    bad("SAM:lr=-1(base)", lambda: SAM(params(), SGD, lr=-1.0), ValueError, r"Invalid learning rate: -1\.0"),
+    bad("SAM.step:backend", lambda: optimizer_step(lambda p: SAM(p, SGD, lr=0.1, backend="gpu")), ValueError,
+        r"unknown backend 'gpu'"),
+    bad("SAM.step:stash_dtype-int", lambda: optimizer_step(lambda p: SAM(p, SGD, lr=0.1, stash_mode="delta",
+        stash_dtype=torch.int32)), TypeError, r"stash\[0\] has dtype (Int|torch\.int32)"),
+    bad("SAM:adaptive-str", lambda: SAM(params(), SGD, adaptive="no", lr=0.1), TypeError, r"adaptive.*'no'",
+        xfail="adaptive='no' is accepted, and is true: ASAM scaling on", raises=ACCEPTED),
+    bad("SAM:stash_dtype-str", lambda: SAM(params(), SGD, stash_mode="delta", stash_dtype="bf16", lr=0.1), TypeError,
+        r"stash_dtype.*'bf16'", xfail="stash_dtype='bf16' is accepted; the first step fails in torch.empty_like "
+        "(\"argument 'dtype' must be torch.dtype, not str\")", raises=ACCEPTED),
+    bad("ASAM:adaptive", lambda: ASAM(params(), SGD, adaptive=False, lr=0.1), TypeError, r"ASAM is always adaptive"),
+    bad("ASAM:eta=-1", lambda: ASAM(params(), SGD, eta=-1.0, lr=0.1), ValueError,
+        r"ASAM: eta must be a finite number >= 0, got -1\.0"),
+    bad("ASAM:rho=-1", lambda: ASAM(params(), SGD, rho=-1.0, lr=0.1), ValueError,
+        r"ASAM: rho must be a finite number >= 0, got -1\.0"),
+    bad("ASAM:adaptive_filter-not-callable", lambda: ASAM(params(), SGD, adaptive_filter=3, lr=0.1), TypeError,
+        r"adaptive_filter", xfail="adaptive_filter=3 is accepted; the first step fails with \"'int' object is not "
+        "callable\"", raises=ACCEPTED),
+    bad("ESAM:beta=0", lambda: ESAM(params(), SGD, beta=0.0, lr=0.1), ValueError,
+        r"beta must be in \(0, 1\], got 0\.0"),
+    bad("ESAM:beta=1.5", lambda: ESAM(params(), SGD, beta=1.5, lr=0.1), ValueError,
+        r"beta must be in \(0, 1\], got 1\.5"),
+    bad("ESAM:gamma=0", lambda: ESAM(params(), SGD, gamma=0.0, lr=0.1), ValueError,
+        r"gamma must be in \(0, 1\], got 0\.0"),
+    bad("ESAM:gamma=nan", lambda: ESAM(params(), SGD, gamma=math.nan, lr=0.1), ValueError,
+        r"gamma must be in \(0, 1\], got nan"),
+    bad("ESAM:rho=-0.1", lambda: ESAM(params(), SGD, rho=-0.1, lr=0.1), ValueError,
+        r"rho must be a finite number >= 0, got -0\.1"),
+    bad("ESAM:eta=-1", lambda: ESAM(params(), SGD, eta=-1, lr=0.1), ValueError,
+        r"eta must be a finite number >= 0, got -1"),
+    bad("ESAM:swp", lambda: ESAM(params(), SGD, swp="layer", lr=0.1), ValueError,
+        r"swp must be 'element' or 'tensor', got 'layer'"),
+    bad("ESAM:seed=1.5", lambda: ESAM(params(), SGD, seed=1.5, lr=0.1), TypeError,
+        r"seed must be an int or None, got 1\.5"),
+    bad("ESAM:perturb_eps=nan", lambda: ESAM(params(), SGD, perturb_eps=math.nan, lr=0.1), ValueError,
+        r"perturb_eps must be a finite number >= 0, got nan"),
+    bad("ESAM:group-beta", lambda: ESAM([{"params": list(params()), "beta": 0}], SGD, lr=0.1), ValueError,
+        r"param_groups\[0\]\['beta'\] must be in \(0, 1\], got 0"),
+    bad("ESAM:base-optimizer-None", lambda: ESAM(params(), None, lr=0.1), TypeError,
+        r"base_optimizer must be an optimizer class .*got None"),
+    bad("RSAM:rho=-1", lambda: RSAM(params(), SGD, rho=-1.0, lr=0.1), ValueError,
+        r"rho must be a finite number >= 0, got -1\.0"),
+    bad("RSAM:lam=nan", lambda: RSAM(params(), SGD, lam=math.nan, lr=0.1), ValueError,
+        r"lam must be a finite number, got nan"),
+    bad("RSAM:noise_std=-1", lambda: RSAM(params(), SGD, noise_std=-1.0, lr=0.1), ValueError,
+        r"noise_std must be a finite number >= 0, got -1\.0"),
+    bad("RSAM:noise_std-triple", lambda: RSAM(params(), SGD, noise_std=(1e-3, 2e-3, 3e-3), lr=0.1), ValueError,
+        r"noise_std as a pair is \(start, end\), got \(0\.001, 0\.002, 0\.003\)"),
+    bad("RSAM:noise_std-pair-without-total_steps", lambda: RSAM(params(), SGD, noise_std=(1e-3, 2e-3), lr=0.1),
+        ValueError, r"noise_std=\(start, end\) needs total_steps"),
+    bad("RSAM:total_steps=0", lambda: RSAM(params(), SGD, noise_std=(1e-3, 2e-3), total_steps=0, lr=0.1),
+        ValueError, r"total_steps must be an int >= 1, got 0"),
+    bad("RSAM:rho_scheduler", lambda: RSAM(params(), SGD, rho_scheduler=3, lr=0.1), TypeError,
+        r"rho_scheduler must be callable \(lr, step\) -> rho, got 3"),
+    bad("RSAM:seed-str", lambda: RSAM(params(), SGD, seed="x", lr=0.1), TypeError,
+        r"seed must be an int or None, got 'x'"),
+    bad("RSAM:perturb_eps=-1", lambda: RSAM(params(), SGD, perturb_eps=-1, lr=0.1), ValueError,
+        r"perturb_eps must be a finite number >= 0, got -1"),
+    bad("RSAM:base-optimizer-object", lambda: RSAM(params(), object, lr=0.1), TypeError,
+        r"base_optimizer must be an optimizer class .*object"),
+    bad("GSAM:alpha=nan", lambda: GSAM(params(), SGD, alpha=math.nan, lr=0.1), ValueError,
+        r"alpha must be a finite number, got nan"),
+    bad("GSAM:rho=-1", lambda: GSAM(params(), SGD, rho=-1.0, lr=0.1), ValueError,
+        r"rho must be a finite number >= 0, got -1\.0"),
+    bad("GSAM:rho_scheduler", lambda: GSAM(params(), SGD, rho_scheduler="x", lr=0.1), TypeError,
+        r"rho_scheduler must be callable .*got 'x'"),
+    bad("GSAM:alpha-per-group", lambda: GSAM([{"params": [model().weight]}, {"params": [model().bias], "alpha": 0.1}],
+        SGD, lr=0.1), ValueError, r"alpha must be the same for every group .*got \[0\.1, 0\.4\]"),
+    bad("GSAM:perturb_eps=-1", lambda: GSAM(params(), SGD, perturb_eps=-1.0, lr=0.1), ValueError,
+        r"perturb_eps must be a finite number >= 0, got -1\.0"),
+    bad("GSAM:base-optimizer-instance", lambda: GSAM(params(), SGD(params(), lr=0.1)), TypeError,
+        r"base_optimizer must be an optimizer class .*got SGD"),
+    bad("GSAM:fused_step-Adam", lambda: GSAM(params(), torch.optim.Adam, fused_step=True, lr=0.1), ValueError,
+        r"fused_step=True supports .*got Adam"),
+    bad("ProportionScheduler:max_lr<min_lr", lambda: ProportionScheduler(max_lr=0.1, min_lr=0.2), ValueError,
+        r"max_lr must be > min_lr, got max_lr=0\.1, min_lr=0\.2"),
+    bad("ProportionScheduler:max_value=-1", lambda: ProportionScheduler(max_lr=0.1, max_value=-1.0), ValueError,
+        r"values must be >= 0, got max_value=-1\.0"),
+    bad("ProportionScheduler:warmup_steps=-1", lambda: ProportionScheduler(max_lr=0.1, warmup_steps=-1), ValueError,
+        r"warmup_steps must be an int >= 0, got -1"),
+    bad("ProportionScheduler:max_lr=nan", lambda: ProportionScheduler(max_lr=math.nan), ValueError,
+        r"max_lr must be a finite number, got nan"),
+    bad("CosineIncrease:start=-1", lambda: CosineIncrease(-1.0, 1.0, 10), ValueError,
+        r"values must be >= 0, got start=-1\.0, end=1\.0"),
+    bad("CosineIncrease:total_steps=0", lambda: CosineIncrease(0.1, 1.0, 0), ValueError,
+        r"total_steps must be an int >= 1, got 0"),
+    bad("CosineIncrease:start=nan", lambda: CosineIncrease(math.nan, 1.0, 10), ValueError,
+        r"start must be a finite number, got nan"),
+]
+
+SHARPNESS = [
+    bad("hessian_top_eigenvalue:model", lambda: sharpness.hessian_top_eigenvalue("model", CE, data()), TypeError,
+        r"model must be an nn\.Module, got str"),
+    bad("hessian_top_eigenvalue:iters=0", lambda: sharpness.hessian_top_eigenvalue(model(), CE, data(), iters=0),
+        ValueError, r"iters must be >= 1, got 0"),
+    bad("hessian_top_eigenvalue:max_batches=0", lambda: sharpness.hessian_top_eigenvalue(model(), CE, data(),
+        max_batches=0), ValueError, r"max_batches must be >= 1, got 0"),
+    bad("hessian_top_eigenvalue:no-batches", lambda: sharpness.hessian_top_eigenvalue(model(), CE, []), ValueError,
+        r"the data iterable yielded no batches"),
+    bad("hessian_top_eigenvalue:no-trainable-parameters", lambda: sharpness.hessian_top_eigenvalue(
+        model().requires_grad_(False), CE, data()), ValueError, r"the model has no trainable parameters"),
+    bad("hessian_top_eigenvalue:iters=1.5", lambda: sharpness.hessian_top_eigenvalue(model(), CE, data(), iters=1.5),
+        ValueError, r"iters.*1\.5", xfail="iters=1.5 passes the check and fails in range(): \"'float' object cannot "
+        "be interpreted as an integer\"", raises=TypeError),
+    bad("hessian_top_eigenvalue:max_batches=1.5", lambda: sharpness.hessian_top_eigenvalue(model(), CE, data(),
+        max_batches=1.5), ValueError, r"max_batches.*1\.5", xfail="max_batches=1.5 passes the check and fails in "
+        "itertools.islice ('Stop argument for islice() must be None or an integer'), which does not name it",
+        raises=WRONG_MESSAGE),
+    bad("hessian_top_eigenvalue:tol=-1", lambda: sharpness.hessian_top_eigenvalue(model(), CE, data(), tol=-1.0,
+        iters=2), ValueError, r"tol.*-1\.0", xfail="a negative (or NaN) tol is accepted: the iteration can never "
+        "converge and runs all iters", raises=ACCEPTED),
+    bad("hessian_top_eigenvalue:loss_fn-not-callable", lambda: sharpness.hessian_top_eigenvalue(model(), "ce",
+        data()), TypeError, r"loss_fn", xfail="loss_fn='ce' fails at the first call with \"'str' object is not "
+        "callable\", which does not name it", raises=WRONG_MESSAGE),
+    bad("max_loss_increase:rho=0", lambda: sharpness.max_loss_increase(model(), CE, data(), rho=0.0), ValueError,
+        r"rho must be a finite number > 0, got 0\.0"),
+    bad("max_loss_increase:rho=nan", lambda: sharpness.max_loss_increase(model(), CE, data(), rho=math.nan),
+        ValueError, r"rho must be a finite number > 0, got nan"),
+    bad("max_loss_increase:steps=0", lambda: sharpness.max_loss_increase(model(), CE, data(), steps=0), ValueError,
+        r"steps must be >= 1, got 0"),
+    bad("max_loss_increase:model", lambda: sharpness.max_loss_increase(None, CE, data()), TypeError,
+        r"model must be an nn\.Module, got NoneType"),
+    bad("max_loss_increase:max_batches=-1", lambda: sharpness.max_loss_increase(model(), CE, data(), max_batches=-1),
+        ValueError, r"max_batches must be >= 1, got -1"),
+    bad("max_loss_increase:no-batches", lambda: sharpness.max_loss_increase(model(), CE, iter([])), ValueError,
+        r"the data iterable yielded no batches"),
+    bad("max_loss_increase:rho=True", lambda: sharpness.max_loss_increase(model(), CE, data(), rho=True, steps=1),
+        ValueError, r"rho must be a finite number > 0, got True", xfail="rho=True is accepted as 1 (bool is an int; "
+        "the other functions reject bools)", raises=ACCEPTED),
+    bad("max_loss_increase:steps=2.5", lambda: sharpness.max_loss_increase(model(), CE, data(), steps=2.5),
+        ValueError, r"steps.*2\.5", xfail="steps=2.5 passes the check and fails in range(): \"'float' object cannot "
+        "be interpreted as an integer\"", raises=TypeError),
+]
+
+ROWS = LOSSES + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS
+
+
+@pytest.mark.parametrize(("call", "exc", "match"), ROWS)
+def test_bad_argument_is_rejected(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_table_ids_are_unique():
+    ids = [r.id for r in ROWS]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
