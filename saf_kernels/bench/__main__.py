@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             sections["SAM first_step + second_step (SGD momentum base; everything but forward/backward)"] = \
                 multi_tensor_table(rows)
         # ---- end multi-tensor family ----
+        if ops is None or "triton_tables" in ops:
+            from . import host_overhead
+
+            hrows = host_overhead.run(device, args.quick)
+            rows += hrows
+            sections[host_overhead.TITLE] = host_overhead.table(hrows)
     if methods != []:
         if methods_mod is None:
             sections["Training step vs plain SGD"] = "not available in this version"
