@@ -7,8 +7,9 @@ The compile test runs last (conftest.py orders it) and compiles the launches the
 recorded, plus the launch configurations no test reaches (every ``_launch_config`` of the
 trajectory loss and the bank, every row-tile of ``rsam_noise``). ``SAF_TRITON_AOT=quick``
 (default) compiles one launch per kernel, dtypes, constexprs and warps; ``full`` compiles every
-distinct specialisation and, with ``SAF_TRITON_REPORT=PATH`` (no suffix), writes the report
-(``make triton-sweep``); ``off`` skips it.
+distinct specialisation (``make triton-sweep``); ``off`` skips it. Each run leaves its rows in
+``build/triton-aot-<version>.json``; ``SAF_TRITON_REPORT=PATH`` (no suffix) also merges them into
+the report ``PATH.{json,md}`` (``python -m tests.triton_aot report`` does it from ``build/``).
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ def test_recorded_launches_compile_for_sm80_sm90(launches, which):
     _check(rows, f"Triton {version}")
     secs = sum(r["seconds"] for r in rows)
     print(f"\nTriton {version}: {len(chosen)} launches x sm_80/sm_90 compiled ({MODE}), {secs:.0f} s of compile")
+    # Every run keeps its rows (build/, ignored); SAF_TRITON_REPORT writes the committed report.
+    triton_aot.save_rows(os.path.join(ROOT, "build", f"triton-aot-{version}.json"), rows, launches, MODE)
     report = os.environ.get("SAF_TRITON_REPORT")
-    if report and MODE == "full":
-        triton_aot.merge_report(report, rows, launches)
+    if report:
+        triton_aot.merge_report(report, rows, launches, MODE)

@@ -515,7 +515,14 @@ def _git(*args) -> str:
     return r.stdout.strip() if r.returncode == 0 else "unknown"
 
 
-def merge_report(path: str, rows: list[dict], launches: list[Launch]) -> None:
+def save_rows(path: str, rows: list[dict], launches: list[Launch], mode: str) -> None:
+    """One compile run's rows and the launches it compiled (the input of :func:`merge_report`)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"mode": mode, "rows": rows, "launches": [asdict(x) for x in launches]}, f)
+
+
+def merge_report(path: str, rows: list[dict], launches: list[Launch], mode: str = "full") -> None:
     """Write ``path``.json (every row) and ``path``.md (per kernel summary), replacing the rows
     of the Triton version in ``rows``."""
     import datetime
@@ -527,13 +534,19 @@ def merge_report(path: str, rows: list[dict], launches: list[Launch]) -> None:
             old = json.load(f)
     kept = [r for r in old.get("rows", []) if r["triton"] != version]
     all_rows = kept + rows
+    what = ("every distinct Triton launch of the test suite (TRITON_INTERPRET=1) plus every launch configuration"
+            if mode == "full" else
+            "the quick set of make test: one launch per kernel code path (kernel, constexprs, dtypes, warps) of "
+            "the test suite's launches (TRITON_INTERPRET=1), plus every trajectory-loss launch configuration "
+            "in float32, float32 with a bfloat16 bank, and float64")
     obj = {
-        "what": "every distinct Triton launch of the test suite (TRITON_INTERPRET=1) plus every launch "
-                "configuration, compiled ahead of time for sm_80 and sm_90 (tests/triton_aot.py)",
+        "what": what + ", compiled ahead of time for sm_80 and sm_90 (tests/triton_aot.py)",
+        "mode": mode,
         "commit": _git("rev-parse", "--short", "HEAD"),
         "date": datetime.date.today().isoformat(),
         "tritons": sorted({r["triton"] for r in all_rows}),
-        "launches": [asdict(x) for x in launches],
+        "launches": list(({x["key"]: x for x in old.get("launches", [])} | {x.key: asdict(x) for x in launches})
+                         .values()),
         "rows": sorted(all_rows, key=lambda r: (r["triton"], r["kernel"], r["key"], r["arch"])),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -600,7 +613,16 @@ def _main(argv=None) -> int:
     c.add_argument("--out", required=True)
     c.add_argument("--arch", default="80,90")
     c.add_argument("--jobs", type=int, default=1)
+    r = sub.add_parser("report", help="merge compile rows (build/triton-aot-*.json) into the committed report")
+    r.add_argument("rows", nargs="+")
+    r.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "triton-sm80-sm90"))
     args = ap.parse_args(argv)
+    if args.cmd == "report":
+        for path in args.rows:
+            with open(path) as f:
+                saved = json.load(f)
+            merge_report(args.out, saved["rows"], launches_from_json(saved), saved["mode"])
+        return 0
     if args.cmd == "compile":
         with open(args.launches) as f:
             launches = launches_from_json(json.load(f))

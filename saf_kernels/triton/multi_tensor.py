@@ -21,7 +21,6 @@ being captured is never evicted (the graph replays its address).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from itertools import chain
 
@@ -112,9 +111,10 @@ class PlanCache:
         self.kept: set[_Key] = set()
         self.clock = 0
 
-    def get(self, key: tuple, device: torch.device, build):
+    def get(self, key: tuple, device: torch.device, build, deps: list | None = None):
         """The cached value for ``key``, or ``build(uploads)``'s (which uploads through
-        :func:`upload` into the list it is given)."""
+        :func:`upload` into the list it is given). ``deps``: a list to extend with the entry's
+        uploads (an entry built from this one must be ordered after them too)."""
         k = _Key(key)
         entry = self.entries.get(k)
         if entry is None:
@@ -128,6 +128,8 @@ class PlanCache:
         entry.used = self.clock
         if device.type == "cuda":
             self._ready(k, entry)
+        if deps is not None:
+            deps.extend(entry.uploads)
         return entry.value
 
     def _ready(self, key, entry) -> None:
@@ -186,13 +188,13 @@ def build_tables(
     device = streams[0][0].device if streams[0] else torch.device("cpu")
     skey = (tensor_key(streams, signature_streams), signature_streams, tuple(flags))
 
-    def tables(uploads=None):
-        return TABLES.get(skey, device, lambda up: _build_tables(streams, flags, signature_streams, up))
+    def tables(deps=None):
+        return TABLES.get(skey, device, lambda up: _build_tables(streams, flags, signature_streams, up), deps)
 
     if not params:
         return tables()
     return PARAMS.get((skey, tuple(map(tuple, params))), device,
-                      lambda up: _with_params(tables(), params, len(streams[0]), up))
+                      lambda up: _with_params(tables(up), params, len(streams[0]), up))
 
 
 def _build_tables(streams, flags, signature_streams, uploads) -> list[Table]:
