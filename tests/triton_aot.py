@@ -561,7 +561,7 @@ def render_markdown(obj: dict) -> str:
     lines = [
         "# Triton kernels compiled for sm_80 and sm_90",
         "",
-        f"Commit {obj['commit']}, {obj['date']}; Triton {', '.join(obj['tritons'])}. {obj['what']}.",
+        f"Commit {obj['commit']}, {obj['date']}; Triton {', '.join(obj['tritons'])}: {obj['what']}.",
         "Registers and spills from ptxas -v, shared memory from Triton's metadata (dynamic) and cuobjdump.",
         "",
         "## Per kernel",
@@ -580,7 +580,7 @@ def render_markdown(obj: dict) -> str:
                      f"{mx('spill_stores')} | {mx('stack')} | {mx('shared')} | "
                      f"{sum(r['seconds'] for r in rs):.0f} |")
     lines += ["", "## Trajectory loss: launch configurations (labels and gradient)", "",
-              "| Triton | arch | ACC | bank | BLOCK_R x BLOCK_C | single | warps | dtypes | registers "
+              "| Triton | arch | ACC | bank | BLOCK_R x BLOCK_C | single | warps | logits, target | registers "
               "| spill stores (B) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     traj = [r for r in rows if r["kernel"] == "_trajectory_loss_kernel" and "launch-config" in r.get("tags", [])
@@ -589,9 +589,10 @@ def render_markdown(obj: dict) -> str:
                                          bool(r["constexprs"].get("BANK")), r["constexprs"]["BLOCK_C"],
                                          r["constexprs"]["BLOCK_R"], r["signature"])):
         c = r["constexprs"]
-        dts = sorted({t.split(":")[1] for t in r["signature"].split(",") if t.split(":")[1].startswith("*")})
+        sig = dict(t.split(":") for t in r["signature"].split(","))
+        dts = f"{sig['z_ptr'][1:]}, {sig['t_ptr'][1:]}"
         lines.append(f"| {r['triton']} | sm_{r['arch']} | {c['ACC']['tl']} | {bool(c.get('BANK'))} | "
-                     f"{c['BLOCK_R']} x {c['BLOCK_C']} | {c['SINGLE']} | {r['num_warps']} | {' '.join(dts)} | "
+                     f"{c['BLOCK_R']} x {c['BLOCK_C']} | {c['SINGLE']} | {r['num_warps']} | {dts} | "
                      f"{r.get('registers')} | {r.get('spill_stores')} |")
     errors = [r for r in rows if not r["ok"]]
     if errors:

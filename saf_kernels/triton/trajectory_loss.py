@@ -228,7 +228,7 @@ def _launch_config(C: int, f64: bool = False) -> tuple[int, int, bool, int]:
     when C is small; 4 warps up to 1024 float32 elements, 8 up to 4096, 16 beyond. Compiled for
     sm_80 and sm_90, no configuration spills registers (tests/test_triton_aot.py checks every
     one; benchmarks/results/triton-sm80-sm90.md lists them): with 4 warps, 2048-element tiles of
-    16-64 rows took 255 registers and spilled up to 820 bytes (float32), and a float64 row of
+    16-64 rows took 255 registers and spilled up to 824 bytes (float32), and a float64 row of
     8192 elements on 16 warps spilled 848 bytes.
     """
     block_c = triton.next_power_of_2(C)
