@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if ops != []:
         rows += op_bench.run_op_benchmarks(device, args.quick, ops, progress, compile_baseline=not args.no_compile)
         title = "Fused ops, forward + backward (median per call; speed-up = baseline time / fused time)"
-        sections[title] = op_table(rows)
+        if any(r.get("kind") == "op" for r in rows):
+            sections[title] = op_table(rows)
         # ---- multi-tensor family ----
         if any(r.get("kind") == "multi_tensor" for r in rows):
             from .multi_tensor import table as multi_tensor_table
