@@ -445,8 +445,8 @@ def record_launch_configs() -> list[Launch]:
     """Record (without running) the launches of every trajectory-loss and bank launch
     configuration, for every float dtype, with labels and gradient (the most live values), and
     of every row tile of ``rsam_noise``. Tagged ``launch-config``; ``quick`` marks the ones the
-    quick set compiles (float32 and float32 logits with a bfloat16 bank, float64). Needs the
-    interpreter hook."""
+    quick set compiles: float32 logits with a bfloat16 bank (the float32 tiles' most live
+    values) and float64. Needs the interpreter hook."""
     import torch
 
     from saf_kernels.triton.rsam import rsam_noise
@@ -462,7 +462,7 @@ def record_launch_configs() -> list[Launch]:
             dt = getattr(torch, name)
             z = torch.zeros(2, C, dtype=dt)
             y = torch.zeros(2, dtype=torch.long)
-            with record_only(*tags(name in ("float32", "float64"))):
+            with record_only(*tags(name == "float64")):
                 trajectory_loss_triton(z, z, y, 2.0, 1.0, 0.3, 0.1, -100, 2, True)
             for bank_dt in {torch.bfloat16, dt}:
                 values = torch.zeros(4, 2, C, dtype=bank_dt)
@@ -487,17 +487,31 @@ def _dtypes(launch: Launch) -> tuple:
     return tuple(sorted({d["tensor"] for d in launch.args.values() if isinstance(d, dict) and "tensor" in d}))
 
 
+# Constexprs that size a tile or a loop: their variants are the launch configurations.
+SIZE_CONSTEXPRS = {"BLOCK_R", "BLOCK_C", "SINGLE", "BLOCK", "CHUNK", "LANES", "RB", "CB"}
+
+
 def quick_set(launches: list[Launch]) -> list[Launch]:
-    """One launch per kernel, constexpr values, tensor dtypes and warps (the code paths), without
-    the variants of integer values and alignment; of the launch configurations, those tagged
-    ``quick``."""
-    groups: dict[tuple, Launch] = {}
-    for x in launches:
-        if "launch-config" in x.tags and "quick" not in x.tags:
-            continue
-        cx = tuple((k, json.dumps(x.args[k], sort_keys=True)) for k in x.constexprs)
-        groups.setdefault((x.kernel, cx, _dtypes(x), json.dumps(x.options, sort_keys=True)), x)
-    return list(groups.values())
+    """A small set that still reaches every code path: launches chosen so that every kernel's
+    flag constexprs (with ``num_warps``) and every kernel's dtype constexprs occur at least once,
+    plus the launch configurations tagged ``quick`` (every tile of the trajectory loss)."""
+    def flags(x):
+        return (x.kernel, json.dumps(x.options, sort_keys=True), tuple(
+            (k, json.dumps(x.args[k])) for k in x.constexprs
+            if k not in SIZE_CONSTEXPRS and not (isinstance(x.args[k], dict) and "tl" in x.args[k])))
+
+    def dtypes(x):
+        return (x.kernel, tuple((k, x.args[k]["tl"]) for k in x.constexprs
+                                if isinstance(x.args[k], dict) and "tl" in x.args[k]))
+
+    out = [x for x in launches if "quick" in x.tags]
+    cands = [(x, {("f",) + flags(x), ("d",) + dtypes(x)}) for x in launches if "launch-config" not in x.tags]
+    todo = set().union(*(k for _, k in cands)) if cands else set()
+    while todo:  # greedy set cover: the launch that covers most of what is left
+        x, keys = max(cands, key=lambda c: len(c[1] & todo))
+        out.append(x)
+        todo -= keys
+    return out
 
 
 def must_not_spill(row: dict) -> bool:
