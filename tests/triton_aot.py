@@ -550,9 +550,9 @@ def merge_report(path: str, rows: list[dict], launches: list[Launch], mode: str 
     all_rows = kept + rows
     what = ("every distinct Triton launch of the test suite (TRITON_INTERPRET=1) plus every launch configuration"
             if mode == "full" else
-            "the quick set of make test: one launch per kernel code path (kernel, constexprs, dtypes, warps) of "
-            "the test suite's launches (TRITON_INTERPRET=1), plus every trajectory-loss launch configuration "
-            "in float32, float32 with a bfloat16 bank, and float64")
+            "the quick set of make test: launches of the test suite (TRITON_INTERPRET=1) that reach every "
+            "kernel's flag and dtype constexprs, plus every trajectory-loss launch configuration (float32 logits "
+            "with a bfloat16 bank, float64); Triton 3.6 for sm_90 only")
     obj = {
         "what": what + ", compiled ahead of time for sm_80 and sm_90 (tests/triton_aot.py)",
         "mode": mode,
