@@ -112,9 +112,9 @@ def launches():
     recorded = [x for x in triton_aot.RECORDER.launches.values() if x.kernel.startswith("saf_kernels.")]
     source = "this run"
     stored = os.environ.get("SAF_TRITON_LAUNCHES", COMMITTED)  # a launch file (--triton-record, a report)
-    if not any("launch-config" not in x.tags for x in recorded) and os.path.exists(stored):
+    if not any(x.source for x in recorded) and os.path.exists(stored):
         with open(stored) as f:  # the launch configurations are recorded afresh below
-            recorded = [x for x in triton_aot.launches_from_json(json.load(f)) if "launch-config" not in x.tags]
+            recorded = [x for x in triton_aot.launches_from_json(json.load(f)) if x.source]
         source = os.path.relpath(stored, ROOT)
     configs = triton_aot.record_launch_configs()
     seen = {x.key for x in recorded}

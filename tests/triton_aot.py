@@ -190,6 +190,7 @@ class Recorder:
         if hit is None:
             self.launches[launch.key] = launch
         else:
+            hit.source = hit.source or launch.source
             for t in launch.tags:
                 if t not in hit.tags:
                     hit.tags.append(t)
@@ -270,8 +271,9 @@ def install() -> None:
         _, params, binder = _binder(self, BIND_ARCH, backend)
         bound, specialization, options = binder(*args, **kwargs)
         key = kernel_id(self) + "|" + spec_key(specialization, options)
+        source = "" if RECORDER.record_only else RECORDER.current_test  # "": no test launched it
         launch = Launch(kernel_id(self), {k: describe(v) for k, v in bound.items()}, dict(options), key,
-                        RECORDER.current_test, list(RECORDER.tags), [kp.name for kp in params if kp.is_constexpr],
+                        source, list(RECORDER.tags), [kp.name for kp in params if kp.is_constexpr],
                         _TRITON_VERSION)
         RECORDER.add(launch)
         if RECORDER.record_only or warmup:
@@ -505,7 +507,7 @@ def quick_set(launches: list[Launch]) -> list[Launch]:
                                 if isinstance(x.args[k], dict) and "tl" in x.args[k]))
 
     out = [x for x in launches if "quick" in x.tags]
-    cands = [(x, {("f",) + flags(x), ("d",) + dtypes(x)}) for x in launches if "launch-config" not in x.tags]
+    cands = [(x, {("f",) + flags(x), ("d",) + dtypes(x)}) for x in launches if x.source and x not in out]
     todo = set().union(*(k for _, k in cands)) if cands else set()
     while todo:  # greedy set cover: the launch that covers most of what is left
         x, keys = max(cands, key=lambda c: len(c[1] & todo))
@@ -538,15 +540,15 @@ def save_rows(path: str, rows: list[dict], launches: list[Launch], mode: str) ->
 
 def merge_report(path: str, rows: list[dict], launches: list[Launch], mode: str = "full") -> None:
     """Write ``path``.json (every row) and ``path``.md (per kernel summary), replacing the rows
-    of the Triton version in ``rows``."""
+    of the same launches, Triton version and architecture."""
     import datetime
 
-    version = rows[0]["triton"] if rows else None
     old = {}
     if os.path.exists(path + ".json"):
         with open(path + ".json") as f:
             old = json.load(f)
-    kept = [r for r in old.get("rows", []) if r["triton"] != version]
+    new = {(r["triton"], r["key"], r["arch"]) for r in rows}
+    kept = [r for r in old.get("rows", []) if (r["triton"], r["key"], r["arch"]) not in new]
     all_rows = kept + rows
     what = ("every distinct Triton launch of the test suite (TRITON_INTERPRET=1) plus every launch configuration"
             if mode == "full" else
