@@ -12,7 +12,12 @@ PYTEST_ARGS ?=
 # On a GPU machine where nothing can be installed: the system Python, as it is.
 GPU_PYTHON ?= python3
 
-.PHONY: all setup build test bench bench-quick benchmarks gpu-check lint clean
+# Triton 3.6, the GPU machines' version, beside the installed one for the ahead-of-time compile
+# of tests/test_triton_aot.py: the wheel alone (no torch) in a folder that PYTHONPATH puts first.
+TRITON36 ?= .triton36
+TRITON36_SPEC ?= triton==3.6.0
+
+.PHONY: all setup build test bench bench-quick benchmarks gpu-check lint clean triton36 triton-sweep
 
 all: test
 
@@ -33,8 +38,19 @@ setup: $(STAMP)
 build: $(STAMP)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 
-test: build
+$(TRITON36)/.stamp: | $(STAMP)
+	$(VPY) -m pip install -q --no-deps --target $(TRITON36) "$(TRITON36_SPEC)"
+	@touch $@
+
+triton36: $(TRITON36)/.stamp
+
+test: build triton36
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The full sweep: every distinct Triton launch of the test suite and every launch configuration,
+# compiled for sm_80 and sm_90 under both Tritons; rewrites benchmarks/results/triton-sm80-sm90.*
+triton-sweep: build triton36
+	SAF_TRITON_AOT=full SAF_TRITON_REPORT=benchmarks/results/triton-sm80-sm90 $(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: build
 	$(VPY) -m saf_kernels.bench $(BENCH_ARGS)
@@ -53,4 +69,4 @@ lint: $(STAMP)
 	$(VPY) -m pip install -q ruff && $(VPY) -m ruff check saf_kernels tests benchmarks python
 
 clean:
-	rm -rf build saf_kernels/_C*.so *.egg-info .pytest_cache .benchmarks
+	rm -rf build saf_kernels/_C*.so *.egg-info .pytest_cache .benchmarks $(TRITON36)

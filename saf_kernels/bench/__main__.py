@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if ops != []:
         rows += op_bench.run_op_benchmarks(device, args.quick, ops, progress, compile_baseline=not args.no_compile)
         title = "Fused ops, forward + backward (median per call; speed-up = baseline time / fused time)"
-        sections[title] = op_table(rows)
+        if any(r.get("kind") == "op" for r in rows):
+            sections[title] = op_table(rows)
         # ---- multi-tensor family ----
         if any(r.get("kind") == "multi_tensor" for r in rows):
             from .multi_tensor import table as multi_tensor_table
@@ -75,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             sections["SAM first_step + second_step (SGD momentum base; everything but forward/backward)"] = \
                 multi_tensor_table(rows)
         # ---- end multi-tensor family ----
+        if ops is None or "triton_tables" in ops:
+            from . import host_overhead
+
+            hrows = host_overhead.run(device, args.quick)
+            rows += hrows
+            sections[host_overhead.TITLE] = host_overhead.table(hrows)
     if methods != []:
         if methods_mod is None:
             sections["Training step vs plain SGD"] = "not available in this version"
