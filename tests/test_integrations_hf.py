@@ -15,8 +15,14 @@ transformers = pytest.importorskip("transformers", reason="Transformers is not i
 pytest.importorskip("accelerate", reason="Accelerate is not installed (pip install accelerate; make test installs it)")
 
 from torch.utils.data import Dataset, SequentialSampler  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainingArguments,
+)
 
 import saf_kernels as sk  # noqa: E402
 from saf_kernels.integrations.hf import SAM_METHODS, SharpnessAwareTrainer  # noqa: E402

@@ -126,7 +126,8 @@ class SharpnessAwareTrainer(Trainer):
                                  f"class of saf_kernels.optim or None, got {sam!r}")
             sam = SAM_METHODS[sam]
         if sam is not None and not (isinstance(sam, type) and issubclass(sam, TwoPassOptimizer)):
-            raise TypeError(f"SharpnessAwareTrainer: sam must name a method or be a saf_kernels.optim class, got {sam!r}")
+            raise TypeError(f"SharpnessAwareTrainer: sam must name a method or be a saf_kernels.optim class, got "
+                            f"{sam!r}")
         self.sam_class = sam
         self.sam_rho = sam_rho
         self.sam_kwargs = dict(sam_kwargs or {})

@@ -35,6 +35,7 @@ try:
     from lightning.pytorch.loops.optimization.automatic import ClosureResult
     from lightning.pytorch.plugins.precision import Precision
     from lightning.pytorch.trainer import call
+    from lightning.pytorch.utilities import GradClipAlgorithmType
 except ImportError as e:  # pragma: no cover - the tests skip without Lightning
     raise ImportError(
         "saf_kernels.integrations.lightning needs PyTorch Lightning 2.x: pip install lightning "
@@ -61,7 +62,7 @@ class _TwoPassPrecision:
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
         return self._saf_callback._optimizer_step(self, opt, model, closure, **kwargs)
 
-    def clip_gradients(self, optimizer, clip_val=0.0, gradient_clip_algorithm=None, **kwargs):
+    def clip_gradients(self, optimizer, clip_val=0.0, gradient_clip_algorithm=GradClipAlgorithmType.NORM, **kwargs):
         if two_pass_optimizer(optimizer) is not None and getattr(self, "scaler", None) is not None:
             # MixedPrecision refuses to clip for optimizers that unscale inside step(); the
             # callback unscales the second gradients before it clips, so plain clipping is right.
@@ -275,7 +276,9 @@ class SAFCallback(Callback):
                 "records the perturbed logits and the second pass finds no past entry; use SAF alone or MESA",
                 stacklevel=2,
             )
-        self._last_step = trainer.global_step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step  # restored from a checkpoint by now (not yet at on_fit_start)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
