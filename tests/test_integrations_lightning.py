@@ -16,7 +16,7 @@ pl = pytest.importorskip("lightning.pytorch", reason="Lightning is not installed
                                                       "installs it)")
 
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
-from torch.utils.data import DataLoader, Sampler, TensorDataset  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset  # noqa: E402
 
 import saf_kernels as sk  # noqa: E402
 from saf_kernels.integrations.lightning import SAFCallback, SharpnessAwareCallback  # noqa: E402
@@ -194,10 +194,13 @@ def test_ddp_two_processes_m_sharpness_with_accumulation():
     _trainer([SharpnessAwareCallback()], strategy="ddp_spawn", devices=world, accumulate_grad_batches=k).fit(
         lit, loader)
 
-    # Simulation: DistributedSampler(shuffle=False) gives rank r the samples r, r + 2, ...
+    # Simulation: Lightning gives each rank a DistributedSampler(shuffle=True, seed=0) for training.
     net = make_net(bn=False)
     base = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    shards = [(x[r::world], y[r::world]) for r in range(world)]
+    shards = []
+    for r in range(world):
+        idx = list(DistributedSampler(TensorDataset(x, y), num_replicas=world, rank=r, shuffle=True, seed=0))
+        shards.append((x[idx], y[idx]))
     for step in range(steps):
         avg = [torch.zeros_like(p) for p in net.parameters()]
         for xs, ys in shards:
