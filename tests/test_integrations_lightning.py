@@ -84,6 +84,25 @@ def test_every_optimizer_equals_the_plain_loop(name, k):
     assert_same_state(lit.net, net, what=name)
 
 
+def test_two_pass_resume_from_a_checkpoint(tmp_path):
+    """R-SAM (noise seed and step, SGD momentum) in Lightning's checkpoint: 1 epoch, save, resume
+    to 2 epochs equals 2 epochs in one run, bit for bit."""
+    x, y = make_data(2 * 2 * B)
+
+    def fit(epochs, ckpt_path=None, save_to=None):
+        lit = Lit("rsam")
+        trainer = _trainer([SharpnessAwareCallback()], max_epochs=epochs, accumulate_grad_batches=2)
+        trainer.fit(lit, DataLoader(TensorDataset(x, y), batch_size=B), ckpt_path=ckpt_path)
+        if save_to is not None:
+            trainer.save_checkpoint(save_to)
+        return lit
+
+    full = fit(2)
+    fit(1, save_to=tmp_path / "one.ckpt")
+    resumed = fit(2, ckpt_path=tmp_path / "one.ckpt")
+    assert_same_state(resumed.net, full.net, rtol=0, atol=0)
+
+
 def test_accumulation_without_the_callback_is_not_sam():
     """What the callback fixes: Lightning alone re-runs only the last micro-batch in the second
     pass, so the result differs from SAM with accumulation."""
