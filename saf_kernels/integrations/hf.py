@@ -88,8 +88,9 @@ class SharpnessAwareTrainer(Trainer):
     per-sample losses, which ``compute_loss`` does not give).
 
     Args:
-        sam: which method to build when ``optimizers=(None, ...)``: ``"sam"`` (default),
-            ``"asam"``, ``"esam"``, ``"rsam"``, ``"gsam"``, an optimizer class of
+        sam: which method to build when ``optimizers=(None, ...)``: ``"sam"``, ``"asam"``,
+            ``"esam"``, ``"rsam"``, ``"gsam"`` (the default ``"default"`` means ``"sam"``, or
+            nothing when ``optimizers`` gives one), an optimizer class of
             :mod:`saf_kernels.optim`, or None for no two-pass optimizer (a plain Trainer, e.g.
             with ``mesa`` alone). Built around the class and arguments ``args.optim`` gives
             (``adamw_torch``: ``torch.optim.AdamW`` with ``args.learning_rate``, betas, eps), with
@@ -175,6 +176,10 @@ class SharpnessAwareTrainer(Trainer):
     # ---------------------------------------------------------------------------------------
     # The step
     # ---------------------------------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        self._window = []  # nothing left over from an interrupted run
+        return super().train(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step for one micro-batch; at the last one of an accumulation window also
