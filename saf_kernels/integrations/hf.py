@@ -224,7 +224,9 @@ class SharpnessAwareTrainer(Trainer):
             logits, labels = logits[..., :-1, :], labels[..., 1:]
             teacher = None if teacher is None else teacher[..., :-1, :]
         C = logits.shape[-1]
-        loss = self.mesa(logits.reshape(-1, C), labels.reshape(-1), None, epoch,
+        # Class indices [..] -> [N]; probability targets [.., C] (mixup / cutmix) -> [N, C], as they come.
+        labels = labels.reshape(-1) if labels.dim() == logits.dim() - 1 else labels.reshape(-1, C)
+        loss = self.mesa(logits.reshape(-1, C), labels, None, epoch,
                          teacher_logits=None if teacher is None else teacher.reshape(-1, C))
         return (loss, outputs) if return_outputs else loss
 
