@@ -7,6 +7,11 @@ TORCH_SPEC ?= torch==2.13.0
 DEPS ?= numpy triton pytest pytest-benchmark hypothesis ninja matplotlib
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.saf-deps
+# The trainer integrations' tests (saf_kernels.integrations; `import saf_kernels` never imports them).
+# Installed against a constraint on the torch already in the venv: pip neither upgrades nor
+# downloads another torch for them.
+INTEGRATION_DEPS ?= lightning transformers accelerate
+INTEG_STAMP := $(VENV)/.saf-integrations
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 # On a GPU machine where nothing can be installed: the system Python, as it is.
@@ -17,7 +22,7 @@ GPU_PYTHON ?= python3
 TRITON36 ?= .triton36
 TRITON36_SPEC ?= triton==3.6.0
 
-.PHONY: all setup build test bench bench-quick benchmarks gpu-check lint clean triton36 triton-sweep
+.PHONY: all setup integrations build test bench bench-quick benchmarks gpu-check lint clean triton36 triton-sweep
 
 all: test
 
@@ -34,6 +39,13 @@ $(STAMP): $(VPY)
 
 setup: $(STAMP)
 
+$(INTEG_STAMP): $(STAMP)
+	$(VPY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(VPY) -m pip install -q -c $(VENV)/torch-constraint.txt $(INTEGRATION_DEPS)
+	@touch $@
+
+integrations: $(INTEG_STAMP)
+
 # --no-build-isolation: an isolated build would download a second, multi-GB torch.
 build: $(STAMP)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
@@ -44,7 +56,7 @@ $(TRITON36)/.stamp: | $(STAMP)
 
 triton36: $(TRITON36)/.stamp
 
-test: build triton36
+test: build triton36 $(INTEG_STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # The full sweep: every distinct Triton launch of the test suite and every launch configuration,

@@ -183,6 +183,18 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     # The two steps
     # ----------------------------------------------------------------------------------------
 
+    def begin_step(self) -> None:
+        """Call before the first forward of a step (under gradient accumulation: before its first
+        micro-batch). Nothing to do for SAM, ASAM, ESAM and GSAM; R-SAM adds its noise here. A
+        second call in the same step does nothing, so a trainer integration may call it at every
+        window start without knowing the method."""
+
+    @property
+    def perturbed(self) -> bool:
+        """True between :meth:`first_step` and the second step: the weights are ``w + e`` now
+        (e.g. to log only the first pass's loss in a ``training_step`` that runs twice)."""
+        return self._perturbed is not None
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> torch.Tensor:
         """Perturbs the weights from the current gradients (the ascent step).
@@ -274,7 +286,9 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"{type(self).__name__}.step() without a closure finishes a step begun by "
                     "first_step(); call first_step() first, or pass a closure that computes the "
-                    "loss and its gradients"
+                    "loss and its gradients. In a trainer that calls step() after its own backward: "
+                    "Lightning: Trainer(callbacks=[saf_kernels.integrations.lightning.SharpnessAwareCallback()]); "
+                    "Hugging Face: saf_kernels.integrations.hf.SharpnessAwareTrainer"
                 )
             self.second_step()
             return None
