@@ -46,9 +46,18 @@ $(INTEG_STAMP): $(STAMP)
 
 integrations: $(INTEG_STAMP)
 
-# --no-build-isolation: an isolated build would download a second, multi-GB torch.
-build: $(STAMP)
-	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+EDITABLE := $(VENV)/.saf-editable
+
+# The package is installed editable once, without compiling (SAF_KERNELS_NO_EXT=1; a pip editable
+# build compiles in a fresh temporary folder every time); the extension is then built in place,
+# incrementally (ninja, objects under build/). --no-build-isolation: an isolated build would
+# download a second, multi-GB torch.
+$(EDITABLE): $(STAMP)
+	SAF_KERNELS_NO_EXT=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+build: $(EDITABLE)
+	$(VPY) setup.py -q build_ext --inplace
 
 $(TRITON36)/.stamp: | $(STAMP)
 	$(VPY) -m pip install -q --no-deps --target $(TRITON36) "$(TRITON36_SPEC)"
