@@ -22,7 +22,7 @@
 # (every stage is skipped: nothing GPU-side was checked). GPU_CHECK_DRY_RUN=1 prints each stage's
 # command without running it (how CI checks the wiring on a machine without a GPU).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 DRY=${GPU_CHECK_DRY_RUN:-0}
@@ -35,7 +35,7 @@ trap 'rm -rf "$WORK"' EXIT
 now() { date +%s.%N; }
 
 # Device: name and compute capability, or nothing.
-read -r GPU_NAME GPU_ARCH < <($PY -c "import torch
+read -r GPU_NAME GPU_ARCH < <("$PY" -c "import torch
 if torch.cuda.is_available():
     c = torch.cuda.get_device_capability(0)
     print(torch.cuda.get_device_name(0).replace(' ', '-'), f'{c[0]}.{c[1]}')" 2>/dev/null) || true
@@ -109,8 +109,8 @@ fi
 
 stage build 240 bash -c "SAF_KERNELS_BUILD=cuda MAX_JOBS=$JOBS TORCH_CUDA_ARCH_LIST='${TORCH_CUDA_ARCH_LIST:-${GPU_ARCH:-9.0}}' \
   $PY setup.py build_ext --inplace && $PY -c 'from saf_kernels import _backend as b; assert b.has_cuda_kernels(), \"no CUDA kernels registered\"; print(\"CUDA kernels: registered\")'"
-stage check 90 $PY -m saf_kernels.check --device cuda --device cpu --require cuda --require triton --json "$OUT_DIR/check.json"
-stage plan_cache 60 $PY -m pytest tests/test_plan_cache.py -q -rA -p no:cacheprovider
+stage check 90 "$PY" -m saf_kernels.check --device cuda --device cpu --require cuda --require triton --json "$OUT_DIR/check.json"
+stage plan_cache 60 "$PY" -m pytest tests/test_plan_cache.py -q -rA -p no:cacheprovider
 if [[ -z $SANITIZER && -z $SKIP_ALL && $DRY != 1 ]]; then
   printf 'memcheck\tfail\t\t0\t0\tcompute-sanitizer not found\nracecheck\tfail\t\t0\t0\tcompute-sanitizer not found\n' \
     >>"$WORK/stages.tsv"
@@ -119,15 +119,15 @@ if [[ -z $SANITIZER && -z $SKIP_ALL && $DRY != 1 ]]; then
 else
   SAN=${SANITIZER:-compute-sanitizer}
   stage memcheck 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck "${SAN_ARGS[@]}" \
-    $PY benchmarks/gpu_kernels_once.py
-  stage racecheck 75 "$SAN" --tool racecheck "${SAN_ARGS[@]}" $PY benchmarks/gpu_kernels_once.py
+    "$PY" benchmarks/gpu_kernels_once.py
+  stage racecheck 75 "$SAN" --tool racecheck "${SAN_ARGS[@]}" "$PY" benchmarks/gpu_kernels_once.py
 fi
-stage tests 180 $PY -m pytest tests -m "(cuda or triton) and not slow" -q -rfEs -p no:cacheprovider --durations=10 \
+stage tests 180 "$PY" -m pytest tests -m "(cuda or triton) and not slow" -q -rfEs -p no:cacheprovider --durations=10 \
   --ignore=tests/test_plan_cache.py --junitxml="$OUT_DIR/tests.xml"
 stage bench 90 bash -c "$PY -m saf_kernels.bench --no-progress --json '$OUT_DIR/bench.json' ${BENCH_ARGS:---quick} | tee '$OUT_DIR/bench.txt'"
 
 # summary.json: where, what, when, and every stage.
-$PY - "$WORK/stages.tsv" "$OUT_DIR/summary.json" "$BUDGET" "$(($(date +%s) - START))" "$DRY" <<'EOF' 2>>"$LOG" || FAILED=1
+"$PY" - "$WORK/stages.tsv" "$OUT_DIR/summary.json" "$BUDGET" "$(($(date +%s) - START))" "$DRY" <<'EOF' 2>>"$LOG" || FAILED=1
 import datetime, json, os, platform, subprocess, sys
 tsv, out, budget, total, dry = sys.argv[1:]
 stages = []
@@ -169,5 +169,9 @@ fi
 if ((FAILED)); then
   say "gpu-check: FAILED (see $LOG)"
   exit 1
+fi
+if [[ $DRY == 1 ]]; then
+  say "gpu-check: dry run, nothing was run ($(($(date +%s) - START))s)"
+  exit 0
 fi
 say "gpu-check: OK in $(($(date +%s) - START))s"
