@@ -114,8 +114,11 @@ def build_facts() -> dict:
         facts["gpu"] = torch.cuda.get_device_name(i)
         facts["gpu_capability"] = f"{cap[0]}.{cap[1]}"
         if hasattr(ns, "_cuda_kernel_versions"):
-            binary, ptx = ns._cuda_kernel_versions(i)
-            facts["cuda_kernel_image"] = f"sm_{binary}" if binary else f"PTX {ptx} compiled at load time"
+            try:
+                binary, ptx = ns._cuda_kernel_versions(i)
+                facts["cuda_kernel_image"] = f"sm_{binary} (PTX {ptx})"
+            except RuntimeError as e:  # no kernel image for this GPU: the op rows will fail too
+                facts["cuda_kernel_image"] = f"none loaded: {str(e).splitlines()[0]}"
     return facts
 
 
