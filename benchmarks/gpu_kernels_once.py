@@ -69,7 +69,7 @@ def run(dev: torch.device, backend: str) -> list[str]:
     O.sam_perturb_(p, g, stash, rho=0.05, **kw)
     O.sam_restore_sgd_(p, g, stash, buf, lr=0.1, momentum=0.9, weight_decay=5e-4, first_run=True, **kw)
     m, v = [torch.zeros_like(x) for x in p], [torch.zeros_like(x) for x in p]
-    steps = [torch.zeros((), device=dev) for _ in p]
+    steps = [torch.ones((), device=dev) for _ in p]  # the count including this step
     O.sam_perturb_(p, g, stash, rho=0.05, **kw)
     O.sam_restore_adamw_(p, g, stash, m, v, steps, lr=1e-3, **kw)
     mark("sam_restore_sgd_ / sam_restore_adamw_")

@@ -53,7 +53,7 @@ def test_a_wrong_kernel_fails_its_row(tmp_path, monkeypatch, capsys):
     def off_by_a_little(c):
         out = fn(c)
         if c.backend == "cpu":
-            out["step"][0].view(-1)[3] += 1e-3  # a small error in one element of one tensor
+            out["step"].after[0].view(-1)[3] += 1e-3  # a small error in one element of one tensor
         return out
 
     monkeypatch.setitem(check.CHECKS, "ema_update_", (names, off_by_a_little))
@@ -93,8 +93,20 @@ def test_compare_catches_nan_inf_and_integers():
     assert check.compare({"w": torch.tensor([1, 2])}, {"w": torch.tensor([1, 3])})[0] == float("inf")
     err, where = check.compare({"l": [torch.ones(3), torch.tensor([1.0, 2.0])]},
                                {"l": [torch.ones(3), torch.tensor([1.0, 2.002])]})
-    assert err == pytest.approx(0.002 / 2.002) and where == "l[1]"
+    assert err == pytest.approx(0.002 / (check.RTOL_F32 * 2.002), rel=1e-3) and where == "l[1]"
     assert check.compare({"s": torch.ones(2)}, {"s": torch.ones(3)})[0] == float("inf")
+
+
+def test_compare_steps_against_the_change():
+    """An in-place op's change is compared as a change: a 1% error in a 1e-3 step on weights of 1
+    fails (it is 1e-5 of the weights), the float32 rounding of the weights does not."""
+    w = torch.ones(4, dtype=torch.float64)
+    want = check.Step([w + 1e-3], [w])
+    rounded = check.Step([(w + 1e-3).float()], [w.float()])
+    assert check.compare({"s": rounded}, {"s": want})[0] <= 1.0
+    off = check.Step([(w + 1.01e-3).float()], [w.float()])
+    assert check.compare({"s": off}, {"s": want})[0] > 1.0
+    assert check.compare({"s": [w]}, {"s": want})[0] == float("inf")
 
 
 def test_cuda_device_without_a_gpu_is_refused(capsys):
