@@ -111,11 +111,19 @@ def batches(x, y, batch_size, gen):
         yield x[idx], y[idx]
 
 
+def schedule(opt, kind, steps):
+    """Per-step learning rate: constant (the paper's SAT) or cosine to 0 over ``steps``."""
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+
+
 def train_bp_mrr(train, args, seed):
     """BP on weights: SGD with momentum, weights clamped to +-0.999 after each step, as the paper."""
     torch.manual_seed(seed)
     net = MRRNet(physical=False)
     opt = torch.optim.SGD(net.parameters(), lr=args.bp_lr, momentum=0.5)
+    sched = schedule(opt, args.bp_schedule, args.mrr_epochs * (len(train[0]) // args.batch_size))
     gen = torch.Generator().manual_seed(seed)
     for _ in range(args.mrr_epochs):
         net.train()
@@ -123,6 +131,7 @@ def train_bp_mrr(train, args, seed):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(net(x), y).backward()
             opt.step()
+            sched.step()
             with torch.no_grad():
                 for m in (net.fc1, net.fc2, net.fc3):
                     m.weight.clamp_(-0.999, 0.999)
@@ -130,20 +139,28 @@ def train_bp_mrr(train, args, seed):
     return P.deploy_weights(MRRNet(physical=True), net, clamp=0.999)
 
 
-def train_sat_mrr(train, args, seed, *, rho=None, adaptive=None, lr=None, digital_rho=None):
-    """SAT on controls: SAM(Adam) over every parameter (controls, biases, BatchNorm)."""
+def train_sat_mrr(train, args, seed, *, rho=None, adaptive=None, digital_rho=None, sched_kind=None, epochs=None,
+                  start=None):
+    """SAT on controls: SAM(Adam) over every parameter (controls, biases, BatchNorm). ``start``:
+    a physical network to start from (e.g. BP's deployed controls) instead of the paper's
+    start, ``L^-1`` of the default initialisation."""
     rho = args.rho if rho is None else rho
     adaptive = args.adaptive if adaptive is None else adaptive
-    lr = args.sat_lr if lr is None else lr
+    epochs = args.mrr_epochs if epochs is None else epochs
     torch.manual_seed(seed)
     net = MRRNet(physical=True)
+    if start is not None:
+        net.load_state_dict(start.state_dict())
     opt = SAM(P.sat_param_groups(net, digital_rho=digital_rho), torch.optim.Adam, rho=rho, adaptive=adaptive,
-              lr=lr, model=net)
+              lr=args.sat_lr, model=net)
+    # On the SAM object: its groups are the base optimizer's.
+    sched = schedule(opt, sched_kind or args.sat_schedule, epochs * (len(train[0]) // args.batch_size))
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(args.mrr_epochs):
+    for _ in range(epochs):
         net.train()
         for x, y in batches(*train, args.batch_size, gen):
             P.sat_step(opt, lambda: F.cross_entropy(net(x), y))
+            sched.step()
     return net
 
 
@@ -360,11 +377,16 @@ def parse_args(argv=None):
     p.add_argument("--fs-epochs", type=int, default=None)
     p.add_argument("--train-images", type=int, default=None, help="use only this many training images")
     p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--test-images", type=int, default=None, help="evaluate on only this many test images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--bp-lr", type=float, default=0.05, help="BP (SGD, momentum 0.5) learning rate")
     p.add_argument("--sat-lr", type=float, default=0.01, help="SAT (Adam) learning rate")
-    p.add_argument("--rho", type=float, default=0.5)
+    p.add_argument("--rho", type=float, default=2.0, help="SAT rho (adaptive); the paper's LeNet-5 used 0.5")
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--bp-schedule", choices=("constant", "cosine"), default="cosine",
+                   help="MRR BP learning-rate schedule (cosine: its best clean accuracy here)")
+    p.add_argument("--sat-schedule", choices=("constant", "cosine"), default="constant",
+                   help="MRR SAT learning-rate schedule (constant, as the paper)")
     p.add_argument("--fs-lr", type=float, default=1.5e-3)
     p.add_argument("--fs-rho", type=float, default=0.3)
     p.add_argument("--fd-delta", type=float, default=1.0, help="finite-difference probe: delta ~ U(0, this] px")
@@ -379,12 +401,13 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, help="write the PNG figure here")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    preset = (dict(seeds=[0], mrr_epochs=1, fs_epochs=1, train_images=512, devices=2, hessian_iters=3, ablations=False)
+    preset = (dict(seeds=[0], mrr_epochs=1, fs_epochs=1, train_images=512, test_images=256, devices=2, hessian_iters=3,
+                   ablations=False)
               if args.smoke else
-              dict(seeds=[0], mrr_epochs=20, fs_epochs=20, train_images=None, devices=10, hessian_iters=20,
+              dict(seeds=[0], mrr_epochs=40, fs_epochs=20, train_images=None, devices=10, hessian_iters=20,
                    ablations=False)
               if args.quick else
-              dict(seeds=[0, 1, 2], mrr_epochs=30, fs_epochs=30, train_images=None, devices=20, hessian_iters=50,
+              dict(seeds=[0, 1, 2], mrr_epochs=40, fs_epochs=20, train_images=None, devices=20, hessian_iters=50,
                    ablations=True))
     for k, v in preset.items():
         if getattr(args, k) is None:
@@ -410,6 +433,8 @@ def main(argv=None):
     (xtr, ytr), (xte, yte) = data_mod.split(x, y, args.test_fraction, seed=0)
     if args.train_images:
         xtr, ytr = xtr[:args.train_images], ytr[:args.train_images]
+    if args.test_images:
+        xte, yte = xte[:args.test_images], yte[:args.test_images]
     mean, std = 0.1307, 0.3081  # the free-space notebook's normalisation; the MRR one uses [0, 1]
     mrr_train, mrr_test = (xtr, ytr), [(xte, yte)]
     fs_train, fs_test = ((xtr - mean) / std, ytr), [((xte - mean) / std, yte)]
@@ -466,7 +491,7 @@ def main(argv=None):
     }
     if args.ablations:
         log("ablations (seed %d):" % args.seeds[0])
-        details["ablations"] = run_ablations(mrr_train, mrr_test, fs_train, fs_test, args, log)
+        details["ablations"] = run_ablations(mrr_train, mrr_test, fs_train, fs_test, hessian_data, args, log)
     details["total_s"] = time.perf_counter() - t_start
     report(summary, spread, details, args, log)
     log(f"\ntotal {details['total_s']:.0f} s")
@@ -481,39 +506,49 @@ def main(argv=None):
     return {"summary": summary, "details": details}
 
 
-def run_ablations(mrr_train, mrr_test, fs_train, fs_test, args, log):
-    """What makes SAT robust here (one seed): rho, adaptive or not, the digital parameters
-    perturbed or not; for the free-space network the finite-difference gain (c = 0: the second
-    pass at a random shift only) and the resampling."""
+def run_ablations(mrr_train, mrr_test, fs_train, fs_test, hessian_data, args, log):
+    """What makes SAT robust here (one seed, each variant changes one thing): rho (0: Adam on
+    the controls alone), adaptive or not, the schedule, the epochs, the digital parameters
+    perturbed or not, where the controls start; for the free-space network the
+    finite-difference gain (c = 0: the second pass at a random shift only) and the resampling."""
     seed = args.seeds[0]
     out = {}
+    bp = train_bp_mrr(mrr_train, args, seed)
     variants = {
-        "mrr sat rho=0 (Adam on controls, no perturbation)": dict(rho=0.0),
-        "mrr sat rho=0.1": dict(rho=0.1),
-        "mrr sat rho=2": dict(rho=2.0),
-        "mrr sat not adaptive, rho=0.5": dict(adaptive=False),
-        "mrr sat not adaptive, rho=2": dict(adaptive=False, rho=2.0),
-        "mrr sat controls only (digital_rho=0)": dict(digital_rho=0.0),
+        "rho=0 (Adam on the controls, no perturbation)": dict(rho=0.0),
+        "rho=0.5 (the paper's value on LeNet-5)": dict(rho=0.5),
+        "rho=5": dict(rho=5.0),
+        "not adaptive, rho=0.5": dict(adaptive=False, rho=0.5),
+        "not adaptive, rho=2": dict(adaptive=False),
+        "cosine learning rate": dict(sched_kind="cosine"),
+        "half the epochs": dict(epochs=max(1, args.mrr_epochs // 2)),
+        "controls only perturbed (digital_rho=0)": dict(digital_rho=0.0),
+        "start from BP's deployed controls": dict(start=bp),
     }
     for name, kw in variants.items():
         t0 = time.perf_counter()
         net = train_sat_mrr(mrr_train, args, seed, **kw)
+        drifts = (-2.0, -1.5, -1.0, 1.0, 2.0)
         acc = {
             "clean": P.accuracy(net, mrr_test),
-            "drift": {key(d): a for d, a in P.drift_sweep(net, mrr_test, (-2.0, -1.0, 1.0, 2.0), layers=DRIFTED).items()},
+            "drift": {key(d): a for d, a in P.drift_sweep(net, mrr_test, drifts, layers=DRIFTED).items()},
+            "drift_batch_stats": {key(d): a for d, a in
+                                  P.drift_sweep(net, mrr_test, drifts, layers=DRIFTED, train_mode=True).items()},
             "fab0.08": P.fabrication_sweep(net, mrr_test, [0.08], devices=args.devices, layers=DRIFTED)[0.08]["mean"],
+            "lambda_max": P.control_hessian_top_eigenvalue(net, F.cross_entropy, hessian_data,
+                                                           iters=args.hessian_iters).eigenvalue,
             "weights": weight_stats(net),
         }
-        out[name] = {"summary": acc, "seconds": time.perf_counter() - t0}
-        log(f"  {name}: {json.dumps(acc)}")
-    for name, kw in {"fs sat c=0 (second pass at a random shift only)": dict(sat=True, c=0.0),
+        out[f"mrr sat, {name}"] = {"summary": acc, "seconds": time.perf_counter() - t0}
+        log(f"  mrr sat, {name}: {json.dumps(acc)}")
+    for name, kw in {"fs sat, c=0 (second pass at a random shift only)": dict(sat=True, c=0.0),
                      "fs sat, nearest-neighbour resampling": dict(sat=True, interpolation="nearest"),
                      "fs bp, nearest-neighbour resampling": dict(sat=False, interpolation="nearest")}.items():
         t0 = time.perf_counter()
         net = train_fs(fs_train, args, seed, **kw)
-        s, _ = eval_fs(net, fs_test)
-        out[name] = {"summary": s, "seconds": time.perf_counter() - t0}
-        log(f"  {name}: {json.dumps(s)}")
+        s, extra = eval_fs(net, fs_test)
+        out[name] = {"summary": {**s, **extra}, "seconds": time.perf_counter() - t0}
+        log(f"  {name}: {json.dumps(out[name]['summary'])}")
     return out
 
 
