@@ -75,19 +75,31 @@ class Lorentzian:
         return self.x0 + self.gamma * torch.sqrt((a + w) / (a - w))
 
 
-def _default_weight(out_features: int, fan_in: int, shape, factory) -> tuple[torch.Tensor, float]:
-    """nn.Linear / nn.Conv2d's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    w = torch.empty(shape, **factory)
-    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-    return w, (1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
-
-
 class MRRLayer(PhysicalLayer):
     """Shared state of the MRR layers: ``control`` (trainable), and two buffers outside
     ``state_dict()``: ``offset`` (the per-ring fabrication error, zeros until set) and
     ``delta_t`` (the temperature change in kelvin, a 0-d tensor). ``weight`` is
     ``transfer(control + offset + drift_per_kelvin * delta_t)``, differentiable in ``control``.
     """
+
+    def _init_layer(self, shape, fan_in: int, bias: bool, weight, transfer, drift_per_kelvin, factory) -> None:
+        """Controls at ``L^-1`` of ``weight`` or of torch's default initialisation
+        (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as nn.Linear / nn.Conv2d), a digital bias."""
+        w = torch.empty(shape, **factory)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        if weight is not None:
+            w = torch.as_tensor(weight).to(w)
+        self._init_device(w, transfer, drift_per_kelvin)
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        self.bias = nn.Parameter(torch.empty(shape[0], **factory).uniform_(-bound, bound)) if bias else None
+
+    def _load_from(self, module: nn.Module, clamp: float | None):
+        """Controls that apply ``module``'s weights (clamped) on the ideal device, and its bias."""
+        self.set_weights(module.weight, clamp=clamp)
+        if module.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(module.bias)
+        return self
 
     def _init_device(self, weight: torch.Tensor, transfer: Lorentzian | None, drift_per_kelvin: float):
         self.transfer = transfer if transfer is not None else Lorentzian()
@@ -164,13 +176,9 @@ class MRRLinear(MRRLayer):
         dtype=None,
     ):
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = int(in_features), int(out_features)
-        w, bound = _default_weight(out_features, in_features, (out_features, in_features), factory)
-        if weight is not None:
-            w = torch.as_tensor(weight).to(w)
-        self._init_device(w, transfer, drift_per_kelvin)
-        self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound)) if bias else None
+        self._init_layer((self.out_features, self.in_features), self.in_features, bias, weight, transfer,
+                         drift_per_kelvin, {"device": device, "dtype": dtype})
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, clamp: float | None = 0.999, **kw) -> MRRLinear:
@@ -178,11 +186,7 @@ class MRRLinear(MRRLayer):
         device, with its bias."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype, **kw)
-        layer.set_weights(linear.weight, clamp=clamp)
-        if linear.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(linear.bias)
-        return layer
+        return layer._load_from(linear, clamp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -216,17 +220,12 @@ class MRRConv2d(MRRLayer):
         dtype=None,
     ):
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
         self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
-        shape = (out_channels, in_channels // groups, *self.kernel_size)
-        fan_in = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
-        w, bound = _default_weight(out_channels, fan_in, shape, factory)
-        if weight is not None:
-            w = torch.as_tensor(weight).to(w)
-        self._init_device(w, transfer, drift_per_kelvin)
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound)) if bias else None
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        fan_in = shape[1] * shape[2] * shape[3]
+        self._init_layer(shape, fan_in, bias, weight, transfer, drift_per_kelvin, {"device": device, "dtype": dtype})
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, clamp: float | None = 0.999, **kw) -> MRRConv2d:
@@ -236,11 +235,7 @@ class MRRConv2d(MRRLayer):
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, device=conv.weight.device,
                     dtype=conv.weight.dtype, **kw)
-        layer.set_weights(conv.weight, clamp=clamp)
-        if conv.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(conv.bias)
-        return layer
+        return layer._load_from(conv, clamp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

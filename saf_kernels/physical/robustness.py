@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from .. import sharpness
-from ..optim.utils import frozen_bn_stats
+from ..optim.utils import frozen_bn_stats, no_grad_for
 from ._common import real, sweep_values
 from .freespace import KNOBS, misalignment
 from .mrr import fabrication_variance, thermal_drift
-from .sat import control_parameters
+from .sat import control_parameters, digital_parameters
 
 
 def _batches(data: Iterable, fn: str) -> Iterable:
@@ -114,21 +114,6 @@ def misalignment_sweep(
                  train_mode=train_mode)
 
 
-@contextlib.contextmanager
-def _only_controls(model: nn.Module):
-    controls = {id(p) for p in control_parameters(model)}
-    if not controls:
-        raise ValueError("control_hessian_top_eigenvalue: the model has no physical layers with trainable controls")
-    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in controls]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-
-
 def control_hessian_top_eigenvalue(
     model: nn.Module, loss_fn, data: Iterable, **kwargs
 ) -> sharpness.EigenResult:
@@ -139,5 +124,7 @@ def control_hessian_top_eigenvalue(
     networks (745.5 vs 1.05 on its LeNet-5)."""
     if "iters" in kwargs:
         real("iters", kwargs["iters"], "control_hessian_top_eigenvalue", positive=True)
-    with _only_controls(model):
+    if not control_parameters(model):
+        raise ValueError("control_hessian_top_eigenvalue: the model has no physical layers with trainable controls")
+    with no_grad_for(digital_parameters(model)):
         return sharpness.hessian_top_eigenvalue(model, loss_fn, data, **kwargs)
