@@ -161,7 +161,7 @@ def train_sat_mrr(train, args, seed, *, rho=None, adaptive=None, digital_rho=Non
     for _ in range(epochs):
         net.train()
         for x, y in batches(*train, args.batch_size, gen):
-            P.sat_step(opt, lambda: F.cross_entropy(net(x), y))
+            P.sat_step(opt, lambda x=x, y=y: F.cross_entropy(net(x), y))
             sched.step()
     return net
 
@@ -188,7 +188,7 @@ def train_fs(train, args, seed, *, sat: bool, c=None, delta=None, interpolation=
         net.train()
         for x, y in batches(*train, args.batch_size, gen):
             if sat:
-                P.sat_step(opt, lambda: F.cross_entropy(net(x), y), model_free=fd)
+                P.sat_step(opt, lambda x=x, y=y: F.cross_entropy(net(x), y), model_free=fd)
                 d, g, _ = fd.last["shift_y"]
                 n, sum_delta, sum_g = n + 1, sum_delta + d, sum_g + g.abs()  # no sync: summed on the device
             else:
@@ -311,7 +311,8 @@ def report(details, log):
         k = key(sg)
         rows.append([f"fabrication sigma {k}", *(fmt(mrr[m]["fab"][k], ms[m]["fab"][k]) for m in both), "", "",
                      *(fmt(ex[m]["fab_all"][k]["mean"]) for m in both), "-", "-"])
-    rows.append(["top Hessian eigenvalue (controls)", *(fmt(mrr[m]["lambda_max"], ms[m]["lambda_max"], "g") for m in both),
+    rows.append(["top Hessian eigenvalue (controls)",
+                 *(fmt(mrr[m]["lambda_max"], ms[m]["lambda_max"], "g") for m in both),
                  "", "", "", "", *(paper["mrr_lambda_max"][m] for m in both)])
     rows.append(["controls where abs(dL/dx) < 1 (%)", *(fmt(100 * ex[m]["weights"]["flat_share"]) for m in both),
                  "", "", "", "", "", ""])
@@ -562,7 +563,7 @@ def run(args):
         "threads": torch.get_num_threads(),
     }
     if args.ablations:
-        log("ablations (seed %d):" % args.seeds[0])
+        log(f"ablations (seed {args.seeds[0]}):")
         details["ablations"] = run_ablations(mrr_train, mrr_test, fs_train, fs_test, hessian_data, args, log)
     details["total_s"] = time.perf_counter() - t_start
     report(details, log)

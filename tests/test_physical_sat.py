@@ -64,7 +64,7 @@ def test_rho_zero_is_exactly_the_base_adam():
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(ref(x), y).backward()
         opt.step()
-    for (n1, a), (n2, b) in zip(net.state_dict().items(), ref.state_dict().items()):
+    for (n1, a), (_, b) in zip(net.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(a, b), n1
 
 
@@ -97,7 +97,7 @@ def test_one_sat_step_equals_the_papers_step_by_hand():
     for p, g in zip(params, g2):
         p.grad = g
     adam.step()
-    for (n1, a), (n2, b) in zip(net.state_dict().items(), ref.state_dict().items()):
+    for (n1, a), (_, b) in zip(net.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=n1)
 
 
