@@ -54,3 +54,15 @@ def test_the_cache_is_bounded():
         cache.get((i,), torch.device("cpu"), lambda up, i=i: builds.append(i) or i)
         cache.get((0,), torch.device("cpu"), lambda up: builds.append("again") or 0)  # kept in use
     assert len(cache.entries) == 3 and "again" not in builds
+
+
+def test_a_full_cache_keeps_the_newest_entry():
+    # A full cache once evicted the entry it had just built (its use count was still 0), so every
+    # later miss rebuilt: the first 32 distinct tables of a test session were the only ones cached.
+    cache = mt.PlanCache(size=3)
+    builds = []
+    for i in range(10):
+        cache.get((i,), torch.device("cpu"), lambda up, i=i: builds.append(i) or i)
+        assert cache.get((i,), torch.device("cpu"), lambda up: builds.append("again") or i) == i
+    assert "again" not in builds and len(cache.entries) == 3
+    assert set(k.t for k in cache.entries) == {(7,), (8,), (9,)}

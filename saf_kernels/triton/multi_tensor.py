@@ -121,11 +121,11 @@ class PlanCache:
             entry = _Entry(None, device)
             entry.value = build(entry.uploads)
             self.entries[k] = entry
-            if len(self.entries) > self.size + len(self.kept):
-                old = min((x for x in self.entries if x not in self.kept), key=lambda x: self.entries[x].used)
-                del self.entries[old]
         self.clock += 1
-        entry.used = self.clock
+        entry.used = self.clock  # before eviction: the entry just built is the newest, not the oldest
+        if len(self.entries) > self.size + len(self.kept):
+            old = min((x for x in self.entries if x not in self.kept), key=lambda x: self.entries[x].used)
+            del self.entries[old]
         if device.type == "cuda":
             self._ready(k, entry)
         if deps is not None:
