@@ -867,10 +867,9 @@ def test_bank_step_nan_row_without_labels(backend):
     assert loss.item() == 0.0, f"loss {loss.item()}, reference 0"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(strict=True, reason="an empty list with momentum != 0 raises 'momentum != 0 needs "
-                                       "momentum_buffers' (gsam_restore_sgd_ accepts it as a no-op)")
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 def test_sam_restore_sgd_empty_list_with_momentum(backend):
+    # Empty lists are a no-op whatever the hyperparameters (no momentum buffers are needed).
     skip_unless_available(backend, "cpu", "sam_restore_sgd_")
     O.gsam_restore_sgd_([], [], [], [], [], lr=0.1, momentum=0.9, backend=backend)
     O.sam_restore_sgd_([], [], [], [], lr=0.1, momentum=0.9, backend=backend)
@@ -888,12 +887,16 @@ def _zero_grad_eps0(op, backend):
     return p[0], w
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 @pytest.mark.parametrize("op", ["sam_perturb_", "esam_perturb_", "rsam_perturb_"])
-@pytest.mark.xfail(strict=True, reason="eps=0 is accepted, and a zero gradient then gives 0/0: NaN weights (the "
-                                       "norm, 0, is finite, so the non-finite guard does not skip the step); the "
-                                       "reference does the same")
 def test_zero_gradient_with_eps_0_keeps_the_weights(op, backend):
+    # A zero norm perturbs nothing, whatever eps (eps = 0 once gave 0 * inf: NaN weights).
     skip_unless_available(backend, "cpu", op)
     got, w = _zero_grad_eps0(op, backend)
     assert torch.equal(got, w), got
+    # ... while a non-zero gradient with eps = 0 still moves the weights by rho (sam_perturb_).
+    if op == "sam_perturb_":
+        w = torch.randn(5)
+        p = [w.clone()]
+        O.sam_perturb_(p, [torch.ones(5)], [torch.empty(5)], 0.05, eps=0.0, backend=backend)
+        torch.testing.assert_close((p[0] - w).norm().item(), 0.05, rtol=1e-5, atol=0.0)
