@@ -692,7 +692,7 @@ def test_sam_steps_callables_run():
     before = copy.deepcopy(model)
     x, y = _batches(1)[0]
     steps = step_callables(model, LOSS, (x, y), "cpu", extra=True)
-    assert set(steps) == {"sgd", "sam", "asam", "sam+fused_step"}
+    assert set(steps) == {"sgd", "sam", "asam", "sam+exact"}
     for f in steps.values():
         f()
         f()

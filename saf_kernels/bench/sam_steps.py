@@ -31,11 +31,12 @@ def step_callables(
     rho: float = 0.05,
     asam_rho: float = 0.5,
     asam_eta: float = 0.01,
-    fused_step: bool = False,
+    fused_step: bool | None = None,
     backend: str = "auto",
     extra: bool = False,
 ) -> dict[str, Callable[[], None]]:
-    """Step callables ``{"sgd", "sam", "asam"}`` (``extra=True`` adds ``"sam+fused_step"``).
+    """Step callables ``{"sgd", "sam", "asam"}`` (``extra=True`` adds ``"sam+exact"``, SAM's
+    bit-exact path ``fused_step=False``, beside the default fused one).
 
     Each call is one full training step on ``batch = (inputs, targets)``: forward, backward and
     the optimizer step -- for SAM and ASAM both passes (first forward/backward, ``first_step``,
@@ -79,8 +80,8 @@ def step_callables(
         "sam": two_pass_fn(SAM, rho=rho, fused_step=fused_step),
         "asam": two_pass_fn(ASAM, rho=asam_rho, eta=asam_eta, fused_step=fused_step),
     }
-    if extra and not fused_step:
-        out["sam+fused_step"] = two_pass_fn(SAM, rho=rho, fused_step=True)
+    if extra and fused_step is not False:
+        out["sam+exact"] = two_pass_fn(SAM, rho=rho, fused_step=False)
     return out
 
 
