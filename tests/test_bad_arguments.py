@@ -649,7 +649,74 @@ SHARPNESS = [
         ValueError, r"steps.*2\.5"),
 ]
 
-ROWS = LOSSES + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS
+def cli_error(main, argv):
+    """argparse's error exits with status 2 after printing the message to stderr: re-raised as a
+    ValueError carrying that message (so that the table can match it)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as e:
+            if e.code == 2:
+                raise ValueError(err.getvalue()) from None
+            raise
+
+
+def step_callables(*args, **kw):
+    from saf_kernels.bench.sam_steps import step_callables as f
+
+    return f(*args, **kw)
+
+
+def bench_steps(**kw):
+    return step_callables(model(), CE, (torch.randn(4, 3), torch.randint(0, 2, (4,))), "cpu", **kw)
+
+
+def bench_main(name):
+    import importlib
+
+    return importlib.import_module(f"saf_kernels.bench.{name}").main
+
+
+BENCH = [
+    bad("step_callables:model", lambda: step_callables(
+        "net", CE, (torch.randn(4, 3), torch.randint(0, 2, (4,))), "cpu"), TypeError,
+        r"step_callables: model must be a torch\.nn\.Module, got str"),
+    bad("step_callables:loss_fn", lambda: step_callables(
+        model(), "ce", (torch.randn(4, 3), torch.randint(0, 2, (4,))), "cpu"), TypeError,
+        r"step_callables: loss_fn must be callable .*got 'ce'"),
+    bad("step_callables:batch", lambda: step_callables(
+        model(), CE, torch.randn(4, 3), "cpu"), TypeError, r"step_callables: batch must be a pair .*got Tensor"),
+    bad("step_callables:device", lambda: step_callables(
+        model(), CE, (torch.randn(4, 3), torch.randint(0, 2, (4,))), "gpu0"), ValueError,
+        r"step_callables: device must be a torch\.device or a device string .*got 'gpu0'"),
+    bad("step_callables:lr=-1", lambda: bench_steps(lr=-1.0), ValueError,
+        r"step_callables: lr must be a finite number >= 0, got -1\.0"),
+    bad("step_callables:rho=True", lambda: bench_steps(rho=True), ValueError,
+        r"step_callables: rho must be a finite number >= 0, got True"),
+    bad("step_callables:fused_step-str", lambda: bench_steps(fused_step="yes"), TypeError,
+        r"step_callables: fused_step must be a bool .*got 'yes'"),
+    bad("step_callables:backend", lambda: bench_steps(backend="gpu"), ValueError, r"unknown backend 'gpu'"),
+    bad("step_callables:extra=1", lambda: bench_steps(extra=1), TypeError,
+        r"step_callables: extra must be a bool .*got 1"),
+    bad("sam_steps.main:rounds=0", lambda: cli_error(bench_main("sam_steps"), ["--rounds", "0"]), ValueError,
+        r"--rounds must be >= 1, got 0"),
+    bad("sam_steps.main:batch=-1", lambda: cli_error(bench_main("sam_steps"), ["--batch", "-1"]), ValueError,
+        r"--batch must be >= 1, got -1"),
+    bad("esam_steps.main:methods", lambda: cli_error(bench_main("esam_steps"), ["--methods", "sgd,lion"]),
+        ValueError, r"unknown methods \['lion'\]"),
+    bad("esam_steps.main:inner=0", lambda: cli_error(bench_main("esam_steps"), ["--inner", "0"]), ValueError,
+        r"--inner must be >= 1, got 0"),
+    bad("bench.main:ops", lambda: cli_error(bench_main("__main__"), ["--ops", "nope"]), ValueError,
+        r"unknown ops \['nope'\]"),
+    bad("bench.main:methods", lambda: cli_error(bench_main("__main__"), ["--methods", "lion"]), ValueError,
+        r"unknown methods \['lion'\]"),
+]
+
+ROWS = LOSSES + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS + BENCH
 
 
 @pytest.mark.parametrize(("call", "exc", "match"), ROWS)

@@ -224,6 +224,13 @@ def main(argv=None) -> None:
     p.add_argument("--inner", type=int, default=2)
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
+    known = ["sgd", "sam", "sam_exact", *BUILDERS]
+    unknown = sorted(set(methods) - set(known))
+    if unknown:
+        p.error(f"unknown methods {unknown}; known: {known}")
+    for name in ("rounds", "inner"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     for need in ("sam", "sgd"):
         if need not in methods:
             methods.insert(0, need)
