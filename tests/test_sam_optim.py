@@ -230,7 +230,8 @@ def test_asam_default_leaves_1d_unscaled():
     assert opt.last_grad_norm.item() == pytest.approx(norm.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize(
+# The bases the fused step supports, each with its options.
+FUSABLE_BASES = pytest.mark.parametrize(
     "base,kw",
     [
         (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
@@ -239,6 +240,9 @@ def test_asam_default_leaves_1d_unscaled():
     ],
     ids=["sgd", "adamw", "adam"],
 )
+
+
+@FUSABLE_BASES
 def test_rho_zero_is_the_base_optimizer(base, kw):
     # The bit-exact path is the opt-in fused_step=False (the default, fused, agrees to rounding:
     # test_default_is_fused_and_matches_torch_optim).
@@ -569,15 +573,7 @@ def test_fused_step_matches_default(base, kw):
                 torch.testing.assert_close(st[k].float(), rst[k].float(), atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "base,kw",
-    [
-        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
-        (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05)),
-        (torch.optim.Adam, dict(lr=1e-2)),
-    ],
-    ids=["sgd", "adamw", "adam"],
-)
+@FUSABLE_BASES
 def test_default_is_fused_and_matches_torch_optim(base, kw):
     # The default (fused_step=None) is the fused path wherever the base allows it, and agrees
     # with torch.optim to rounding (rho=0: the SAM step is the base step).
