@@ -247,7 +247,7 @@ def sam_perturb_(
     sumsq = sum((x.double() ** 2).sum() for x in scaled)
     inv = torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None else 1.0 / grad_scale.double()
     norm = sumsq.sqrt() * inv
-    ok = torch.isfinite(norm)
+    ok = torch.isfinite(norm) & (norm > 0)  # a zero norm perturbs nothing, whatever eps
     if found_inf is not None:
         ok = ok & (found_inf <= 0)
     coef = torch.where(ok, inv / (norm + eps), torch.zeros_like(norm))
@@ -466,7 +466,7 @@ def esam_perturb_(params, grads, stash, rho, adaptive, eta, beta, seed, offset=0
     sumsq = sum(torch.where(m, flat_memory(x).double() ** 2, zero).sum() for m, x in zip(masks, scaled))
     inv = torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None else 1.0 / grad_scale.double()
     norm = sumsq.sqrt() * inv
-    ok = torch.isfinite(norm)
+    ok = torch.isfinite(norm) & (norm > 0)  # a zero norm perturbs nothing, whatever eps
     if found_inf is not None:
         ok = ok & (found_inf <= 0)
     coef = torch.where(ok, inv / (norm + eps), torch.zeros_like(norm))
@@ -546,7 +546,7 @@ def rsam_perturb_(params, grads, stash, rho, lam=2.0, eps=1e-12, grad_scale=None
     ds = [lam * g.to(_acc(p)) * inv.to(_acc(p)) + (p.to(_acc(p)) - s.to(_acc(p)))
           for p, g, s in zip(params, grads, stash)]
     norm = sum((d.double() ** 2).sum() for d in ds).sqrt()
-    ok = torch.isfinite(norm)
+    ok = torch.isfinite(norm) & (norm > 0)  # a zero norm perturbs nothing, whatever eps
     if found_inf is not None:
         ok = ok & (found_inf <= 0)
     coef = torch.where(ok, 1.0 / (norm + eps), torch.zeros_like(norm))

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from . import _checks as C
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -70,13 +71,18 @@ def _mode(model: torch.nn.Module, train: bool):
         model.train(was)
 
 
-def _check_common(model, max_batches):
+def _check_common(fn, model, loss_fn, max_batches, train_mode, seed):
+    fn = f"saf_kernels.sharpness.{fn}"
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"saf_kernels.sharpness: model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
+    C.function(loss_fn, "loss_fn", fn, " (outputs, targets -> loss)")
+    if max_batches is not None:
+        C.integer(max_batches, "max_batches", fn, lo=1)
+    C.flag(train_mode, "train_mode", fn)
+    C.integer(seed, "seed", fn)
     if not _params(model):
-        raise ValueError("saf_kernels.sharpness: the model has no trainable parameters")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"saf_kernels.sharpness: max_batches must be >= 1, got {max_batches}")
+        raise ValueError(f"{fn}: the model has no trainable parameters")
+    return fn
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
@@ -107,9 +113,9 @@ def hessian_top_eigenvalue(
     At a minimum the Hessian is (near) positive semi-definite, so this is the top eigenvalue
     the papers report.
     """
-    _check_common(model, max_batches)
-    if iters < 1:
-        raise ValueError(f"saf_kernels.sharpness: iters must be >= 1, got {iters}")
+    fn = _check_common("hessian_top_eigenvalue", model, loss_fn, max_batches, train_mode, seed)
+    C.integer(iters, "iters", fn, lo=1)
+    tol = C.number(tol, "tol", fn, lo=0)
     params = _params(model)
     device = params[0].device
     batches = _batches(data, max_batches, device)
@@ -168,11 +174,9 @@ def max_loss_increase(
     (a lower bound of the true maximum; more steps tighten it). The weights are restored
     bit for bit afterwards.
     """
-    _check_common(model, max_batches)
-    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
-        raise ValueError(f"saf_kernels.sharpness: rho must be a finite number > 0, got {rho!r}")
-    if steps < 1:
-        raise ValueError(f"saf_kernels.sharpness: steps must be >= 1, got {steps}")
+    fn = _check_common("max_loss_increase", model, loss_fn, max_batches, train_mode, seed)
+    rho = C.number(rho, "rho", fn, lo=0, lo_open=True)
+    C.integer(steps, "steps", fn, lo=1)
     params = _params(model)
     device = params[0].device
     batches = _batches(data, max_batches, device)

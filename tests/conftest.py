@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import zlib
 
 import pytest
@@ -55,3 +56,15 @@ def pytest_sessionfinish(session, exitstatus):
     path = session.config.getoption("--triton-record")
     if path and triton_aot.RECORDER.launches:
         triton_aot.RECORDER.dump(path)
+
+
+def pytest_terminal_summary(terminalreporter):
+    # tests/test_fuzz_multi_tensor.py: how many hypothesis examples each op ran, per backend.
+    mod = next((m for n, m in list(sys.modules.items()) if n.endswith("test_fuzz_multi_tensor")), None)
+    counts = getattr(mod, "COUNTS", None)
+    if not counts:
+        return
+    terminalreporter.write_sep("-", "hypothesis examples per op (fuzzing)")
+    for op, by_backend in sorted(counts.items()):
+        per = ", ".join(f"{b} {n}" for b, n in sorted(by_backend.items()))
+        terminalreporter.write_line(f"{op}: {sum(by_backend.values())} ({per})")

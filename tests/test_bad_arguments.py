@@ -23,6 +23,7 @@ import saf_kernels as sk
 from saf_kernels import BackendUnavailable, _backend, sharpness
 from saf_kernels import ops as O
 from saf_kernels.optim import ASAM, ESAM, GSAM, RSAM, SAM, CosineIncrease, ProportionScheduler
+from saf_kernels.optim.esam import index_batch, per_sample_closure
 
 SGD, AdamW = torch.optim.SGD, torch.optim.AdamW
 CE = torch.nn.functional.cross_entropy
@@ -335,11 +336,9 @@ SAM_OPS = [
     bad("sam_restore_sgd_:nesterov-str", lambda: sgd(nesterov="no"), TypeError,
         r"nesterov\[0\] must be a bool, got 'no'"),
     bad("sam_restore_sgd_:weight_decay=-1", lambda: sgd(weight_decay=-1.0), ValueError,
-        r"weight_decay\[0\] must be >= 0, got -1\.0", xfail="a negative weight_decay is accepted (torch.optim.SGD "
-        "raises 'Invalid weight_decay value: -1.0')", raises=ACCEPTED),
-    bad("sam_restore_sgd_:nesterov-without-momentum", lambda: sgd(nesterov=True), ValueError, r"nesterov",
-        xfail="nesterov=True with momentum 0 is accepted and ignored (torch.optim.SGD raises 'Nesterov momentum "
-        "requires a momentum and zero dampening')", raises=ACCEPTED),
+        r"weight_decay\[0\] must be >= 0, got -1\.0"),
+    bad("sam_restore_sgd_:nesterov-without-momentum", lambda: sgd(nesterov=True), ValueError,
+        r"nesterov\[0\]=True needs momentum > 0 and dampening 0 .*got momentum=0\.0"),
     bad("sam_restore_adamw_:beta1=1", lambda: adamw(beta1=1.0), ValueError,
         r"beta1\[0\] must be in \[0, 1\), got 1\.0"),
     bad("sam_restore_adamw_:beta2=-0.1", lambda: adamw(beta2=-0.1), ValueError, r"beta2\[0\] must be >= 0, got -0\.1"),
@@ -354,8 +353,7 @@ SAM_OPS = [
     bad("sam_restore_adamw_:exp_avg-shape", lambda: adamw(exp_avg=lst(4, 4)), ValueError,
         r"exp_avg\[1\] has shape \[4\] but params\[1\] has shape \[3\]"),
     bad("sam_restore_adamw_:weight_decay=-1", lambda: adamw(weight_decay=-1.0), ValueError,
-        r"weight_decay\[0\] must be >= 0, got -1\.0", xfail="a negative weight_decay is accepted (torch.optim.AdamW "
-        "raises 'Invalid weight_decay value: -1.0')", raises=ACCEPTED),
+        r"weight_decay\[0\] must be >= 0, got -1\.0"),
 ]
 
 RANDOM_OPS = [
@@ -382,8 +380,7 @@ RANDOM_OPS = [
     bad("sds_count:gamma=nan", lambda: O.sds_count(math.nan, 10), ValueError, r"gamma must be in \(0, 1\], got nan"),
     bad("sds_count:batch=0", lambda: O.sds_count(0.5, 0), ValueError,
         r"the batch must hold at least one sample, got 0"),
-    bad("sds_count:batch=2.5", lambda: O.sds_count(0.5, 2.5), ValueError, r"batch.*2\.5",
-        xfail="a fractional batch is accepted (sds_count(0.5, 2.5) returns 2)", raises=ACCEPTED),
+    bad("sds_count:batch=2.5", lambda: O.sds_count(0.5, 2.5), ValueError, r"sds_count: batch must be an int .*got 2\.5"),
     bad("sds_select:shapes", lambda: O.sds_select(torch.randn(4), torch.randn(5), 0.5), ValueError,
         r"expected two per-sample loss vectors of the same shape \[B\], got \(4,\) and \(5,\)"),
     bad("sds_select:2-d", lambda: O.sds_select(torch.randn(4, 2), torch.randn(4, 2), 0.5), ValueError,
@@ -422,8 +419,7 @@ RANDOM_OPS = [
     bad("gsam_restore_sgd_:alpha=inf", lambda: gsam_sgd(alpha=math.inf), ValueError,
         r"alpha must be a finite number, got inf"),
     bad("gsam_restore_sgd_:weight_decay=-1", lambda: gsam_sgd(weight_decay=-1.0), ValueError,
-        r"weight_decay\[0\] must be >= 0, got -1\.0", xfail="a negative weight_decay is accepted (torch.optim.SGD "
-        "raises 'Invalid weight_decay value: -1.0')", raises=ACCEPTED),
+        r"weight_decay\[0\] must be >= 0, got -1\.0"),
     bad("philox_:kind", lambda: O.philox_(torch.empty(8), 1, kind="gauss"), ValueError,
         r"kind must be one of .*got 'gauss'"),
     bad("philox_:p=1.5", lambda: O.philox_(torch.empty(8), 1, kind="bernoulli", p=1.5), ValueError,
@@ -494,21 +490,36 @@ OPTIMIZERS = [
     bad("SAM:lr=-1(base)", lambda: SAM(params(), SGD, lr=-1.0), ValueError, r"Invalid learning rate: -1\.0"),
     bad("SAM.step:backend", lambda: optimizer_step(lambda p: SAM(p, SGD, lr=0.1, backend="gpu")), ValueError,
         r"unknown backend 'gpu'"),
-    bad("SAM.step:stash_dtype-int", lambda: optimizer_step(lambda p: SAM(p, SGD, lr=0.1, stash_mode="delta",
-        stash_dtype=torch.int32)), TypeError, r"stash\[0\] has dtype (Int|torch\.int32)"),
-    bad("SAM:adaptive-str", lambda: SAM(params(), SGD, adaptive="no", lr=0.1), TypeError, r"adaptive.*'no'",
-        xfail="adaptive='no' is accepted, and is true: ASAM scaling on", raises=ACCEPTED),
+    bad("SAM:stash_dtype-int", lambda: SAM(params(), SGD, lr=0.1, stash_mode="delta", stash_dtype=torch.int32),
+        TypeError, r"SAM: stash_dtype must be one of torch\.float32, .* or None, got torch\.int32"),
+    bad("SAM:adaptive-str", lambda: SAM(params(), SGD, adaptive="no", lr=0.1), TypeError, r"SAM: adaptive must be a bool \(True or False\), got 'no'"),
     bad("SAM:stash_dtype-str", lambda: SAM(params(), SGD, stash_mode="delta", stash_dtype="bf16", lr=0.1), TypeError,
-        r"stash_dtype.*'bf16'", xfail="stash_dtype='bf16' is accepted; the first step fails in torch.empty_like "
-        "(\"argument 'dtype' must be torch.dtype, not str\")", raises=ACCEPTED),
+        r"SAM: stash_dtype must be one of .*got 'bf16'"),
+    bad("SAM:fused_step-str", lambda: SAM(params(), SGD, fused_step="yes", lr=0.1), TypeError,
+        r"SAM: fused_step must be a bool \(True or False\), got 'yes'"),
+    bad("SAM:nesterov-without-momentum", lambda: SAM(params(), SGD, nesterov=True, lr=0.1), ValueError,
+        r"Nesterov momentum requires a momentum"),
+    bad("SAM:model-str", lambda: SAM(params(), SGD, model="net", lr=0.1), TypeError,
+        r"SAM: model must be a torch\.nn\.Module or None, got str"),
+    bad("SAM:sync_first_pass=1", lambda: SAM(params(), SGD, sync_first_pass=1, lr=0.1), TypeError,
+        r"SAM: sync_first_pass must be a bool .*got 1"),
+    bad("SAM:backend", lambda: SAM(params(), SGD, backend="gpu", lr=0.1), ValueError, r"SAM: unknown backend 'gpu'"),
+    bad("SAM:add_param_group-rho", lambda: SAM([model().weight], SGD, lr=0.1).add_param_group(
+        {"params": [model().bias], "rho": -2.0}), ValueError,
+        r"param_groups\[1\]\['rho'\] must be a finite number >= 0, got -2\.0"),
+    bad("SAM.first_step:zero_grad-str", lambda: SAM(params(), SGD, lr=0.1).first_step(zero_grad="no"), TypeError,
+        r"SAM\.first_step: zero_grad must be a bool .*got 'no'"),
+    bad("SAM.first_step:grad_scaler", lambda: SAM(params(), SGD, lr=0.1).first_step(grad_scaler=2.0), TypeError,
+        r"SAM\.first_step: grad_scaler must be a torch\.amp\.GradScaler or None, got 2\.0"),
+    bad("SAM.step:closure-not-callable", lambda: SAM(params(), SGD, lr=0.1).step(3), TypeError,
+        r"SAM\.step: closure must be callable .*got 3"),
     bad("ASAM:adaptive", lambda: ASAM(params(), SGD, adaptive=False, lr=0.1), TypeError, r"ASAM is always adaptive"),
     bad("ASAM:eta=-1", lambda: ASAM(params(), SGD, eta=-1.0, lr=0.1), ValueError,
         r"ASAM: eta must be a finite number >= 0, got -1\.0"),
     bad("ASAM:rho=-1", lambda: ASAM(params(), SGD, rho=-1.0, lr=0.1), ValueError,
         r"ASAM: rho must be a finite number >= 0, got -1\.0"),
     bad("ASAM:adaptive_filter-not-callable", lambda: ASAM(params(), SGD, adaptive_filter=3, lr=0.1), TypeError,
-        r"adaptive_filter", xfail="adaptive_filter=3 is accepted; the first step fails with \"'int' object is not "
-        "callable\"", raises=ACCEPTED),
+        r"ASAM: adaptive_filter must be callable \(param -> bool\) or None, got 3"),
     bad("ESAM:beta=0", lambda: ESAM(params(), SGD, beta=0.0, lr=0.1), ValueError,
         r"beta must be in \(0, 1\], got 0\.0"),
     bad("ESAM:beta=1.5", lambda: ESAM(params(), SGD, beta=1.5, lr=0.1), ValueError,
@@ -544,7 +555,7 @@ OPTIMIZERS = [
     bad("RSAM:total_steps=0", lambda: RSAM(params(), SGD, noise_std=(1e-3, 2e-3), total_steps=0, lr=0.1),
         ValueError, r"total_steps must be an int >= 1, got 0"),
     bad("RSAM:rho_scheduler", lambda: RSAM(params(), SGD, rho_scheduler=3, lr=0.1), TypeError,
-        r"rho_scheduler must be callable \(lr, step\) -> rho, got 3"),
+        r"RSAM: rho_scheduler must be callable \(lr, step\) -> rho or None, got 3"),
     bad("RSAM:seed-str", lambda: RSAM(params(), SGD, seed="x", lr=0.1), TypeError,
         r"seed must be an int or None, got 'x'"),
     bad("RSAM:perturb_eps=-1", lambda: RSAM(params(), SGD, perturb_eps=-1, lr=0.1), ValueError,
@@ -565,6 +576,22 @@ OPTIMIZERS = [
         r"base_optimizer must be an optimizer class .*got SGD"),
     bad("GSAM:fused_step-Adam-L2", lambda: GSAM(params(), torch.optim.Adam, fused_step=True, lr=0.1,
         weight_decay=0.1), ValueError, r"fused_step=True with torch\.optim\.Adam needs weight_decay=0"),
+    bad("GSAM:copy_first_grads-str", lambda: GSAM(params(), SGD, copy_first_grads="yes", lr=0.1), TypeError,
+        r"GSAM: copy_first_grads must be a bool .*got 'yes'"),
+    bad("GSAM:adaptive=1", lambda: GSAM(params(), SGD, adaptive=1, lr=0.1), TypeError,
+        r"GSAM: adaptive must be a bool .*got 1"),
+    bad("RSAM:total_steps=2.5", lambda: RSAM(params(), SGD, noise_std=(1e-3, 2e-3), total_steps=2.5, lr=0.1),
+        ValueError, r"RSAM: total_steps must be an int >= 1, got 2\.5"),
+    bad("RSAM:lam=True", lambda: RSAM(params(), SGD, lam=True, lr=0.1), ValueError,
+        r"RSAM: lam must be a finite number, got True"),
+    bad("ESAM:adaptive-str", lambda: ESAM(params(), SGD, adaptive="no", lr=0.1), TypeError,
+        r"ESAM: adaptive must be a bool .*got 'no'"),
+    bad("ESAM.step:closure-not-callable", lambda: ESAM(params(), SGD, lr=0.1).step(3), TypeError,
+        r"ESAM\.step: closure must be callable .*got 3"),
+    bad("per_sample_closure:loss_fn", lambda: per_sample_closure(model(), torch.randn(4, 3), y(4, 2), "ce"),
+        TypeError, r"per_sample_closure: loss_fn must be callable .*got 'ce'"),
+    bad("index_batch:idx-float", lambda: index_batch(torch.randn(4, 3), torch.arange(2.0)), TypeError,
+        r"index_batch: idx must be None or a 1-D int64/int32 tensor .*got torch\.float32 \(2,\)"),
     bad("ProportionScheduler:max_lr<min_lr", lambda: ProportionScheduler(max_lr=0.1, min_lr=0.2), ValueError,
         r"max_lr must be > min_lr, got max_lr=0\.1, min_lr=0\.2"),
     bad("ProportionScheduler:max_value=-1", lambda: ProportionScheduler(max_lr=0.1, max_value=-1.0), ValueError,
@@ -585,47 +612,111 @@ SHARPNESS = [
     bad("hessian_top_eigenvalue:model", lambda: sharpness.hessian_top_eigenvalue("model", CE, data()), TypeError,
         r"model must be an nn\.Module, got str"),
     bad("hessian_top_eigenvalue:iters=0", lambda: sharpness.hessian_top_eigenvalue(model(), CE, data(), iters=0),
-        ValueError, r"iters must be >= 1, got 0"),
+        ValueError, r"hessian_top_eigenvalue: iters must be an int >= 1, got 0"),
     bad("hessian_top_eigenvalue:max_batches=0", lambda: sharpness.hessian_top_eigenvalue(model(), CE, data(),
-        max_batches=0), ValueError, r"max_batches must be >= 1, got 0"),
+        max_batches=0), ValueError, r"max_batches must be an int >= 1, got 0"),
     bad("hessian_top_eigenvalue:no-batches", lambda: sharpness.hessian_top_eigenvalue(model(), CE, []), ValueError,
         r"the data iterable yielded no batches"),
     bad("hessian_top_eigenvalue:no-trainable-parameters", lambda: sharpness.hessian_top_eigenvalue(
         model().requires_grad_(False), CE, data()), ValueError, r"the model has no trainable parameters"),
+    bad("hessian_top_eigenvalue:train_mode-str", lambda: sharpness.hessian_top_eigenvalue(model(), CE, data(),
+        train_mode="no"), TypeError, r"hessian_top_eigenvalue: train_mode must be a bool .*got 'no'"),
+    bad("max_loss_increase:seed=1.5", lambda: sharpness.max_loss_increase(model(), CE, data(), seed=1.5),
+        ValueError, r"max_loss_increase: seed must be an int, got 1\.5"),
     bad("hessian_top_eigenvalue:iters=1.5", lambda: sharpness.hessian_top_eigenvalue(model(), CE, data(), iters=1.5),
-        ValueError, r"iters.*1\.5", xfail="iters=1.5 passes the check and fails in range(): \"'float' object cannot "
-        "be interpreted as an integer\"", raises=TypeError),
+        ValueError, r"iters.*1\.5"),
     bad("hessian_top_eigenvalue:max_batches=1.5", lambda: sharpness.hessian_top_eigenvalue(model(), CE, data(),
-        max_batches=1.5), ValueError, r"max_batches.*1\.5", xfail="max_batches=1.5 passes the check and fails in "
-        "itertools.islice ('Stop argument for islice() must be None or an integer'), which does not name it",
-        raises=WRONG_MESSAGE),
+        max_batches=1.5), ValueError, r"max_batches.*1\.5"),
     bad("hessian_top_eigenvalue:tol=-1", lambda: sharpness.hessian_top_eigenvalue(model(), CE, data(), tol=-1.0,
-        iters=2), ValueError, r"tol.*-1\.0", xfail="a negative (or NaN) tol is accepted: the iteration can never "
-        "converge and runs all iters", raises=ACCEPTED),
+        iters=2), ValueError, r"tol.*-1\.0"),
     bad("hessian_top_eigenvalue:loss_fn-not-callable", lambda: sharpness.hessian_top_eigenvalue(model(), "ce",
-        data()), TypeError, r"loss_fn", xfail="loss_fn='ce' fails at the first call with \"'str' object is not "
-        "callable\", which does not name it", raises=WRONG_MESSAGE),
+        data()), TypeError, r"loss_fn"),
     bad("max_loss_increase:rho=0", lambda: sharpness.max_loss_increase(model(), CE, data(), rho=0.0), ValueError,
         r"rho must be a finite number > 0, got 0\.0"),
     bad("max_loss_increase:rho=nan", lambda: sharpness.max_loss_increase(model(), CE, data(), rho=math.nan),
         ValueError, r"rho must be a finite number > 0, got nan"),
     bad("max_loss_increase:steps=0", lambda: sharpness.max_loss_increase(model(), CE, data(), steps=0), ValueError,
-        r"steps must be >= 1, got 0"),
+        r"steps must be an int >= 1, got 0"),
     bad("max_loss_increase:model", lambda: sharpness.max_loss_increase(None, CE, data()), TypeError,
         r"model must be an nn\.Module, got NoneType"),
     bad("max_loss_increase:max_batches=-1", lambda: sharpness.max_loss_increase(model(), CE, data(), max_batches=-1),
-        ValueError, r"max_batches must be >= 1, got -1"),
+        ValueError, r"max_batches must be an int >= 1, got -1"),
     bad("max_loss_increase:no-batches", lambda: sharpness.max_loss_increase(model(), CE, iter([])), ValueError,
         r"the data iterable yielded no batches"),
     bad("max_loss_increase:rho=True", lambda: sharpness.max_loss_increase(model(), CE, data(), rho=True, steps=1),
-        ValueError, r"rho must be a finite number > 0, got True", xfail="rho=True is accepted as 1 (bool is an int; "
-        "the other functions reject bools)", raises=ACCEPTED),
+        ValueError, r"rho must be a finite number > 0, got True"),
     bad("max_loss_increase:steps=2.5", lambda: sharpness.max_loss_increase(model(), CE, data(), steps=2.5),
-        ValueError, r"steps.*2\.5", xfail="steps=2.5 passes the check and fails in range(): \"'float' object cannot "
-        "be interpreted as an integer\"", raises=TypeError),
+        ValueError, r"steps.*2\.5"),
 ]
 
-ROWS = LOSSES + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS
+def cli_error(main, argv):
+    """argparse's error exits with status 2 after printing the message to stderr: re-raised as a
+    ValueError carrying that message (so that the table can match it)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as e:
+            if e.code == 2:
+                raise ValueError(err.getvalue()) from None
+            raise
+
+
+def step_callables(*args, **kw):
+    from saf_kernels.bench.sam_steps import step_callables as f
+
+    return f(*args, **kw)
+
+
+def bench_steps(**kw):
+    return step_callables(model(), CE, (torch.randn(4, 3), torch.randint(0, 2, (4,))), "cpu", **kw)
+
+
+def bench_main(name):
+    import importlib
+
+    return importlib.import_module(f"saf_kernels.bench.{name}").main
+
+
+BENCH = [
+    bad("step_callables:model", lambda: step_callables(
+        "net", CE, (torch.randn(4, 3), torch.randint(0, 2, (4,))), "cpu"), TypeError,
+        r"step_callables: model must be a torch\.nn\.Module, got str"),
+    bad("step_callables:loss_fn", lambda: step_callables(
+        model(), "ce", (torch.randn(4, 3), torch.randint(0, 2, (4,))), "cpu"), TypeError,
+        r"step_callables: loss_fn must be callable .*got 'ce'"),
+    bad("step_callables:batch", lambda: step_callables(
+        model(), CE, torch.randn(4, 3), "cpu"), TypeError, r"step_callables: batch must be a pair .*got Tensor"),
+    bad("step_callables:device", lambda: step_callables(
+        model(), CE, (torch.randn(4, 3), torch.randint(0, 2, (4,))), "gpu0"), ValueError,
+        r"step_callables: device must be a torch\.device or a device string .*got 'gpu0'"),
+    bad("step_callables:lr=-1", lambda: bench_steps(lr=-1.0), ValueError,
+        r"step_callables: lr must be a finite number >= 0, got -1\.0"),
+    bad("step_callables:rho=True", lambda: bench_steps(rho=True), ValueError,
+        r"step_callables: rho must be a finite number >= 0, got True"),
+    bad("step_callables:fused_step-str", lambda: bench_steps(fused_step="yes"), TypeError,
+        r"step_callables: fused_step must be a bool .*got 'yes'"),
+    bad("step_callables:backend", lambda: bench_steps(backend="gpu"), ValueError, r"unknown backend 'gpu'"),
+    bad("step_callables:extra=1", lambda: bench_steps(extra=1), TypeError,
+        r"step_callables: extra must be a bool .*got 1"),
+    bad("sam_steps.main:rounds=0", lambda: cli_error(bench_main("sam_steps"), ["--rounds", "0"]), ValueError,
+        r"--rounds must be >= 1, got 0"),
+    bad("sam_steps.main:batch=-1", lambda: cli_error(bench_main("sam_steps"), ["--batch", "-1"]), ValueError,
+        r"--batch must be >= 1, got -1"),
+    bad("esam_steps.main:methods", lambda: cli_error(bench_main("esam_steps"), ["--methods", "sgd,lion"]),
+        ValueError, r"unknown methods \['lion'\]"),
+    bad("esam_steps.main:inner=0", lambda: cli_error(bench_main("esam_steps"), ["--inner", "0"]), ValueError,
+        r"--inner must be >= 1, got 0"),
+    bad("bench.main:ops", lambda: cli_error(bench_main("__main__"), ["--ops", "nope"]), ValueError,
+        r"unknown ops \['nope'\]"),
+    bad("bench.main:methods", lambda: cli_error(bench_main("__main__"), ["--methods", "lion"]), ValueError,
+        r"unknown methods \['lion'\]"),
+]
+
+ROWS = LOSSES + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS + BENCH
 
 
 @pytest.mark.parametrize(("call", "exc", "match"), ROWS)

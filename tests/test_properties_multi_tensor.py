@@ -73,11 +73,13 @@ SPECIALS = st.sampled_from(["random"] * 6 + ["zero", "nan", "inf", "-inf"])
 
 
 @st.composite
-def tensor_lists(draw, max_tensors=4):
+def tensor_lists(draw, max_tensors=4, shapes=SHAPES, views=False):
     """A list of 0..max_tensors tensors: shapes, dtypes (one for all or mixed), value scale, and
-    what the gradients hold (random, all zero, or one NaN / inf)."""
+    what the gradients hold (random, all zero, or one NaN / inf). ``views``: a tensor of 2 or
+    more dims may be a transposed view (dense, not contiguous), the same layout in every list."""
     n = draw(st.sampled_from([1, 2, 3, max_tensors, 0]))  # an empty list one time in five
-    shapes = draw(st.lists(st.sampled_from(SHAPES), min_size=n, max_size=n))
+    shape_pool = shapes
+    shapes = draw(st.lists(st.sampled_from(shape_pool), min_size=n, max_size=n))
     if draw(st.booleans()):
         dtypes = draw(st.lists(DTYPES, min_size=n, max_size=n))
     else:
@@ -87,6 +89,7 @@ def tensor_lists(draw, max_tensors=4):
         scale=draw(st.sampled_from([1e-3, 1.0, 30.0])),
         special=draw(SPECIALS),
         per_tensor=draw(st.booleans()),
+        views=draw(st.lists(st.booleans(), min_size=n, max_size=n)) if views else [False] * n,
     )
 
 
@@ -118,7 +121,16 @@ class Gen:
         return (torch.randn(shape, generator=self.g, dtype=torch.float64) * s).to(dtype)
 
     def list(self, dtypes=None, scale=None):
-        return [self.randn(s, d, scale) for s, d in zip(self.p["shapes"], dtypes or self.p["dtypes"])]
+        views = self.p.get("views") or [False] * len(self.p["shapes"])
+        # Views of shapes whose last two dims both exceed 1: a size-1 dim's stride is arbitrary
+        # (ops compare the lists' strides as given).
+        return [self.view(s, d, scale) if v and len(s) >= 2 and min(s[-2:]) > 1 else self.randn(s, d, scale)
+                for s, d, v in zip(self.p["shapes"], dtypes or self.p["dtypes"], views)]
+
+    def view(self, shape, dtype, scale=None):
+        """A transposed view of that shape: dense, not contiguous (its last two dims swapped)."""
+        t = self.randn((*shape[:-2], shape[-1], shape[-2]), dtype, scale)
+        return t.transpose(-1, -2)
 
     def special(self, tensors, kind=None):
         """Apply the problem's special gradient to a list (in place): all zero, or one NaN / inf
@@ -135,7 +147,11 @@ class Gen:
             return
         t = nonempty[int(torch.randint(len(nonempty), (), generator=self.g))]
         i = int(torch.randint(t.numel(), (), generator=self.g))
-        t.view(-1)[i] = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}[kind]
+        at = []  # the element's index (t may be a transposed view: no view(-1))
+        for d in reversed(t.shape):
+            at.append(i % d)
+            i //= d
+        t[tuple(reversed(at))] = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}[kind]
 
 
 def _clone(ts):
@@ -258,8 +274,8 @@ def _empty_result(out, shape=()):
 
 
 @st.composite
-def sam_problems(draw):
-    p = draw(tensor_lists())
+def sam_problems(draw, **kw):
+    p = draw(tensor_lists(**kw))
     n, pt = p["n"], p["per_tensor"]
     p["rho"] = _values(draw, st.floats(0.0, 2.0), n, pt)
     p["adaptive"] = _values(draw, st.booleans(), n, pt)
@@ -324,14 +340,18 @@ def test_sam_perturb_restore_property(backend):
 
 
 @st.composite
-def sgd_problems(draw):
-    p = draw(tensor_lists())
+def sgd_problems(draw, **kw):
+    p = draw(tensor_lists(**kw))
     n, pt = p["n"], p["per_tensor"]
     p["lr"] = _values(draw, st.floats(0.0, 1.0), n, pt)
     p["weight_decay"] = _values(draw, st.sampled_from([0.0, 5e-4, 0.1]), n, pt)
     p["momentum"] = _values(draw, st.sampled_from([0.0, 0.5, 0.9]), n, pt)
     p["dampening"] = _values(draw, st.sampled_from([0.0, 0.1]), n, pt)
-    p["nesterov"] = _values(draw, st.booleans(), n, pt)
+    # Nesterov only with a momentum and no dampening (torch.optim.SGD and the op reject the rest).
+    ok = [m > 0 and d == 0 for m, d in zip(p["momentum"][1], p["dampening"][1])]
+    nest = _values(draw, st.booleans(), n, pt)[1]
+    nest = [a and o for a, o in zip(nest, ok)]
+    p["nesterov"] = (nest, nest) if pt else ((bool(nest) and all(nest)), [bool(nest) and all(nest)] * n)
     p["maximize"] = _values(draw, st.booleans(), n, pt)
     p["first_run"] = _values(draw, st.booleans(), n, pt)
     p["buffers"] = draw(st.booleans()) or any(m != 0 for m in p["momentum"][1])  # momentum != 0 needs them
@@ -375,8 +395,8 @@ def test_sam_restore_sgd_property(backend):
 
 
 @st.composite
-def adamw_problems(draw):
-    p = draw(tensor_lists())
+def adamw_problems(draw, **kw):
+    p = draw(tensor_lists(**kw))
     n, pt = p["n"], p["per_tensor"]
     p["lr"] = _values(draw, st.sampled_from([0.0, 1e-3, 0.1]), n, pt)
     p["beta1"] = _values(draw, st.sampled_from([0.0, 0.5, 0.9]), n, pt)
@@ -434,8 +454,8 @@ def test_sam_restore_adamw_property(backend):
 
 
 @st.composite
-def ema_problems(draw):
-    p = draw(tensor_lists())
+def ema_problems(draw, **kw):
+    p = draw(tensor_lists(**kw))
     n = p["n"]
     p["model_dtypes"] = draw(st.lists(DTYPES, min_size=n, max_size=n)) if draw(st.booleans()) else p["dtypes"]
     p["decay"] = draw(st.one_of(st.sampled_from([0.0, 1.0, 0.5, 0.9998]), st.floats(0.0, 1.0)))
@@ -492,8 +512,8 @@ OFFSETS = st.one_of(st.integers(0, 2**62 - 1), st.integers(0, 9))
 
 
 @st.composite
-def esam_problems(draw):
-    p = draw(sam_problems())
+def esam_problems(draw, **kw):
+    p = draw(sam_problems(**kw))
     n, pt = p["n"], p["per_tensor"]
     p["beta"] = _values(draw, st.one_of(st.sampled_from([1.0, 0.5]), st.floats(1e-3, 1.0)), n, pt)
     p["eps"] = draw(st.sampled_from([1e-7, 1e-12, 0.1]))
@@ -526,7 +546,7 @@ def _esam_property(p, backend):
     _check_step(params, rp, orig, all64, f"{p} params", floors=floors)
     masks = reference.esam_keep_masks(orig, p["beta"][1], seed, off)
     for a, o, m in zip(params, orig, masks):  # dropped elements keep their bits
-        assert _bits_equal(a.reshape(-1)[~m], o.reshape(-1)[~m]), "a dropped element moved"
+        assert _bits_equal(reference.flat_memory(a)[~m], reference.flat_memory(o)[~m]), "a dropped element moved"
     if mode == "copy":
         assert all(_bits_equal(s, o) for s, o in zip(stash, orig))
     else:
@@ -557,8 +577,8 @@ def test_esam_perturb_restore_property(backend):
 
 
 @st.composite
-def rsam_problems(draw):
-    p = draw(tensor_lists())
+def rsam_problems(draw, **kw):
+    p = draw(tensor_lists(**kw))
     n, pt = p["n"], p["per_tensor"]
     p["std"] = _values(draw, st.one_of(st.just(0.0), st.floats(0.0, 0.1)), n, pt)
     p["rho"] = _values(draw, st.floats(0.0, 2.0), n, pt)
@@ -640,8 +660,8 @@ def test_rsam_perturb_property(backend):
 
 
 @st.composite
-def gsam_problems(draw):
-    p = draw(sgd_problems())
+def gsam_problems(draw, **kw):
+    p = draw(sgd_problems(**kw))
     p["alpha"] = draw(st.one_of(st.sampled_from([0.0, 0.4]), st.floats(-1.0, 2.0)))
     p["eps"] = draw(st.sampled_from([1e-12, 0.0, 1e-3]))
     p["restore"] = draw(st.booleans())
@@ -730,7 +750,7 @@ INT64_MIN = -(2**63)
 
 
 @st.composite
-def bank_problems(draw):
+def bank_problems(draw, **kw):
     N = draw(st.integers(1, 40))
     B = draw(st.integers(1, min(N, 9))) if draw(st.sampled_from([True] * 4 + [False])) else 0  # 0: empty batch
     S = draw(st.integers(1, 4))
@@ -867,10 +887,9 @@ def test_bank_step_nan_row_without_labels(backend):
     assert loss.item() == 0.0, f"loss {loss.item()}, reference 0"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(strict=True, reason="an empty list with momentum != 0 raises 'momentum != 0 needs "
-                                       "momentum_buffers' (gsam_restore_sgd_ accepts it as a no-op)")
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 def test_sam_restore_sgd_empty_list_with_momentum(backend):
+    # Empty lists are a no-op whatever the hyperparameters (no momentum buffers are needed).
     skip_unless_available(backend, "cpu", "sam_restore_sgd_")
     O.gsam_restore_sgd_([], [], [], [], [], lr=0.1, momentum=0.9, backend=backend)
     O.sam_restore_sgd_([], [], [], [], lr=0.1, momentum=0.9, backend=backend)
@@ -888,12 +907,16 @@ def _zero_grad_eps0(op, backend):
     return p[0], w
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 @pytest.mark.parametrize("op", ["sam_perturb_", "esam_perturb_", "rsam_perturb_"])
-@pytest.mark.xfail(strict=True, reason="eps=0 is accepted, and a zero gradient then gives 0/0: NaN weights (the "
-                                       "norm, 0, is finite, so the non-finite guard does not skip the step); the "
-                                       "reference does the same")
 def test_zero_gradient_with_eps_0_keeps_the_weights(op, backend):
+    # A zero norm perturbs nothing, whatever eps (eps = 0 once gave 0 * inf: NaN weights).
     skip_unless_available(backend, "cpu", op)
     got, w = _zero_grad_eps0(op, backend)
     assert torch.equal(got, w), got
+    # ... while a non-zero gradient with eps = 0 still moves the weights by rho (sam_perturb_).
+    if op == "sam_perturb_":
+        w = torch.randn(5)
+        p = [w.clone()]
+        O.sam_perturb_(p, [torch.ones(5)], [torch.empty(5)], 0.05, eps=0.0, backend=backend)
+        torch.testing.assert_close((p[0] - w).norm().item(), 0.05, rtol=1e-5, atol=0.0)

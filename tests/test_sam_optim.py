@@ -230,7 +230,8 @@ def test_asam_default_leaves_1d_unscaled():
     assert opt.last_grad_norm.item() == pytest.approx(norm.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize(
+# The bases the fused step supports, each with its options.
+FUSABLE_BASES = pytest.mark.parametrize(
     "base,kw",
     [
         (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
@@ -239,10 +240,16 @@ def test_asam_default_leaves_1d_unscaled():
     ],
     ids=["sgd", "adamw", "adam"],
 )
+
+
+@FUSABLE_BASES
 def test_rho_zero_is_the_base_optimizer(base, kw):
+    # The bit-exact path is the opt-in fused_step=False (the default, fused, agrees to rounding:
+    # test_default_is_fused_and_matches_torch_optim).
     model = SmallCNN()
     ref_model = copy.deepcopy(model)
-    opt = SAM(model.parameters(), base, rho=0.0, **kw)
+    opt = SAM(model.parameters(), base, rho=0.0, fused_step=False, **kw)
+    assert not opt.fused_step
     ref = base(ref_model.parameters(), **kw)
     for x, y in _batches(4):
         _two_step(opt, model, x, y)
@@ -386,7 +393,8 @@ def _amp_step(opt, model, scaler, x, y):
 
 
 AMP_VARIANTS = [
-    pytest.param(dict(), id="generic-sgd"),
+    pytest.param(dict(fused_step=False), id="generic-sgd"),
+    pytest.param(dict(), id="default-sgd"),
     pytest.param(dict(fused=True), id="torch-fused-sgd"),
     pytest.param(dict(fused_step=True), id="fused-step"),
 ]
@@ -398,14 +406,14 @@ def test_grad_scaler_matches_fp32_and_skips_on_inf(variant):
     model = SmallCNN()
     ref_model = copy.deepcopy(model)
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, **variant, **kw)
-    ref = SAM(ref_model.parameters(), torch.optim.SGD, rho=0.05, **kw)
+    ref = SAM(ref_model.parameters(), torch.optim.SGD, rho=0.05, fused_step=False, **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     batches = _batches(3)
     # With a power-of-two scale the unscaling is exact: AMP and fp32 agree.
     for x, y in batches:
         _amp_step(opt, model, scaler, x, y)
         _two_step(ref, ref_model, x, y)
-    atol = 0.0 if not variant else 1e-6
+    atol = 0.0 if variant == {"fused_step": False} else 1e-6  # the exact path is exact under AMP too
     _assert_params_close(model, ref_model, atol=atol, what="AMP")
 
     # An inf in the first pass: nothing moves, and the scaler backs off.
@@ -546,7 +554,8 @@ def test_fused_step_matches_default(base, kw):
     model = _mlp()
     ref_model = copy.deepcopy(model)
     opt = SAM(model.parameters(), base, rho=0.05, fused_step=True, **kw)
-    ref = SAM(ref_model.parameters(), base, rho=0.05, **kw)
+    ref = SAM(ref_model.parameters(), base, rho=0.05, fused_step=False, **kw)
+    assert opt.fused_step and not ref.fused_step
     mse = nn.MSELoss()
     for _ in range(4):
         x, y = torch.randn(16, 12), torch.randn(16, 4)
@@ -562,6 +571,66 @@ def test_fused_step_matches_default(base, kw):
         for k in st:
             if isinstance(st[k], torch.Tensor):
                 torch.testing.assert_close(st[k].float(), rst[k].float(), atol=2e-6, rtol=1e-5)
+
+
+@FUSABLE_BASES
+def test_default_is_fused_and_matches_torch_optim(base, kw):
+    # The default (fused_step=None) is the fused path wherever the base allows it, and agrees
+    # with torch.optim to rounding (rho=0: the SAM step is the base step).
+    model = _mlp()
+    ref_model = copy.deepcopy(model)
+    opt = SAM(model.parameters(), base, rho=0.0, **kw)
+    assert opt.fused_step
+    ref = base(ref_model.parameters(), **kw)
+    mse = nn.MSELoss()
+    for _ in range(4):
+        x, y = torch.randn(16, 12), torch.randn(16, 4)
+        mse(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        mse(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        mse(ref_model(x), y).backward()
+        ref.step()
+        ref.zero_grad()
+    _assert_params_close(model, ref_model, atol=2e-6, rtol=1e-5, what="default (fused) step")
+
+
+@pytest.mark.parametrize(
+    "base,kw",
+    [
+        (torch.optim.RMSprop, dict(lr=1e-2)),
+        (torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
+        (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1)),
+    ],
+    ids=["rmsprop", "amsgrad", "adam-l2"],
+)
+def test_unsupported_base_uses_the_exact_path_by_default(base, kw):
+    model = _mlp()
+    ref_model = copy.deepcopy(model)
+    opt = SAM(model.parameters(), base, rho=0.0, **kw)  # no error: the default is "fused where supported"
+    assert not opt.fused_step
+    ref = base(ref_model.parameters(), **kw)
+    x, y = torch.randn(16, 12), torch.randn(16, 4)
+    nn.MSELoss()(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    nn.MSELoss()(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+    nn.MSELoss()(ref_model(x), y).backward()
+    ref.step()
+    _assert_params_equal(model, ref_model, "unfused default")
+    with pytest.raises(ValueError, match="fused_step=True"):
+        SAM(model.parameters(), base, fused_step=True, **kw)
+
+
+def test_explicit_fused_step_raises_when_a_group_becomes_unsupported():
+    model = _mlp()
+    opt = SAM(model.parameters(), torch.optim.AdamW, fused_step=True, lr=1e-2)
+    opt.param_groups[0]["amsgrad"] = True
+    with pytest.raises(ValueError, match="fused_step=True does not support .*amsgrad"):
+        opt.fused_step  # noqa: B018
+    default = SAM(_mlp().parameters(), torch.optim.AdamW, lr=1e-2)
+    default.param_groups[0]["amsgrad"] = True
+    assert not default.fused_step
 
 
 def test_delta_stash_bf16_trains_like_copy():
@@ -619,7 +688,7 @@ def test_sam_steps_callables_run():
     before = copy.deepcopy(model)
     x, y = _batches(1)[0]
     steps = step_callables(model, LOSS, (x, y), "cpu", extra=True)
-    assert set(steps) == {"sgd", "sam", "asam", "sam+fused_step"}
+    assert set(steps) == {"sgd", "sam", "asam", "sam+exact"}
     for f in steps.values():
         f()
         f()

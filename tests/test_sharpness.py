@@ -88,13 +88,13 @@ def test_bad_arguments():
     ce = torch.nn.functional.cross_entropy
     with pytest.raises(ValueError, match="rho must be a finite number > 0"):
         sharpness.max_loss_increase(model, ce, data, rho=0)
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
         sharpness.max_loss_increase(model, ce, data, steps=0)
-    with pytest.raises(ValueError, match="iters must be >= 1"):
+    with pytest.raises(ValueError, match="iters must be an int >= 1"):
         sharpness.hessian_top_eigenvalue(model, ce, data, iters=0)
     with pytest.raises(ValueError, match="yielded no batches"):
         sharpness.hessian_top_eigenvalue(model, ce, [])
     with pytest.raises(TypeError, match="must be an nn.Module"):
         sharpness.hessian_top_eigenvalue(lambda x: x, ce, data)
-    with pytest.raises(ValueError, match="max_batches must be >= 1"):
+    with pytest.raises(ValueError, match="max_batches must be an int >= 1"):
         sharpness.hessian_top_eigenvalue(model, ce, data, max_batches=0)

@@ -7,8 +7,9 @@ Two entry points:
   ``ctx.loss_fn``, ``ctx.lr / momentum / weight_decay``). ``esam``, ``rsam`` and ``gsam`` are
   each optimizer's defaults with the issue's settings (ESAM ``beta = gamma = 0.5``, elementwise
   SWP); the variants: ``esam_tensor`` (the official per-tensor SWP, which also skips the
-  dropped tensors' weight gradients), ``esam_fused``, ``rsam_fused``, ``gsam_fused``
-  (``fused_step=True``: restore + SGD in one pass).
+  dropped tensors' weight gradients), ``esam_exact``, ``rsam_exact``, ``gsam_exact``
+  (``fused_step=False``: the bit-exact restore, then torch's SGD; the defaults fuse restore +
+  SGD in one pass).
 - ``python -m saf_kernels.bench.esam_steps``: times SGD, SAM and every builder here on the CPU
   small CNN (or ResNet-18 on a GPU) in interleaved rounds, without the rest of the bench.
 
@@ -53,7 +54,7 @@ def _closure(opt, model, loss_fn, ctx, i):
     return closure
 
 
-def build_esam(ctx, swp: str = "element", fused_step: bool = False) -> Callable[[int], None]:
+def build_esam(ctx, swp: str = "element", fused_step: bool | None = None) -> Callable[[int], None]:
     """ESAM with beta = gamma = 0.5: pass 1, SWP, the no-grad forward, pass 2 on half the batch."""
     model = ctx.model_fn()
     opt = ESAM(model.parameters(), torch.optim.SGD, rho=RHO, beta=BETA, gamma=GAMMA, swp=swp, fused_step=fused_step,
@@ -70,7 +71,7 @@ def build_esam(ctx, swp: str = "element", fused_step: bool = False) -> Callable[
     return step
 
 
-def build_rsam(ctx, fused_step: bool = False) -> Callable[[int], None]:
+def build_rsam(ctx, fused_step: bool | None = None) -> Callable[[int], None]:
     """R-SAM: noise, pass 1 at w + delta, ascent, pass 2, restore + SGD."""
     model = ctx.model_fn()
     opt = RSAM(model.parameters(), torch.optim.SGD, rho=RHO, noise_std=(5e-4, 2.5e-3), total_steps=10000,
@@ -83,7 +84,7 @@ def build_rsam(ctx, fused_step: bool = False) -> Callable[[int], None]:
     return step
 
 
-def build_gsam(ctx, fused_step: bool = False) -> Callable[[int], None]:
+def build_gsam(ctx, fused_step: bool | None = None) -> Callable[[int], None]:
     """GSAM: SAM's two passes, the fused reductions and decomposition, restore + SGD."""
     model = ctx.model_fn()
     opt = GSAM(model.parameters(), torch.optim.SGD, rho=RHO, alpha=GSAM_ALPHA, fused_step=fused_step, model=model,
@@ -96,7 +97,7 @@ def build_gsam(ctx, fused_step: bool = False) -> Callable[[int], None]:
     return step
 
 
-def build_sam(ctx, fused_step: bool = False) -> Callable[[int], None]:
+def build_sam(ctx, fused_step: bool | None = None) -> Callable[[int], None]:
     """SAM (for the ratios against SAM in this module's own runner; the SAM branch registers its
     own ``sam`` builder for the bench)."""
     model = ctx.model_fn()
@@ -114,9 +115,9 @@ BUILDERS = {
     "rsam": build_rsam,
     "gsam": build_gsam,
     "esam_tensor": lambda ctx: build_esam(ctx, swp="tensor"),
-    "esam_fused": lambda ctx: build_esam(ctx, fused_step=True),
-    "rsam_fused": lambda ctx: build_rsam(ctx, fused_step=True),
-    "gsam_fused": lambda ctx: build_gsam(ctx, fused_step=True),
+    "esam_exact": lambda ctx: build_esam(ctx, fused_step=False),
+    "rsam_exact": lambda ctx: build_rsam(ctx, fused_step=False),
+    "gsam_exact": lambda ctx: build_gsam(ctx, fused_step=False),
 }
 
 
@@ -198,7 +199,7 @@ def run(device: torch.device, methods: list[str], rounds: int, inner: int) -> di
     """Median step time of each method, timed in interleaved rounds (every method once per round,
     so that drift of a shared machine hits all alike)."""
     ctx = _Context(device)
-    table = {"sgd": _build_sgd, "sam": build_sam, "sam_fused": lambda c: build_sam(c, True), **BUILDERS}
+    table = {"sgd": _build_sgd, "sam": build_sam, "sam_exact": lambda c: build_sam(c, False), **BUILDERS}
     steps = {m: table[m](ctx) for m in methods}
     for _m, s in steps.items():
         for i in range(3):
@@ -218,11 +219,18 @@ def run(device: torch.device, methods: list[str], rounds: int, inner: int) -> di
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--methods", default="sgd,sam,sam_fused,esam,esam_tensor,esam_fused,rsam,rsam_fused,gsam,gsam_fused")
+    p.add_argument("--methods", default="sgd,sam,sam_exact,esam,esam_tensor,esam_exact,rsam,rsam_exact,gsam,gsam_exact")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--inner", type=int, default=2)
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
+    known = ["sgd", "sam", "sam_exact", *BUILDERS]
+    unknown = sorted(set(methods) - set(known))
+    if unknown:
+        p.error(f"unknown methods {unknown}; known: {known}")
+    for name in ("rounds", "inner"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     for need in ("sam", "sgd"):
         if need not in methods:
             methods.insert(0, need)

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import _checks as C
 from ..optim import ASAM, SAM
 
 
@@ -31,11 +32,12 @@ def step_callables(
     rho: float = 0.05,
     asam_rho: float = 0.5,
     asam_eta: float = 0.01,
-    fused_step: bool = False,
+    fused_step: bool | None = None,
     backend: str = "auto",
     extra: bool = False,
 ) -> dict[str, Callable[[], None]]:
-    """Step callables ``{"sgd", "sam", "asam"}`` (``extra=True`` adds ``"sam+fused_step"``).
+    """Step callables ``{"sgd", "sam", "asam"}`` (``extra=True`` adds ``"sam+exact"``, SAM's
+    bit-exact path ``fused_step=False``, beside the default fused one).
 
     Each call is one full training step on ``batch = (inputs, targets)``: forward, backward and
     the optimizer step -- for SAM and ASAM both passes (first forward/backward, ``first_step``,
@@ -44,7 +46,20 @@ def step_callables(
     optimizer: SGD(lr, momentum, weight_decay), and SAM / ASAM around the same SGD. Nothing here
     synchronises the device; time the callables with device synchronisation around them.
     """
-    device = torch.device(device)
+    fn = "saf_kernels.bench.sam_steps.step_callables"
+    C.module(model, "model", fn)
+    C.function(loss_fn, "loss_fn", fn, " (outputs, targets -> loss)")
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2
+            and all(isinstance(t, torch.Tensor) for t in batch)):
+        raise TypeError(f"{fn}: batch must be a pair (inputs, targets) of tensors, got {type(batch).__name__}")
+    device = C.device(device, "device", fn)
+    for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("rho", rho),
+                    ("asam_rho", asam_rho), ("asam_eta", asam_eta)):
+        C.number(v, name, fn, lo=0)
+    if fused_step is not None:
+        C.flag(fused_step, "fused_step", fn)
+    C.backend(backend, fn)
+    C.flag(extra, "extra", fn)
     x, y = batch
     x, y = x.to(device), y.to(device)
     kw = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -79,8 +94,8 @@ def step_callables(
         "sam": two_pass_fn(SAM, rho=rho, fused_step=fused_step),
         "asam": two_pass_fn(ASAM, rho=asam_rho, eta=asam_eta, fused_step=fused_step),
     }
-    if extra and not fused_step:
-        out["sam+fused_step"] = two_pass_fn(SAM, rho=rho, fused_step=True)
+    if extra and fused_step is not False:
+        out["sam+exact"] = two_pass_fn(SAM, rho=rho, fused_step=False)
     return out
 
 
@@ -153,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         help="torch CPU threads (1 gives stable numbers on a loaded machine)",
     )
     args = ap.parse_args(argv)
+    for name in ("batch", "rounds", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

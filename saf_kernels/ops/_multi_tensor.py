@@ -72,6 +72,29 @@ def per_tensor_full(value, n: int, name: str, fn: str, **kw) -> list:
     return full(per_tensor(value, n, name, fn, **kw), n)
 
 
+def sgd_options(fn: str, n: int, bufs: list, lr, weight_decay, momentum, dampening, nesterov, maximize,
+                first_run) -> tuple[list, ...]:
+    """The SGD hyperparameters of the fused restore + SGD ops (sam_restore_sgd_,
+    gsam_restore_sgd_), per tensor (:func:`per_tensor`), checked as ``torch.optim.SGD`` checks
+    them: lr, weight_decay and momentum >= 0, nesterov only with momentum > 0 and dampening 0,
+    and momentum buffers whenever a momentum is non-zero (empty lists need none)."""
+    lr_l = per_tensor(lr, n, "lr", fn, nonneg=True)
+    wd_l = per_tensor(weight_decay, n, "weight_decay", fn, nonneg=True)
+    mom_l = per_tensor(momentum, n, "momentum", fn, nonneg=True)
+    damp_l = per_tensor(dampening, n, "dampening", fn)
+    nest = per_tensor(nesterov, n, "nesterov", fn, kind=bool)
+    maxi = per_tensor(maximize, n, "maximize", fn, kind=bool)
+    first = per_tensor(first_run, n, "first_run", fn, kind=bool)
+    if any(nest):
+        for i, (a, m, d) in enumerate(zip(full(nest, n), full(mom_l, n), full(damp_l, n))):
+            if a and (m <= 0 or d != 0):
+                raise ValueError(f"{fn}: nesterov[{i}]=True needs momentum > 0 and dampening 0 (as torch.optim.SGD), "
+                                 f"got momentum={m!r}, dampening={d!r}")
+    if n and not bufs and any(m != 0 for m in mom_l):
+        raise ValueError(f"{fn}: momentum != 0 needs momentum_buffers")
+    return lr_l, wd_l, mom_l, damp_l, nest, maxi, first
+
+
 def stash_mode_code(stash_mode: str, fn: str) -> int:
     if stash_mode not in STASH_MODES:
         raise ValueError(

@@ -194,6 +194,8 @@ def sds_count(gamma: float, batch: int) -> int:
     """
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0.0 < gamma <= 1.0:
         raise ValueError(f"saf_kernels.sds_count: gamma must be in (0, 1], got {gamma!r}")
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral):
+        raise ValueError(f"saf_kernels.sds_count: batch must be an int (a number of samples), got {batch!r}")
     if batch < 1:
         raise ValueError(f"saf_kernels.sds_count: the batch must hold at least one sample, got {batch}")
     return min(batch, max(1, math.ceil(round(gamma * batch, 9))))

@@ -26,7 +26,8 @@ from typing import Optional, Union
 import torch
 
 from .. import _backend, reference
-from ._multi_tensor import as_list, check_lengths, check_scalar, check_streams, per_tensor_full, stash_mode_code
+from ._multi_tensor import (as_list, check_lengths, check_scalar, check_streams, full, sgd_options,
+                            stash_mode_code)
 from .sam import SGD_FIRST_RUN, SGD_MAXIMIZE, SGD_NESTEROV, _check_eps
 
 Floats = Union[float, Sequence[float]]
@@ -184,15 +185,8 @@ def gsam_restore_sgd_(
         raise ValueError(f"{fn}: momentum_buffers has {len(bufs)} tensors but params has {n} (pass [] for none)")
     alpha = _check_alpha(alpha, fn)
     eps = _check_eps(eps, fn)
-    lr_l = per_tensor_full(lr, n, "lr", fn, nonneg=True)
-    wd_l = per_tensor_full(weight_decay, n, "weight_decay", fn)
-    mom_l = per_tensor_full(momentum, n, "momentum", fn, nonneg=True)
-    damp_l = per_tensor_full(dampening, n, "dampening", fn)
-    nest = per_tensor_full(nesterov, n, "nesterov", fn, kind=bool)
-    maxi = per_tensor_full(maximize, n, "maximize", fn, kind=bool)
-    first = per_tensor_full(first_run, n, "first_run", fn, kind=bool)
-    if not bufs and any(m != 0 for m in mom_l):
-        raise ValueError(f"{fn}: momentum != 0 needs momentum_buffers")
+    lr_l, wd_l, mom_l, damp_l, nest, maxi, first = (full(v, n) for v in sgd_options(
+        fn, n, bufs, lr, weight_decay, momentum, dampening, nesterov, maximize, first_run))
     mode = stash_mode_code(stash_mode, fn)
     if n == 0:
         return torch.zeros(3)

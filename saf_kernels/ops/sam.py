@@ -33,6 +33,7 @@ from ._multi_tensor import (
     check_streams,
     full,
     per_tensor,
+    sgd_options,
     stash_mode_code,
 )
 
@@ -373,15 +374,9 @@ def sam_restore_sgd_(
         raise ValueError(
             f"{fn}: momentum_buffers has {len(bufs)} tensors but params has {n} (pass [] for none)"
         )
-    lr_l = per_tensor(lr, n, "lr", fn, nonneg=True)
-    wd_l = per_tensor(weight_decay, n, "weight_decay", fn)
-    mom_l = per_tensor(momentum, n, "momentum", fn, nonneg=True)
-    damp_l = per_tensor(dampening, n, "dampening", fn)
-    nest = per_tensor(nesterov, n, "nesterov", fn, kind=bool)
-    maxi = per_tensor(maximize, n, "maximize", fn, kind=bool)
-    first = per_tensor(first_run, n, "first_run", fn, kind=bool)
-    if not bufs and any(m != 0 for m in mom_l):
-        raise ValueError(f"{fn}: momentum != 0 needs momentum_buffers")
+    lr_l, wd_l, mom_l, damp_l, nest, maxi, first = sgd_options(
+        fn, n, bufs, lr, weight_decay, momentum, dampening, nesterov, maximize, first_run
+    )
     if len(nest) == len(maxi) == len(first) == 1:
         flags = [SGD_NESTEROV * nest[0] + SGD_MAXIMIZE * maxi[0] + SGD_FIRST_RUN * first[0]]
     else:
@@ -463,7 +458,7 @@ def sam_restore_adamw_(
     b1 = per_tensor(beta1, n, "beta1", fn, nonneg=True)
     b2 = per_tensor(beta2, n, "beta2", fn, nonneg=True)
     eps_l = per_tensor(eps, n, "eps", fn, nonneg=True)
-    wd_l = per_tensor(weight_decay, n, "weight_decay", fn)
+    wd_l = per_tensor(weight_decay, n, "weight_decay", fn, nonneg=True)
     maxi = per_tensor(maximize, n, "maximize", fn, kind=bool)
     for name, vals in (("beta1", b1), ("beta2", b2)):
         for i, v in enumerate(vals):

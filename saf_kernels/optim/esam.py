@@ -5,7 +5,6 @@ weight-gradient work) and sharpness-sensitive data selection on the device."""
 from __future__ import annotations
 
 import contextlib
-import numbers
 import random
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
@@ -13,19 +12,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .. import _checks as C
 from ..ops import esam as esam_ops
 from ..ops import sam as sam_ops
 from . import _rng, utils
-from .base import TwoPassOptimizer, check_nonneg
+from .base import TwoPassOptimizer, nonneg, unit
 
 SWP_MODES = ("element", "tensor")
-
-
-def check_unit(name: str, value, cls: str) -> float:
-    """A number in (0, 1] (ESAM's beta and gamma)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < value <= 1.0):
-        raise ValueError(f"{cls}: {name} must be in (0, 1], got {value!r}")
-    return float(value)
 
 
 def index_batch(batch: Any, idx: torch.Tensor | None) -> Any:
@@ -33,6 +26,9 @@ def index_batch(batch: Any, idx: torch.Tensor | None) -> Any:
     dicts of them; other values are passed through). A gather: no host synchronisation."""
     if idx is None:
         return batch
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+        what = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else repr(idx)
+        raise TypeError(f"index_batch: idx must be None or a 1-D int64/int32 tensor of sample indices, got {what}")
     if isinstance(batch, torch.Tensor):
         return batch.index_select(0, idx.to(batch.device))
     if isinstance(batch, (list, tuple)):
@@ -49,6 +45,8 @@ def per_sample_closure(model: nn.Module, inputs: Any, targets: Any,
     per-sample losses. ``loss_fn`` must not reduce, e.g.
     ``functools.partial(F.cross_entropy, reduction="none")``. Under AMP put the ``autocast``
     inside ``loss_fn`` or wrap the model."""
+    C.function(model, "model", "per_sample_closure", " (inputs -> outputs)")
+    C.function(loss_fn, "loss_fn", "per_sample_closure", " (outputs, targets -> per-sample losses)")
 
     def closure(idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         return loss_fn(model(index_batch(inputs, idx)), index_batch(targets, idx))
@@ -130,20 +128,17 @@ class ESAM(TwoPassOptimizer):
     must be inside :meth:`first_pass` for the compute saving.
     """
 
+    _options = {"rho": nonneg, "beta": unit, "adaptive": C.flag, "eta": nonneg}
+
     def __init__(self, params, base_optimizer: type, rho: float = 0.05, beta: float = 0.5, gamma: float = 0.5, *,
                  adaptive: bool = False, eta: float = 0.0, swp: str = "element", perturb_eps: float = 1e-7,
                  seed: int | None = None, stash_mode: str = "copy", stash_dtype: torch.dtype | None = None,
-                 fused_step: bool = False, model: nn.Module | None = None, sync_first_pass: bool = False,
+                 fused_step: bool | None = None, model: nn.Module | None = None, sync_first_pass: bool = False,
                  bn_first_pass_only: bool = True, backend: str = "auto", **base_kwargs):
         name = type(self).__name__
-        check_nonneg("rho", rho, name)
-        check_unit("beta", beta, name)
-        self.gamma = check_unit("gamma", gamma, name)
-        check_nonneg("eta", eta, name)
-        if swp not in SWP_MODES:
-            raise ValueError(f"{name}: swp must be 'element' or 'tensor', got {swp!r}")
-        self.swp = swp
-        self.perturb_eps = check_nonneg("perturb_eps", perturb_eps, name)
+        self.gamma = unit(gamma, "gamma", name)
+        self.swp = C.one_of(swp, "swp", name, SWP_MODES)
+        self.perturb_eps = nonneg(perturb_eps, "perturb_eps", name)
         self._seed = _rng.check_seed(seed, name)
         self._step = 0
         self._py_rng = random.Random(self._seed)
@@ -153,10 +148,6 @@ class ESAM(TwoPassOptimizer):
         super().__init__(params, base_optimizer, dict(rho=rho, beta=beta, adaptive=adaptive, eta=eta), base_kwargs,
                          stash_mode=stash_mode, stash_dtype=stash_dtype, fused_step=fused_step, model=model,
                          sync_first_pass=sync_first_pass, bn_first_pass_only=bn_first_pass_only, backend=backend)
-        for i, g in enumerate(self.param_groups):
-            check_nonneg(f"param_groups[{i}]['rho']", g["rho"], name)
-            check_unit(f"param_groups[{i}]['beta']", g["beta"], name)
-            check_nonneg(f"param_groups[{i}]['eta']", g["eta"], name)
 
     # ----------------------------------------------------------------------------------------
     # SWP
@@ -261,9 +252,12 @@ class ESAM(TwoPassOptimizer):
         Returns:
             The per-sample losses of the first pass (detached), or None without a closure.
         """
+        cls = type(self).__name__
+        C.function(closure, "closure", f"{cls}.step", " (idx -> per-sample losses)", optional=True)
         if closure is None:
             return super().step()
-        cls = type(self).__name__
+        if scaler is not None and not hasattr(scaler, "is_enabled"):
+            raise TypeError(f"{cls}.step: scaler must be a torch.amp.GradScaler or None, got {scaler!r}")
         scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.zero_grad(set_to_none=True)
         with torch.enable_grad(), self.first_pass(self.model):

@@ -4,18 +4,17 @@ decomposition of the second gradient fused with the restore and the base step.""
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from .. import _checks as C
 from ..ops import gsam as gsam_ops
 from ..ops import sam as sam_ops
 from . import utils
-from .base import TwoPassOptimizer, check_nonneg
+from .base import TwoPassOptimizer, nonneg
 from .schedulers import ProportionScheduler
 
 
@@ -64,35 +63,33 @@ class GSAM(TwoPassOptimizer):
     replica and nothing extra is reduced.
     """
 
+    _options = {"rho": nonneg, "alpha": lambda v, name, fn: C.number(v, name, fn), "adaptive": C.flag}
+
     def __init__(self, params, base_optimizer: type, rho: float = 0.05, alpha: float = 0.4, *,
                  rho_scheduler: Callable[[float, int], float] | None = None, adaptive: bool = False,
                  perturb_eps: float = 1e-12, copy_first_grads: bool = False, stash_mode: str = "copy",
-                 stash_dtype: torch.dtype | None = None, fused_step: bool = False, model: nn.Module | None = None,
-                 sync_first_pass: bool = False, bn_first_pass_only: bool = True, backend: str = "auto",
-                 **base_kwargs):
+                 stash_dtype: torch.dtype | None = None, fused_step: bool | None = None,
+                 model: nn.Module | None = None, sync_first_pass: bool = False, bn_first_pass_only: bool = True,
+                 backend: str = "auto", **base_kwargs):
         name = type(self).__name__
-        check_nonneg("rho", rho, name)
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-            raise ValueError(f"{name}: alpha must be a finite number, got {alpha!r}")
-        if rho_scheduler is not None and not callable(rho_scheduler):
-            raise TypeError(f"{name}: rho_scheduler must be callable (lr, step) -> rho, got {rho_scheduler!r}")
-        self.rho_scheduler = rho_scheduler
-        self.perturb_eps = check_nonneg("perturb_eps", perturb_eps, name)
-        self.copy_first_grads = bool(copy_first_grads)
+        self.rho_scheduler = C.function(rho_scheduler, "rho_scheduler", name, " (lr, step) -> rho", optional=True)
+        self.perturb_eps = nonneg(perturb_eps, "perturb_eps", name)
+        self.copy_first_grads = C.flag(copy_first_grads, "copy_first_grads", name)
         self._step = 0
         self._old_g: dict[torch.Tensor, torch.Tensor] = {}
         self._old_scale: torch.Tensor | None = None
         self.last_rho: list[float] = []
         self.last_stats: torch.Tensor | None = None
-        super().__init__(params, base_optimizer, dict(rho=rho, alpha=float(alpha), adaptive=adaptive), base_kwargs,
+        super().__init__(params, base_optimizer, dict(rho=rho, alpha=alpha, adaptive=adaptive), base_kwargs,
                          stash_mode=stash_mode, stash_dtype=stash_dtype, fused_step=fused_step, model=model,
                          sync_first_pass=sync_first_pass, bn_first_pass_only=bn_first_pass_only, backend=backend)
-        for i, g in enumerate(self.param_groups):
-            check_nonneg(f"param_groups[{i}]['rho']", g["rho"], name)
-        alphas = {float(g["alpha"]) for g in self.param_groups}
-        if len(alphas) > 1:
-            raise ValueError(f"{name}: alpha must be the same for every group (the decomposition is global), got "
-                             f"{sorted(alphas)}")
+
+    def _check_group(self, group: dict, index: int) -> None:
+        super()._check_group(group, index)
+        first = self.param_groups[0] if self.param_groups and index > 0 else group
+        if group["alpha"] != first["alpha"]:
+            raise ValueError(f"{type(self).__name__}: alpha must be the same for every group (the decomposition is "
+                             f"global), got {sorted({first['alpha'], group['alpha']})}")
 
     def _rho(self, group: dict) -> float:
         if self.rho_scheduler is None:
@@ -122,15 +119,7 @@ class GSAM(TwoPassOptimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """Decomposition + restore + base step (fused as the class docstring says). Under AMP
         call ``grad_scaler.step(optimizer)`` instead."""
-        params = self._perturbed
-        if params is None:
-            raise RuntimeError(f"{type(self).__name__}.second_step() without first_step()")
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        if self._grad_scaler is not None and found_inf is None:
-            raise RuntimeError(f"{type(self).__name__}: first_step() used a GradScaler; finish the step with "
-                               "grad_scaler.step(optimizer) so that the second gradients are unscaled and checked")
-        found = self._combined_found_inf(found_inf)
+        params, grad_scale, found = self._begin_second_step(zero_grad)
         alpha = float(self.param_groups[0]["alpha"]) if self.param_groups else 0.0
         # Perturbed but without a second gradient: restore only (torch skips such params too).
         lost = [p for p in params if p.grad is None]
@@ -150,23 +139,24 @@ class GSAM(TwoPassOptimizer):
                 stash.append(p.clone() if self.stash_mode == "copy"
                              else torch.zeros_like(p, dtype=self.stash_dtype or p.dtype))
         base = self.base_optimizer
+        fused = self.fused_step
         momenta = {g["momentum"] != 0 for g in groups} if type(base) is torch.optim.SGD else set()
         local = self._local_decomposition()
         if not now:
             pass
-        elif self.fused_step and len(momenta) == 1 and not local:
+        elif fused and len(momenta) == 1 and not local:
             # One fused pass: restore + SGD with g_p - alpha g_perp (one call, so one global
             # decomposition; groups mixing momentum and none take the path below).
             self._fused_gsam_sgd(now, grads, old, stash, groups, alpha, grad_scale, found, momenta.pop())
         else:
             self.last_stats = gsam_ops.gsam_combine_(
-                now, grads, old, stash, alpha, self.perturb_eps, restore=not self.fused_step,
+                now, grads, old, stash, alpha, self.perturb_eps, restore=not fused,
                 stash_mode=self.stash_mode, grad_scale=grad_scale, old_grad_scale=self._old_scale, found_inf=found,
                 backend=self.backend)
             if local:  # each replica decomposed its own gradients: average them
                 _all_reduce_mean(grads)
             # The gradients are unscaled now: the base step gets found_inf only.
-            if self.fused_step:
+            if fused:
                 self._fused_second_step(now, stash, None, found)
             else:
                 self._base_step(None, found)

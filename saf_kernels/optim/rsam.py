@@ -5,16 +5,16 @@ along ``lam * g1 + delta`` from the clean weights."""
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from .. import _checks as C
 from ..ops import rsam as rsam_ops
 from ..ops import sam as sam_ops
 from . import _rng
-from .base import TwoPassOptimizer, check_nonneg
+from .base import TwoPassOptimizer, nonneg
 from .schedulers import CosineIncrease, ProportionScheduler
 
 
@@ -75,22 +75,19 @@ class RSAM(TwoPassOptimizer):
     along its own first gradient; the second gradients are averaged by DDP.
     """
 
+    _options = {"rho": nonneg}
+
     def __init__(self, params, base_optimizer: type, rho: float = 0.05, *,
                  rho_scheduler: Callable[[float, int], float] | None = None,
                  noise_std: float | tuple[float, float] | Callable[[int], float] | None = None,
                  total_steps: int | None = None, lam: float = 2.0, perturb_eps: float = 1e-12,
-                 seed: int | None = None, fused_step: bool = False, model: nn.Module | None = None,
+                 seed: int | None = None, fused_step: bool | None = None, model: nn.Module | None = None,
                  sync_first_pass: bool = False, bn_first_pass_only: bool = True, backend: str = "auto",
                  **base_kwargs):
         name = type(self).__name__
-        check_nonneg("rho", rho, name)
-        if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
-            raise ValueError(f"{name}: lam must be a finite number, got {lam!r}")
-        self.lam = float(lam)
-        self.perturb_eps = check_nonneg("perturb_eps", perturb_eps, name)
-        if rho_scheduler is not None and not callable(rho_scheduler):
-            raise TypeError(f"{name}: rho_scheduler must be callable (lr, step) -> rho, got {rho_scheduler!r}")
-        self.rho_scheduler = rho_scheduler
+        self.lam = C.number(lam, "lam", name)
+        self.perturb_eps = nonneg(perturb_eps, "perturb_eps", name)
+        self.rho_scheduler = C.function(rho_scheduler, "rho_scheduler", name, " (lr, step) -> rho", optional=True)
         self.noise_std = self._noise_schedule(noise_std, total_steps, name)
         self._seed = _rng.check_seed(seed, name)
         self._step = 0
@@ -100,11 +97,11 @@ class RSAM(TwoPassOptimizer):
         super().__init__(params, base_optimizer, dict(rho=rho), base_kwargs, stash_mode="copy", fused_step=fused_step,
                          model=model, sync_first_pass=sync_first_pass, bn_first_pass_only=bn_first_pass_only,
                          backend=backend)
-        for i, g in enumerate(self.param_groups):
-            check_nonneg(f"param_groups[{i}]['rho']", g["rho"], name)
 
     @staticmethod
     def _noise_schedule(noise_std, total_steps, name) -> Callable[[int], float]:
+        if total_steps is not None:
+            C.integer(total_steps, "total_steps", name, lo=1)
         if noise_std is None:
             noise_std = (5e-4, 2.5e-3) if total_steps is not None else 5e-4
         if callable(noise_std):
@@ -115,7 +112,7 @@ class RSAM(TwoPassOptimizer):
             if total_steps is None:
                 raise ValueError(f"{name}: noise_std=(start, end) needs total_steps")
             return CosineIncrease(noise_std[0], noise_std[1], total_steps)
-        std = check_nonneg("noise_std", noise_std, name)
+        std = nonneg(noise_std, "noise_std", name)
         return lambda step: std
 
     def _rho(self, group: dict) -> float:

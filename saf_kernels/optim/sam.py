@@ -6,8 +6,9 @@ from typing import Callable
 
 import torch
 
+from .. import _checks as C
 from ..ops import sam as sam_ops
-from .base import TwoPassOptimizer, check_nonneg
+from .base import TwoPassOptimizer, nonneg
 
 
 class SAM(TwoPassOptimizer):
@@ -47,6 +48,8 @@ class SAM(TwoPassOptimizer):
     gradients; pass ``zero_grad=True`` so the second pass starts from zero).
     """
 
+    _options = {"rho": nonneg, "adaptive": C.flag, "eta": nonneg}
+
     def __init__(
         self,
         params,
@@ -58,17 +61,14 @@ class SAM(TwoPassOptimizer):
         perturb_eps: float = 1e-12,
         stash_mode: str = "copy",
         stash_dtype: torch.dtype | None = None,
-        fused_step: bool = False,
+        fused_step: bool | None = None,
         model: torch.nn.Module | None = None,
         sync_first_pass: bool = False,
         bn_first_pass_only: bool = True,
         backend: str = "auto",
         **base_kwargs,
     ):
-        name = type(self).__name__
-        check_nonneg("rho", rho, name)
-        check_nonneg("eta", eta, name)
-        self.perturb_eps = check_nonneg("perturb_eps", perturb_eps, name)
+        self.perturb_eps = nonneg(perturb_eps, "perturb_eps", type(self).__name__)
         super().__init__(
             params,
             base_optimizer,
@@ -82,9 +82,6 @@ class SAM(TwoPassOptimizer):
             bn_first_pass_only=bn_first_pass_only,
             backend=backend,
         )
-        for i, g in enumerate(self.param_groups):
-            check_nonneg(f"param_groups[{i}]['rho']", g["rho"], name)
-            check_nonneg(f"param_groups[{i}]['eta']", g["eta"], name)
 
     def _adaptive(self, params: list[torch.Tensor], groups: list[dict]):
         if len(self.param_groups) == 1:
@@ -143,6 +140,8 @@ class ASAM(SAM):
     ):
         if "adaptive" in kwargs:
             raise TypeError("ASAM is always adaptive; use adaptive_filter (or a group with adaptive=False)")
+        adaptive_filter = C.function(adaptive_filter, "adaptive_filter", type(self).__name__, " (param -> bool)",
+                                     optional=True)
         super().__init__(params, base_optimizer, rho=rho, adaptive=True, eta=eta, **kwargs)
         self.adaptive_filter = adaptive_filter or default_adaptive_filter
         self._filter_cache: dict[int, bool] = {}

@@ -91,7 +91,7 @@ def _sam_coef_kernel(
     if HAS_SCALE:
         inv = 1.0 / tl.load(scale_ptr).to(tl.float64)
     norm = tl.sqrt(s) * inv
-    ok = (norm - norm) == 0.0  # false for inf and NaN
+    ok = ((norm - norm) == 0.0) & (norm > 0.0)  # false for inf and NaN; a zero norm perturbs nothing
     if HAS_FOUND:
         ok = ok & (tl.load(found_ptr) <= 0)
     coef = tl.where(ok, inv / (norm + eps), 0.0)

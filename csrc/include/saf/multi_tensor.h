@@ -269,7 +269,8 @@ SAF_MT_FN SamCoef sam_coef(double sumsq, double inv_scale, double eps, bool skip
   SamCoef r;
   r.norm = std::sqrt(sumsq) * inv_scale;
   const bool finite = r.norm - r.norm == 0.0;  // false for inf and NaN
-  r.coef = (finite && !skip) ? inv_scale / (r.norm + eps) : 0.0;
+  // A zero norm perturbs nothing, whatever eps (eps = 0 would give 0 * inf = NaN).
+  r.coef = (finite && r.norm > 0.0 && !skip) ? inv_scale / (r.norm + eps) : 0.0;
   return r;
 }
 
