@@ -60,7 +60,7 @@ def check_probabilities(targets: torch.Tensor, fn: str) -> None:
     if bool(bad.any()):
         r, c = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{fn}: probability targets must be finite and >= 0; row {r} holds "
-                         f"{float(targets[r, c])} at column {c}")
+                         f"{float(targets[r, c]):g} at column {c}")  # as the C++ kernels print it
 
 
 def ce_rows(z: torch.Tensor, targets: torch.Tensor, label_smoothing: float, ignore_index: int,

@@ -433,7 +433,7 @@ def test_bad_arguments_raise_clear_errors():
         (lambda: step(z.long(), y, ids, *bank, 0), TypeError, "float32, float16, bfloat16 or float64"),
         (lambda: step(z, y, ids.float(), *bank, 0), TypeError, "sample ids must be int64 or int32"),
         (lambda: step(z, y, ids[:2], *bank, 0), ValueError, r"sample ids must have shape \(3,\)"),
-        (lambda: step(z, y[:2], ids, *bank, 0), ValueError, r"labels must have shape \(3,\)"),
+        (lambda: step(z, y[:2], ids, *bank, 0), ValueError, r"class-index targets must have shape \(3,\)"),
         (lambda: step(torch.randn(3, 4), y, ids, *bank, 0), ValueError, "holds 5 classes but the logits have 4"),
         (lambda: step(z, y, ids, bank[0].double(), *bank[1:], 0), ValueError, "float32/bfloat16/float16"),
         (lambda: step(z, y, ids, bank[0], bank[1].long(), *bank[2:], 0), ValueError, "epochs must be a contiguous int32"),  # noqa: E501

@@ -270,7 +270,7 @@ def test_bank_step_bad_probability(backend, device):
     y[1, 4] = -1.0
     z = torch.randn(3, 5, device=device)
     if backend in ("cpu", "torch"):
-        with pytest.raises(ValueError, match=r"row 1 holds -1\.0 at column 4"):
+        with pytest.raises(ValueError, match=r"row 1 holds -1 at column 4"):
             tb.trajectory_bank_step(z, y, torch.tensor([0, 1, 2], device=device), *bank, 2, backend=backend)
         for a, b in zip(bank, before):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

@@ -177,6 +177,29 @@ __device__ __forceinline__ acc_t load_prob(const void* p, DType dt, int64_t i) {
   }
 }
 
+// Elements i .. i + 3 (one branch per 4 elements; scalar loads: the targets' rows need not be
+// aligned like the logits').
+template <typename acc_t>
+__device__ __forceinline__ void load_prob4(const void* p, DType dt, int64_t i, acc_t out[4]) {
+  switch (dt) {
+    case DType::F32:
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = acc_t(static_cast<const float*>(p)[i + j]);
+      break;
+    case DType::F16:
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = to_acc<acc_t>(static_cast<const __half*>(p)[i + j]);
+      break;
+    case DType::BF16:
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = to_acc<acc_t>(static_cast<const __nv_bfloat16*>(p)[i + j]);
+      break;
+    default:
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = acc_t(static_cast<const double*>(p)[i + j]);
+  }
+}
+
 // One row: row loss (lane 0 writes it) and, if a.grad, the gradient. With BANK the target row is
 // gathered (a.target_index), read only for rows whose mode has kRowKL, and overwritten with the
 // logits when the mode has kRowRecord; the CE and KL terms have separate device scales.
@@ -239,12 +262,12 @@ __device__ __forceinline__ void trajectory_row(const TrajectoryArgs& a, const in
     const int64_t C4 = C / 4 * 4;
     for (int64_t c = int64_t(lane) * 4; c < C4; c += int64_t(TPR) * 4) {
       acc_t zv[4], tv[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+      acc_t yv[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
       load4<acc_t>(z + c, zv);
       if (with_kl) load4<acc_t>(t + c, tv);
+      if (soft) load_prob4<acc_t>(yrow, a.soft_dtype, c, yv);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        state_push(s, zv[j], tv[j], soft ? load_prob<acc_t>(yrow, a.soft_dtype, c + j) : acc_t(0), inv_t);
-      }
+      for (int j = 0; j < 4; ++j) state_push(s, zv[j], tv[j], yv[j], inv_t);
     }
     c0 = C4;
   }
@@ -286,13 +309,13 @@ __device__ __forceinline__ void trajectory_row(const TrajectoryArgs& a, const in
     if (vec4) {
       const int64_t C4 = C / 4 * 4;
       for (int64_t c = int64_t(lane) * 4; c < C4; c += int64_t(TPR) * 4) {
-        acc_t zv[4], tv[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)}, gv[4];
+        acc_t zv[4], tv[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+        acc_t yv[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)}, gv[4];
         load4<acc_t>(z + c, zv);
         if (with_kl) load4<acc_t>(t + c, tv);
+        if (soft) load_prob4<acc_t>(yrow, a.soft_dtype, c, yv);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          gv[j] = element(c + j, zv[j], tv[j], soft ? load_prob<acc_t>(yrow, a.soft_dtype, c + j) : acc_t(0));
-        }
+        for (int j = 0; j < 4; ++j) gv[j] = element(c + j, zv[j], tv[j], yv[j]);
         if (g) store4(g + c, gv);
         if (rec) store4(t + c, zv);  // after this thread's reads of the same elements
       }
