@@ -28,40 +28,41 @@ CHUNK_BLOCK = 4096
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    # The interpreter has no libdevice: log1p and expm1 from an accurate log and exp (numpy's),
-    # Goldberg's and Kahan's formulas, exact to a few ulp.
+    # The interpreter has no libdevice: log1p from an accurate log (numpy's), Goldberg's formula,
+    # exact to a few ulp.
     @triton.jit
     def _log1p(x):
         u = 1.0 + x
         one = u == 1.0
         return tl.where(one, x, tl.log(u) * (x / tl.where(one, 1.0, u - 1.0)))
 
-    @triton.jit
-    def _expm1(x):
-        u = tl.exp(x)
-        one = u == 1.0
-        res = (u - 1.0) * (x / tl.log(tl.where(one | (u == 0.0), 2.0, u)))
-        return tl.where(one, x, tl.where(u == 0.0, -1.0, res))
-
 else:
 
     @triton.jit
     def _log1p(x):
-        # libdevice's: tl.log and tl.exp lower to approximate log2 / exp2, whose absolute errors
-        # near 1 / 0 would undo the point (see trajectory_loss.h).
+        # libdevice's: tl.log lowers to an approximate log2 whose absolute error near 1 would undo
+        # the point (see csrc/include/saf/trajectory_loss.h).
         return libdevice.log1p(x)
-
-    @triton.jit
-    def _expm1(x):
-        return libdevice.expm1(x)
 
 
 @triton.jit
-def _kl_exp_diff(ez, et, x, inv_t):
-    """exp((z - mz)/T) - exp((t - mt)/T) from x = (t - mt) - (z - mz): et * expm1(-x / T) where
-    that cannot overflow (csrc/include/saf/trajectory_loss.h: kl_exp_diff)."""
+def _kl_exp_diff(ez, et, x, inv_t, ACC: tl.constexpr):
+    """exp((z - mz)/T) - exp((t - mt)/T) from x = (t - mt) - (z - mz): et * expm1(-x / T) by the
+    degree-8 Taylor polynomial where |x / T| <= 0.5 (1/16 in float64), else ez - et (kl_exp_diff
+    and expm1_small of csrc/include/saf/trajectory_loss.h)."""
+    if ACC == tl.float64:
+        BOUND = 0.0625
+    else:
+        BOUND = 0.5
     v = -x * inv_t
-    return tl.where(v <= 1.0, et * _expm1(tl.minimum(v, 1.0)), ez - et)
+    p = 1.0 + v * (1.0 / 8)
+    p = 1.0 + v * (1.0 / 7) * p
+    p = 1.0 + v * (1.0 / 6) * p
+    p = 1.0 + v * (1.0 / 5) * p
+    p = 1.0 + v * (1.0 / 4) * p
+    p = 1.0 + v * (1.0 / 3) * p
+    p = 1.0 + v * (1.0 / 2) * p
+    return tl.where((v <= BOUND) & (v >= -BOUND), et * (v * p), ez - et)
 
 
 @triton.jit
@@ -179,7 +180,7 @@ def _trajectory_loss_kernel(
         # KL from per-element log-ratios (not a difference of row sums: see trajectory_loss.h).
         x = (t - mt[:, None]) - (z - mz[:, None])
         w = tl.sum(et * x, 1)
-        ds = tl.sum(tl.where(mask, _kl_exp_diff(ez, et, x, inv_t), 0.0), 1)
+        ds = tl.sum(tl.where(mask, _kl_exp_diff(ez, et, x, inv_t, ACC), 0.0), 1)
         nonfinite = tl.sum((z - z) + (t - t), 1)
         if HAS_LABELS:
             e1 = tl.exp(d)
@@ -274,7 +275,7 @@ def _trajectory_loss_kernel(
             ez = tl.exp(tl.where(mask, d, neg_inf) * inv_t)
             x = (t - mt[:, None]) - d
             w += tl.sum(et * x, 1)
-            ds += tl.sum(tl.where(mask, _kl_exp_diff(ez, et, x, inv_t), 0.0), 1)
+            ds += tl.sum(tl.where(mask, _kl_exp_diff(ez, et, x, inv_t, ACC), 0.0), 1)
             if SOFT:
                 yp = tl.load(p_row + cc[None, :], mask=mask, other=0.0).to(ACC)
                 syd += tl.sum(yp * d, 1)

@@ -307,7 +307,7 @@ int64_t trajectory_rows_impl(const TrajectoryArgs& a, int64_t begin, int64_t end
         out = zbuf;
       }
     }
-    const V va(gc.a), vb(gc.b), vd(gc.d), vk(gc.k0), vys(gc.ys);
+    const V va(gc.a), vb(gc.b), vd(gc.d), vk(gc.k0), vys(gc.ys), vbound(kl_expm1_bound<acc_t>());
     V wv(0), dsv(0);
     c = (with_kl || out) ? 0 : C;
     for (; c + W <= C; c += W) {
@@ -316,9 +316,9 @@ int64_t trajectory_rows_impl(const TrajectoryArgs& a, int64_t begin, int64_t end
         const V zc = V::loadu(z + c), tc = V::loadu(t + c);
         const V x = (tc - vmt) - (zc - vmz);
         wv += etc * x;
-        // kl_exp_diff (saf/trajectory_loss.h), vectorised: et * expm1(v) where v = -x / T <= 1.
+        // kl_exp_diff (saf/trajectory_loss.h), vectorised.
         const V v = V(acc_t(0)) - x * vinv;
-        dsv += V::blendv(etc * v.expm1(), ezc - etc, v > V(acc_t(1)));
+        dsv += V::blendv(ezc - etc, etc * expm1_small(v), v.abs() <= vbound);
       }
       if (out) {
         V x = vk + vb * ezc - vd * etc;
@@ -333,7 +333,7 @@ int64_t trajectory_rows_impl(const TrajectoryArgs& a, int64_t begin, int64_t end
       if (with_kl) {
         const acc_t x = (t[c] - r.mt) - (z[c] - r.mz);
         r.w += et[c] * x;
-        r.ds += kl_exp_diff(ez[c], et[c], -x * k.inv_t, [](acc_t a) { return std::expm1(a); });
+        r.ds += kl_exp_diff(ez[c], et[c], -x * k.inv_t);
       }
       if (out) {
         acc_t x = gc.k0 + gc.b * ez[c] - gc.d * et[c];

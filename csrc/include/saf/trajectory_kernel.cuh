@@ -298,7 +298,7 @@ __device__ __forceinline__ void trajectory_row(const TrajectoryArgs& a, const in
     if (with_kl) {
       const acc_t x = (tc - r.mt) - d;
       sums[0] += et * x;
-      sums[1] += kl_exp_diff(ez, et, -x * inv_t, [](acc_t a) { return expm1(a); });
+      sums[1] += kl_exp_diff(ez, et, -x * inv_t);
     }
     if (soft) sums[2] += yc * d;
     acc_t x = gc.k0 + gc.b * ez - gc.d * et;
