@@ -7,12 +7,22 @@ TORCH_SPEC ?= torch==2.13.0
 DEPS ?= numpy triton pytest pytest-benchmark hypothesis ninja matplotlib
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.saf-deps
+# The trainer integrations' tests (saf_kernels.integrations; `import saf_kernels` never imports them).
+# Installed against a constraint on the torch already in the venv: pip neither upgrades nor
+# downloads another torch for them.
+INTEGRATION_DEPS ?= lightning transformers accelerate
+INTEG_STAMP := $(VENV)/.saf-integrations
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 # On a GPU machine where nothing can be installed: the system Python, as it is.
 GPU_PYTHON ?= python3
 
-.PHONY: all setup build test bench bench-quick benchmarks gpu-check lint clean
+# Triton 3.6, the GPU machines' version, beside the installed one for the ahead-of-time compile
+# of tests/test_triton_aot.py: the wheel alone (no torch) in a folder that PYTHONPATH puts first.
+TRITON36 ?= .triton36
+TRITON36_SPEC ?= triton==3.6.0
+
+.PHONY: all setup integrations build test bench bench-quick benchmarks gpu-check lint clean triton36 triton-sweep
 
 all: test
 
@@ -29,12 +39,39 @@ $(STAMP): $(VPY)
 
 setup: $(STAMP)
 
-# --no-build-isolation: an isolated build would download a second, multi-GB torch.
-build: $(STAMP)
-	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+$(INTEG_STAMP): $(STAMP)
+	$(VPY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(VPY) -m pip install -q -c $(VENV)/torch-constraint.txt $(INTEGRATION_DEPS)
+	@touch $@
 
-test: build
+integrations: $(INTEG_STAMP)
+
+EDITABLE := $(VENV)/.saf-editable
+
+# The package is installed editable once, without compiling (SAF_KERNELS_NO_EXT=1; a pip editable
+# build compiles in a fresh temporary folder every time); the extension is then built in place,
+# incrementally (ninja, objects under build/). --no-build-isolation: an isolated build would
+# download a second, multi-GB torch.
+$(EDITABLE): $(STAMP)
+	SAF_KERNELS_NO_EXT=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+build: $(EDITABLE)
+	$(VPY) setup.py -q build_ext --inplace
+
+$(TRITON36)/.stamp: | $(STAMP)
+	$(VPY) -m pip install -q --no-deps --target $(TRITON36) "$(TRITON36_SPEC)"
+	@touch $@
+
+triton36: $(TRITON36)/.stamp
+
+test: build triton36 $(INTEG_STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The full sweep: every distinct Triton launch of the test suite and every launch configuration,
+# compiled for sm_80 and sm_90 under both Tritons; rewrites benchmarks/results/triton-sm80-sm90.*
+triton-sweep: build triton36
+	SAF_TRITON_AOT=full SAF_TRITON_REPORT=benchmarks/results/triton-sm80-sm90 $(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: build
 	$(VPY) -m saf_kernels.bench $(BENCH_ARGS)
@@ -53,4 +90,4 @@ lint: $(STAMP)
 	$(VPY) -m pip install -q ruff && $(VPY) -m ruff check saf_kernels tests benchmarks python
 
 clean:
-	rm -rf build saf_kernels/_C*.so *.egg-info .pytest_cache .benchmarks
+	rm -rf build saf_kernels/_C*.so *.egg-info .pytest_cache .benchmarks $(TRITON36)

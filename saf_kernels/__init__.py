@@ -10,9 +10,11 @@ Public API (see README.md for the table):
 - :func:`sam_perturb_`, :func:`sam_restore_` (and the fused restore + SGD / AdamW steps): SAM's
   multi-tensor ops; :mod:`saf_kernels.optim`: ``SAM``, ``ASAM``, ``ESAM``, ``RSAM``, ``GSAM`` on
   them; :mod:`saf_kernels.sharpness`: top Hessian eigenvalue, worst loss increase in a rho-ball.
+- :mod:`saf_kernels.physical`: SAT for physical neural networks (MRR and free-space layers whose
+  trainable tensor is the device control, the model-free finite-difference step, robustness sweeps).
 """
 
-from . import optim, sharpness
+from . import optim, physical, sharpness
 from ._backend import BACKENDS, BackendUnavailable, available
 from .ops import (
     ema_update_,
@@ -39,6 +41,7 @@ __all__ = [
     "trajectory_kl_loss",
     "ema_update_",
     "optim",
+    "physical",
     "sharpness",
     "sam_perturb_",
     "sam_restore_",

@@ -71,3 +71,25 @@ def test_mixup_mesa_example():
     assert len(hist) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
     assert sum(h["batches"]["mixup"] for h in hist) > 0 and sum(h["batches"]["cutmix"] for h in hist) > 0
     assert res["test_acc"] > 0.3, hist  # 10 classes: chance is 10% (18 mixed batches: noisy)
+
+
+def test_physical_sat_smoke(tmp_path):
+    """python/physical_sat.py in its smoke mode writes the issue's JSON schema."""
+    physical_sat = pytest.importorskip("physical_sat")
+    out = tmp_path / "sat.json"
+    physical_sat.main(["--smoke", "--json", str(out), "--quiet"])
+    res = json.loads(out.read_text())
+    assert set(res) == {"mrr", "freespace"}
+    assert set(res["mrr"]) == {"bp", "sat"} and set(res["freespace"]) == {"bp", "sat_fd"}
+    for m in res["mrr"].values():
+        assert set(m) == {"clean", "drift", "fab", "lambda_max"}
+        assert list(m["drift"]) == ["-2", "-1.5", "-1", "-0.5", "0", "0.5", "1", "1.5", "2"]
+        assert list(m["fab"]) == ["0.02", "0.04", "0.08"]
+        assert m["drift"]["0"] == m["clean"] and 0 <= m["clean"] <= 100
+        assert all(0 <= v <= 100 for v in [*m["drift"].values(), *m["fab"].values()])
+        assert m["lambda_max"] == m["lambda_max"]  # not NaN
+    for s in res["freespace"].values():
+        assert set(s) == {"clean", "shift"} and list(s["shift"]) == ["0", "0.5", "1", "1.5", "2"]
+        assert s["shift"]["0"] == s["clean"]
+    # A few SGD/Adam steps on 512 digits are well above chance (10%).
+    assert res["mrr"]["bp"]["clean"] > 25 and res["mrr"]["sat"]["clean"] > 25

@@ -235,8 +235,9 @@ def test_asam_default_leaves_1d_unscaled():
     [
         (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
         (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05)),
+        (torch.optim.Adam, dict(lr=1e-2)),
     ],
-    ids=["sgd", "adamw"],
+    ids=["sgd", "adamw", "adam"],
 )
 def test_rho_zero_is_the_base_optimizer(base, kw):
     model = SmallCNN()
@@ -335,8 +336,9 @@ def test_per_group_rho():
         (torch.optim.AdamW, dict(lr=1e-2), False),
         (torch.optim.SGD, dict(lr=0.1, momentum=0.9), True),
         (torch.optim.AdamW, dict(lr=1e-2), True),
+        (torch.optim.Adam, dict(lr=1e-2), True),
     ],
-    ids=["sgd", "adamw", "sgd-fused", "adamw-fused"],
+    ids=["sgd", "adamw", "sgd-fused", "adamw-fused", "adam-fused"],
 )
 def test_checkpoint_round_trip(base, kw, fused):
     batches = _batches(4)
@@ -533,8 +535,10 @@ def test_lr_scheduler_drives_base_and_warns_nothing():
         (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)),
         (torch.optim.SGD, dict(lr=0.1)),
         (torch.optim.AdamW, dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)),
+        (torch.optim.Adam, dict(lr=1e-2, betas=(0.8, 0.99))),
+        (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
     ],
-    ids=["sgd-nesterov", "sgd-plain", "adamw"],
+    ids=["sgd-nesterov", "sgd-plain", "adamw", "adam", "adam-decoupled-wd"],
 )
 def test_fused_step_matches_default(base, kw):
     # An MLP, not the BN model: a bias feeding BatchNorm has a pure-rounding-noise gradient,
@@ -583,7 +587,7 @@ def test_errors():
     with pytest.raises(TypeError, match="optimizer class"):
         SAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="fused_step=True supports"):
-        SAM(model.parameters(), torch.optim.Adam, fused_step=True, lr=0.1)
+        SAM(model.parameters(), torch.optim.RMSprop, fused_step=True, lr=0.1)
     with pytest.raises(ValueError, match="stash_mode"):
         SAM(model.parameters(), torch.optim.SGD, stash_mode="swap", lr=0.1)
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)

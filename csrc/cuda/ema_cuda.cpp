@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/cuda_check.h"
 #include "cuda/mt_launchers.h"
 #include "cuda/mt_plan_cuda.h"
 #include "mt_plan.h"
@@ -19,9 +20,9 @@ void ema_update_cuda(at::TensorList ema, at::TensorList model, double decay,
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor d = decay_tensor ? decay_tensor->to(at::kDouble).contiguous() : at::Tensor();
   const void* dplan = PlanCache::instance().upload(plan, stream);
-  const cudaError_t err = ema_update_launch(dplan, plan.n_chunks(), mt::any_f64(ema), decay,
-                                            d.defined() ? d.data_ptr<double>() : nullptr, stream);
-  TORCH_CHECK(err == cudaSuccess, "saf_kernels.ema_update_: CUDA error: ", cudaGetErrorString(err));
+  SAF_CUDA_CHECK(ema_update_launch(dplan, plan.n_chunks(), mt::any_f64(ema), decay,
+                                   d.defined() ? d.data_ptr<double>() : nullptr, stream),
+                 "ema_update_");
   mt::bump_versions(ema);
 }
 

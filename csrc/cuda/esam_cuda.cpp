@@ -5,18 +5,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/cuda_check.h"
 #include "cuda/esam_launchers.h"
 #include "cuda/mt_launchers.h"
 #include "cuda/mt_plan_cuda.h"
 #include "mt_plan_esam.h"
 
 namespace saf::cuda {
-
-#define SAF_ESAM_CUDA_CHECK(expr, what)                                                                 \
-  do {                                                                                                  \
-    const cudaError_t err_ = (expr);                                                                    \
-    TORCH_CHECK(err_ == cudaSuccess, "saf_kernels.", what, ": CUDA error: ", cudaGetErrorString(err_)); \
-  } while (0)
 
 void philox_cuda(at::Tensor& out, int64_t seed, int64_t offset, int64_t kind, double p) {
   const char* op = "saf_kernels.philox_";
@@ -34,9 +29,9 @@ void philox_cuda(at::Tensor& out, int64_t seed, int64_t offset, int64_t kind, do
     dtype = int32_t(to_dtype(out.scalar_type()));
   }
   const c10::cuda::CUDAGuard guard(out.device());
-  SAF_ESAM_CUDA_CHECK(philox_launch(out.data_ptr(), dtype, out.numel(), mt::philox_key(seed), uint64_t(offset), kind,
-                                    rng::bernoulli_threshold(p), c10::cuda::getCurrentCUDAStream()),
-                      "philox_");
+  SAF_CUDA_CHECK(philox_launch(out.data_ptr(), dtype, out.numel(), mt::philox_key(seed), uint64_t(offset), kind,
+                               rng::bernoulli_threshold(p), c10::cuda::getCurrentCUDAStream()),
+                 "philox_");
 }
 
 at::Tensor esam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList stash,
@@ -57,14 +52,14 @@ at::Tensor esam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Te
   at::Tensor norm = at::empty({}, opts.dtype(f64 ? at::kDouble : at::kFloat));
   const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
   const void* dplan = PlanCache::instance().upload(plan, stream);
-  SAF_ESAM_CUDA_CHECK(esam_norm_launch(dplan, plan.n_chunks(), f64, key, off, partials.data_ptr<double>(), stream),
-                      "esam_perturb_");
-  SAF_ESAM_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), plan.n_chunks(), f32_ptr(gs), f32_ptr(fi), eps,
-                                      norm.data_ptr(), f64, coef.data_ptr<double>(), stream),
-                      "esam_perturb_");
-  SAF_ESAM_CUDA_CHECK(
-      esam_perturb_launch(dplan, plan.n_chunks(), f64, key, off, coef.data_ptr<double>(), stash_mode, stream),
-      "esam_perturb_");
+  SAF_CUDA_CHECK(esam_norm_launch(dplan, plan.n_chunks(), f64, key, off, partials.data_ptr<double>(), stream),
+                 "esam_perturb_");
+  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), plan.n_chunks(), f32_ptr(gs), f32_ptr(fi), eps,
+                                 norm.data_ptr(), f64, coef.data_ptr<double>(), stream),
+                 "esam_perturb_");
+  SAF_CUDA_CHECK(
+    esam_perturb_launch(dplan, plan.n_chunks(), f64, key, off, coef.data_ptr<double>(), stash_mode, stream),
+    "esam_perturb_");
   mt::bump_versions(params);
   mt::bump_versions(stash);
   return norm;
@@ -79,12 +74,12 @@ void esam_restore_cuda(at::TensorList params, at::TensorList stash, at::ArrayRef
   const void* dplan = PlanCache::instance().upload(plan, stream);
   if (stash_mode == mt::sam::COPY) {
     // Bit exact, the mask is not needed: the SAM restore (the stash fills the same slots).
-    SAF_ESAM_CUDA_CHECK(sam_restore_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, stream),
-                        "esam_restore_");
+    SAF_CUDA_CHECK(sam_restore_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, stream),
+                   "esam_restore_");
   } else {
-    SAF_ESAM_CUDA_CHECK(esam_restore_delta_launch(dplan, plan.n_chunks(), mt::any_f64(params), mt::philox_key(seed),
-                                                  uint64_t(offset), stream),
-                        "esam_restore_");
+    SAF_CUDA_CHECK(esam_restore_delta_launch(dplan, plan.n_chunks(), mt::any_f64(params), mt::philox_key(seed),
+                                             uint64_t(offset), stream),
+                   "esam_restore_");
   }
   mt::bump_versions(params);
 }

@@ -57,11 +57,8 @@ __global__ void __launch_bounds__(kBlock) gsam_dots_kernel(const void* plan, int
     oo = double(b);
     gg = double(d);
   });
-  // block_sum's shared scratch is reused: a barrier between the three sums.
   const double s0 = block_sum(dot);
-  __syncthreads();
   const double s1 = block_sum(oo);
-  __syncthreads();
   const double s2 = block_sum(gg);
   if (threadIdx.x == 0) {
     partials[blockIdx.x] = s0;

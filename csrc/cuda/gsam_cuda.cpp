@@ -4,18 +4,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/cuda_check.h"
 #include "cuda/esam_launchers.h"
 #include "cuda/mt_launchers.h"
 #include "cuda/mt_plan_cuda.h"
 #include "mt_plan_esam.h"
 
 namespace saf::cuda {
-
-#define SAF_GSAM_CUDA_CHECK(expr, what)                                                                 \
-  do {                                                                                                  \
-    const cudaError_t err_ = (expr);                                                                    \
-    TORCH_CHECK(err_ == cudaSuccess, "saf_kernels.", what, ": CUDA error: ", cudaGetErrorString(err_)); \
-  } while (0)
 
 namespace {
 
@@ -31,11 +26,11 @@ std::pair<at::Tensor, at::Tensor> gsam_reduce(const mt::Plan& plan, const void* 
   at::Tensor coefs = at::empty({3}, opts.dtype(at::kDouble));
   at::Tensor stats = at::empty({3}, opts.dtype(f64 ? at::kDouble : at::kFloat));
   const at::Tensor gs = as_f32(grad_scale), ogs = as_f32(old_grad_scale), fi = as_f32(found_inf);
-  SAF_GSAM_CUDA_CHECK(gsam_dots_launch(dplan, plan.n_chunks(), f64, partials.data_ptr<double>(), stream), op);
-  SAF_GSAM_CUDA_CHECK(gsam_coef_launch(partials.data_ptr<double>(), plan.n_chunks(), f32_ptr(gs), f32_ptr(ogs),
-                                       f32_ptr(fi), alpha, eps, coefs.data_ptr<double>(), stats.data_ptr(), f64,
-                                       stream),
-                      op);
+  SAF_CUDA_CHECK(gsam_dots_launch(dplan, plan.n_chunks(), f64, partials.data_ptr<double>(), stream), op);
+  SAF_CUDA_CHECK(gsam_coef_launch(partials.data_ptr<double>(), plan.n_chunks(), f32_ptr(gs), f32_ptr(ogs),
+                                  f32_ptr(fi), alpha, eps, coefs.data_ptr<double>(), stats.data_ptr(), f64,
+                                  stream),
+                 op);
   return {coefs, stats};
 }
 
@@ -54,9 +49,9 @@ at::Tensor gsam_combine_cuda(at::TensorList params, at::TensorList grads, at::Te
   const void* dplan = PlanCache::instance().upload(plan, stream);
   auto [coefs, stats] =
       gsam_reduce(plan, dplan, params, alpha, eps, grad_scale, old_grad_scale, found_inf, stream, "gsam_combine_");
-  SAF_GSAM_CUDA_CHECK(gsam_combine_launch(dplan, plan.n_chunks(), mt::any_f64(params), coefs.data_ptr<double>(),
-                                          restore, stash_mode, stream),
-                      "gsam_combine_");
+  SAF_CUDA_CHECK(gsam_combine_launch(dplan, plan.n_chunks(), mt::any_f64(params), coefs.data_ptr<double>(),
+                                     restore, stash_mode, stream),
+                 "gsam_combine_");
   if (restore) mt::bump_versions(params);
   mt::bump_versions(grads);
   return stats;
@@ -78,9 +73,9 @@ at::Tensor gsam_restore_sgd_cuda(at::TensorList params, at::TensorList grads, at
   const void* dplan = PlanCache::instance().upload(plan, stream);
   auto [coefs, stats] = gsam_reduce(plan, dplan, params, alpha, eps, grad_scale, old_grad_scale, found_inf, stream,
                                     "gsam_restore_sgd_");
-  SAF_GSAM_CUDA_CHECK(
-      gsam_sgd_launch(dplan, plan.n_chunks(), mt::any_f64(params), coefs.data_ptr<double>(), stash_mode, stream),
-      "gsam_restore_sgd_");
+  SAF_CUDA_CHECK(
+    gsam_sgd_launch(dplan, plan.n_chunks(), mt::any_f64(params), coefs.data_ptr<double>(), stash_mode, stream),
+    "gsam_restore_sgd_");
   mt::bump_versions(params);
   mt::bump_versions(momentum_buffers);
   return stats;

@@ -91,19 +91,16 @@ __global__ void __launch_bounds__(kNoiseBlock) rsam_noise_kernel(const void* pla
   const int64_t row1 = row0 + per < rows ? row0 + per : rows;
   const double stdev = std_mult * t->param[R::STD];
   const double veps = (t->flags & R::kVector) ? R::kVectorEps : 0.0;
-  __shared__ double bcast;
   dispatch_dtype<F64>(t->dtype[R::W], [&](auto zero) {
     using T = decltype(zero);
     T* w = static_cast<T*>(t->ptr[R::W]);
     T* stash = static_cast<T*>(t->ptr[R::STASH]);
     if (len >= kLongRow) {
       for (int64_t r = row0; r < row1; ++r) {
+        // Every thread gets the row's sum (the same bits), so no broadcast through shared memory.
         const double ss = block_sum(row_sumsq(w + r * len, len, threadIdx.x, blockDim.x));
-        if (threadIdx.x == 0) bcast = stdev * (sqrt(ss) + veps);
-        __syncthreads();
-        const double scale = bcast;
-        row_noise(w, stash, r * len, len, t->rng_offset, scale, key, offset, threadIdx.x, blockDim.x);
-        __syncthreads();  // bcast (and block_sum's scratch) are reused by the next row
+        row_noise(w, stash, r * len, len, t->rng_offset, stdev * (sqrt(ss) + veps), key, offset, threadIdx.x,
+                  blockDim.x);
       }
     } else {
       const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;

@@ -10,8 +10,8 @@
 
 #include <vector>
 
+#include "cuda/cuda_check.h"
 #include "cuda/esam_launchers.h"
-#include "cuda/esam_plan_cuda.h"
 #include "cuda/mt_launchers.h"
 #include "cuda/mt_plan_cuda.h"
 #include "mt_plan_esam.h"
@@ -33,12 +33,6 @@ double common_factor(at::ArrayRef<double> v, std::vector<double>& out) {
 
 }  // namespace
 
-#define SAF_RSAM_CUDA_CHECK(expr, what)                                                                 \
-  do {                                                                                                  \
-    const cudaError_t err_ = (expr);                                                                    \
-    TORCH_CHECK(err_ == cudaSuccess, "saf_kernels.", what, ": CUDA error: ", cudaGetErrorString(err_)); \
-  } while (0)
-
 void rsam_noise_cuda(at::TensorList params, at::TensorList stash, at::ArrayRef<double> stdev, int64_t seed,
                      int64_t offset) {
   std::vector<double> plan_std;
@@ -49,10 +43,10 @@ void rsam_noise_cuda(at::TensorList params, at::TensorList stash, at::ArrayRef<d
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const void* dplan = RowPlanCache::instance().upload(plan, stream);
-  SAF_RSAM_CUDA_CHECK(rsam_noise_launch(dplan, plan.n_chunks(), mt::any_f64(params), mt::philox_key(seed),
-                                        uint64_t(offset), mult, stream),
-                      "rsam_noise_");
+  const void* dplan = PlanCache::instance().upload(plan, stream);
+  SAF_CUDA_CHECK(rsam_noise_launch(dplan, plan.n_chunks(), mt::any_f64(params), mt::philox_key(seed),
+                                   uint64_t(offset), mult, stream),
+                 "rsam_noise_");
   mt::bump_versions(params);
   mt::bump_versions(stash);
 }
@@ -75,16 +69,16 @@ at::Tensor rsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Te
   at::Tensor norm = at::empty({}, opts.dtype(f64 ? at::kDouble : at::kFloat));
   const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
   const void* dplan = PlanCache::instance().upload(plan, stream);
-  SAF_RSAM_CUDA_CHECK(rsam_norm_launch(dplan, plan.n_chunks(), f64, lam, f32_ptr(gs), partials.data_ptr<double>(),
-                                       stream),
-                      "rsam_perturb_");
+  SAF_CUDA_CHECK(rsam_norm_launch(dplan, plan.n_chunks(), f64, lam, f32_ptr(gs), partials.data_ptr<double>(),
+                                  stream),
+                 "rsam_perturb_");
   // d is already unscaled: the finalize gets no grad_scale, only found_inf.
-  SAF_RSAM_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), plan.n_chunks(), nullptr, f32_ptr(fi), eps,
-                                      norm.data_ptr(), f64, coef.data_ptr<double>(), stream),
-                      "rsam_perturb_");
-  SAF_RSAM_CUDA_CHECK(rsam_perturb_launch(dplan, plan.n_chunks(), f64, lam, f32_ptr(gs), coef.data_ptr<double>(),
-                                          mult, stream),
-                      "rsam_perturb_");
+  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), plan.n_chunks(), nullptr, f32_ptr(fi), eps,
+                                 norm.data_ptr(), f64, coef.data_ptr<double>(), stream),
+                 "rsam_perturb_");
+  SAF_CUDA_CHECK(rsam_perturb_launch(dplan, plan.n_chunks(), f64, lam, f32_ptr(gs), coef.data_ptr<double>(),
+                                     mult, stream),
+                 "rsam_perturb_");
   mt::bump_versions(params);
   return norm;
 }

@@ -5,17 +5,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/cuda_check.h"
 #include "cuda/mt_launchers.h"
 #include "cuda/mt_plan_cuda.h"
 #include "mt_plan.h"
 
 namespace saf::cuda {
-
-#define SAF_MT_CUDA_CHECK(expr, what)                                                                   \
-  do {                                                                                                  \
-    const cudaError_t err_ = (expr);                                                                    \
-    TORCH_CHECK(err_ == cudaSuccess, "saf_kernels.", what, ": CUDA error: ", cudaGetErrorString(err_)); \
-  } while (0)
 
 at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList stash,
                             at::ArrayRef<double> rho, at::ArrayRef<double> eta, at::IntArrayRef flags, double eps,
@@ -33,12 +28,12 @@ at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Ten
   at::Tensor norm = at::empty({}, opts.dtype(f64 ? at::kDouble : at::kFloat));
   const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
   const void* dplan = PlanCache::instance().upload(plan, stream);
-  SAF_MT_CUDA_CHECK(sam_norm_launch(dplan, plan.n_chunks(), f64, partials.data_ptr<double>(), stream), "sam_perturb_");
-  SAF_MT_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), plan.n_chunks(), f32_ptr(gs), f32_ptr(fi), eps,
-                                    norm.data_ptr(), f64, coef.data_ptr<double>(), stream),
-                    "sam_perturb_");
-  SAF_MT_CUDA_CHECK(sam_perturb_launch(dplan, plan.n_chunks(), f64, coef.data_ptr<double>(), stash_mode, stream),
-                    "sam_perturb_");
+  SAF_CUDA_CHECK(sam_norm_launch(dplan, plan.n_chunks(), f64, partials.data_ptr<double>(), stream), "sam_perturb_");
+  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), plan.n_chunks(), f32_ptr(gs), f32_ptr(fi), eps,
+                                 norm.data_ptr(), f64, coef.data_ptr<double>(), stream),
+                 "sam_perturb_");
+  SAF_CUDA_CHECK(sam_perturb_launch(dplan, plan.n_chunks(), f64, coef.data_ptr<double>(), stash_mode, stream),
+                 "sam_perturb_");
   mt::bump_versions(params);
   mt::bump_versions(stash);
   return norm;
@@ -50,8 +45,8 @@ void sam_restore_cuda(at::TensorList params, at::TensorList stash, int64_t stash
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const void* dplan = PlanCache::instance().upload(plan, stream);
-  SAF_MT_CUDA_CHECK(sam_restore_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, stream),
-                    "sam_restore_");
+  SAF_CUDA_CHECK(sam_restore_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, stream),
+                 "sam_restore_");
   mt::bump_versions(params);
 }
 
@@ -67,9 +62,9 @@ void sam_restore_sgd_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
   const void* dplan = PlanCache::instance().upload(plan, stream);
-  SAF_MT_CUDA_CHECK(sam_restore_sgd_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, f32_ptr(gs),
-                                           f32_ptr(fi), stream),
-                    "sam_restore_sgd_");
+  SAF_CUDA_CHECK(sam_restore_sgd_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, f32_ptr(gs),
+                                        f32_ptr(fi), stream),
+                 "sam_restore_sgd_");
   mt::bump_versions(params);
   mt::bump_versions(momentum_buffers);
 }
@@ -86,9 +81,9 @@ void sam_restore_adamw_cuda(at::TensorList params, at::TensorList grads, at::Ten
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
   const void* dplan = PlanCache::instance().upload(plan, stream);
-  SAF_MT_CUDA_CHECK(sam_restore_adamw_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, f32_ptr(gs),
-                                             f32_ptr(fi), stream),
-                    "sam_restore_adamw_");
+  SAF_CUDA_CHECK(sam_restore_adamw_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, f32_ptr(gs),
+                                          f32_ptr(fi), stream),
+                 "sam_restore_adamw_");
   mt::bump_versions(params);
   mt::bump_versions(exp_avg);
   mt::bump_versions(exp_avg_sq);

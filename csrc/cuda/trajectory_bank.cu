@@ -41,22 +41,6 @@ __device__ __forceinline__ void flag_error(int64_t* state, int64_t bit, int slot
             static_cast<unsigned long long>(epoch));
 }
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v) {
-  __shared__ T part[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  __syncthreads();  // part[] may still be read by a previous call
-  if (lane == 0) part[warp] = v;
-  __syncthreads();
-  v = lane < warps ? part[lane] : T(0);
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
 template <typename acc_t>
 __global__ void __launch_bounds__(kPrepassThreads) bank_prepass_kernel(const BankPrepassArgs a) {
   const int64_t B = a.rows;

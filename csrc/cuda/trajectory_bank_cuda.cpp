@@ -5,16 +5,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/cuda_check.h"
 #include "bank_checks.h"
 #include "cuda/trajectory_bank_launchers.h"
 
 namespace saf::cuda {
-
-#define SAF_BANK_CUDA_CHECK(expr, what)                                                                   \
-  do {                                                                                                    \
-    const cudaError_t err_ = (expr);                                                                      \
-    TORCH_CHECK(err_ == cudaSuccess, "saf_kernels.", what, ": CUDA error: ", cudaGetErrorString(err_)); \
-  } while (0)
 
 static BankPrepassArgs prepass_args(const at::Tensor& ids, const at::Tensor& labels, const at::Tensor& epochs,
                                     const at::Tensor& claims, const at::Tensor& state, const at::Tensor& mode,
@@ -77,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> saf_bank_step_cuda(
 
   const BankPrepassArgs p = prepass_args(ids, labels, epochs, claims, state, mode, counts, scales, N, S, epoch,
                                          ignore_index, use_past, record, /*duplicates_are_errors=*/true);
-  SAF_BANK_CUDA_CHECK(bank_prepass_launch(p, stream), "saf_bank_step");
+  SAF_CUDA_CHECK(bank_prepass_launch(p, stream), "saf_bank_step");
 
   TrajectoryArgs a{};
   a.logits = logits.data_ptr();
@@ -102,8 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> saf_bank_step_cuda(
     a.soft_stride = row_stride(probs);
     a.soft_dtype = to_dtype(probs.scalar_type());
   }
-  SAF_BANK_CUDA_CHECK(bank_step_launch(a, loss.data_ptr(), state.data_ptr<int64_t>() + kStateDone, stream),
-                      "saf_bank_step");
+  SAF_CUDA_CHECK(bank_step_launch(a, loss.data_ptr(), state.data_ptr<int64_t>() + kStateDone, stream),
+                 "saf_bank_step");
   return {loss, grad, counts};
 }
 
@@ -123,7 +118,7 @@ void saf_bank_record_cuda(const at::Tensor& rows_in, const at::Tensor& ids_in, c
   // Repeated ids in a gathered batch are legitimate (DistributedSampler padding): skipped, no flag.
   const BankPrepassArgs p = prepass_args(ids, at::Tensor(), epochs, claims, state, mode, counts, scales, N, S, epoch,
                                          -100, /*use_past=*/false, /*record=*/true, /*duplicates_are_errors=*/false);
-  SAF_BANK_CUDA_CHECK(bank_prepass_launch(p, stream), "saf_bank_record");
+  SAF_CUDA_CHECK(bank_prepass_launch(p, stream), "saf_bank_record");
   BankRecordArgs r{};
   r.src = rows.data_ptr();
   r.ids = ids.data_ptr<int64_t>();
@@ -135,7 +130,7 @@ void saf_bank_record_cuda(const at::Tensor& rows_in, const at::Tensor& ids_in, c
   r.slot_stride = S * C;
   r.src_dtype = to_dtype(rows.scalar_type());
   r.bank_dtype = to_dtype(values.scalar_type());
-  SAF_BANK_CUDA_CHECK(bank_record_launch(r, stream), "saf_bank_record");
+  SAF_CUDA_CHECK(bank_record_launch(r, stream), "saf_bank_record");
 }
 
 TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {

@@ -3,16 +3,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/cuda_check.h"
 #include "cuda/launchers.h"
 #include "torch_utils.h"
 
 namespace saf::cuda {
-
-#define SAF_CUDA_CHECK(expr, what)                                                               \
-  do {                                                                                           \
-    const cudaError_t err_ = (expr);                                                             \
-    TORCH_CHECK(err_ == cudaSuccess, "saf_kernels.", what, ": CUDA error: ", cudaGetErrorString(err_)); \
-  } while (0)
 
 std::tuple<at::Tensor, at::Tensor> trajectory_loss_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                         const std::optional<at::Tensor>& labels_in,

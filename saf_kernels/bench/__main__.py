@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if ops != []:
         rows += op_bench.run_op_benchmarks(device, args.quick, ops, progress, compile_baseline=not args.no_compile)
         title = "Fused ops, forward + backward (median per call; speed-up = baseline time / fused time)"
-        sections[title] = op_table(rows)
+        if any(r.get("kind") == "op" for r in rows):
+            sections[title] = op_table(rows)
         if any(r.get("op", "").endswith("_soft") for r in rows):
             sections["Probability (soft) targets beside class indices (ce+kl: F.cross_entropy on the probabilities, "
                      "then the fused KL)"] = soft_table(rows)
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             sections["SAM first_step + second_step (SGD momentum base; everything but forward/backward)"] = \
                 multi_tensor_table(rows)
         # ---- end multi-tensor family ----
+        if ops is None or "triton_tables" in ops:
+            from . import host_overhead
+
+            hrows = host_overhead.run(device, args.quick)
+            rows += hrows
+            sections[host_overhead.TITLE] = host_overhead.table(hrows)
     if methods != []:
         if methods_mod is None:
             sections["Training step vs plain SGD"] = "not available in this version"

@@ -161,6 +161,8 @@ OP_NAMES = {op: "trajectory_loss" for op in TRAJECTORY_OPS}
 MULTI_TENSOR_OPS = ("sam_step",)
 OP_NAMES.update({op: "multi_tensor" for op in MULTI_TENSOR_OPS})
 # ---- end multi-tensor family ----
+# Host time of the Triton pointer tables (saf_kernels/bench/host_overhead.py).
+OP_NAMES["triton_tables"] = "host_overhead"
 
 
 def run_op_benchmarks(device: torch.device, quick: bool, ops: list[str] | None, progress,

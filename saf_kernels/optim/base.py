@@ -7,7 +7,7 @@ runs
 
 with GradScaler support, BatchNorm statistics from the first pass only, the DDP first pass
 with or without synchronisation, checkpoints that hold the base optimizer's state, and an
-optional fused restore + SGD / AdamW step.
+optional fused restore + SGD / AdamW (or Adam) step.
 
 AMP flow (a plain loop, no closure)::
 
@@ -44,8 +44,6 @@ from torch import nn
 from ..ops import sam as sam_ops
 from . import utils
 
-_FUSABLE = ("SGD", "AdamW")
-
 
 class TwoPassOptimizer(torch.optim.Optimizer):
     """Base of the two-pass sharpness-aware optimizers; subclasses implement :meth:`_perturb`.
@@ -60,8 +58,9 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             or ``"delta"`` (stash the perturbation in ``stash_dtype``, e.g. ``torch.bfloat16`` to
             halve that memory; the restore subtracts it and is not bit exact).
         fused_step: restore and base step in one pass (``saf_kernels.ops.sam_restore_sgd_`` /
-            ``sam_restore_adamw_``); needs a ``torch.optim.SGD`` or ``torch.optim.AdamW`` base
-            (no amsgrad, not differentiable). Agrees with torch to rounding; the default path is
+            ``sam_restore_adamw_``); needs a ``torch.optim.SGD``, ``torch.optim.AdamW`` or
+            ``torch.optim.Adam`` base (Adam with ``weight_decay=0`` or decoupled decay, which is
+            AdamW's update; no amsgrad, not differentiable). Agrees with torch to rounding; the default path is
             bit exact (``rho=0`` gives exactly the base optimizer).
         model: optional; lets ``step(closure)`` apply :meth:`first_pass` / :meth:`second_pass`.
         sync_first_pass: DDP: average the first gradients across replicas (False: m-sharpness).
@@ -183,6 +182,18 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     # The two steps
     # ----------------------------------------------------------------------------------------
 
+    def begin_step(self) -> None:
+        """Call before the first forward of a step (under gradient accumulation: before its first
+        micro-batch). Nothing to do for SAM, ASAM, ESAM and GSAM; R-SAM adds its noise here. A
+        second call in the same step does nothing, so a trainer integration may call it at every
+        window start without knowing the method."""
+
+    @property
+    def perturbed(self) -> bool:
+        """True between :meth:`first_step` and the second step: the weights are ``w + e`` now
+        (e.g. to log only the first pass's loss in a ``training_step`` that runs twice)."""
+        return self._perturbed is not None
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> torch.Tensor:
         """Perturbs the weights from the current gradients (the ascent step).
@@ -274,7 +285,9 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"{type(self).__name__}.step() without a closure finishes a step begun by "
                     "first_step(); call first_step() first, or pass a closure that computes the "
-                    "loss and its gradients"
+                    "loss and its gradients. In a trainer that calls step() after its own backward: "
+                    "Lightning: Trainer(callbacks=[saf_kernels.integrations.lightning.SharpnessAwareCallback()]); "
+                    "Hugging Face: saf_kernels.integrations.hf.SharpnessAwareTrainer"
                 )
             self.second_step()
             return None
@@ -373,16 +386,23 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     def _check_fusable(self) -> None:
         base = self.base_optimizer
         kind = type(base).__name__
-        if type(base) not in (torch.optim.SGD, torch.optim.AdamW):
+        if type(base) not in (torch.optim.SGD, torch.optim.AdamW, torch.optim.Adam):
             raise ValueError(
-                f"{type(self).__name__}: fused_step=True supports torch.optim.SGD and torch.optim.AdamW "
-                f"base optimizers, got {kind}"
+                f"{type(self).__name__}: fused_step=True supports torch.optim.SGD, torch.optim.AdamW and "
+                f"torch.optim.Adam base optimizers, got {kind}"
             )
         for g in self.param_groups:
             if g.get("differentiable") or g.get("amsgrad") or isinstance(g.get("lr"), torch.Tensor):
                 raise ValueError(
                     f"{type(self).__name__}: fused_step=True does not support differentiable, amsgrad "
                     "or tensor learning rates"
+                )
+            # Adam without weight decay (or with decoupled decay) is AdamW's update: same kernel.
+            if type(base) is torch.optim.Adam and g["weight_decay"] != 0 and not g.get("decoupled_weight_decay"):
+                raise ValueError(
+                    f"{type(self).__name__}: fused_step=True with torch.optim.Adam needs weight_decay=0 or "
+                    "decoupled_weight_decay=True (Adam's L2 decay enters the moments; the fused kernel "
+                    f"decouples it as AdamW), got weight_decay={g['weight_decay']!r}"
                 )
 
     def _fused_second_step(self, params, stash, grad_scale, found) -> None:

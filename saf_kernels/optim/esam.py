@@ -214,14 +214,8 @@ class ESAM(TwoPassOptimizer):
                                    "which a synchronised DDP first pass cannot do; use sync_first_pass=False or "
                                    "swp='element'")
             keep = self._keep_ids if self._keep_ids is not None else self._draw_tensor_keep()
-            frozen = [p for g in self.param_groups for p in g["params"] if p.requires_grad and id(p) not in keep]
-            for p in frozen:
-                p.requires_grad_(False)
-            try:
+            with utils.no_grad_for(p for g in self.param_groups for p in g["params"] if id(p) not in keep):
                 yield
-            finally:
-                for p in frozen:
-                    p.requires_grad_(True)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

@@ -142,6 +142,12 @@ class RSAM(TwoPassOptimizer):
                              self._rank_offset(), backend=self.backend)
         self._noised = params
 
+    def begin_step(self) -> None:
+        """:meth:`noise_step` unless this step is already noised or perturbed (what trainer
+        integrations call at the start of every step, before its first micro-batch)."""
+        if self._noised is None and self._perturbed is None:
+            self.noise_step()
+
     def _rank_offset(self) -> int:
         """Under DDP with an unsynchronised first pass each replica draws its own noise (the
         official code folds the device index into its key): replica r's counters start at

@@ -79,6 +79,20 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
             torch._foreach_copy_(snap.buffers, snap.saved)
 
 
+@contextlib.contextmanager
+def no_grad_for(params) -> Iterator[None]:
+    """Inside the block the given parameters have ``requires_grad=False`` (no gradient is
+    computed for them); restored on exit, also on an error."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 

@@ -10,14 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import BLOCK, CHUNK, TL_DTYPE, build_tables, offsets
+from .multi_tensor import BLOCK, CHUNK, TL_DTYPE, VARYING_ARGS, build_tables, offsets
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_ARGS)
 def _ema_kernel(
     meta,
     decay_ptr,
-    weight,
+    weight: tl.float64,
     O_NUMEL,
     O_CT,
     O_CS,
@@ -34,12 +34,12 @@ def _ema_kernel(
     end = tl.minimum(tl.load(meta + O_NUMEL + t) - start, CHUNK)
     e = tl.load(meta + t * 2).to(tl.pointer_type(DT))
     x = tl.load(meta + t * 2 + 1).to(tl.pointer_type(MD))
-    # The weight 1 - decay comes from the host in float64 and is passed rounded once (a float32
-    # argument holding 0.9998 would make 1 - decay 1e-4 off relatively).
+    # The weight 1 - decay comes from the host in float64 (annotated: a plain float argument is
+    # fp32 on a GPU) and is rounded once to ACC.
     if HAS_DECAY_PTR:
         wt = (1.0 - tl.load(decay_ptr).to(tl.float64)).to(ACC)
     else:
-        wt = weight
+        wt = tl.full([], weight, ACC)
     for off in range(0, end, BLOCK):
         lane = off + tl.arange(0, BLOCK)
         m = lane < end
@@ -54,7 +54,7 @@ def ema_update(ema, model, decay: float, decay_tensor) -> None:
     """The semantics of ``torch.ops.saf_kernels.ema_update_`` (lists already checked)."""
     tables = build_tables([ema, model], [], [0] * len(ema), signature_streams=(0, 1))
     for tb in tables:
-        o = offsets(tb, 2, 0)
+        o = offsets(tb, 2)
         if tb.n_chunks:
             _ema_kernel[(tb.n_chunks,)](
                 tb.meta,

@@ -19,8 +19,9 @@ import triton
 import triton.language as tl
 from triton.language.random import uint_to_uniform_float
 
-from .multi_tensor import BLOCK, CHUNK, TL_DTYPE, any_f64, build_tables, offsets
+from .multi_tensor import BLOCK, CHUNK, TL_DTYPE, VARYING_ARGS, any_f64, build_tables, offsets
 from .sam import _sam_coef_kernel
+from .trajectory_loss import _to_storage
 
 ADAPTIVE_FLAG = 2
 # Per-tensor float64 params of the ESAM tables: rho / beta, eta, Bernoulli threshold, rng base.
@@ -60,10 +61,10 @@ def _norm_lane(g, w, idx, m, r, thr, eta, adaptive, ACC: tl.constexpr, ADAPTIVE:
     return x * x
 
 
-@triton.jit
-def _esam_norm_kernel(meta, fmeta, partial_ptr, part_off, seed, offset, O_NUMEL, O_FLAGS, O_PARAMS, O_CT, O_CS,
-                      DT: tl.constexpr, ACC: tl.constexpr, ADAPTIVE: tl.constexpr, CHUNK: tl.constexpr,
-                      LANES: tl.constexpr):
+@triton.jit(do_not_specialize=VARYING_ARGS)
+def _esam_norm_kernel(meta, fmeta, partial_ptr, part_off, seed: tl.int64, offset: tl.int64, O_NUMEL, O_FLAGS,
+                      O_PARAMS, O_CT, O_CS, DT: tl.constexpr, ACC: tl.constexpr, ADAPTIVE: tl.constexpr,
+                      CHUNK: tl.constexpr, LANES: tl.constexpr):
     t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
     w = stream_ptr(meta, t, 0, 3, DT)
     g = stream_ptr(meta, t, 1, 3, DT)
@@ -95,16 +96,16 @@ def _perturb_lane(w, g, s, idx, m, r, thr, rc, eta, adaptive, ok, DT: tl.constex
     if COPY:
         tl.store(s + idx, wr, mask=m)  # raw: bit exact
     else:
-        er = ev.to(SD)
+        er = _to_storage(ev, s)  # float64 -> 16 bits through float32, as sam.py
         tl.store(s + idx, er, mask=m)
         ev = er.to(ACC)  # add exactly what the restore subtracts
     # Dropped elements keep their exact bits.
     tl.store(w + idx, tl.where(keep, (wv + ev).to(DT), wr), mask=m)
 
 
-@triton.jit
-def _esam_perturb_kernel(meta, fmeta, coef_ptr, seed, offset, O_NUMEL, O_FLAGS, O_PARAMS, O_CT, O_CS,
-                         DT: tl.constexpr, SD: tl.constexpr, ACC: tl.constexpr, COPY: tl.constexpr,
+@triton.jit(do_not_specialize=VARYING_ARGS)
+def _esam_perturb_kernel(meta, fmeta, coef_ptr, seed: tl.int64, offset: tl.int64, O_NUMEL, O_FLAGS, O_PARAMS, O_CT,
+                         O_CS, DT: tl.constexpr, SD: tl.constexpr, ACC: tl.constexpr, COPY: tl.constexpr,
                          CHUNK: tl.constexpr, LANES: tl.constexpr):
     t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
     w = stream_ptr(meta, t, 0, 3, DT)
@@ -134,9 +135,10 @@ def _restore_lane(w, s, idx, m, r, thr, DT: tl.constexpr, ACC: tl.constexpr):
     tl.store(w + idx, tl.where(keep_of(r, thr), (wr.to(ACC) - sv).to(DT), wr), mask=m)
 
 
-@triton.jit
-def _esam_restore_delta_kernel(meta, fmeta, seed, offset, O_NUMEL, O_PARAMS, O_CT, O_CS, DT: tl.constexpr,
-                               SD: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, LANES: tl.constexpr):
+@triton.jit(do_not_specialize=VARYING_ARGS)
+def _esam_restore_delta_kernel(meta, fmeta, seed: tl.int64, offset: tl.int64, O_NUMEL, O_PARAMS, O_CT, O_CS,
+                               DT: tl.constexpr, SD: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr,
+                               LANES: tl.constexpr):
     t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
     w = stream_ptr(meta, t, 0, 3, DT)
     s = stream_ptr(meta, t, 2, 3, SD)
@@ -152,8 +154,8 @@ def _esam_restore_delta_kernel(meta, fmeta, seed, offset, O_NUMEL, O_PARAMS, O_C
         _restore_lane(w, s, start + e + 3, e + 3 < end, r3, thr, DT, ACC)
 
 
-@triton.jit
-def _philox_kernel(out, n, seed, offset, thr, KIND: tl.constexpr, LANES: tl.constexpr):
+@triton.jit(do_not_specialize=VARYING_ARGS)
+def _philox_kernel(out, n, seed: tl.int64, offset: tl.int64, thr, KIND: tl.constexpr, LANES: tl.constexpr):
     j = tl.program_id(0) * LANES + tl.arange(0, LANES)
     ctr = offset + j.to(tl.int64)
     if KIND == 2:
@@ -204,7 +206,7 @@ def esam_perturb(params, grads, stash, rho, eta, beta, flags, eps, seed, offset,
     partials = torch.empty(max(total, 1), dtype=torch.float64, device=dev)
     off = 0
     for tb in tables:
-        o = offsets(tb, 3, N_PARAMS)
+        o = offsets(tb, 3)
         adaptive = any(flags[i] & ADAPTIVE_FLAG for i in tb.index)
         if tb.n_chunks:
             _esam_norm_kernel[(tb.n_chunks,)](
@@ -218,7 +220,7 @@ def esam_perturb(params, grads, stash, rho, eta, beta, flags, eps, seed, offset,
                            found_inf if found_inf is not None else coef, norm, coef, eps,
                            HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None, BLOCK=1024)
     for tb in tables:
-        o = offsets(tb, 3, N_PARAMS)
+        o = offsets(tb, 3)
         if tb.n_chunks:
             _esam_perturb_kernel[(tb.n_chunks,)](
                 tb.meta, tb.fmeta, coef, seed, offset, o.numel, o.flags, o.params, o.chunk_tensor, o.chunk_start,
@@ -237,7 +239,7 @@ def esam_restore(params, stash, beta, seed, offset, stash_mode) -> None:
     cols = [[0.0] * len(params), [0.0] * len(params), _thresholds(beta), rng_bases(params)]
     tables = build_tables([params, stash, stash], cols, [0] * len(params), signature_streams=(0, 2))
     for tb in tables:
-        o = offsets(tb, 3, N_PARAMS)
+        o = offsets(tb, 3)
         if tb.n_chunks:
             _esam_restore_delta_kernel[(tb.n_chunks,)](
                 tb.meta, tb.fmeta, seed, offset, o.numel, o.params, o.chunk_tensor, o.chunk_start,

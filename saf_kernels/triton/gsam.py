@@ -13,12 +13,12 @@ import triton
 import triton.language as tl
 
 from .esam import chunk_of, stream_ptr
-from .multi_tensor import BLOCK, CHUNK, TL_DTYPE, any_f64, build_tables, offsets
+from .multi_tensor import BLOCK, CHUNK, TL_DTYPE, VARYING_ARGS, any_f64, build_tables, offsets
 
 L = 5  # streams: w, g, stash, momentum buffer, old_g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_ARGS)
 def _gsam_dots_kernel(meta, partial_ptr, part_off, n_total, O_NUMEL, O_CT, O_CS, DT: tl.constexpr,
                       ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
@@ -50,9 +50,9 @@ def _sum_partials(p, n, BLOCK: tl.constexpr):
     return tl.sum(acc)
 
 
-@triton.jit
-def _gsam_coef_kernel(partial_ptr, n, scale_ptr, old_scale_ptr, found_ptr, coef_ptr, stats_ptr, alpha, eps,
-                      HAS_SCALE: tl.constexpr, HAS_OLD_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
+@triton.jit(do_not_specialize=VARYING_ARGS)
+def _gsam_coef_kernel(partial_ptr, n, scale_ptr, old_scale_ptr, found_ptr, coef_ptr, stats_ptr, alpha: tl.float64,
+                      eps: tl.float64, HAS_SCALE: tl.constexpr, HAS_OLD_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
                       BLOCK: tl.constexpr):
     dot = _sum_partials(partial_ptr, n, BLOCK)
     oo = _sum_partials(partial_ptr + n, n, BLOCK)
@@ -91,7 +91,7 @@ def _restored(w, s, idx, m, ACC: tl.constexpr, COPY: tl.constexpr):
     return sr, wv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_ARGS)
 def _gsam_combine_kernel(meta, coef_ptr, O_NUMEL, O_CT, O_CS, DT: tl.constexpr, SD: tl.constexpr, ACC: tl.constexpr,
                          COPY: tl.constexpr, RESTORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
@@ -119,7 +119,7 @@ def _gsam_combine_kernel(meta, coef_ptr, O_NUMEL, O_CT, O_CS, DT: tl.constexpr, 
         tl.store(g + idx, tl.where(apply, new.to(DT), gr), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_ARGS)
 def _gsam_sgd_kernel(meta, fmeta, coef_ptr, O_NUMEL, O_FLAGS, O_PARAMS, O_CT, O_CS, DT: tl.constexpr,
                      SD: tl.constexpr, ACC: tl.constexpr, COPY: tl.constexpr, HAS_BUF: tl.constexpr,
                      CHUNK: tl.constexpr, BLOCK: tl.constexpr):
@@ -175,7 +175,7 @@ def _reduce(tables, params, alpha, eps, grad_scale, old_grad_scale, found_inf):
     partials = torch.zeros(3 * max(total, 1), dtype=torch.float64, device=dev)
     off = 0
     for tb in tables:
-        o = offsets(tb, L, 4)
+        o = offsets(tb, L)
         if tb.n_chunks:
             _gsam_dots_kernel[(tb.n_chunks,)](tb.meta, partials, off, max(total, 1), o.numel, o.chunk_tensor,
                                               o.chunk_start, DT=TL_DTYPE[tb.dtypes[0]], ACC=_acc(tb.dtypes[0]),
@@ -199,7 +199,7 @@ def gsam_combine(params, grads, old_grads, stash, alpha, eps, stash_mode, restor
                           signature_streams=(0, 2))
     coefs, stats = _reduce(tables, params, alpha, eps, grad_scale, old_grad_scale, found_inf)
     for tb in tables:
-        o = offsets(tb, L, 4)
+        o = offsets(tb, L)
         if tb.n_chunks:
             _gsam_combine_kernel[(tb.n_chunks,)](
                 tb.meta, coefs, o.numel, o.chunk_tensor, o.chunk_start, DT=TL_DTYPE[tb.dtypes[0]],
@@ -217,7 +217,7 @@ def gsam_restore_sgd(params, grads, old_grads, stash, momentum_buffers, lr, weig
                           signature_streams=(0, 2))
     coefs, stats = _reduce(tables, params, alpha, eps, grad_scale, old_grad_scale, found_inf)
     for tb in tables:
-        o = offsets(tb, L, 4)
+        o = offsets(tb, L)
         if tb.n_chunks:
             _gsam_sgd_kernel[(tb.n_chunks,)](
                 tb.meta, tb.fmeta, coefs, o.numel, o.flags, o.params, o.chunk_tensor, o.chunk_start,

@@ -11,14 +11,18 @@ interpreter treats the int-to-pointer cast as a bitcast of host addresses; teste
 public Triton usage on GPUs. Pointer element types must be compile-time constants in Triton,
 which is why signatures are grouped (the CUDA kernels dispatch per block instead).
 
-Tables are cached by content, so a training loop whose tensors keep their addresses pays no
-host-to-device copy; a miss costs one pinned, asynchronous copy (no host synchronisation).
+Tables are cached by a key of the tensors' addresses, sizes and dtypes and the per-tensor values
+(:class:`PlanCache`), so a training loop whose tensors keep their addresses pays neither the
+numpy build nor a host-to-device copy (a few microseconds of key building for 160 tensors); a
+miss costs one pinned, asynchronous copy (no host synchronisation). On CUDA a cached table is
+ordered after its upload when another stream uses it, and a table used while a CUDA graph is
+being captured is never evicted (the graph replays its address).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from itertools import chain
 
 import numpy as np
 import torch
@@ -31,6 +35,13 @@ TL_DTYPE = {
     torch.float64: tl.float64,
 }
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+# Integer arguments whose values vary between calls or models (table offsets, partial-sum
+# offsets, counts, Philox seed and offset): ``do_not_specialize`` on these, or every new value
+# that happens to be 1 or a multiple of 16 compiles a new variant on a GPU. Names a kernel does
+# not have are ignored.
+VARYING_ARGS = ("part_off", "n", "n_total", "seed", "offset", "thr", "O_NUMEL", "O_FLAGS", "O_PARAMS", "O_CT",
+                "O_CS", "O_ROWS", "O_LEN", "O_PT", "O_PR")
 
 # Elements per program and per inner step. The interpreter runs one numpy op per step, so fewer,
 # wider steps are faster there; on a GPU 1024 x 4 B keeps enough bytes in flight per program.
@@ -50,25 +61,113 @@ class Table:
     index: list  # positions of these tensors in the caller's lists
 
 
-_CACHE: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-_CACHE_SIZE = 32
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
 
 
-def _upload(arr: np.ndarray, device: torch.device) -> torch.Tensor:
-    key = device.type.encode() + str(device.index).encode() + arr.tobytes()
-    hit = _CACHE.get(key)
-    if hit is not None:
-        _CACHE.move_to_end(key)
-        return hit
+def tensor_key(streams, signature_streams=(0,)) -> tuple:
+    """What a table depends on in the tensors: every stream's addresses, the first stream's sizes
+    and the signature streams' dtypes, built with C-level iteration (``map``)."""
+    first = streams[0]
+    return (
+        first[0].device if first else None,
+        tuple(chain.from_iterable(map(_data_ptr, s) for s in streams)),
+        tuple(map(_numel, first)),
+        tuple(chain.from_iterable([t.dtype for t in streams[s]] for s in signature_streams)),
+    )
+
+
+@dataclass
+class _Entry:
+    value: object
+    device: torch.device
+    uploads: list = field(default_factory=list)  # (device tensor, pinned host copy, event, stream)
+    used: int = 0
+
+
+class _Key:
+    """A tuple key whose hash is computed once (a key holds hundreds of addresses)."""
+
+    __slots__ = ("t", "h")
+
+    def __init__(self, t: tuple):
+        self.t = t
+        self.h = hash(t)
+
+    def __hash__(self) -> int:
+        return self.h
+
+    def __eq__(self, other) -> bool:
+        return self.h == other.h and self.t == other.t
+
+
+class PlanCache:
+    """Least-recently-used cache of device tables by a cheap key (one dict lookup per hit); entries
+    used while a CUDA graph is being captured are never evicted."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self.entries: dict[_Key, _Entry] = {}
+        self.kept: set[_Key] = set()
+        self.clock = 0
+
+    def get(self, key: tuple, device: torch.device, build, deps: list | None = None):
+        """The cached value for ``key``, or ``build(uploads)``'s (which uploads through
+        :func:`upload` into the list it is given). ``deps``: a list to extend with the entry's
+        uploads (an entry built from this one must be ordered after them too)."""
+        k = _Key(key)
+        entry = self.entries.get(k)
+        if entry is None:
+            entry = _Entry(None, device)
+            entry.value = build(entry.uploads)
+            self.entries[k] = entry
+        self.clock += 1
+        entry.used = self.clock  # before eviction: the entry just built is the newest, not the oldest
+        if len(self.entries) > self.size + len(self.kept):
+            old = min((x for x in self.entries if x not in self.kept), key=lambda x: self.entries[x].used)
+            del self.entries[old]
+        if device.type == "cuda":
+            self._ready(k, entry)
+        if deps is not None:
+            deps.extend(entry.uploads)
+        return entry.value
+
+    def _ready(self, key, entry) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            # A graph replays these addresses: the tables must outlive it.
+            self.kept.add(key)
+            return
+        cur = torch.cuda.current_stream(entry.device)
+        for dev, _, event, stream in entry.uploads:
+            if stream != cur:  # read on another stream: after the copy, and not freed under it
+                if event is not None:
+                    cur.wait_event(event)
+                dev.record_stream(cur)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.kept.clear()
+
+
+def upload(arr: np.ndarray, device: torch.device, uploads: list) -> torch.Tensor:
+    """``arr`` on ``device``: a pinned, asynchronous copy on the current stream (recorded in
+    ``uploads`` with an event, and the pinned copy kept, for :class:`PlanCache`)."""
     host = torch.from_numpy(arr)
-    if device.type == "cuda":
-        dev = host.pin_memory().to(device, non_blocking=True)
-    else:
-        dev = host.to(device)
-    _CACHE[key] = dev
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    if device.type != "cuda":
+        return host.to(device)
+    pinned = host.pin_memory()
+    stream = torch.cuda.current_stream(device)
+    dev = pinned.to(device, non_blocking=True)
+    event = None
+    if not torch.cuda.is_current_stream_capturing():
+        event = torch.cuda.Event()
+        event.record(stream)
+    uploads.append((dev, pinned, event, stream))
     return dev
+
+
+TABLES = PlanCache()  # the tables (addresses, sizes, flags, chunk map) by tensor_key
+PARAMS = PlanCache()  # the tables with their per-tensor values
 
 
 def build_tables(
@@ -80,13 +179,28 @@ def build_tables(
     """Tables grouping the tensors by the dtypes of ``signature_streams``.
 
     ``params`` holds K lists of per-tensor values and ``flags`` one int per tensor (a list of
-    length 1 applies to all). Layout of ``meta`` (int64 words), for n tensors, L streams, K params, C chunks:
-    ``[addr n*L | numel n | flags n | params n*K (float64 bits) | chunk_tensor C | chunk_start C]``.
+    length 1 applies to all). Layout of ``meta`` (int64 words), for n tensors, L streams, C chunks:
+    ``[addr n*L | numel n | flags n | chunk_tensor C | chunk_start C]``; ``fmeta`` (float64) holds
+    the params, ``n*K`` values, in a buffer of its own: a new learning rate re-uploads those, not
+    the table. Both are cached (:data:`TABLES`, :data:`PARAMS`): a hit costs the keys, tuples of
+    the addresses, sizes and values.
     """
+    device = streams[0][0].device if streams[0] else torch.device("cpu")
+    skey = (tensor_key(streams, signature_streams), signature_streams, tuple(flags))
+
+    def tables(deps=None):
+        return TABLES.get(skey, device, lambda up: _build_tables(streams, flags, signature_streams, up), deps)
+
+    if not params:
+        return tables()
+    return PARAMS.get((skey, tuple(map(tuple, params))), device,
+                      lambda up: _with_params(tables(up), params, len(streams[0]), up))
+
+
+def _build_tables(streams, flags, signature_streams, uploads) -> list[Table]:
     n_all = len(streams[0])
     # Per-tensor lists of length 1 apply to every tensor (as in the C++ ops' schemas).
     flags = flags * n_all if len(flags) == 1 else flags
-    params = [p * n_all if len(p) == 1 else p for p in params]
     groups: dict[tuple, list[int]] = {}
     for i in range(n_all):
         sig = tuple(streams[s][i].dtype for s in signature_streams)
@@ -98,15 +212,22 @@ def build_tables(
         addr = np.array([[streams[s][i].data_ptr() for s in range(n_streams)] for i in idx], dtype=np.int64)
         numel = np.array([streams[0][i].numel() for i in idx], dtype=np.int64)
         fl = np.array([flags[i] for i in idx], dtype=np.int64)
-        par = np.array([[p[i] for p in params] for i in idx], dtype=np.float64).reshape(n, len(params))
         nc = (numel + CHUNK - 1) // CHUNK
         ct = np.repeat(np.arange(n, dtype=np.int64), nc)
         starts = np.arange(int(nc.sum()), dtype=np.int64) - np.repeat(np.cumsum(nc) - nc, nc)
         cs = starts * CHUNK
-        arr = np.concatenate([addr.reshape(-1), numel, fl, par.reshape(-1).view(np.int64), ct, cs])
-        meta = _upload(arr, streams[0][idx[0]].device)
+        arr = np.concatenate([addr.reshape(-1), numel, fl, ct, cs])
+        meta = upload(arr, streams[0][idx[0]].device, uploads)
+        # No params: fmeta is never read; any float64 pointer will do.
         tables.append(Table(meta, meta.view(torch.float64), n, int(nc.sum()), sig, idx))
     return tables
+
+
+def _with_params(tables: list[Table], params, n_all: int, uploads) -> list[Table]:
+    """The tables with their tensors' params (a list of length 1 applies to all) in ``fmeta``."""
+    cols = np.stack([np.broadcast_to(np.asarray(p, dtype=np.float64), (n_all,)) for p in params], axis=1)
+    return [replace(t, fmeta=upload(np.ascontiguousarray(cols[t.index]).reshape(-1), t.meta.device, uploads))
+            for t in tables]
 
 
 @dataclass
@@ -118,13 +239,13 @@ class Offsets:
     chunk_start: int
 
 
-def offsets(table: Table, n_streams: int, n_params: int) -> Offsets:
+def offsets(table: Table, n_streams: int) -> Offsets:
+    """Where each part of a table starts (``params`` in ``fmeta``, the rest in ``meta``)."""
     n, c = table.n, table.n_chunks
     o_numel = n * n_streams
     o_flags = o_numel + n
-    o_params = o_flags + n
-    o_ct = o_params + n * n_params
-    return Offsets(o_numel, o_flags, o_params, o_ct, o_ct + c)
+    o_ct = o_flags + n
+    return Offsets(o_numel, o_flags, 0, o_ct, o_ct + c)
 
 
 def any_f64(tensors) -> bool:

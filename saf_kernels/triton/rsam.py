@@ -18,15 +18,27 @@ import triton
 import triton.language as tl
 
 from .esam import chunk_of, rng_bases, stream_ptr
-from .multi_tensor import BLOCK, CHUNK, TL_DTYPE, _upload, any_f64, build_tables, offsets
+from .multi_tensor import (
+    BLOCK,
+    CHUNK,
+    TL_DTYPE,
+    VARYING_ARGS,
+    PlanCache,
+    any_f64,
+    build_tables,
+    offsets,
+    tensor_key,
+    upload,
+)
 from .sam import _sam_coef_kernel
 
 VECTOR_FLAG = 2
 
 
-@triton.jit
-def _rsam_noise_kernel(meta, fmeta, seed, offset, std_mult, O_ROWS, O_LEN, O_FLAGS, O_PARAMS, O_PT, O_PR,
-                       DT: tl.constexpr, ACC: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
+@triton.jit(do_not_specialize=VARYING_ARGS)
+def _rsam_noise_kernel(meta, fmeta, seed: tl.int64, offset: tl.int64, std_mult: tl.float64, O_ROWS, O_LEN, O_FLAGS,
+                       O_PARAMS, O_PT, O_PR, DT: tl.constexpr, ACC: tl.constexpr, RB: tl.constexpr,
+                       CB: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(meta + O_PT + pid)
     r0 = tl.load(meta + O_PR + pid)
@@ -68,8 +80,8 @@ def _direction(w, g, s, idx, m, li, ACC: tl.constexpr):
     return li * gv + (wv - sv), sv
 
 
-@triton.jit
-def _rsam_norm_kernel(meta, partial_ptr, part_off, lam, scale_ptr, O_NUMEL, O_CT, O_CS, DT: tl.constexpr,
+@triton.jit(do_not_specialize=VARYING_ARGS)
+def _rsam_norm_kernel(meta, partial_ptr, part_off, lam: tl.float64, scale_ptr, O_NUMEL, O_CT, O_CS, DT: tl.constexpr,
                       ACC: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
     w = stream_ptr(meta, t, 0, 3, DT)
@@ -87,9 +99,10 @@ def _rsam_norm_kernel(meta, partial_ptr, part_off, lam, scale_ptr, O_NUMEL, O_CT
     tl.store(partial_ptr + part_off + tl.program_id(0), tl.sum(acc).to(tl.float64))
 
 
-@triton.jit
-def _rsam_perturb_kernel(meta, fmeta, coef_ptr, lam, scale_ptr, O_NUMEL, O_PARAMS, O_CT, O_CS, DT: tl.constexpr,
-                         ACC: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=VARYING_ARGS)
+def _rsam_perturb_kernel(meta, fmeta, coef_ptr, lam: tl.float64, scale_ptr, O_NUMEL, O_PARAMS, O_CT, O_CS,
+                         DT: tl.constexpr, ACC: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
+                         BLOCK: tl.constexpr):
     t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
     w = stream_ptr(meta, t, 0, 3, DT)
     g = stream_ptr(meta, t, 1, 3, DT)
@@ -123,8 +136,26 @@ def _rows(p: torch.Tensor) -> tuple[int, int, bool]:
 
 def rsam_noise(params, stash, std, seed, offset) -> None:
     """The semantics of ``torch.ops.saf_kernels.rsam_noise_`` (lists already checked)."""
-    bases = rng_bases(params)
+    if not params:
+        return
+    # One std for all tensors (the usual case) is a kernel argument, so that a schedule of std
+    # does not change the (cached) tables.
     common = std[0] if std and all(x == std[0] for x in std) else 1.0
+    scale = float(common) if common else 1.0
+    rel = tuple(x / scale for x in std)
+    key = (tensor_key([params, stash]), tuple(p.shape for p in params), rel)
+    plans = NOISE_PLANS.get(key, params[0].device, lambda up: _noise_plans(params, stash, rel, up))
+    for meta, n_progs, offs, dtype, rb, cb in plans:
+        _rsam_noise_kernel[(n_progs,)](meta, meta.view(torch.float64), seed, offset, scale, *offs, DT=TL_DTYPE[dtype],
+                                       ACC=_acc(dtype), RB=rb, CB=cb, num_warps=4)
+
+
+NOISE_PLANS = PlanCache()
+
+
+def _noise_plans(params, stash, rel_std, uploads) -> list[tuple]:
+    """Per (dtype, row tile) group: the table, its program count and offsets."""
+    bases = rng_bases(params)
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         if p.numel() == 0:
@@ -132,6 +163,7 @@ def rsam_noise(params, stash, std, seed, offset) -> None:
         _, rlen, _ = _rows(p)
         cb = min(BLOCK, triton.next_power_of_2(rlen))
         groups.setdefault((p.dtype, cb), []).append(i)
+    plans = []
     for (dtype, cb), idx in groups.items():
         rb = max(1, BLOCK // cb)
         n = len(idx)
@@ -140,18 +172,17 @@ def rsam_noise(params, stash, std, seed, offset) -> None:
         nrows = np.array([r for r, _, _ in shape], dtype=np.int64)
         rlen = np.array([c for _, c, _ in shape], dtype=np.int64)
         flags = np.array([VECTOR_FLAG if v else 0 for _, _, v in shape], dtype=np.int64)
-        par = np.array([[std[i] / common if common else std[i], bases[i]] for i in idx], dtype=np.float64)
+        par = np.array([[rel_std[i], bases[i]] for i in idx], dtype=np.float64)
         progs = [(k, r0) for k in range(n) for r0 in range(0, int(nrows[k]), rb)]
         pt = np.array([k for k, _ in progs], dtype=np.int64)
         pr = np.array([r for _, r in progs], dtype=np.int64)
         arr = np.concatenate([addr.reshape(-1), nrows, rlen, flags, par.reshape(-1).view(np.int64), pt, pr])
-        meta = _upload(arr, params[idx[0]].device)
+        meta = upload(arr, params[idx[0]].device, uploads)
         o_rows = 2 * n
         o_len, o_flags, o_params = o_rows + n, o_rows + 2 * n, o_rows + 3 * n
         o_pt = o_params + 2 * n
-        _rsam_noise_kernel[(len(progs),)](
-            meta, meta.view(torch.float64), seed, offset, float(common if common else 1.0), o_rows, o_len, o_flags,
-            o_params, o_pt, o_pt + len(progs), DT=TL_DTYPE[dtype], ACC=_acc(dtype), RB=rb, CB=cb, num_warps=4)
+        plans.append((meta, len(progs), (o_rows, o_len, o_flags, o_params, o_pt, o_pt + len(progs)), dtype, rb, cb))
+    return plans
 
 
 def rsam_perturb(params, grads, stash, rho, lam, eps, grad_scale, found_inf) -> torch.Tensor:
@@ -163,7 +194,7 @@ def rsam_perturb(params, grads, stash, rho, lam, eps, grad_scale, found_inf) -> 
     has_scale = grad_scale is not None
     off = 0
     for tb in tables:
-        o = offsets(tb, 3, 1)
+        o = offsets(tb, 3)
         if tb.n_chunks:
             _rsam_norm_kernel[(tb.n_chunks,)](
                 tb.meta, partials, off, lam, grad_scale if has_scale else partials, o.numel, o.chunk_tensor,
@@ -176,7 +207,7 @@ def rsam_perturb(params, grads, stash, rho, lam, eps, grad_scale, found_inf) -> 
     _sam_coef_kernel[(1,)](partials, total, coef, found_inf if found_inf is not None else coef, norm, coef, eps,
                            HAS_SCALE=False, HAS_FOUND=found_inf is not None, BLOCK=1024)
     for tb in tables:
-        o = offsets(tb, 3, 1)
+        o = offsets(tb, 3)
         if tb.n_chunks:
             _rsam_perturb_kernel[(tb.n_chunks,)](
                 tb.meta, tb.fmeta, coef, lam, grad_scale if has_scale else partials, o.numel, o.params,

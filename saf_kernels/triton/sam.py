@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import BLOCK, CHUNK, TL_DTYPE, any_f64, build_tables, offsets
+from .multi_tensor import BLOCK, CHUNK, TL_DTYPE, VARYING_ARGS, any_f64, build_tables, offsets
+from .trajectory_loss import _to_storage
 
 ADAPTIVE_FLAG = 2
 SGD_NESTEROV, SGD_MAXIMIZE, SGD_FIRST_RUN = 2, 4, 8
@@ -34,7 +35,7 @@ def _ptr(meta, t, s, L: tl.constexpr, DT: tl.constexpr):
     return tl.load(meta + t * L + s).to(tl.pointer_type(DT))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_ARGS)
 def _sam_norm_kernel(
     meta,
     fmeta,
@@ -68,7 +69,7 @@ def _sam_norm_kernel(
     tl.store(partial_ptr + part_off + tl.program_id(0), tl.sum(acc).to(tl.float64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_ARGS)
 def _sam_coef_kernel(
     partial_ptr,
     n,
@@ -76,7 +77,7 @@ def _sam_coef_kernel(
     found_ptr,
     norm_ptr,
     coef_ptr,
-    eps,
+    eps: tl.float64,  # a plain float argument would be fp32 on a GPU
     HAS_SCALE: tl.constexpr,
     HAS_FOUND: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -98,7 +99,7 @@ def _sam_coef_kernel(
     tl.store(coef_ptr, coef)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_ARGS)
 def _sam_perturb_kernel(
     meta,
     fmeta,
@@ -136,7 +137,9 @@ def _sam_perturb_kernel(
         if COPY:
             tl.store(s + idx, wr, mask=m)  # raw: bit exact
         else:
-            er = tl.where(ok, e, 0.0).to(SD)
+            # float64 -> 16 bits through float32, on every GPU (sm_90 would round once, sm_80 twice)
+            # and as the CPU and CUDA kernels and Tensor.to() do.
+            er = _to_storage(tl.where(ok, e, 0.0), s)
             tl.store(s + idx, er, mask=m)
             e = er.to(ACC)  # add exactly what the restore subtracts
         tl.store(w + idx, tl.where(ok, (wv + e).to(DT), wr), mask=m)
@@ -152,7 +155,7 @@ def _restored(w, s, idx, m, ACC: tl.constexpr, COPY: tl.constexpr):
     return sr, wv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_ARGS)
 def _sam_restore_kernel(
     meta,
     O_NUMEL,
@@ -179,7 +182,7 @@ def _sam_restore_kernel(
             tl.store(w + idx, wv.to(DT), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_ARGS)
 def _sam_sgd_kernel(
     meta,
     fmeta,
@@ -244,7 +247,7 @@ def _sam_sgd_kernel(
         tl.store(w + idx, new, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_ARGS)
 def _sam_adamw_kernel(
     meta,
     fmeta,
@@ -331,7 +334,7 @@ def sam_perturb(
     partials = torch.empty(max(total, 1), dtype=torch.float64, device=dev)
     off = 0
     for tb in tables:
-        o = offsets(tb, 3, 2)
+        o = offsets(tb, 3)
         adaptive = any(flags[i] & ADAPTIVE_FLAG for i in tb.index)
         if tb.n_chunks:
             _sam_norm_kernel[(tb.n_chunks,)](
@@ -367,7 +370,7 @@ def sam_perturb(
         BLOCK=1024,
     )
     for tb in tables:
-        o = offsets(tb, 3, 2)
+        o = offsets(tb, 3)
         if tb.n_chunks:
             _sam_perturb_kernel[(tb.n_chunks,)](
                 tb.meta,
@@ -392,7 +395,7 @@ def sam_perturb(
 def sam_restore(params, stash, stash_mode) -> None:
     tables = build_tables([params, stash, stash], [], [0] * len(params), signature_streams=(0, 2))
     for tb in tables:
-        o = offsets(tb, 3, 0)
+        o = offsets(tb, 3)
         if tb.n_chunks:
             _sam_restore_kernel[(tb.n_chunks,)](
                 tb.meta,
@@ -430,7 +433,7 @@ def sam_restore_sgd(
     )
     dummy = params[0]
     for tb in tables:
-        o = offsets(tb, 4, 4)
+        o = offsets(tb, 4)
         if tb.n_chunks:
             _sam_sgd_kernel[(tb.n_chunks,)](
                 tb.meta,
@@ -480,7 +483,7 @@ def sam_restore_adamw(
     )
     dummy = params[0]
     for tb in tables:
-        o = offsets(tb, 6, 5)
+        o = offsets(tb, 6)
         if tb.n_chunks:
             _sam_adamw_kernel[(tb.n_chunks,)](
                 tb.meta,

@@ -84,7 +84,9 @@ def _to_storage(x, dst_ptr):
         return x32.to(dst_ptr.dtype.element_ty)
 
 
-@triton.jit
+# B varies between calls (a last, smaller batch): no specialisation on its value. The float
+# arguments are float64 (a plain float argument would be fp32 on a GPU), rounded once to ACC.
+@triton.jit(do_not_specialize=["B"])
 def _trajectory_loss_kernel(
     z_ptr,
     t_ptr,
@@ -97,11 +99,11 @@ def _trajectory_loss_kernel(
     stride_z,
     stride_t,
     stride_g,
-    inv_t,
-    temp,
-    ce_w,
-    kl_w,
-    eps,
+    inv_t: tl.float64,
+    temp: tl.float64,
+    ce_w: tl.float64,
+    kl_w: tl.float64,
+    eps: tl.float64,
     ignore_index,
     idx_ptr,
     mode_ptr,
@@ -120,6 +122,11 @@ def _trajectory_loss_kernel(
 ):
     # SOFT: probability targets p_ptr [B, C] (row stride stride_p) replace the labels: every row
     # counts, CE = sy * log(s1) - sum(y * (z - mz)), gradient ce_w * (sy * s - y).
+    inv_t = tl.full([], inv_t, ACC)
+    temp = tl.full([], temp, ACC)
+    ce_w = tl.full([], ce_w, ACC)
+    kl_w = tl.full([], kl_w, ACC)
+    eps = tl.full([], eps, ACC)
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < B
@@ -307,15 +314,24 @@ def _trajectory_loss_kernel(
     tl.store(loss_ptr + rows64, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
 
 
-def _launch_config(C: int) -> tuple[int, int, bool, int]:
-    """(BLOCK_R, BLOCK_C, SINGLE, num_warps) for rows of C classes."""
+def _launch_config(C: int, f64: bool = False) -> tuple[int, int, bool, int]:
+    """(BLOCK_R, BLOCK_C, SINGLE, num_warps) for rows of C classes (``f64``: float64 arithmetic).
+
+    Tiles of up to 2048 elements (1024 in float64: two registers a value), several rows a tile
+    when C is small; 4 warps up to 1024 float32 elements, 8 up to 4096, 16 beyond. Compiled for
+    sm_80 and sm_90, no configuration spills registers (tests/test_triton_aot.py checks every
+    one; benchmarks/results/triton-sm80-sm90.md lists them): with 4 warps, 2048-element tiles of
+    16-64 rows took 255 registers and spilled up to 824 bytes (float32), and a float64 row of
+    8192 elements on 16 warps spilled 848 bytes.
+    """
     block_c = triton.next_power_of_2(C)
-    if block_c <= MAX_SINGLE_BLOCK:
-        block_r = max(1, min(64, 2048 // block_c))
-        tile = block_r * block_c
-        num_warps = 4 if tile <= 2048 else (8 if tile <= 4096 else 16)
+    width = 2 if f64 else 1
+    if block_c <= MAX_SINGLE_BLOCK // width:
+        block_r = max(1, min(64, 2048 // width // block_c))
+        regs = block_r * block_c * width  # float32 registers a tile holds
+        num_warps = 4 if regs <= 1024 else (8 if regs <= 4096 else 16)
         return block_r, block_c, True, num_warps
-    return 1, CHUNK_BLOCK, False, 8
+    return 1, CHUNK_BLOCK // width, False, 8
 
 
 def trajectory_loss_triton(
@@ -359,7 +375,7 @@ def trajectory_loss_triton(
         elif B > 0:
             host_scale = 1.0 / B
     if B > 0:
-        block_r, block_c, single, num_warps = _launch_config(C)
+        block_r, block_c, single, num_warps = _launch_config(C, f64)
         _trajectory_loss_kernel[(triton.cdiv(B, block_r),)](
             logits,
             target,

@@ -70,4 +70,22 @@ __device__ __forceinline__ void store4(T* p, const acc_t in[4]) {
   *reinterpret_cast<Pack4<T>*>(p) = v;
 }
 
+// Sum over the block (blockDim.x a multiple of 32, at most 1024), in a fixed order; every thread
+// gets the same total. Calls may follow each other without a barrier: the leading one keeps
+// this call's writes off part[] until every thread has read the previous call's.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v) {
+  __shared__ T part[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  __syncthreads();
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  v = lane < warps ? part[lane] : T(0);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 }  // namespace saf::cuda

@@ -203,31 +203,14 @@ __device__ __forceinline__ void dispatch_dtype(int32_t dt, F&& f) {
   }
 }
 
-// Sum over the block; the result is valid in thread 0. Fixed shuffle and shared-memory order.
-template <typename acc_t>
-__device__ __forceinline__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t warp_part[32];
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_part[warp] = v;
-  __syncthreads();
-  v = acc_t(0);
-  if (warp == 0) {
-    const int nw = (blockDim.x + 31) / 32;
-    v = lane < nw ? warp_part[lane] : acc_t(0);
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
-  }
-  return v;
-}
-
-// Sum of n partials by one block in a fixed order (strided per thread, then a tree); valid in
-// thread 0.
+// Sum of n partials by one block of kFinalizeThreads threads in a fixed order (strided per
+// thread, then a tree); valid in thread 0. Calls may follow each other without a barrier: the
+// leading one keeps this call's writes off part[] until every thread is past the previous call.
 __device__ __forceinline__ double sum_partials(const double* partials, int64_t n) {
   __shared__ double part[kFinalizeThreads];
   double s = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += partials[i];
+  __syncthreads();
   part[threadIdx.x] = s;
   __syncthreads();
   for (int w = kFinalizeThreads / 2; w > 0; w /= 2) {
