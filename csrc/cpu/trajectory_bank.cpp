@@ -19,6 +19,7 @@
 #include "cpu/kernels/kernels.h"
 #include "saf/trajectory_bank.h"
 #include "saf/trajectory_loss.h"
+#include "trajectory_targets.h"
 
 namespace saf::cpu {
 
@@ -85,14 +86,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> saf_bank_step_cpu(
                        label_smoothing);
   const at::Tensor logits = rows_contiguous(logits_in);
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
-  // Class labels, or probability targets [B, C] (every row labelled).
-  const bool soft = labels_in && is_probability_targets(*labels_in);
-  at::Tensor labels, probs;
-  if (soft) {
-    probs = rows_contiguous(*labels_in);
-  } else if (labels_in) {
-    labels = labels_in->to(at::kLong).contiguous();
-  }
+  // Class labels, or probability targets [B, C] (every row labelled; read in their own dtype).
+  const SplitTargets targets = split_targets(labels_in);
+  const at::Tensor &labels = targets.labels, &probs = targets.probs;
+  const bool soft = probs.defined();
   const int64_t B = logits.size(0), C = logits.size(1), N = values.size(0), S = values.size(1);
   const int64_t slot = epoch % S;
   const int64_t* id = ids.data_ptr<int64_t>();

@@ -9,6 +9,7 @@
 #include "cpu/kernels/kernels.h"
 #include "saf/trajectory_loss.h"
 #include "torch_utils.h"
+#include "trajectory_targets.h"
 
 namespace saf::cpu {
 
@@ -40,13 +41,10 @@ std::tuple<at::Tensor, at::Tensor> trajectory_loss_cpu(const at::Tensor& logits_
   check_trajectory_loss_args(logits_in, target_in, labels_in, temperature, label_smoothing, reduction);
   const at::Tensor logits = rows_contiguous(logits_in);
   const at::Tensor target = rows_contiguous(target_in);
-  const bool soft = labels_in && is_probability_targets(*labels_in);
-  at::Tensor labels, probs;
-  if (soft) {
-    probs = rows_contiguous(*labels_in);
-  } else if (labels_in) {
-    labels = labels_in->to(at::kLong).contiguous();
-  }
+  // Class labels, or probability targets [B, C] (every row labelled; read in their own dtype).
+  const SplitTargets targets = split_targets(labels_in);
+  const at::Tensor &labels = targets.labels, &probs = targets.probs;
+  const bool soft = probs.defined();
 
   const int64_t B = logits.size(0), C = logits.size(1);
   const bool f64 = logits.scalar_type() == at::kDouble || target.scalar_type() == at::kDouble;

@@ -8,6 +8,7 @@
 #include "cuda/cuda_check.h"
 #include "bank_checks.h"
 #include "cuda/trajectory_bank_launchers.h"
+#include "trajectory_targets.h"
 
 namespace saf::cuda {
 
@@ -50,13 +51,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> saf_bank_step_cuda(
   const at::Tensor logits = rows_contiguous(logits_in);
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
   // Class labels, or probability targets [B, C] (every row labelled; read in their own dtype).
-  const bool soft = labels_in && is_probability_targets(*labels_in);
-  at::Tensor labels, probs;
-  if (soft) {
-    probs = rows_contiguous(*labels_in);
-  } else if (labels_in) {
-    labels = labels_in->to(at::kLong).contiguous();
-  }
+  const SplitTargets targets = split_targets(labels_in);
+  const at::Tensor &labels = targets.labels, &probs = targets.probs;
+  const bool soft = probs.defined();
   const int64_t B = logits.size(0), C = logits.size(1), N = values.size(0), S = values.size(1);
   const bool f64 = logits.scalar_type() == at::kDouble;
   const auto opts = logits.options();

@@ -6,6 +6,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/launchers.h"
 #include "torch_utils.h"
+#include "trajectory_targets.h"
 
 namespace saf::cuda {
 
@@ -23,14 +24,10 @@ std::tuple<at::Tensor, at::Tensor> trajectory_loss_cuda(const at::Tensor& logits
   const bool f64 = logits.scalar_type() == at::kDouble || target.scalar_type() == at::kDouble;
   const at::Tensor logits_k = f64 ? logits.to(at::kDouble) : logits;
   if (f64) target = target.to(at::kDouble);
-  // Class labels, or probability targets [B, C] read in their own dtype (no conversion pass).
-  const bool soft = labels_in && is_probability_targets(*labels_in);
-  at::Tensor labels, probs;
-  if (soft) {
-    probs = rows_contiguous(*labels_in);
-  } else if (labels_in) {
-    labels = labels_in->to(at::kLong).contiguous();
-  }
+  // Class labels, or probability targets [B, C] (every row labelled; read in their own dtype).
+  const SplitTargets targets = split_targets(labels_in);
+  const at::Tensor &labels = targets.labels, &probs = targets.probs;
+  const bool soft = probs.defined();
 
   const int64_t B = logits.size(0), C = logits.size(1);
   const auto acc = f64 ? at::kDouble : at::kFloat;
