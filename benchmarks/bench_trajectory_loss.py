@@ -12,7 +12,9 @@ from saf_kernels.bench import ops as op_bench
 from .conftest import DEVICE
 
 CASES = op_bench.trajectory_cases(DEVICE, quick=False)
-PROVIDERS = ["saf_kernels[cpu]", "saf_kernels[cuda]", "saf_kernels[triton]", "eager", "compile"]
+# ce+kl[...]: saf_loss_soft's two-pass alternative (F.cross_entropy on probabilities + the fused KL).
+PROVIDERS = ["saf_kernels[cpu]", "saf_kernels[cuda]", "saf_kernels[triton]", "ce+kl[cpu]", "ce+kl[cuda]",
+             "ce+kl[triton]", "eager", "compile"]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -66,7 +66,7 @@ inline void check_epoch(const char* fn, int64_t epoch) {
 inline void check_bank_step_args(const at::Tensor& logits, const std::optional<at::Tensor>& labels,
                                  const at::Tensor& ids, const at::Tensor& values, const at::Tensor& epochs,
                                  const at::Tensor& claims, const at::Tensor& state, int64_t epoch,
-                                 double temperature) {
+                                 double temperature, double label_smoothing) {
   const char* fn = "saf_kernels.saf_bank_step";
   TORCH_CHECK(logits.dim() == 2, fn, ": logits must be 2-D [B, C], got shape ", logits.sizes());
   TORCH_CHECK(logits.size(1) > 0, fn, ": logits need at least one class");
@@ -76,12 +76,9 @@ inline void check_bank_step_args(const at::Tensor& logits, const std::optional<a
   check_epoch(fn, epoch);
   check_ids(fn, ids, logits.size(0), logits.device());
   if (labels) {
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == logits.size(0), fn, ": labels must have shape [",
-                logits.size(0), "], got ", labels->sizes());
-    TORCH_CHECK(labels->scalar_type() == at::kLong || labels->scalar_type() == at::kInt, fn,
-                ": labels must be int64 or int32, got ", labels->scalar_type());
-    TORCH_CHECK(labels->device() == logits.device(), fn, ": labels are on ", labels->device(),
-                " but logits are on ", logits.device());
+    check_targets(fn, *labels, logits);
+    TORCH_CHECK(!is_probability_targets(*labels) || label_smoothing == 0.0, fn, ": label_smoothing (",
+                label_smoothing, ") applies to class-index labels; fold it into the probability targets");
   }
   check_bank_storage(fn, values, epochs, claims, state, logits.size(1), logits.device());
 }

@@ -51,6 +51,45 @@ def trajectory_kl_loss(
     return out.to(logits.dtype)
 
 
+def check_probabilities(targets: torch.Tensor, fn: str) -> None:
+    """Raise ``ValueError`` for a negative or non-finite probability target, on CPU tensors only
+    (elsewhere the check would be a host synchronisation: those rows become NaN instead)."""
+    if targets.device.type != "cpu":
+        return
+    bad = (targets < 0) | ~torch.isfinite(targets)
+    if bool(bad.any()):
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{fn}: probability targets must be finite and >= 0; row {r} holds "
+                         f"{float(targets[r, c]):g} at column {c}")  # as the C++ kernels print it
+
+
+def ce_rows(z: torch.Tensor, targets: torch.Tensor, label_smoothing: float, ignore_index: int,
+            fn: str = "saf_kernels.saf_loss") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy of ``z`` (already in the compute dtype) and which rows count.
+
+    ``targets``: class indices ``[B]`` (rows equal to ``ignore_index`` count for nothing) or
+    probabilities ``[B, C]`` (every row counts; ``-sum(y * log_softmax(z))``, as
+    ``F.cross_entropy`` with probability targets; a row with a negative or non-finite
+    probability raises on CPU tensors and is NaN elsewhere). Rows that do not count are masked
+    before the softmax, so that neither their loss nor their gradient sees their values.
+    """
+    if targets.is_floating_point():
+        if label_smoothing != 0:
+            raise ValueError(f"{fn}: label_smoothing ({label_smoothing}) applies to class-index labels; fold it into "
+                             "the probability targets")
+        check_probabilities(targets, fn)
+        y = targets.to(z.dtype)
+        bad = ((y < 0) | ~torch.isfinite(y)).any(-1)
+        ce = F.cross_entropy(z, y, reduction="none")
+        ce = torch.where(bad, torch.full((), float("nan"), dtype=z.dtype, device=z.device), ce)
+        return ce, torch.ones(z.shape[:1], dtype=torch.bool, device=z.device)
+    valid = targets != ignore_index
+    zs = torch.where(valid[:, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
+    ce = F.cross_entropy(zs, targets.long(), reduction="none", label_smoothing=label_smoothing,
+                         ignore_index=ignore_index)
+    return ce, valid
+
+
 def saf_loss_rows(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -60,14 +99,13 @@ def saf_loss_rows(
     label_smoothing: float,
     ignore_index: int,
 ) -> torch.Tensor:
-    """Per-row ``CE + lam * T^2 * KL`` (0 on rows whose label is ``ignore_index``)."""
+    """Per-row ``CE + lam * T^2 * KL`` (0, with no gradient, on rows whose label is
+    ``ignore_index``). ``labels`` are class indices ``[B]`` or probability targets ``[B, C]``."""
     dt = _compute_dtype(logits, target_logits)
     z = logits.to(dt)
-    valid = labels != ignore_index
-    ce = F.cross_entropy(
-        z, labels.long(), reduction="none", label_smoothing=label_smoothing, ignore_index=ignore_index
-    )
-    rows = ce + lam * trajectory_kl_rows(z, target_logits, temperature)
+    ce, valid = ce_rows(z, labels, label_smoothing, ignore_index)
+    zs = torch.where(valid[:, None], z, torch.zeros((), dtype=dt, device=z.device))
+    rows = ce + lam * trajectory_kl_rows(zs, target_logits, temperature)
     return torch.where(valid, rows, torch.zeros((), dtype=dt, device=rows.device))
 
 
@@ -80,10 +118,14 @@ def saf_loss(
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """Reference of :func:`saf_kernels.saf_loss`: mean over non-ignored rows (0 if there are none)."""
+    """Reference of :func:`saf_kernels.saf_loss`: mean over the rows that count (every row with
+    probability targets; those not ``ignore_index`` with class labels; 0 if there are none)."""
     rows = saf_loss_rows(logits, labels, target_logits, lam, temperature, label_smoothing, ignore_index)
-    n = (labels != ignore_index).sum().clamp(min=1)
-    return (rows.sum() / n).to(logits.dtype)
+    if labels.is_floating_point():
+        n = torch.full((), rows.shape[0], device=rows.device)
+    else:
+        n = (labels != ignore_index).sum()
+    return (rows.sum() / n.clamp(min=1)).to(logits.dtype)
 
 
 def saf_official_loss(
@@ -160,7 +202,11 @@ def saf_bank_step(
     slot = epoch % S
     ids = ids.long()
     _bank_check_ids(ids, N, fn, duplicates_are_errors=True)
-    if labels is not None:
+    soft = labels is not None and labels.is_floating_point()
+    if soft:
+        check_probabilities(labels.cpu(), fn)
+        labelled = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    elif labels is not None:
         labels = labels.long()
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= C))
         if bool(bad.any()):
@@ -181,11 +227,13 @@ def saf_bank_step(
     z = logits.to(dt)
     loss = torch.zeros((), dtype=dt, device=logits.device)
     if labels is not None:
-        ce = F.cross_entropy(z, labels, reduction="none", label_smoothing=label_smoothing, ignore_index=ignore_index)
+        ce, _ = ce_rows(z, labels, label_smoothing, ignore_index, fn)
         loss = loss + ce_weight * ce.sum() / n.clamp(min=1)
-    # Rows without a past entry never read their slot (it may hold anything, NaN included).
+    # Rows without a past entry never read their slot (it may hold anything, NaN included), and a
+    # row in neither term is not read at all: its loss and gradient are 0 whatever its values.
     target = torch.where(has[:, None], past.to(dt), torch.zeros((), dtype=dt, device=past.device))
-    kl = torch.where(has, trajectory_kl_rows(z, target, temperature), torch.zeros((), dtype=dt, device=z.device))
+    zk = torch.where(has[:, None], z, torch.zeros((), dtype=dt, device=z.device))
+    kl = torch.where(has, trajectory_kl_rows(zk, target, temperature), torch.zeros((), dtype=dt, device=z.device))
     loss = loss + kl_weight * kl.sum() / m.clamp(min=1)
     if record:
         with torch.no_grad():

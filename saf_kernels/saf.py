@@ -3,7 +3,7 @@
 - :class:`TrajectoryBank`: every sample's logits from ``delay`` epochs ago, kept by global sample
   id on the GPU (or in pinned host memory), read, scored and overwritten by one fused kernel per
   step, with no host synchronisation, and kept identical on every rank under DDP.
-- :class:`SAF`: ``loss = saf(logits, labels, sample_ids, epoch)``: cross-entropy plus, from
+- :class:`SAF`: ``loss = saf(logits, targets, sample_ids, epoch)``: cross-entropy plus, from
   ``start_epoch`` on, ``lam * T^2 * KL(softmax(past/T) || softmax(logits/T))`` against the bank.
 - :class:`MESA`: the same loss against an EMA teacher of the model (``mesa.update()`` after each
   optimizer step is one fused multi-tensor op).
@@ -44,6 +44,18 @@ _INT64_MIN = -(2**63)
 def _check_int(name: str, value, lo: int, fn: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
         raise ValueError(f"{fn}: {name} must be an int >= {lo}, got {value!r}")
+    return int(value)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for all work on ``device`` (every stream), if it is a CUDA device."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_ignore_index(value, fn: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {value!r}")
     return int(value)
 
 
@@ -203,10 +215,18 @@ class TrajectoryBank:
         self._state = self._state.to(device)
         return self
 
+    def _wait_for_device(self) -> None:
+        """Before the host writes a pinned bank: wait for the device work still reading or writing
+        it (the steps' kernels reach pinned memory over PCIe, on whatever stream they ran). One
+        host sync; only reset and load_state_dict need it, never the step."""
+        if self.pin_memory and self._state is not None:
+            _synchronize(self._state.device)
+
     def reset(self) -> None:
         """Forget every entry (all tags empty) and clear the error flags."""
         if self._state is None:
             return
+        self._wait_for_device()
         self.epochs.fill_(-1)
         self.values.zero_()
         self._claims.zero_()
@@ -235,7 +255,7 @@ class TrajectoryBank:
     def step(
         self,
         logits: torch.Tensor,
-        labels: torch.Tensor | None,
+        targets: torch.Tensor | None,
         sample_ids: torch.Tensor,
         epoch: int,
         lam: float = 0.3,
@@ -246,10 +266,12 @@ class TrajectoryBank:
     ) -> torch.Tensor:
         """The fused step: ``CE + lam * T^2 * KL(past || logits)`` and its gradient, then record.
 
-        ``loss = sum(CE) / n + lam * T^2 * sum(KL) / m``: n rows whose label is not
-        ``ignore_index`` (``labels=None`` drops the CE term), m of them with an entry from exactly
-        ``delay`` epochs ago (none if ``use_past`` is False). The counts ``[n, m]`` stay on the
-        device in :attr:`last_counts`. The current logits are recorded in every case.
+        ``targets``: class indices ``[B]``, probability targets ``[B, C]`` (mixup / cutmix, label
+        smoothing folded in), or None (no CE term). ``loss = sum(CE) / n + lam * T^2 * sum(KL) / m``:
+        n rows that count for the CE (labels not ``ignore_index``; every row with probability
+        targets or without targets), m of them with an entry from exactly ``delay`` epochs ago
+        (none if ``use_past`` is False). The counts ``[n, m]`` stay on the device in
+        :attr:`last_counts`. The current logits are recorded in every case.
 
         Returns the scalar loss in ``logits.dtype``; ``backward()`` reaches ``logits`` only.
         """
@@ -259,7 +281,7 @@ class TrajectoryBank:
         self._last_epoch = epoch
         group = self._group()
         loss, counts = _tb.trajectory_bank_step(
-            logits, labels, sample_ids, *self._tensors, epoch, lam, temperature, label_smoothing, ignore_index,
+            logits, targets, sample_ids, *self._tensors, epoch, lam, temperature, label_smoothing, ignore_index,
             use_past, record=group is None, backend=self.backend,
         )
         if group is not None:
@@ -356,6 +378,7 @@ class TrajectoryBank:
             # the checkpoint is copied in (wherever torch.load mapped it).
             self._pending = (state_dict["values"], state_dict["epochs"])
             return
+        self._wait_for_device()
         self.values.copy_(state_dict["values"])
         self.epochs.copy_(state_dict["epochs"])
         self._claims.zero_()
@@ -369,9 +392,9 @@ class TrajectoryBank:
 
 
 class SAF:
-    """Sharpness-Aware training for Free: ``loss = saf(logits, labels, sample_ids, epoch)``.
+    """Sharpness-Aware training for Free: ``loss = saf(logits, targets, sample_ids, epoch)``.
 
-    ``CE(logits, labels) + lam * T^2 * KL(softmax(past / T) || softmax(logits / T))``, where
+    ``CE(logits, targets) + lam * T^2 * KL(softmax(past / T) || softmax(logits / T))``, where
     ``past`` are the sample's logits recorded ``delay`` epochs earlier (:class:`TrajectoryBank`).
     Logits are recorded every epoch; the trajectory term applies from ``epoch >= start_epoch``
     (0-based epochs; the official code's ``epoch > kl_start_epoch`` starts one epoch later). Samples
@@ -422,15 +445,16 @@ class SAF:
         self.temperature = _tb._check_real("temperature", temperature, fn, positive=True)
         self.start_epoch = _check_int("start_epoch", start_epoch, 0, fn)
         self.label_smoothing = _tb._check_real("label_smoothing", label_smoothing, fn, lo=0.0, hi=1.0)
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = _check_ignore_index(ignore_index, fn)
         self.bank = TrajectoryBank(num_samples, num_classes, delay, dtype, device, pin_memory, process_group,
                                    check_every_step, backend)
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor | None, sample_ids: torch.Tensor,
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor | None, sample_ids: torch.Tensor,
                  epoch: int) -> torch.Tensor:
-        """The loss for this batch (``labels=None``: the trajectory term only, e.g. to add to a
-        mixup cross-entropy computed elsewhere). Records ``logits`` for ``epoch + delay``."""
-        return self.bank.step(logits, labels, sample_ids, epoch, self.lam, self.temperature, self.label_smoothing,
+        """The loss for this batch. ``targets``: class indices ``[B]``, or probability targets
+        ``[B, C]`` (mixup / cutmix with any label smoothing folded in; then ``label_smoothing``
+        must be 0), or None (the trajectory term only). Records ``logits`` for ``epoch + delay``."""
+        return self.bank.step(logits, targets, sample_ids, epoch, self.lam, self.temperature, self.label_smoothing,
                               self.ignore_index, use_past=epoch >= self.start_epoch)
 
     @property
@@ -461,7 +485,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 class MESA:
     """Memory-Efficient Sharpness-Aware training: the SAF loss against an EMA teacher.
 
-    ``loss = mesa(logits, labels, inputs, epoch)`` is ``CE + lam * T^2 * KL(softmax(teacher(inputs)/T)
+    ``loss = mesa(logits, targets, inputs, epoch)`` is ``CE + lam * T^2 * KL(softmax(teacher(inputs)/T)
     || softmax(logits/T))`` from ``epoch >= start_epoch`` on (0-based), plain CE before (the teacher
     is not run then). Call :meth:`update` after every ``optimizer.step()``: ``teacher = decay *
     teacher + (1 - decay) * model`` over all parameters and floating buffers, one fused multi-tensor
@@ -511,7 +535,7 @@ class MESA:
         self.decay = _tb._check_real("decay", decay, fn, lo=0.0, hi=1.0)
         self.start_epoch = _check_int("start_epoch", start_epoch, 0, fn)
         self.label_smoothing = _tb._check_real("label_smoothing", label_smoothing, fn, lo=0.0, hi=1.0)
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = _check_ignore_index(ignore_index, fn)
         self.backend = backend
         if teacher_autocast not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"{fn}: teacher_autocast must be None, torch.bfloat16 or torch.float16, got "
@@ -556,19 +580,22 @@ class MESA:
         with torch.autocast(device.type, dtype=self.teacher_autocast):
             return self.teacher(*args)
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, inputs=None, epoch: int = 0,
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, inputs=None, epoch: int = 0,
                  teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss for this batch. Give the model's ``inputs`` (the teacher runs on them) or
-        precomputed ``teacher_logits``; neither is needed before ``start_epoch``."""
+        """The loss for this batch. ``targets``: class indices ``[B]`` or probability targets
+        ``[B, C]`` (mixup / cutmix with any label smoothing folded in; ``label_smoothing`` must then
+        be 0). Give the model's ``inputs`` (the teacher runs on them) or precomputed
+        ``teacher_logits``; neither is needed before ``start_epoch``. ``epoch`` is 0-based."""
+        epoch = _tb.check_epoch(epoch, "saf_kernels.MESA")
         if epoch < self.start_epoch:
             # Cross-entropy alone, through the same fused kernel (the target is not used at weight 0).
-            return _saf_loss(logits, labels, logits.detach(), 0.0, self.temperature, self.label_smoothing,
+            return _saf_loss(logits, targets, logits.detach(), 0.0, self.temperature, self.label_smoothing,
                              self.ignore_index, backend=self.backend)
         if teacher_logits is None:
             if inputs is None:
                 raise ValueError("saf_kernels.MESA: give the model's inputs or teacher_logits from start_epoch on")
             teacher_logits = self.teacher_logits(inputs)
-        return _saf_loss(logits, labels, teacher_logits, self.lam, self.temperature, self.label_smoothing,
+        return _saf_loss(logits, targets, teacher_logits, self.lam, self.temperature, self.label_smoothing,
                          self.ignore_index, backend=self.backend)
 
     def state_dict(self) -> dict:

@@ -11,11 +11,12 @@ from saf_kernels.bench.__main__ import main
 
 def test_bench_quick_runs(tmp_path, capsys):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = main(["--quick", "--ops", "saf_loss", "--methods", "sgd", "--no-compile", "--no-progress",
+    rc = main(["--quick", "--ops", "saf_loss,saf_loss_soft", "--methods", "sgd", "--no-compile", "--no-progress",
                "--json", str(out), "--plot", str(png)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "saf_loss" in text and "vs eager" in text and "sgd" in text
+    assert "two passes / one" in text  # probability targets beside class indices
     data = json.loads(out.read_text())
     assert data["environment"]["torch"]
     ops = [r for r in data["results"] if r["kind"] == "op"]

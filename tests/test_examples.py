@@ -60,6 +60,19 @@ def test_train_under_torchrun(tmp_path, method):
     assert res["train_acc"] > 0.5, res["history"]
 
 
+def test_mixup_mesa_example():
+    """python/mixup_mesa.py: mixup / cutmix / label-smoothed probability targets through MESA's
+    fused loss, a few steps per epoch, the trajectory term on from the second epoch."""
+    import mixup_mesa
+
+    res = mixup_mesa.main(["--epochs", "3", "--start-epoch", "1", "--max-steps", "6", "--width", "8",
+                           "--switch-prob", "0.5", "--device", "cpu", "--quiet"])
+    hist = res["history"]
+    assert len(hist) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert sum(h["batches"]["mixup"] for h in hist) > 0 and sum(h["batches"]["cutmix"] for h in hist) > 0
+    assert res["test_acc"] > 0.3, hist  # 10 classes: chance is 10% (18 mixed batches: noisy)
+
+
 def test_physical_sat_smoke(tmp_path):
     """python/physical_sat.py in its smoke mode writes the issue's JSON schema."""
     physical_sat = pytest.importorskip("physical_sat")

@@ -16,9 +16,12 @@ does" (same NaN / inf positions, everything else to the dtype's tolerance):
 - ema_update_: a NaN / inf in the model propagates to that element of the EMA (any decay).
 - rsam_noise_: a NaN / inf weight makes the noise of its whole output unit non-finite.
 
-The strict xfail tests at the end pin what the properties found: with labels=None the bank
-step's loss is NaN from a row that contributes nothing (the reference: 0); sam_restore_sgd_ raises
-on an empty list with momentum != 0; with ``eps = 0`` a zero gradient is 0/0, NaN weights.
+- saf_bank_step: a NaN logit makes the loss NaN if its row takes part in a term (a label not
+  ignored, or a past entry); a row in neither term counts for nothing (0), as the reference
+  (test_bank_step_nan_row_without_labels).
+
+The tests at the end pin what the properties once found: sam_restore_sgd_ on an empty list with
+momentum != 0 is a no-op; with ``eps = 0`` a zero gradient perturbs nothing (no 0/0).
 """
 
 from __future__ import annotations
@@ -812,8 +815,6 @@ def _bank_property(p, backend):
     assert torch.equal(bank[1], ref_bank[1]), what + " tags"
     torch.testing.assert_close(bank[0], ref_bank[0], rtol=0, atol=0, equal_nan=True)
     assert int(bank[2].abs().sum()) == 0 and int(bank[3][0]) == 0, "claims released, no error flag"
-    if p["nan_row"] and B and not p["labels"]:
-        return  # known discrepancy of the loss: test_bank_step_nan_row_without_labels below
     # float32 arithmetic (float64 logits: the Triton kernel's scalar arguments are float32); the
     # KL terms carry cancellation error ~ eps * T^2 * (log C + 1 + |z| / T).
     tol = p["dtype"] if p["dtype"] != torch.float64 or backend == "cpu" else torch.float32
@@ -865,16 +866,10 @@ def test_bank_record_property(backend):
     run()
 
 
-# ---------------------------------------------------------------------------------------------
-# Known discrepancies, found by the properties above (strict xfails: they fail while the bug is
-# there, and pass -- failing the suite -- once it is fixed, so that the mark gets removed).
-# ---------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(strict=True, reason="with labels=None a NaN row that has no past entry (no CE term, no KL "
-                                       "term) still makes the kernels' loss NaN; the reference gives 0")
 def test_bank_step_nan_row_without_labels(backend):
+    """Found by the property above (then a strict xfail): with labels=None a NaN row without a past
+    entry takes part in no term and counts for nothing, on every backend as in the reference."""
     skip_unless_available(backend, "cpu", "saf_bank_step")
     p = dict(N=1, S=1, C=3, epoch=0, bank_dtype=torch.float32, valid=0.0)
     bank = _bank(p, torch.Generator().manual_seed(0))

@@ -168,6 +168,90 @@ def test_step_variants(backend, device):
 
 
 @pytest.mark.parametrize(("backend", "device"), ALL_PAIRS)
+def test_one_column_views_and_expanded_logits(backend, device):
+    """A [B, 1] view of wider logits keeps its row stride: the step reads (and records) each row's
+    own element, never its neighbours' (NaN here); expanded logits (row stride 0) read one row."""
+    _skip(backend, device)
+    N, S, B, epoch = 8, 2, 5, 3
+    bank = make_bank(N, S, 1, torch.float32, device)
+    random_history(bank, epoch, p_valid=1.0)
+    big = torch.randn(B, 4, device=device)
+    big[:, 1:] = float("nan")
+    z = big[:, :1].detach().requires_grad_()
+    ids = batch_ids(N, B).to(device)
+    y = torch.zeros(B, dtype=torch.long, device=device)
+    loss, counts = _run(backend, z, y, ids, bank, epoch, 0.3, 2.0, 0.0, -100)
+    assert loss.item() == 0.0 and counts.tolist() == [B, B]  # one class: CE = KL = 0
+    assert torch.equal(torch.autograd.grad(loss, z)[0], torch.zeros_like(z))
+    assert torch.equal(bank[0][ids, epoch % S], z.detach())
+    C = 37
+    bank = make_bank(N, S, C, torch.float32, device)
+    random_history(bank, epoch, p_valid=1.0)
+    zc = torch.randn(1, C, device=device).expand(B, C).detach().requires_grad_()
+    ref_loss, ref_g, ref_counts, ref_bank = _reference(zc, y, ids, bank, epoch, 0.3, 2.0, 0.0, -100)
+    loss, counts = _run(backend, zc, y, ids, bank, epoch, 0.3, 2.0, 0.0, -100)
+    assert_close(loss, ref_loss, torch.float32, "expanded loss")
+    assert_close(torch.autograd.grad(loss, zc)[0], ref_g, torch.float32, "expanded grad")
+    assert torch.equal(bank[0], ref_bank[0]) and torch.equal(bank[1], ref_bank[1])
+
+
+@pytest.mark.parametrize(("backend", "device"), ALL_PAIRS)
+def test_nan_rows_count_only_where_they_take_part(backend, device):
+    """Policy (every backend, the reference included): NaN in a row's logits makes the loss NaN
+    if the row takes part in a term (a label not ignored, or a past entry); a row in neither term
+    (labels=None or ignore_index, and no past entry) contributes 0 loss and 0 gradient."""
+    _skip(backend, device)
+    N, S, C, B, epoch = 10, 2, 6, 4, 3
+    for labels_on in (False, True):
+        bank = make_bank(N, S, C, torch.float32)
+        random_history(bank, epoch, p_valid=1.0)
+        ids = torch.tensor([1, 4, 6, 8])
+        bank[1][ids[0], epoch % S] = -1  # row 0: no past entry
+        bank = [x.to(device) for x in bank]
+        ids = ids.to(device)
+        y = torch.tensor([-100, 1, 2, 3], device=device) if labels_on else None
+        z = torch.randn(B, C, device=device)
+        z[0, 2] = float("nan")
+        z.requires_grad_()
+        ref_loss, _, ref_counts, _ = _reference(z, y, ids, bank, epoch, 0.3, 2.0, 0.0, -100)
+        loss, counts = _run(backend, z, y, ids, [x.clone() for x in bank], epoch, 0.3, 2.0, 0.0, -100)
+        (g,) = torch.autograd.grad(loss, z)
+        assert torch.isfinite(ref_loss) and torch.isfinite(loss), (labels_on, loss)
+        assert_close(loss, ref_loss, torch.float32, f"labels={labels_on}")
+        assert torch.equal(g[0], torch.zeros_like(g[0])) and torch.isfinite(g).all()
+        # The same NaN in a row that takes part: NaN.
+        z2 = z.detach().clone()
+        z2[1, 0] = float("nan")
+        loss2, _ = _run(backend, z2, y, ids, [x.clone() for x in bank], epoch, 0.3, 2.0, 0.0, -100)
+        assert torch.isnan(loss2)
+
+
+def test_pinned_bank_reset_and_load_wait_for_the_device(monkeypatch):
+    """reset() and load_state_dict() of a pinned-host bank write it with CPU ops: they must first
+    wait for the device work still reading and writing it (the steps' kernels). Checked on the CPU
+    by standing in for the device synchronisation and looking at the bank when it is called: it
+    must still hold what the steps wrote."""
+    import saf_kernels.saf as saf_mod
+
+    bank = sk.TrajectoryBank(6, 4, delay=2, dtype=torch.float32, device="cpu")
+    bank.step(torch.randn(3, 4), None, torch.arange(3), 0)
+    saved = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in bank.state_dict().items()}
+    bank.step(torch.randn(3, 4), None, torch.arange(3, 6), 0)
+    seen = []
+    monkeypatch.setattr(saf_mod, "_synchronize", lambda device: seen.append(int((bank.epochs >= 0).sum())))
+    bank.load_state_dict(saved)
+    bank.reset()
+    assert seen == [], "no synchronisation for a bank on the device"
+    bank.step(torch.randn(2, 4), None, torch.arange(3, 5), 0)  # 2 entries; the checkpoint has 3
+    bank.pin_memory = True  # as a pinned bank: values and tags written by the device, over PCIe
+    bank.load_state_dict(saved)
+    assert seen == [2], "synchronised before the checkpoint overwrote the tags"
+    assert int((bank.epochs >= 0).sum()) == 3 and torch.equal(bank.values, saved["values"])
+    bank.reset()
+    assert seen == [2, 3] and int((bank.epochs >= 0).sum()) == 0
+
+
+@pytest.mark.parametrize(("backend", "device"), ALL_PAIRS)
 def test_empty_batch(backend, device):
     _skip(backend, device)
     bank = make_bank(5, 2, 4, device=device)
@@ -348,7 +432,7 @@ def test_bad_arguments_raise_clear_errors():
         (lambda: step(z.long(), y, ids, *bank, 0), TypeError, "float32, float16, bfloat16 or float64"),
         (lambda: step(z, y, ids.float(), *bank, 0), TypeError, "sample ids must be int64 or int32"),
         (lambda: step(z, y, ids[:2], *bank, 0), ValueError, r"sample ids must have shape \(3,\)"),
-        (lambda: step(z, y[:2], ids, *bank, 0), ValueError, r"labels must have shape \(3,\)"),
+        (lambda: step(z, y[:2], ids, *bank, 0), ValueError, r"class-index targets must have shape \(3,\)"),
         (lambda: step(torch.randn(3, 4), y, ids, *bank, 0), ValueError, "holds 5 classes but the logits have 4"),
         (lambda: step(z, y, ids, bank[0].double(), *bank[1:], 0), ValueError, "float32/bfloat16/float16"),
         (lambda: step(z, y, ids, bank[0], bank[1].long(), *bank[2:], 0), ValueError, "epochs must be a contiguous int32"),  # noqa: E501

@@ -116,6 +116,65 @@ def test_strided_rows_and_int32_labels(backend, device):
 
 
 @pytest.mark.parametrize(("backend", "device"), KERNEL_PAIRS)
+def test_one_column_views_and_expanded_inputs(backend, device):
+    """A [B, 1] view keeps its row stride (x[:, :1] of a wider x): the kernels must walk rows by
+    it, never by 1 (a NaN elsewhere in x would land in another row's loss); expanded inputs (row
+    stride 0) read their one row, in bounds."""
+    skip_unless_available(backend, device)
+    B = 6
+    big = torch.randn(B, 5, device=device)
+    big[:, 1:] = float("nan")  # only column 0 is read; a stride-1 walk of the rows reads these
+    z = big[:, :1].detach().requires_grad_()
+    t = torch.randn(B, 4, device=device)[:, 2:3]
+    y = torch.zeros(B, dtype=torch.long, device=device)
+    assert z.stride() == (5, 1) and t.stride() == (4, 1)
+    rows = sk.trajectory_kl_loss(z, t, 2.0, "none", backend=backend)
+    assert torch.equal(rows, torch.zeros_like(rows)), rows  # one class: KL = 0 exactly
+    out = sk.saf_loss(z, y, t, 0.3, 2.0, backend=backend)
+    assert out.item() == 0.0 and torch.equal(_grad(out, z), torch.zeros_like(z))
+    # Expanded: one row seen B times (row stride 0), with one and with many classes.
+    for C in (1, 37):
+        z1 = torch.randn(1, C, device=device).expand(B, C).detach().requires_grad_()
+        t1 = torch.randn(1, C, device=device).expand(B, C)
+        y1 = torch.randint(0, C, (B,), device=device)
+        assert z1.stride(0) == 0 and t1.stride(0) == 0
+        out = sk.saf_loss(z1, y1, t1, 0.5, 2.0, backend=backend)
+        ref, ref_g = _ref_grad(lambda a: reference.saf_loss(a, y1, t1, 0.5, 2.0), z1)
+        assert_close(out, ref, torch.float32, f"expanded C={C} loss")
+        assert_close(_grad(out, z1), ref_g, torch.float32, f"expanded C={C} grad")
+
+
+@pytest.mark.parametrize(("backend", "device"), KERNEL_PAIRS + [pytest.param("torch", "cpu", id="torch-cpu")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kl_value_when_tiny_against_large_logits(backend, device, dtype):
+    """Nearly identical, peaked distributions (large logits, low T, two classes and more): the KL
+    is ~1e-7 while the logits are ~30. The kernels' row loss must be within twice the error of the
+    reference formula evaluated in float32 (log_softmax, then sum p (log p - log q)), both against
+    float64, on the same rounded inputs. (The former formula, a difference of row-wide sums, was
+    10-100x off here; bfloat16 inputs, whose rows round to near-copies, made it worse.)"""
+    skip_unless_available(backend, device)
+    g = torch.Generator().manual_seed(0)
+    for C in (2, 3, 10, 100):
+        for T in (0.5, 1.0, 2.0, 5.0):
+            parts = []
+            for scale, delta, shift in ((10, 1e-2, 3.0), (20, 1e-3, 0.0), (30, 1e-3, 40.0), (5, 1e-4, 1.0),
+                                        (3, 1e-1, 0.0)):
+                z = torch.randn(16, C, dtype=torch.float64, generator=g) * scale
+                parts.append((z, z + delta * torch.randn(16, C, dtype=torch.float64, generator=g) + shift))
+            z = torch.cat([p[0] for p in parts]).to(device=device, dtype=dtype)
+            t = torch.cat([p[1] for p in parts]).to(device=device, dtype=dtype)
+            if backend == "torch":
+                rows = reference.trajectory_kl_rows(z, t, T)
+            else:  # the op's own rows, in float32: the public function rounds them to bfloat16
+                rows = tl_ops.fused_ops()[backend](z, t, None, T, 0.0, 1.0, 0.0, -100, 0, False)[0]
+            r64 = reference.trajectory_kl_rows(z.double(), t.double(), T)
+            r32 = reference.trajectory_kl_rows(z.float(), t.float(), T).double()
+            err = (rows.double() - r64).abs().max().item()
+            ref_err = (r32 - r64).abs().max().item()
+            assert err <= 2 * ref_err, f"{backend} {dtype} C={C} T={T}: error {err:.3g}, float32 reference {ref_err:.3g}"
+
+
+@pytest.mark.parametrize(("backend", "device"), KERNEL_PAIRS)
 def test_official_formula(backend, device):
     """saf_loss equals the loss as the official SAF code writes it."""
     skip_unless_available(backend, device)
@@ -298,8 +357,8 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: sk.trajectory_kl_loss(z, t, backend="cuda"), sk.BackendUnavailable, "needs cuda tensors"),
         (lambda: sk.trajectory_kl_loss(torch.randn(4, 0), torch.randn(4, 0)), ValueError, "at least one class"),
         (lambda: sk.trajectory_kl_loss(z, "t"), TypeError, "must be a torch.Tensor"),
-        (lambda: sk.saf_loss(z, y.float(), t), TypeError, "int64 or int32"),
-        (lambda: sk.saf_loss(z, y[:3], t), ValueError, r"labels must have shape \(4,\)"),
+        (lambda: sk.saf_loss(z, y.short(), t), TypeError, "int64 or int32"),
+        (lambda: sk.saf_loss(z, y[:3], t), ValueError, r"class-index targets must have shape \(4,\)"),
         (lambda: sk.saf_loss(z, y, t, label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0.0, 1.0\]"),
         (lambda: sk.saf_loss(z, y, t, lam=float("inf")), ValueError, "lam must be a finite number"),
         (lambda: sk.saf_loss(z, y, t, ignore_index=1.5), TypeError, "ignore_index must be an int"),

@@ -443,12 +443,19 @@ def launch_config_classes(limit: int = 1 << 17) -> list[int]:
     return out
 
 
+# The probability-target (SOFT) bank-step tiles the quick set compiles: C = 33 and 129 give the
+# float32 tiles 32 x 64 and 8 x 256, C = 5 the float64 tile 64 x 8 (4 warps), whose index-label
+# variants took the most registers (215-223 of 255 under Triton 3.6 for sm_90; 198 in float64).
+SOFT_QUICK = {"float32": (33, 129), "float64": (5,)}
+
+
 def record_launch_configs() -> list[Launch]:
     """Record (without running) the launches of every trajectory-loss and bank launch
     configuration, for every float dtype, with labels and gradient (the most live values), and
     of every row tile of ``rsam_noise``. Tagged ``launch-config``; ``quick`` marks the ones the
     quick set compiles: float32 logits with a bfloat16 bank (the float32 tiles' most live
-    values) and float64. Needs the interpreter hook."""
+    values) and float64; with probability targets, the tiles of ``SOFT_QUICK``. Needs the
+    interpreter hook."""
     import torch
 
     from saf_kernels.triton.rsam import rsam_noise
@@ -477,6 +484,18 @@ def record_launch_configs() -> list[Launch]:
                                      True, True)
                 with record_only(*tags(False)):
                     bank_record_triton(z, ids, values, epochs, claims, state, 3)
+            # Probability targets [B, C] (SOFT): one more tile of live values. Every configuration
+            # is recorded (make triton-sweep compiles them); the quick set compiles the bank step's
+            # tiles closest to the register limit (SOFT_QUICK).
+            p = torch.zeros(2, C, dtype=dt)
+            with record_only(*tags(False)):
+                trajectory_loss_triton(z, z, p, 2.0, 1.0, 0.3, 0.0, -100, 2, True)
+            bank_dt = torch.bfloat16 if name == "float32" else dt
+            values = torch.zeros(4, 2, C, dtype=bank_dt)
+            with record_only(*tags(C in SOFT_QUICK.get(name, ()))):
+                bank_step_triton(z, p, torch.arange(2), values, torch.full((4, 2), -1, dtype=torch.int32),
+                                 torch.zeros(4, dtype=torch.int32), torch.zeros(8, dtype=torch.int64), 2, 2.0, 1.0,
+                                 0.3, 0.0, -100, True, True, True)
     with record_only(*tags(False)):
         for name in FLOAT_DTYPES:
             dt = getattr(torch, name)

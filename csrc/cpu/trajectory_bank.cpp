@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <atomic>
 #include <utility>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "cpu/kernels/kernels.h"
 #include "saf/trajectory_bank.h"
 #include "saf/trajectory_loss.h"
+#include "trajectory_targets.h"
 
 namespace saf::cpu {
 
@@ -30,6 +32,26 @@ static RowsFn bank_rows_for(Isa isa) {
 #endif
   (void)isa;
   return &DEFAULT::trajectory_loss_rows;
+}
+
+// The first row of probability targets holding a negative or non-finite value, or -1.
+static int64_t first_bad_probability_row(const at::Tensor& probs) {
+  using CheckFn = int64_t (*)(const void*, DType, int64_t, int64_t, int64_t, int64_t);
+  CheckFn check = &DEFAULT::probability_check_rows;
+#if defined(SAF_KERNELS_X86)
+  if (cpu_isa() == Isa::AVX512) check = &AVX512::probability_check_rows;
+  if (cpu_isa() == Isa::AVX2) check = &AVX2::probability_check_rows;
+#endif
+  const DType dt = to_dtype(probs.scalar_type());
+  const int64_t B = probs.size(0), C = probs.size(1), stride = row_stride(probs);
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    const int64_t r = check(probs.data_ptr(), dt, stride, C, begin, end);
+    int64_t cur = bad.load();
+    while (r >= 0 && (cur < 0 || r < cur) && !bad.compare_exchange_weak(cur, r)) {
+    }
+  });
+  return bad.load();
 }
 
 // Raises IndexError for an id outside [0, N); with duplicates_are_errors raises ValueError for an
@@ -60,11 +82,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> saf_bank_step_cpu(
     int64_t epoch, double temperature, double ce_weight, double kl_weight, double label_smoothing,
     int64_t ignore_index, bool use_past, bool record, bool need_grad) {
   const char* fn = "saf_kernels.saf_bank_step";
-  check_bank_step_args(logits_in, labels_in, ids_in, values, epochs, claims, state, epoch, temperature);
+  check_bank_step_args(logits_in, labels_in, ids_in, values, epochs, claims, state, epoch, temperature,
+                       label_smoothing);
   const at::Tensor logits = rows_contiguous(logits_in);
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
-  at::Tensor labels;
-  if (labels_in) labels = labels_in->to(at::kLong).contiguous();
+  // Class labels, or probability targets [B, C] (every row labelled; read in their own dtype).
+  const SplitTargets targets = split_targets(labels_in);
+  const at::Tensor &labels = targets.labels, &probs = targets.probs;
+  const bool soft = probs.defined();
   const int64_t B = logits.size(0), C = logits.size(1), N = values.size(0), S = values.size(1);
   const int64_t slot = epoch % S;
   const int64_t* id = ids.data_ptr<int64_t>();
@@ -77,6 +102,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> saf_bank_step_cpu(
       TORCH_CHECK_INDEX(y[i] == ignore_index || (y[i] >= 0 && y[i] < C), fn, ": label ", y[i], " of row ", i,
                         " is outside [0, ", C, ") and is not ignore_index (", ignore_index, ")");
     }
+  }
+  if (soft) {
+    // One vectorised read of the targets: the kernel records as it goes, so a bad row found
+    // there would leave the bank half written.
+    const int64_t bad = first_bad_probability_row(probs);
+    TORCH_CHECK_VALUE(bad < 0, fn, ": ", bad >= 0 ? bad_probability_message(probs, bad) : std::string());
   }
 
   // The pre-pass: row modes and the two counts.
@@ -112,6 +143,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> saf_bank_step_cpu(
                          label_smoothing, ignore_index, 1.0};
   a.target_index = id;
   a.row_mode = mode.data();
+  if (soft) {
+    a.soft = probs.data_ptr();
+    a.soft_stride = row_stride(probs);
+    a.soft_dtype = to_dtype(probs.scalar_type());
+  }
 
   const RowsFn kernel = bank_rows_for(cpu_isa());
   const int64_t grain = std::max<int64_t>(1, 16384 / C);

@@ -9,6 +9,7 @@
 #include "cpu/kernels/kernels.h"
 #include "saf/trajectory_loss.h"
 #include "torch_utils.h"
+#include "trajectory_targets.h"
 
 namespace saf::cpu {
 
@@ -37,11 +38,13 @@ std::tuple<at::Tensor, at::Tensor> trajectory_loss_cpu(const at::Tensor& logits_
                                                        double temperature, double ce_weight, double kl_weight,
                                                        double label_smoothing, int64_t ignore_index,
                                                        int64_t reduction, bool need_grad) {
-  check_trajectory_loss_args(logits_in, target_in, labels_in, temperature, reduction);
+  check_trajectory_loss_args(logits_in, target_in, labels_in, temperature, label_smoothing, reduction);
   const at::Tensor logits = rows_contiguous(logits_in);
   const at::Tensor target = rows_contiguous(target_in);
-  at::Tensor labels;
-  if (labels_in) labels = labels_in->to(at::kLong).contiguous();
+  // Class labels, or probability targets [B, C] (every row labelled; read in their own dtype).
+  const SplitTargets targets = split_targets(labels_in);
+  const at::Tensor &labels = targets.labels, &probs = targets.probs;
+  const bool soft = probs.defined();
 
   const int64_t B = logits.size(0), C = logits.size(1);
   const bool f64 = logits.scalar_type() == at::kDouble || target.scalar_type() == at::kDouble;
@@ -50,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> trajectory_loss_cpu(const at::Tensor& logits_
 
   double scale = 1.0;
   if (static_cast<Reduction>(reduction) == Reduction::Mean) {
-    int64_t n = B;
+    int64_t n = B;  // every row, unless class labels mark some ignored
     if (labels.defined()) {
       const int64_t* y = labels.data_ptr<int64_t>();
       n = 0;
@@ -74,6 +77,11 @@ std::tuple<at::Tensor, at::Tensor> trajectory_loss_cpu(const at::Tensor& logits_
   a.logits_dtype = to_dtype(logits.scalar_type());
   a.target_dtype = to_dtype(target.scalar_type());
   a.p = TrajectoryParams{temperature, ce_weight, kl_weight, label_smoothing, ignore_index, scale};
+  if (soft) {
+    a.soft = probs.data_ptr();
+    a.soft_stride = row_stride(probs);
+    a.soft_dtype = to_dtype(probs.scalar_type());
+  }
 
   const RowsFn kernel = trajectory_rows_for(cpu_isa());
   std::atomic<int64_t> bad{-1};
@@ -88,6 +96,7 @@ std::tuple<at::Tensor, at::Tensor> trajectory_loss_cpu(const at::Tensor& logits_
     }
   });
   const int64_t b = bad.load();
+  if (b >= 0 && soft) TORCH_CHECK_VALUE(false, "saf_kernels.trajectory_loss: ", bad_probability_message(probs, b));
   TORCH_CHECK_INDEX(b < 0, "saf_kernels.trajectory_loss: label ", b >= 0 ? labels[b].item<int64_t>() : 0,
                     " of row ", b, " is outside [0, ", C, ") and is not ignore_index (", ignore_index, ")");
   if (static_cast<Reduction>(reduction) == Reduction::None) return {rows, grad};

@@ -8,6 +8,7 @@
 #include "cuda/cuda_check.h"
 #include "bank_checks.h"
 #include "cuda/trajectory_bank_launchers.h"
+#include "trajectory_targets.h"
 
 namespace saf::cuda {
 
@@ -43,13 +44,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> saf_bank_step_cuda(
     const at::Tensor& values, const at::Tensor& epochs, const at::Tensor& claims, const at::Tensor& state,
     int64_t epoch, double temperature, double ce_weight, double kl_weight, double label_smoothing,
     int64_t ignore_index, bool use_past, bool record, bool need_grad) {
-  check_bank_step_args(logits_in, labels_in, ids_in, values, epochs, claims, state, epoch, temperature);
+  check_bank_step_args(logits_in, labels_in, ids_in, values, epochs, claims, state, epoch, temperature,
+                       label_smoothing);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor logits = rows_contiguous(logits_in);
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
-  at::Tensor labels;
-  if (labels_in) labels = labels_in->to(at::kLong).contiguous();
+  // Class labels, or probability targets [B, C] (every row labelled; read in their own dtype).
+  const SplitTargets targets = split_targets(labels_in);
+  const at::Tensor &labels = targets.labels, &probs = targets.probs;
+  const bool soft = probs.defined();
   const int64_t B = logits.size(0), C = logits.size(1), N = values.size(0), S = values.size(1);
   const bool f64 = logits.scalar_type() == at::kDouble;
   const auto opts = logits.options();
@@ -85,6 +89,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> saf_bank_step_cuda(
   a.p = TrajectoryParams{temperature, ce_weight, kl_weight, label_smoothing, ignore_index, 1.0};
   a.target_index = ids.data_ptr<int64_t>();
   a.row_mode = mode.data_ptr<uint8_t>();
+  if (soft) {
+    a.soft = probs.data_ptr();
+    a.soft_stride = row_stride(probs);
+    a.soft_dtype = to_dtype(probs.scalar_type());
+  }
   SAF_CUDA_CHECK(bank_step_launch(a, loss.data_ptr(), state.data_ptr<int64_t>() + kStateDone, stream),
                  "saf_bank_step");
   return {loss, grad, counts};

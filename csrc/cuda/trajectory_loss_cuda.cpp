@@ -6,6 +6,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/launchers.h"
 #include "torch_utils.h"
+#include "trajectory_targets.h"
 
 namespace saf::cuda {
 
@@ -14,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> trajectory_loss_cuda(const at::Tensor& logits
                                                         double temperature, double ce_weight, double kl_weight,
                                                         double label_smoothing, int64_t ignore_index,
                                                         int64_t reduction, bool need_grad) {
-  check_trajectory_loss_args(logits_in, target_in, labels_in, temperature, reduction);
+  check_trajectory_loss_args(logits_in, target_in, labels_in, temperature, label_smoothing, reduction);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor logits = rows_contiguous(logits_in);
@@ -23,8 +24,10 @@ std::tuple<at::Tensor, at::Tensor> trajectory_loss_cuda(const at::Tensor& logits
   const bool f64 = logits.scalar_type() == at::kDouble || target.scalar_type() == at::kDouble;
   const at::Tensor logits_k = f64 ? logits.to(at::kDouble) : logits;
   if (f64) target = target.to(at::kDouble);
-  at::Tensor labels;
-  if (labels_in) labels = labels_in->to(at::kLong).contiguous();
+  // Class labels, or probability targets [B, C] (every row labelled; read in their own dtype).
+  const SplitTargets targets = split_targets(labels_in);
+  const at::Tensor &labels = targets.labels, &probs = targets.probs;
+  const bool soft = probs.defined();
 
   const int64_t B = logits.size(0), C = logits.size(1);
   const auto acc = f64 ? at::kDouble : at::kFloat;
@@ -47,6 +50,11 @@ std::tuple<at::Tensor, at::Tensor> trajectory_loss_cuda(const at::Tensor& logits
   a.logits_dtype = to_dtype(logits_k.scalar_type());
   a.target_dtype = to_dtype(target.scalar_type());
   a.p = TrajectoryParams{temperature, ce_weight, kl_weight, label_smoothing, ignore_index, 1.0};
+  if (soft) {
+    a.soft = probs.data_ptr();
+    a.soft_stride = row_stride(probs);
+    a.soft_dtype = to_dtype(probs.scalar_type());
+  }
 
   at::Tensor scale;
   if (static_cast<Reduction>(reduction) == Reduction::Mean && B > 0) {

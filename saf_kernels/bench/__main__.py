@@ -16,7 +16,7 @@ import time
 import torch
 
 from . import ops as op_bench
-from .report import Progress, environment, method_table, op_table, render, write_json, write_plot
+from .report import Progress, environment, method_table, op_table, render, soft_table, write_json, write_plot
 
 
 def _methods_module():
@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         title = "Fused ops, forward + backward (median per call; speed-up = baseline time / fused time)"
         if any(r.get("kind") == "op" for r in rows):
             sections[title] = op_table(rows)
+        if any(r.get("op", "").endswith("_soft") for r in rows):
+            sections["Probability (soft) targets beside class indices (ce+kl: F.cross_entropy on the probabilities, "
+                     "then the fused KL)"] = soft_table(rows)
         # ---- multi-tensor family ----
         if any(r.get("kind") == "multi_tensor" for r in rows):
             from .multi_tensor import table as multi_tensor_table

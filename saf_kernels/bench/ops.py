@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.nn import functional as F
 
 from .. import _backend, reference
 from ..ops import trajectory_loss as tl_ops
@@ -40,7 +41,17 @@ class OpCase:
 # Trajectory loss: saf_loss (CE + lam * T^2 KL) and trajectory_kl_loss, forward + backward
 # --------------------------------------------------------------------------------------------
 
-TRAJECTORY_OPS = ("saf_loss", "trajectory_kl_loss")
+# saf_loss_soft: saf_loss with probability targets [B, C] (mixup / cutmix), beside saf_loss with
+# class indices; its extra provider "ce+kl[...]" is the two-pass way (F.cross_entropy with
+# probability targets, then the fused trajectory_kl_loss), what one had to do before.
+TRAJECTORY_OPS = ("saf_loss", "saf_loss_soft", "trajectory_kl_loss")
+
+
+def soft_targets(B: int, C: int, device: torch.device) -> torch.Tensor:
+    """Mixup targets with label smoothing 0.1 folded in: lam * y_a + (1 - lam) * y_b, float32."""
+    y = torch.randint(0, C, (B,), device=device)
+    hot = torch.full((B, C), 0.1 / C, device=device).scatter_(1, y[:, None], 0.9 + 0.1 / C)
+    return 0.7 * hot + 0.3 * hot.roll(1, 0)
 
 
 def trajectory_cases(device: torch.device, quick: bool) -> list[OpCase]:
@@ -55,16 +66,17 @@ def trajectory_cases(device: torch.device, quick: bool) -> list[OpCase]:
                   ((256, 1000), torch.float32, None), ((1024, 4096), torch.float32, None)]
         if quick:
             shapes = [shapes[2], shapes[3]]
-    ops = ("saf_loss",) if quick else TRAJECTORY_OPS
+    ops = ("saf_loss", "saf_loss_soft") if quick else TRAJECTORY_OPS
     return [OpCase(op, s, d, td) for op in ops for s, d, td in shapes]
 
 
 def trajectory_bytes(case: OpCase) -> int:
-    """Least traffic of the fused forward + backward: read z and t, write dz (+ labels, row loss)."""
+    """Least traffic of the fused forward + backward: read z and t, write dz (+ labels or
+    probability targets (float32), row loss)."""
     B, C = case.shape
     sz = torch.finfo(case.dtype).bits // 8
     st = torch.finfo(case.target_dtype or case.dtype).bits // 8
-    labels = 8 * B if case.op == "saf_loss" else 0
+    labels = {"saf_loss": 8 * B, "saf_loss_soft": 4 * B * C}.get(case.op, 0)
     return B * C * (2 * sz + st) + labels + 4 * B
 
 
@@ -74,7 +86,7 @@ def trajectory_inputs(case: OpCase, device: torch.device, sets: int = 1):
     for _ in range(sets):
         z = (torch.randn(B, C, device=device) * 2).to(case.dtype).requires_grad_()
         t = (torch.randn(B, C, device=device) * 2).to(case.target_dtype or case.dtype)
-        y = torch.randint(0, C, (B,), device=device)
+        y = soft_targets(B, C, device) if case.op == "saf_loss_soft" else torch.randint(0, C, (B,), device=device)
         out.append((z, y, t))
     return out
 
@@ -83,15 +95,21 @@ def _trajectory_call(op: str, backend: str | None, fn=None):
     def call(z, y, t):
         if fn is not None:
             return fn(z, y, t)
-        if op == "saf_loss":
+        if op in ("saf_loss", "saf_loss_soft"):
             return tl_ops.saf_loss(z, y, t, 0.3, 5.0, backend=backend)
         return tl_ops.trajectory_kl_loss(z, t, 5.0, backend=backend)
 
     return call
 
 
+def _split_soft_call(backend: str):
+    """The two-pass way to CE on probability targets + the trajectory term: F.cross_entropy,
+    then the fused KL-only kernel (two reads of the logits, two gradients summed by autograd)."""
+    return lambda z, y, t: F.cross_entropy(z, y) + 0.3 * tl_ops.trajectory_kl_loss(z, t, 5.0, backend=backend)
+
+
 def _reference_fn(op: str):
-    if op == "saf_loss":
+    if op in ("saf_loss", "saf_loss_soft"):
         return lambda z, y, t: reference.saf_loss(z, y, t, 0.3, 5.0)
     return lambda z, y, t: reference.trajectory_kl_loss(z, t, 5.0)
 
@@ -108,6 +126,8 @@ def trajectory_providers(
         if b in ("cuda", "cpu") and device.type != b:
             continue
         providers[f"saf_kernels[{b}]"] = why if why else _trajectory_call(case.op, b)
+        if case.op == "saf_loss_soft":
+            providers[f"ce+kl[{b}]"] = why if why else _split_soft_call(b)
     providers["eager"] = _trajectory_call(case.op, None, _reference_fn(case.op))
     if compile_baseline:
         providers["compile"] = _trajectory_call(case.op, None, torch.compile(_reference_fn(case.op), dynamic=False))
@@ -196,9 +216,7 @@ def run_op_benchmarks(device: torch.device, quick: bool, ops: list[str] | None, 
 # sample has its entry from `delay` epochs ago; ids walk through the bank, one epoch per pass.
 # --------------------------------------------------------------------------------------------
 
-from torch.nn import functional as F  # noqa: E402  (kept with the section it serves)
-
-BANK_OPS = ("saf_bank_step",)
+BANK_OPS = ("saf_bank_step", "saf_bank_step_soft")  # _soft: probability targets [B, C] (mixup)
 BANK_DELAY, BANK_LAM, BANK_T = 3, 0.3, 5.0
 
 
@@ -217,7 +235,10 @@ def bank_cases(device: torch.device, quick: bool) -> list[OpCase]:
                   ((256, 1000, 10_000), torch.float32, torch.bfloat16)]
         if quick:
             shapes = shapes[1:]
-    return [OpCase("saf_bank_step", s, d, td) for s, d, td in shapes]
+    # Probability targets beside class indices on the CIFAR-100 shape (and ImageNet rows on a GPU).
+    soft = [s for s in shapes if s[0][1] in ((100, 1000) if device.type == "cuda" else (100,))][:2]
+    return [OpCase("saf_bank_step", s, d, td) for s, d, td in shapes] + \
+        [OpCase("saf_bank_step_soft", s, d, td) for s, d, td in soft]
 
 
 def bank_bytes(case: OpCase) -> int:
@@ -226,7 +247,8 @@ def bank_bytes(case: OpCase) -> int:
     B, C, _ = case.shape
     sz = torch.finfo(case.dtype).bits // 8
     sb = torch.finfo(case.target_dtype).bits // 8
-    return B * C * (2 * sz + 2 * sb) + B * (8 + 8 + 4 + 4 + 4)
+    targets = 4 * B * C if case.op == "saf_bank_step_soft" else 8 * B
+    return B * C * (2 * sz + 2 * sb) + targets + B * (8 + 4 + 4 + 4)
 
 
 @dataclass
@@ -239,7 +261,10 @@ class BankInputs:
 def bank_inputs(case: OpCase, device: torch.device, sets: int = 1) -> list[BankInputs]:
     B, C, N = case.shape
     z = [(torch.randn(B, C, device=device) * 2).to(case.dtype).requires_grad_() for _ in range(sets)]
-    y = [torch.randint(0, C, (B,), device=device) for _ in range(sets)]
+    if case.op == "saf_bank_step_soft":
+        y = [soft_targets(B, C, device) for _ in range(sets)]
+    else:
+        y = [torch.randint(0, C, (B,), device=device) for _ in range(sets)]
     ids = torch.randperm(N, device=device)[: (N // B) * B].view(N // B, B)
     return [BankInputs(z, y, ids)]
 

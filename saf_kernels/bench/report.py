@@ -106,6 +106,23 @@ def op_table(rows: list[dict]) -> str:
     return text
 
 
+def soft_table(rows: list[dict]) -> str:
+    """Probability targets beside class indices, per case and backend: saf_loss with soft targets
+    in one pass against the two-pass way (F.cross_entropy on the probabilities + the fused KL),
+    and the bank step with soft against index targets."""
+    t = {(r["op"], r["case"], r["provider"]): r.get("median_s") for r in rows if r.get("kind") == "op"}
+    lines = []
+    for (op, case, prov), soft in t.items():
+        if op not in ("saf_loss_soft", "saf_bank_step_soft") or not prov.startswith("saf_kernels[") or not soft:
+            continue
+        index = t.get((op[: -len("_soft")], case, prov))
+        split = t.get((op, case, "ce+kl" + prov[len("saf_kernels"):]))
+        lines.append([op[: -len("_soft")], case, prov, _fmt_time(index), _fmt_time(soft), _fmt_time(split),
+                      f"{split / soft:.2f}x" if split else "-", f"{soft / index:.2f}x" if index else "-"])
+    return _table(["op", "case", "provider", "index targets", "soft, one pass", "ce+kl (two passes)",
+                   "two passes / one", "soft / index"], lines)
+
+
 def method_table(rows: list[dict]) -> str:
     lines, notes = [], []
     for r in rows:

@@ -17,6 +17,7 @@ import numbers
 import torch
 
 from .. import _backend, reference
+from .trajectory_loss import check_targets
 
 OP = "saf_bank_step"
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -229,7 +230,7 @@ def _resolve(backend: str, device: torch.device, values: torch.Tensor, fn: str) 
 
 def trajectory_bank_step(
     logits: torch.Tensor,
-    labels: torch.Tensor | None,
+    targets: torch.Tensor | None,
     ids: torch.Tensor,
     values: torch.Tensor,
     epochs: torch.Tensor,
@@ -247,14 +248,17 @@ def trajectory_bank_step(
     """One SAF step against a trajectory bank, fused: gather, loss and gradient, record.
 
     ``loss = CE_sum / n + lam * T^2 * KL_sum / m`` where n counts the rows whose label is not
-    ``ignore_index`` (all rows if ``labels`` is None, which drops the CE term) and m the rows that
-    also have a past entry: slot ``epoch % delay`` of their sample tagged ``epoch - delay``. 0/0 is 0.
-    With ``use_past=False`` there is no KL term (m = 0). With ``record`` the logits (rounded to the
-    bank dtype) and tag ``epoch`` are written into those slots after they have been read.
+    ``ignore_index`` (all rows with probability targets, or if ``targets`` is None, which drops the
+    CE term) and m the rows that also have a past entry: slot ``epoch % delay`` of their sample
+    tagged ``epoch - delay``. 0/0 is 0. With ``use_past=False`` there is no KL term (m = 0). With
+    ``record`` the logits (rounded to the bank dtype) and tag ``epoch`` are written into those slots
+    after they have been read. A row in neither term (no targets, no past entry) contributes 0 loss
+    and 0 gradient whatever its values (NaN included); its logits are still recorded.
 
     Args:
         logits: ``[B, C]`` current logits; gradients flow to them only.
-        labels: ``[B]`` class indices or ``ignore_index``, or None (KL term only).
+        targets: ``[B]`` class indices or ``ignore_index``, ``[B, C]`` probability targets (as
+            :func:`saf_kernels.saf_loss`), or None (KL term only).
         ids: ``[B]`` global sample ids in ``[0, N)``, each at most once per batch.
         values, epochs, claims, state: the bank's tensors (:class:`saf_kernels.TrajectoryBank`).
         epoch: the 0-based epoch.
@@ -264,8 +268,9 @@ def trajectory_bank_step(
     Returns:
         ``(loss, counts)``: the loss in ``logits.dtype`` and an int64 device tensor ``[n, m]``.
 
-    Bad ids: the ``cpu`` and ``torch`` backends raise (``IndexError`` out of range, ``ValueError``
-    for an id twice in the batch) before touching the bank. The ``cuda`` and ``triton`` kernels
+    Bad ids, labels and probabilities: the ``cpu`` and ``torch`` backends raise (``IndexError`` for
+    an id or label out of range, ``ValueError`` for an id twice in the batch or a negative or
+    non-finite probability) before touching the bank. The ``cuda`` and ``triton`` kernels
     cannot raise without a host synchronisation: they skip those rows (no read, no write, no KL
     term; CE still counts) and set flags in ``state``, which :meth:`TrajectoryBank.check_errors`
     turns into the same exceptions.
@@ -273,22 +278,26 @@ def trajectory_bank_step(
     fn = "saf_kernels.trajectory_bank_step"
     _check_logits(logits, fn)
     B, C = logits.shape
-    if labels is not None:
-        _check_index_tensor("labels", labels, B, logits.device, fn)
     _check_index_tensor("sample ids", ids, B, logits.device, fn)
     check_bank_tensors(values, epochs, claims, state, C, logits.device, fn)
     epoch = check_epoch(epoch, fn)
     lam = _check_real("lam", lam, fn)
     temperature = _check_real("temperature", temperature, fn, positive=True)
     label_smoothing = _check_real("label_smoothing", label_smoothing, fn, lo=0.0, hi=1.0)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if targets is not None:
+        check_targets(targets, logits, ignore_index, label_smoothing, fn)
+        targets = targets.detach()
+    elif isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+    for name, flag in (("use_past", use_past), ("record", record)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{fn}: {name} must be a bool, got {flag!r}")
     impl = _resolve(backend, logits.device, values, fn)
     if impl == "torch":
-        loss, counts = reference.saf_bank_step(logits, labels, ids, values, epochs, epoch, temperature, 1.0, lam,
+        loss, counts = reference.saf_bank_step(logits, targets, ids, values, epochs, epoch, temperature, 1.0, lam,
                                                label_smoothing, int(ignore_index), use_past, record)
         return loss.to(logits.dtype), counts
-    args = (labels, ids, values, epochs, claims, state, epoch, temperature, 1.0, lam, label_smoothing,
+    args = (targets, ids, values, epochs, claims, state, epoch, temperature, 1.0, lam, label_smoothing,
             int(ignore_index), bool(use_past), bool(record))
     if impl == "triton":
         loss, counts = _TritonBankStep.apply(logits, *args)

@@ -137,15 +137,36 @@ def _check_real(name, value, fn, positive=False, lo=None, hi=None):
     return float(value)
 
 
-def _check_labels(labels, logits, ignore_index, fn):
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{fn}: labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{fn}: labels must be int64 or int32 class indices, got {labels.dtype}")
-    if labels.shape != logits.shape[:1]:
-        raise ValueError(f"{fn}: labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}")
-    if labels.device != logits.device:
-        raise ValueError(f"{fn}: labels are on {labels.device} but logits are on {logits.device}")
+def check_targets(targets, logits, ignore_index, label_smoothing, fn, name="targets"):
+    """Raise a clear error unless ``targets`` are class indices ``[B]`` (int64/int32) or
+    probabilities ``[B, C]`` (a float dtype) for ``logits``; label smoothing must then be 0.
+
+    Metadata only (no host synchronisation). The values of probability targets (negative or
+    non-finite) are checked where that costs no synchronisation: by the CPU kernel and the
+    reference on CPU tensors (``ValueError``); on the GPU kernels such a row's loss and gradient
+    are NaN instead, as for a label out of range.
+    """
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.is_floating_point():
+        if targets.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{fn}: probability {name} must be float32, float16, bfloat16 or float64, got "
+                            f"{targets.dtype}")
+        if targets.shape != logits.shape:
+            raise ValueError(f"{fn}: probability {name} must have the logits' shape {tuple(logits.shape)}, got "
+                             f"{tuple(targets.shape)}")
+        if label_smoothing != 0:
+            raise ValueError(f"{fn}: label_smoothing={label_smoothing!r} applies to class-index {name}; with probability "
+                             f"{name} fold it into them (targets * (1 - eps) + eps / C) and pass label_smoothing=0")
+    else:
+        if targets.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{fn}: {name} must be int64 or int32 class indices or floating probabilities, got "
+                            f"{targets.dtype}")
+        if targets.shape != logits.shape[:1]:
+            raise ValueError(f"{fn}: class-index {name} must have shape ({logits.shape[0]},), got "
+                             f"{tuple(targets.shape)}")
+    if targets.device != logits.device:
+        raise ValueError(f"{fn}: {name} are on {targets.device} but logits are on {logits.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
 
@@ -219,7 +240,7 @@ def trajectory_kl_loss(
 
 def saf_loss(
     logits: torch.Tensor,
-    labels: torch.Tensor,
+    targets: torch.Tensor,
     target_logits: torch.Tensor,
     lam: float = 0.3,
     temperature: float = 5.0,
@@ -229,22 +250,29 @@ def saf_loss(
 ) -> torch.Tensor:
     """Cross-entropy plus ``lam`` times the trajectory loss, in one pass over the logits.
 
-    ``CE(logits, labels; label_smoothing) + lam * T^2 * KL(softmax(target/T) || softmax(logits/T))``,
-    both terms averaged over the rows whose label is not ``ignore_index`` (the loss is 0, with
-    zero gradient, if every row is ignored; ``F.cross_entropy`` would return NaN). Each input is
-    read once and the gradient w.r.t. ``logits`` is written by the same kernel.
+    ``CE(logits, targets; label_smoothing) + lam * T^2 * KL(softmax(target/T) || softmax(logits/T))``,
+    both terms averaged over the rows that count. Each input is read once and the gradient w.r.t.
+    ``logits`` is written by the same kernel.
 
     Args:
         logits: ``[B, C]`` current logits.
-        labels: ``[B]`` int64/int32 class indices in ``[0, C)`` or ``ignore_index``. A label outside
-            that range raises ``IndexError`` on the CPU kernel and the reference; the GPU kernels
-            cannot raise without a host synchronisation, so they make that row's loss and gradient
-            NaN instead.
+        targets: class indices ``[B]`` (int64/int32) in ``[0, C)`` or ``ignore_index``, or
+            probability targets ``[B, C]`` (float32, float16, bfloat16 or float64; mixup, cutmix):
+            then ``CE = -sum_c targets_c * log_softmax(logits)_c`` per row, as ``F.cross_entropy``
+            with probability targets, every row counts, and label smoothing must already be folded
+            into them (``label_smoothing`` must be 0). Rows need not sum to 1 (the gradient is
+            ``sum(y) * softmax(z) - y``, as torch's). No gradient flows to ``targets``.
+            Bad values: a label outside ``[0, C)`` raises ``IndexError``, and a negative or
+            non-finite probability ``ValueError``, on the CPU kernel and the reference (CPU
+            tensors); the GPU kernels cannot raise without a host synchronisation, so they make
+            that row's loss and gradient NaN instead.
         target_logits: ``[B, C]`` past (SAF) or EMA-teacher (MESA) logits; no gradient flows to it.
         lam: weight of the trajectory term (paper: 0.3 for SAF, 0.8 for MESA).
         temperature: ``T > 0`` (paper: 5).
-        label_smoothing: in ``[0, 1]``, applied to the cross-entropy only (as in the SAF code).
-        ignore_index: label value of rows that contribute to neither term.
+        label_smoothing: in ``[0, 1]``, applied to the cross-entropy with class indices only (as in
+            the SAF code).
+        ignore_index: label value of rows that contribute to neither term (class indices only). If
+            every row is ignored the loss is 0 with zero gradient (``F.cross_entropy``: NaN).
         backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``.
 
     Returns:
@@ -252,11 +280,12 @@ def saf_loss(
     """
     fn = "saf_kernels.saf_loss"
     _check_pair(logits, target_logits, fn)
-    _check_labels(labels, logits, ignore_index, fn)
     lam = _check_real("lam", lam, fn)
     temperature = _check_real("temperature", temperature, fn, positive=True)
     label_smoothing = _check_real("label_smoothing", label_smoothing, fn, lo=0.0, hi=1.0)
+    check_targets(targets, logits, ignore_index, label_smoothing, fn)
+    targets = targets.detach()
     impl = _backend.resolve(backend, logits.device, OP)
     if impl == "torch":
-        return reference.saf_loss(logits, labels, target_logits, lam, temperature, label_smoothing, ignore_index)
-    return _fused(impl, logits, target_logits, labels, temperature, 1.0, lam, label_smoothing, ignore_index, "mean")
+        return reference.saf_loss(logits, targets, target_logits, lam, temperature, label_smoothing, ignore_index)
+    return _fused(impl, logits, target_logits, targets, temperature, 1.0, lam, label_smoothing, ignore_index, "mean")

@@ -177,6 +177,13 @@ def bank_step_triton(
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     ids = ids.contiguous()
+    probs = None
+    if labels is not None and labels.is_floating_point():  # probability targets: every row labelled
+        if label_smoothing != 0.0:
+            raise ValueError(f"saf_kernels.saf_bank_step: label_smoothing ({label_smoothing}) applies to class-index "
+                             "labels; fold it into the probability targets")
+        probs = labels if labels.stride(-1) == 1 else labels.contiguous()
+        labels = None
     if labels is not None:
         labels = labels.contiguous()
     B, C = logits.shape
@@ -211,6 +218,8 @@ def bank_step_triton(
             ids,
             mode,
             scales[1:],
+            probs if probs is not None else rows,
+            probs.stride(0) if probs is not None else 0,
             HAS_LABELS=labels is not None,
             HAS_SCALE=True,
             NEED_GRAD=need_grad,
@@ -219,6 +228,7 @@ def bank_step_triton(
             BLOCK_R=block_r,
             BLOCK_C=block_c,
             BANK=True,
+            SOFT=probs is not None,
             num_warps=num_warps,
         )
     return rows.sum(), grad, counts

@@ -1,9 +1,11 @@
 """Triton kernel of the fused trajectory loss (same math as csrc/include/saf/trajectory_loss.h).
 
 One program handles BLOCK_R rows. When a row fits in one BLOCK_C tile (``SINGLE``) it is read
-once and the gradient written from registers; otherwise two passes over column chunks: an online
-softmax pass (running maxima and rescaled sums for softmax(z), softmax(z/T), softmax(t/T)) and a
-gradient pass that re-reads the row (usually from L2).
+once and the loss and gradient computed from registers; otherwise two passes over column chunks:
+an online softmax pass (running maxima and rescaled sums for softmax(z), softmax(z/T),
+softmax(t/T)) and a pass that re-reads the row (usually from L2) for the KL's per-element
+log-ratios and the gradient. ``labels`` may be class indices ``[B]`` or probability targets
+``[B, C]`` (``SOFT``).
 
 With ``BANK`` (the SAF trajectory bank, ``saf_kernels/triton/trajectory_bank.py``) row ``i``'s
 target is row ``idx[i]`` of the bank slot, read only if the row's mode has the KL bit; with the
@@ -13,13 +15,54 @@ then has its own device scale (1 / rows with a past entry).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Largest row kept whole in registers; longer rows take the chunked two-pass path.
 MAX_SINGLE_BLOCK = 8192
 CHUNK_BLOCK = 4096
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # The interpreter has no libdevice: log1p from an accurate log (numpy's), Goldberg's formula,
+    # exact to a few ulp.
+    @triton.jit
+    def _log1p(x):
+        u = 1.0 + x
+        one = u == 1.0
+        return tl.where(one, x, tl.log(u) * (x / tl.where(one, 1.0, u - 1.0)))
+
+else:
+
+    @triton.jit
+    def _log1p(x):
+        # libdevice's: tl.log lowers to an approximate log2 whose absolute error near 1 would undo
+        # the point (see csrc/include/saf/trajectory_loss.h).
+        return libdevice.log1p(x)
+
+
+@triton.jit
+def _kl_exp_diff(ez, et, x, inv_t, ACC: tl.constexpr):
+    """exp((z - mz)/T) - exp((t - mt)/T) from x = (t - mt) - (z - mz): et * expm1(-x / T) by the
+    degree-8 Taylor polynomial where |x / T| <= 0.5 (1/16 in float64), else ez - et (kl_exp_diff
+    and expm1_small of csrc/include/saf/trajectory_loss.h)."""
+    if ACC == tl.float64:
+        BOUND = 0.0625
+    else:
+        BOUND = 0.5
+    v = -x * inv_t
+    p = 1.0 + v * (1.0 / 8)
+    p = 1.0 + v * (1.0 / 7) * p
+    p = 1.0 + v * (1.0 / 6) * p
+    p = 1.0 + v * (1.0 / 5) * p
+    p = 1.0 + v * (1.0 / 4) * p
+    p = 1.0 + v * (1.0 / 3) * p
+    p = 1.0 + v * (1.0 / 2) * p
+    return tl.where((v <= BOUND) & (v >= -BOUND), et * (v * p), ez - et)
 
 
 @triton.jit
@@ -65,6 +108,8 @@ def _trajectory_loss_kernel(
     idx_ptr,
     mode_ptr,
     kl_scale_ptr,
+    p_ptr,
+    stride_p,
     HAS_LABELS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     NEED_GRAD: tl.constexpr,
@@ -73,7 +118,10 @@ def _trajectory_loss_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BANK: tl.constexpr = False,
+    SOFT: tl.constexpr = False,
 ):
+    # SOFT: probability targets p_ptr [B, C] (row stride stride_p) replace the labels: every row
+    # counts, CE = sy * log(s1) - sum(y * (z - mz)), gradient ce_w * (sy * s - y).
     inv_t = tl.full([], inv_t, ACC)
     temp = tl.full([], temp, ACC)
     ce_w = tl.full([], ce_w, ACC)
@@ -85,6 +133,7 @@ def _trajectory_loss_kernel(
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     z_row = z_ptr + rows64[:, None] * stride_z
+    p_row = p_ptr + rows64[:, None] * stride_p
     eps_over_c = eps / C
     if BANK:
         mode = tl.load(mode_ptr + rows64, mask=rmask, other=0).to(tl.int32)
@@ -112,6 +161,12 @@ def _trajectory_loss_kernel(
         bad = valid & ((y < 0) | (y >= C))
         y_safe = tl.where(bad | ~valid, 0, y)
         zy = tl.load(z_ptr + rows64 * stride_z + y_safe, mask=rmask & valid & ~bad, other=0.0).to(ACC)
+    # A row in neither term (a bank row without labels and without a past entry) counts for
+    # nothing, whatever its values (NaN included).
+    if BANK and not HAS_LABELS and not SOFT:
+        active = has_t
+    else:
+        active = rmask
 
     neg_inf = float("-inf")
     if SINGLE:
@@ -129,20 +184,31 @@ def _trajectory_loss_kernel(
         et = tl.exp(tl.where(mask, t - mt[:, None], neg_inf) * inv_t)
         sz = tl.sum(ez, 1)
         st = tl.sum(et, 1)
-        w = tl.sum(et * (t - z), 1)
+        # KL from per-element log-ratios (not a difference of row sums: see trajectory_loss.h).
+        x = (t - mt[:, None]) - (z - mz[:, None])
+        w = tl.sum(et * x, 1)
+        ds = tl.sum(tl.where(mask, _kl_exp_diff(ez, et, x, inv_t, ACC), 0.0), 1)
         nonfinite = tl.sum((z - z) + (t - t), 1)
         if HAS_LABELS:
             e1 = tl.exp(d)
             s1 = tl.sum(e1, 1)
             sumz = tl.sum(z, 1)
+        if SOFT:
+            yp = tl.load(p_row + cols[None, :], mask=mask, other=0.0).to(ACC)
+            e1 = tl.exp(d)
+            s1 = tl.sum(e1, 1)
+            sy = tl.sum(yp, 1)
+            syd = tl.sum(yp * (z - mz[:, None]), 1)
+            # A negative or non-finite probability makes the row NaN (the GPU's error report).
+            nonfinite += tl.sum(yp - yp, 1) + tl.where(tl.min(yp, 1) < 0, float("nan"), 0.0)
     else:
         mz = tl.full([BLOCK_R], neg_inf, ACC)
         mt = tl.full([BLOCK_R], neg_inf, ACC)
         sz = tl.zeros([BLOCK_R], ACC)
         st = tl.zeros([BLOCK_R], ACC)
-        w = tl.zeros([BLOCK_R], ACC)
         s1 = tl.zeros([BLOCK_R], ACC)
         sumz = tl.zeros([BLOCK_R], ACC)
+        sy = tl.zeros([BLOCK_R], ACC)
         nonfinite = tl.zeros([BLOCK_R], ACC)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + cols
@@ -158,67 +224,94 @@ def _trajectory_loss_kernel(
             rt = tl.exp((mt - mt_new) * inv_t)
             sz = sz * rz + tl.sum(tl.exp(d * inv_t), 1)
             st = st * rt + tl.sum(et, 1)
-            w = w * rt + tl.sum(et * (t - z), 1)
             nonfinite += tl.sum((z - z) + (t - t), 1)
             if HAS_LABELS:
                 s1 = s1 * tl.exp(mz - mz_new) + tl.sum(tl.exp(d), 1)
                 sumz += tl.sum(z, 1)
+            if SOFT:
+                yp = tl.load(p_row + cc[None, :], mask=mask, other=0.0).to(ACC)
+                s1 = s1 * tl.exp(mz - mz_new) + tl.sum(tl.exp(d), 1)
+                sy += tl.sum(yp, 1)
+                nonfinite += tl.sum(yp - yp, 1) + tl.where(tl.min(yp, 1) < 0, float("nan"), 0.0)
             mz = mz_new
             mt = mt_new
 
     # Rows past B have empty sums; give them harmless ones (they are never stored).
     sz = tl.where(rmask, sz, 1.0)
     st = tl.where(rmask, st, 1.0)
-    kl = inv_t * (w / st + mz - mt) + tl.log(sz / st)  # not log(sz) - log(st): both ~log C
-    # A row holding NaN or inf (nonfinite is NaN) gets NaN loss and gradient, as on every backend.
-    loss = kl_w * temp * temp * kl + nonfinite
-    if HAS_LABELS:
+    if HAS_LABELS or SOFT:
         s1 = tl.where(rmask, s1, 1.0)
-        ce = mz + tl.log(s1) - (1.0 - eps) * zy - eps_over_c * sumz
-        loss += ce_w * ce
-        loss = tl.where(valid, loss, 0.0)
-        loss = tl.where(bad, float("nan"), loss)
-    tl.store(loss_ptr + rows64, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
+    # Gradient coefficients (see trajectory_loss.h); nonfinite poisons a NaN row's gradient.
+    b = kl_w * temp / sz + nonfinite
+    dd = kl_w * temp / st
+    if HAS_LABELS:
+        a = ce_w / s1
+        k0 = -ce_w * eps_over_c
+        hot = ce_w * (1.0 - eps)
+    if SOFT:
+        a = ce_w * sy / s1
+    g_row = g_ptr + rows64[:, None] * stride_g
 
-    if NEED_GRAD:
-        b = kl_w * temp / sz + nonfinite
-        dd = kl_w * temp / st
-        g_row = g_ptr + rows64[:, None] * stride_g
-        if HAS_LABELS:
-            a = ce_w / s1
-            k0 = -ce_w * eps_over_c
-            hot = ce_w * (1.0 - eps)
-        if SINGLE:
+    if SINGLE:
+        if NEED_GRAD:
             g = b[:, None] * ez - dd[:, None] * et
             if HAS_LABELS:
                 g += a[:, None] * e1 + k0
                 g -= tl.where(cols[None, :] == y[:, None], hot, 0.0)
                 g = tl.where(valid[:, None], g, 0.0)
                 g = tl.where(bad[:, None], float("nan"), g)
+            if SOFT:
+                g += a[:, None] * e1 - ce_w * yp
+            g = tl.where(active[:, None], g, 0.0)
             tl.store(g_row + cols[None, :], _to_storage(g, g_ptr), mask=mask)
-        else:
-            for c0 in range(0, C, BLOCK_C):
-                cc = c0 + cols
-                mask = rmask[:, None] & (cc[None, :] < C)
-                z = tl.load(z_row + cc[None, :], mask=mask, other=0.0).to(ACC)
-                t = tl.load(t_row + cc[None, :], mask=tmask_r[:, None] & (cc[None, :] < C), other=0.0).to(ACC)
-                if BANK:
-                    tl.store(t_row + cc[None, :], _to_storage(z, t_ptr),
-                             mask=mask & rec[:, None])
-                d = z - mz[:, None]
-                g = b[:, None] * tl.exp(d * inv_t) - dd[:, None] * tl.exp((t - mt[:, None]) * inv_t)
+    else:
+        # Pass 2: re-read the row for the KL's log-ratios (and the soft CE's y (z - mz)), write the
+        # gradient, and record the logits over the target row once it has been read.
+        w = tl.zeros([BLOCK_R], ACC)
+        ds = tl.zeros([BLOCK_R], ACC)
+        syd = tl.zeros([BLOCK_R], ACC)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + cols
+            mask = rmask[:, None] & (cc[None, :] < C)
+            z = tl.load(z_row + cc[None, :], mask=mask, other=0.0).to(ACC)
+            t = tl.load(t_row + cc[None, :], mask=tmask_r[:, None] & (cc[None, :] < C), other=0.0).to(ACC)
+            if BANK:
+                tl.store(t_row + cc[None, :], _to_storage(z, t_ptr), mask=mask & rec[:, None])
+            d = z - mz[:, None]
+            et = tl.exp(tl.where(mask, t - mt[:, None], neg_inf) * inv_t)
+            ez = tl.exp(tl.where(mask, d, neg_inf) * inv_t)
+            x = (t - mt[:, None]) - d
+            w += tl.sum(et * x, 1)
+            ds += tl.sum(tl.where(mask, _kl_exp_diff(ez, et, x, inv_t, ACC), 0.0), 1)
+            if SOFT:
+                yp = tl.load(p_row + cc[None, :], mask=mask, other=0.0).to(ACC)
+                syd += tl.sum(yp * d, 1)
+            if NEED_GRAD:
+                g = b[:, None] * ez - dd[:, None] * et
                 if HAS_LABELS:
                     g += a[:, None] * tl.exp(d) + k0
                     g -= tl.where(cc[None, :] == y[:, None], hot, 0.0)
                     g = tl.where(valid[:, None], g, 0.0)
                     g = tl.where(bad[:, None], float("nan"), g)
+                if SOFT:
+                    g += a[:, None] * tl.exp(d) - ce_w * yp
+                g = tl.where(active[:, None], g, 0.0)
                 tl.store(g_row + cc[None, :], _to_storage(g, g_ptr), mask=mask)
-    elif BANK and not SINGLE:  # no gradient pass: record the logits in a pass of their own
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + cols
-            mask = rmask[:, None] & (cc[None, :] < C)
-            z = tl.load(z_row + cc[None, :], mask=mask, other=0.0)
-            tl.store(t_row + cc[None, :], _to_storage(z, t_ptr), mask=mask & rec[:, None])
+
+    # log1p of the summed differences: not log(sz) - log(st) (both ~log C), nor log(sz / st)
+    # (rounded near 1); see trajectory_loss.h.
+    kl = inv_t * w / st + _log1p(ds / st)
+    # A row holding NaN or inf (nonfinite is NaN) gets NaN loss and gradient, as on every backend.
+    loss = kl_w * temp * temp * kl + nonfinite
+    if HAS_LABELS:
+        ce = mz + tl.log(s1) - (1.0 - eps) * zy - eps_over_c * sumz
+        loss += ce_w * ce
+        loss = tl.where(valid, loss, 0.0)
+        loss = tl.where(bad, float("nan"), loss)
+    if SOFT:
+        loss += ce_w * (sy * tl.log(s1) - syd)
+    loss = tl.where(active, loss, 0.0)
+    tl.store(loss_ptr + rows64, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
 
 
 def _launch_config(C: int, f64: bool = False) -> tuple[int, int, bool, int]:
@@ -264,6 +357,13 @@ def trajectory_loss_triton(
     acc = torch.float64 if f64 else torch.float32
     rows = torch.empty(B, dtype=acc, device=logits.device)
     grad = torch.empty((B, C) if need_grad else (0,), dtype=logits.dtype, device=logits.device)
+    soft = labels is not None and labels.is_floating_point()  # probability targets [B, C]
+    if soft:
+        if label_smoothing != 0.0:
+            raise ValueError(f"saf_kernels.trajectory_loss: label_smoothing ({label_smoothing}) applies to class-index "
+                             "labels; fold it into the probability targets")
+        probs = labels if labels.stride(-1) == 1 else labels.contiguous()
+        labels = None
     has_labels = labels is not None
     if has_labels:
         labels = labels.contiguous()
@@ -297,6 +397,8 @@ def trajectory_loss_triton(
             rows,
             rows,
             rows,
+            probs if soft else rows,
+            probs.stride(0) if soft else 0,
             HAS_LABELS=has_labels,
             HAS_SCALE=scale is not None,
             NEED_GRAD=need_grad,
@@ -304,6 +406,7 @@ def trajectory_loss_triton(
             ACC=tl.float64 if f64 else tl.float32,
             BLOCK_R=block_r,
             BLOCK_C=block_c,
+            SOFT=soft,
             num_warps=num_warps,
         )
     return (rows if reduction == 0 else rows.sum()), grad

@@ -10,6 +10,9 @@
 #define SAF_CPU_KERNEL_DECLS                                                                 \
   /* Rows [begin, end) of the fused trajectory loss; returns the first bad-label row or -1. */ \
   int64_t trajectory_loss_rows(const TrajectoryArgs& a, int64_t begin, int64_t end);         \
+  /* Rows [begin, end) of probability targets: the first with a value < 0 or non-finite, or -1. */ \
+  int64_t probability_check_rows(const void* y, DType dtype, int64_t row_stride, int64_t cols, int64_t begin, \
+                                 int64_t end);                                                \
   SAF_CPU_MT_KERNEL_DECLS                                                                    \
   SAF_CPU_ESAM_KERNEL_DECLS
 

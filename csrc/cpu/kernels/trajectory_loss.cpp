@@ -43,6 +43,15 @@ inline T hsum(const Vectorized<T>& v) {
 }
 
 template <typename T>
+inline T hmin(const Vectorized<T>& v) {
+  alignas(64) T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T m = buf[0];
+  for (int i = 1; i < Vectorized<T>::size(); ++i) m = buf[i] < m || buf[i] != buf[i] ? buf[i] : m;
+  return m;
+}
+
+template <typename T>
 inline T hmax(const Vectorized<T>& v) {
   alignas(64) T buf[Vectorized<T>::size()];
   v.store(buf);
@@ -128,30 +137,39 @@ inline NarrowFn<acc_t> narrow_fn(DType t) {
 }
 
 // Processes rows [begin, end). Returns the index of the first row with a label outside [0, C)
-// (other than ignore_index), or -1.
+// (other than ignore_index), or with a negative or non-finite probability target, or -1.
+//
+// Per row: pass 1 finds the maxima; pass 2 the sums (exps kept in scratch); pass 3 the KL's
+// per-element log-ratios and, if wanted, the gradient (from the scratch, mostly in L1/L2).
 //
 // With the bank extension (a.row_mode set, saf/trajectory_bank.h) row i's target is row
 // a.target_index[i] of a.target, used only if the row's mode has kRowKL; with kRowRecord the row's
-// logits are written over that target row (rounded to target_dtype) once the statistics pass has
-// read it. Rows are distinct bank rows (the wrapper rejects duplicate ids), so threads never share one.
+// logits are written over that target row (rounded to target_dtype) once the row has been read
+// for the last time. Rows are distinct bank rows (the wrapper rejects duplicate ids), so threads
+// never share one.
 template <typename acc_t, typename grad_t>
 int64_t trajectory_rows_impl(const TrajectoryArgs& a, int64_t begin, int64_t end) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
   const int64_t C = a.cols;
   const RowConsts<acc_t> k(a.p, C);  // the CPU wrapper folds any scale into p.scale / the weights
-  const bool with_ce = a.labels != nullptr;
+  const CeKind ce_kind = a.labels ? CeKind::Label : (a.soft ? CeKind::Soft : CeKind::None);
+  const bool label = ce_kind == CeKind::Label, soft = ce_kind == CeKind::Soft;
+  const bool with_ce = ce_kind != CeKind::None;
   const auto widen_z = widen_fn<acc_t>(a.logits_dtype);
   const auto widen_t = widen_fn<acc_t>(a.target_dtype);
+  const auto widen_y = soft ? widen_fn<acc_t>(a.soft_dtype) : nullptr;
   const auto narrow_t = narrow_fn<acc_t>(a.target_dtype);
   const int zsz = dtype_size(a.logits_dtype), tsz = dtype_size(a.target_dtype);
+  const int ysz = soft ? dtype_size(a.soft_dtype) : 0;
 
-  // Per-call scratch: widened z and t, exp(z - mz), exp((z - mz)/T), exp((t - mt)/T), and a row of
-  // zeros standing in for the target of bank rows without a past entry.
-  std::vector<acc_t> scratch(6 * C, acc_t(0));
+  // Per-call scratch: widened z, t and y, exp(z - mz), exp((z - mz)/T), exp((t - mt)/T), and a row
+  // of zeros standing in for the target of bank rows without a past entry.
+  std::vector<acc_t> scratch(7 * C, acc_t(0));
   acc_t* zbuf = scratch.data();
   acc_t* tbuf = zbuf + C;
-  acc_t* e1 = tbuf + C;
+  acc_t* ybuf = tbuf + C;
+  acc_t* e1 = ybuf + C;
   acc_t* ez = e1 + C;
   acc_t* et = ez + C;
   const acc_t* zeros = et + C;
@@ -179,31 +197,39 @@ int64_t trajectory_rows_impl(const TrajectoryArgs& a, int64_t begin, int64_t end
         narrow_t(widen_z(zrow, zbuf, C), trow, C);
       }
     };
+    auto skip_row = [&](acc_t v) {
+      record();
+      row_loss[i] = v;
+      if (g) std::fill(g, g + C, grad_t(v));
+    };
+    // A row in neither term (a bank row without labels and without a past entry) is not read.
+    if (!with_ce && !with_kl) {
+      skip_row(acc_t(0));
+      continue;
+    }
     int64_t y = -1;
-    if (with_ce) {
+    if (label) {
       y = a.labels[i];
       if (y == a.p.ignore_index) {
-        record();
-        row_loss[i] = acc_t(0);
-        if (g) std::fill(g, g + C, grad_t(0));
+        skip_row(acc_t(0));
         continue;
       }
       if (y < 0 || y >= C) {
-        record();
         if (bad_row < 0) bad_row = i;
-        row_loss[i] = nan;
-        if (g) std::fill(g, g + C, grad_t(nan));
+        skip_row(nan);
         continue;
       }
     }
     const acc_t* z = widen_z(zrow, zbuf, C);
     const acc_t* t = with_kl ? widen_t(trow, tbuf, C) : zeros;
+    const acc_t* yv = soft ? widen_y(static_cast<const char*>(a.soft) + i * a.soft_stride * ysz, ybuf, C)
+                           : nullptr;
 
     RowStats<acc_t> r{};
     row_max2(z, t, C, r.mz, r.mt);
     const V vmz(r.mz), vmt(r.mt), vinv(k.inv_t);
     const int n_pow = k.int_t;  // > 0: exp(d) = exp(d / T)^T, one exp fewer per element
-    V s1(0), sz(0), st(0), w(0), sumz(0), nonfinite(0);
+    V s1(0), sz(0), st(0), sumz(0), nonfinite(0), sy(0), syd(0), ymin(0);
     int64_t c = 0;
     for (; c + W <= C; c += W) {
       const V zc = V::loadu(z + c);
@@ -215,21 +241,30 @@ int64_t trajectory_rows_impl(const TrajectoryArgs& a, int64_t begin, int64_t end
       xt.store(et + c);
       sz += xz;
       st += xt;
-      w += xt * (tc - zc);
       nonfinite += (zc - zc) + (tc - tc);
       if (with_ce) {
         const V x1 = n_pow ? ipow(xz, n_pow) : vexp(d);
         x1.store(e1 + c);
         s1 += x1;
-        sumz += zc;
+        if (label) {
+          sumz += zc;
+        } else {
+          const V yc = V::loadu(yv + c);
+          sy += yc;
+          syd += yc * d;
+          ymin = at::vec::minimum(ymin, yc);
+          nonfinite += yc - yc;
+        }
       }
     }
     r.s1 = hsum(s1);
     r.sz = hsum(sz);
     r.st = hsum(st);
-    r.w = hsum(w);
     r.sumz = hsum(sumz);
+    r.sy = hsum(sy);
+    r.syd = hsum(syd);
     r.nonfinite = hsum(nonfinite);
+    acc_t ym = soft ? hmin(ymin) : acc_t(0);
     for (; c < C; ++c) {
       const acc_t d = z[c] - r.mz;
       r.nonfinite += (z[c] - z[c]) + (t[c] - t[c]);
@@ -237,46 +272,120 @@ int64_t trajectory_rows_impl(const TrajectoryArgs& a, int64_t begin, int64_t end
       et[c] = std::exp((t[c] - r.mt) * k.inv_t);
       r.sz += ez[c];
       r.st += et[c];
-      r.w += et[c] * (t[c] - z[c]);
       if (with_ce) {
         e1[c] = std::exp(d);
         r.s1 += e1[c];
-        r.sumz += z[c];
+        if (label) {
+          r.sumz += z[c];
+        } else {
+          r.sy += yv[c];
+          r.syd += yv[c] * d;
+          ym = yv[c] < ym ? yv[c] : ym;
+          r.nonfinite += yv[c] - yv[c];
+        }
       }
     }
-    r.zy = with_ce ? z[y] : acc_t(0);
-    row_loss[i] = row_loss_from_stats(r, k, with_ce, with_kl, [](acc_t x) { return std::log(x); });
-    // The target row is not read again (the gradient uses et): the bank slot can take the logits.
-    record();
+    if (soft && !(ym >= acc_t(0) && r.nonfinite == acc_t(0))) {
+      // A negative or non-finite probability: an error (NaN here, reported by the wrapper), unless
+      // the row is non-finite through its logits or target already (then it is NaN by policy).
+      bool own = !(ym >= acc_t(0));
+      for (int64_t j = 0; j < C && !own; ++j) own = !std::isfinite(double(yv[j]));
+      if (own && bad_row < 0) bad_row = i;
+      r.nonfinite = nan;
+    }
+    r.zy = label ? z[y] : acc_t(0);
 
+    // Pass 3: the KL's per-element log-ratios; the gradient from the scratch.
+    const GradCoefs<acc_t> gc = grad_coefs(r, k, ce_kind, with_kl);
+    acc_t* out = nullptr;
     if (g) {
-      const GradCoefs<acc_t> gc = grad_coefs(r, k, with_ce, with_kl);
-      const V va(gc.a), vb(gc.b), vd(gc.d), vk(gc.k0);
-      // Same type: write in place. Otherwise widen into scratch and narrow once at the end.
-      acc_t* out;
+      // Same type: write in place. Otherwise into scratch (z's, read just before in the same
+      // iteration) and narrow once at the end.
       if constexpr (std::is_same_v<grad_t, acc_t>) {
         out = g;
       } else {
         out = zbuf;
       }
-      c = 0;
-      for (; c + W <= C; c += W) {
-        V x = vk + vb * V::loadu(ez + c) - vd * V::loadu(et + c);
+    }
+    const V va(gc.a), vb(gc.b), vd(gc.d), vk(gc.k0), vys(gc.ys), vbound(kl_expm1_bound<acc_t>());
+    V wv(0), dsv(0);
+    c = (with_kl || out) ? 0 : C;
+    for (; c + W <= C; c += W) {
+      const V etc = V::loadu(et + c), ezc = V::loadu(ez + c);
+      if (with_kl) {
+        const V zc = V::loadu(z + c), tc = V::loadu(t + c);
+        const V x = (tc - vmt) - (zc - vmz);
+        wv += etc * x;
+        // kl_exp_diff (saf/trajectory_loss.h), vectorised.
+        const V v = V(acc_t(0)) - x * vinv;
+        dsv += V::blendv(ezc - etc, etc * expm1_small(v), v.abs() <= vbound);
+      }
+      if (out) {
+        V x = vk + vb * ezc - vd * etc;
         if (with_ce) x += va * V::loadu(e1 + c);
+        if (soft) x -= vys * V::loadu(yv + c);
         x.store(out + c);
       }
-      for (; c < C; ++c) {
+    }
+    r.w = hsum(wv);
+    r.ds = hsum(dsv);
+    for (; c < C; ++c) {
+      if (with_kl) {
+        const acc_t x = (t[c] - r.mt) - (z[c] - r.mz);
+        r.w += et[c] * x;
+        r.ds += kl_exp_diff(ez[c], et[c], -x * k.inv_t);
+      }
+      if (out) {
         acc_t x = gc.k0 + gc.b * ez[c] - gc.d * et[c];
         if (with_ce) x += gc.a * e1[c];
+        if (soft) x -= gc.ys * yv[c];
         out[c] = x;
       }
-      if (with_ce) out[y] -= gc.hot;  // NaN rows stay NaN: hot is finite
+    }
+    row_loss[i] = row_loss_from_stats(r, k, ce_kind, with_kl, [](acc_t x) { return std::log(x); },
+                                      [](acc_t x) { return std::log1p(x); });
+    if (out) {
+      if (label) out[y] -= gc.hot;  // NaN rows stay NaN: hot is finite
       if constexpr (!std::is_same_v<grad_t, acc_t>) {
         at::vec::convert(out, g, C);
       }
     }
+    // The target row has been read for the last time: the bank slot can take the logits.
+    record();
   }
   return bad_row;
+}
+
+template <typename acc_t>
+int64_t probability_check_impl(const void* y, DType dtype, int64_t stride, int64_t C, int64_t begin, int64_t end) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const auto widen_y = widen_fn<acc_t>(dtype);
+  const int ysz = dtype_size(dtype);
+  std::vector<acc_t> buf(C);
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t* v = widen_y(static_cast<const char*>(y) + i * stride * ysz, buf.data(), C);
+    V mn(0), nf(0);
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+      const V x = V::loadu(v + c);
+      mn = at::vec::minimum(mn, x);
+      nf += x - x;
+    }
+    acc_t m = hmin(mn), f = hsum(nf);
+    for (; c < C; ++c) {
+      m = v[c] < m ? v[c] : m;
+      f += v[c] - v[c];
+    }
+    if (!(m >= acc_t(0)) || f != acc_t(0)) return i;
+  }
+  return -1;
+}
+
+int64_t probability_check_rows(const void* y, DType dtype, int64_t stride, int64_t C, int64_t begin,
+                               int64_t end) {
+  return dtype == DType::F64 ? probability_check_impl<double>(y, dtype, stride, C, begin, end)
+                             : probability_check_impl<float>(y, dtype, stride, C, begin, end);
 }
 
 int64_t trajectory_loss_rows(const TrajectoryArgs& a, int64_t begin, int64_t end) {

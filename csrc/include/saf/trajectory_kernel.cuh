@@ -4,7 +4,8 @@
 //
 // TPR threads handle one row. Pass 1 reads the row once with online softmax statistics per thread
 // (one exp per softmax per element), merged across the row's threads; pass 2 re-reads the row
-// (mostly from L2) and writes the gradient. Loads and stores are 4-wide when alignment allows.
+// (mostly from L2), sums the KL's per-element log-ratios (precision: saf/trajectory_loss.h) and
+// writes the gradient. Loads and stores are 4-wide when alignment allows.
 // Each element is read and written by the same thread in both passes, which is what lets the bank
 // step overwrite the target row it has just read without a barrier.
 //
@@ -24,24 +25,26 @@
 namespace saf::cuda {
 namespace detail {
 
+// Pass 1's running statistics of one thread's elements (merged across the row's threads).
 template <typename acc_t>
 struct State {
   acc_t mz, s1, sz, sumz;  // logits: running max; sums of exp(z - mz), exp((z - mz)/T), z
-  acc_t mt, st, w;         // target: running max; sums of exp((t - mt)/T), exp((t - mt)/T) (t - z)
-  acc_t nonfinite;         // sum of (z - z) + (t - t): 0, or NaN if the row holds NaN or inf
+  acc_t mt, st;            // target: running max; sum of exp((t - mt)/T)
+  acc_t sy;                // probability targets: sum of y
+  acc_t nonfinite;         // sum of (z - z) + (t - t) + (y - y), NaN for y < 0: 0, or NaN
 };
 
 template <typename acc_t>
 __device__ __forceinline__ void state_init(State<acc_t>& s) {
   s.mz = s.mt = -INFINITY;
-  s.s1 = s.sz = s.sumz = s.st = s.w = s.nonfinite = acc_t(0);
+  s.s1 = s.sz = s.sumz = s.st = s.sy = s.nonfinite = acc_t(0);
 }
 
 // Adds one element. Where the running max and the element are both -inf the difference is
 // taken as 0: the contribution is wiped by the rescale once a finite maximum appears, and NaN
-// (from NaN inputs) still propagates.
+// (from NaN inputs) still propagates. y is 0 without probability targets.
 template <typename acc_t>
-__device__ __forceinline__ void state_push(State<acc_t>& s, acc_t z, acc_t t, acc_t inv_t) {
+__device__ __forceinline__ void state_push(State<acc_t>& s, acc_t z, acc_t t, acc_t y, acc_t inv_t) {
   if (z > s.mz) {
     const acc_t r = s.mz - z;
     s.s1 = s.s1 * fast_exp(r) + acc_t(1);
@@ -53,17 +56,14 @@ __device__ __forceinline__ void state_push(State<acc_t>& s, acc_t z, acc_t t, ac
     s.sz += fast_exp(d * inv_t);
   }
   s.sumz += z;
-  s.nonfinite += (z - z) + (t - t);
+  s.sy += y;
+  s.nonfinite += (z - z) + (t - t) + (y - y) + (y < acc_t(0) ? acc_t(NAN) : acc_t(0));
   if (t > s.mt) {
-    const acc_t r = fast_exp((s.mt - t) * inv_t);
-    s.st = s.st * r + acc_t(1);
-    s.w = s.w * r + (t - z);
+    s.st = s.st * fast_exp((s.mt - t) * inv_t) + acc_t(1);
     s.mt = t;
   } else {
     const acc_t d = t == s.mt ? acc_t(0) : t - s.mt;
-    const acc_t e = fast_exp(d * inv_t);
-    s.st += e;
-    s.w += e * (t - z);
+    s.st += fast_exp(d * inv_t);
   }
 }
 
@@ -82,8 +82,8 @@ __device__ __forceinline__ void state_merge(State<acc_t>& a, const State<acc_t>&
   a.s1 = a.s1 * fa + b.s1 * fb;
   a.sz = a.sz * ga + b.sz * gb;
   a.st = a.st * ha + b.st * hb;
-  a.w = a.w * ha + b.w * hb;
   a.sumz += b.sumz;
+  a.sy += b.sy;
   a.nonfinite += b.nonfinite;
   a.mz = Mz;
   a.mt = Mt;
@@ -100,7 +100,7 @@ __device__ __forceinline__ void warp_allreduce(State<acc_t>& s, acc_t inv_t) {
     o.sumz = __shfl_xor_sync(0xffffffffu, s.sumz, off, WIDTH);
     o.mt = __shfl_xor_sync(0xffffffffu, s.mt, off, WIDTH);
     o.st = __shfl_xor_sync(0xffffffffu, s.st, off, WIDTH);
-    o.w = __shfl_xor_sync(0xffffffffu, s.w, off, WIDTH);
+    o.sy = __shfl_xor_sync(0xffffffffu, s.sy, off, WIDTH);
     o.nonfinite = __shfl_xor_sync(0xffffffffu, s.nonfinite, off, WIDTH);
     state_merge(s, o, inv_t);
   }
@@ -132,15 +132,79 @@ __device__ __forceinline__ void row_allreduce(State<acc_t>& s, acc_t inv_t) {
   }
 }
 
+// Sums of N values over the row's TPR threads, in the same order on every thread (pass 2's KL
+// sums and the soft cross-entropy's sum of y (z - mz)).
+template <typename acc_t, int TPR, int N>
+__device__ __forceinline__ void row_sums(acc_t (&v)[N]) {
+  constexpr int WIDTH = TPR <= 32 ? TPR : 32;
+#pragma unroll
+  for (int off = WIDTH / 2; off > 0; off /= 2) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) v[j] += __shfl_xor_sync(0xffffffffu, v[j], off, WIDTH);
+  }
+  if constexpr (TPR > 32) {
+    constexpr int WARPS = TPR / 32;
+    __shared__ acc_t part[N][WARPS];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) part[j][warp] = v[j];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      v[j] = acc_t(0);
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) v[j] += part[j][w];
+    }
+  }
+}
+
 // Rounds a logit to the bank's storage type as Tensor.to() does (float64 through float32).
 template <typename tt, typename zt>
 __device__ __forceinline__ tt to_storage(zt x) {
   return from_acc<tt>(to_acc<float>(x));
 }
 
+// Element i of probability targets of a run-time dtype (the branch is uniform across the grid).
+template <typename acc_t>
+__device__ __forceinline__ acc_t load_prob(const void* p, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::F32: return acc_t(static_cast<const float*>(p)[i]);
+    case DType::F16: return to_acc<acc_t>(static_cast<const __half*>(p)[i]);
+    case DType::BF16: return to_acc<acc_t>(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return acc_t(static_cast<const double*>(p)[i]);
+  }
+}
+
+// Elements i .. i + 3 (one branch per 4 elements; scalar loads: the targets' rows need not be
+// aligned like the logits').
+template <typename acc_t>
+__device__ __forceinline__ void load_prob4(const void* p, DType dt, int64_t i, acc_t out[4]) {
+  switch (dt) {
+    case DType::F32:
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = acc_t(static_cast<const float*>(p)[i + j]);
+      break;
+    case DType::F16:
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = to_acc<acc_t>(static_cast<const __half*>(p)[i + j]);
+      break;
+    case DType::BF16:
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = to_acc<acc_t>(static_cast<const __nv_bfloat16*>(p)[i + j]);
+      break;
+    default:
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = acc_t(static_cast<const double*>(p)[i + j]);
+  }
+}
+
 // One row: row loss (lane 0 writes it) and, if a.grad, the gradient. With BANK the target row is
 // gathered (a.target_index), read only for rows whose mode has kRowKL, and overwritten with the
 // logits when the mode has kRowRecord; the CE and KL terms have separate device scales.
+// Pass 1 reads z, t (and y) for the softmax statistics; pass 2 re-reads them for the KL's
+// per-element log-ratios, the soft cross-entropy's sum and the gradient, and records.
 // Row-uniform early returns only: for TPR > 32 the caller guarantees one row per block.
 template <typename zt, typename tt, typename acc_t, int TPR, bool BANK>
 __device__ __forceinline__ void trajectory_row(const TrajectoryArgs& a, const int64_t row, const int lane,
@@ -150,7 +214,9 @@ __device__ __forceinline__ void trajectory_row(const TrajectoryArgs& a, const in
       BANK ? RowConsts<acc_t>(a.p, C, *static_cast<const acc_t*>(a.scale_dev),
                               *static_cast<const acc_t*>(a.kl_scale_dev))
            : RowConsts<acc_t>(a.p, C, a.scale_dev ? *static_cast<const acc_t*>(a.scale_dev) : acc_t(1));
-  const bool with_ce = a.labels != nullptr;
+  const CeKind ce_kind = a.labels ? CeKind::Label : (a.soft ? CeKind::Soft : CeKind::None);
+  const bool soft = ce_kind == CeKind::Soft;
+  const bool with_ce = ce_kind != CeKind::None;
   const uint8_t mode = BANK ? a.row_mode[row] : uint8_t(kRowKL);
   const bool with_kl = mode & kRowKL;
   const bool rec = BANK && (mode & kRowRecord);
@@ -160,6 +226,10 @@ __device__ __forceinline__ void trajectory_row(const TrajectoryArgs& a, const in
     const int64_t trow = BANK ? a.target_index[row] : row;
     t = static_cast<tt*>(const_cast<void*>(a.target)) + trow * a.target_stride;
   }
+  const void* yrow = nullptr;
+  if (soft) {
+    yrow = static_cast<const char*>(a.soft) + row * a.soft_stride * dtype_size(a.soft_dtype);
+  }
   zt* g = a.grad ? static_cast<zt*>(a.grad) + row * a.grad_stride : nullptr;
   acc_t* row_loss = static_cast<acc_t*>(a.row_loss);
   auto record_row = [&]() {
@@ -167,8 +237,8 @@ __device__ __forceinline__ void trajectory_row(const TrajectoryArgs& a, const in
   };
 
   int64_t y = -1;
-  bool zero_row = false, bad_row = false;
-  if (with_ce) {
+  bool zero_row = !with_ce && !with_kl, bad_row = false;  // in neither term: not read
+  if (ce_kind == CeKind::Label) {
     y = a.labels[row];
     zero_row = y == a.p.ignore_index;
     bad_row = !zero_row && (y < 0 || y >= C);
@@ -192,15 +262,18 @@ __device__ __forceinline__ void trajectory_row(const TrajectoryArgs& a, const in
     const int64_t C4 = C / 4 * 4;
     for (int64_t c = int64_t(lane) * 4; c < C4; c += int64_t(TPR) * 4) {
       acc_t zv[4], tv[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+      acc_t yv[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
       load4<acc_t>(z + c, zv);
       if (with_kl) load4<acc_t>(t + c, tv);
+      if (soft) load_prob4<acc_t>(yrow, a.soft_dtype, c, yv);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) state_push(s, zv[j], tv[j], inv_t);
+      for (int j = 0; j < 4; ++j) state_push(s, zv[j], tv[j], yv[j], inv_t);
     }
     c0 = C4;
   }
   for (int64_t c = c0 + lane; c < C; c += TPR) {
-    state_push(s, to_acc<acc_t>(z[c]), with_kl ? to_acc<acc_t>(t[c]) : acc_t(0), inv_t);
+    state_push(s, to_acc<acc_t>(z[c]), with_kl ? to_acc<acc_t>(t[c]) : acc_t(0),
+               soft ? load_prob<acc_t>(yrow, a.soft_dtype, c) : acc_t(0), inv_t);
   }
   row_allreduce<acc_t, TPR>(s, inv_t);
 
@@ -210,39 +283,60 @@ __device__ __forceinline__ void trajectory_row(const TrajectoryArgs& a, const in
   r.s1 = s.s1;
   r.sz = s.sz;
   r.st = s.st;
-  r.w = s.w;
   r.sumz = s.sumz;
+  r.sy = s.sy;
   r.nonfinite = s.nonfinite;
-  r.zy = with_ce ? to_acc<acc_t>(z[y]) : acc_t(0);
-  if (lane == 0) row_loss[row] = row_loss_from_stats(r, k, with_ce, with_kl, [](acc_t x) { return log(x); });
-  if (!g) {
-    if (rec) record_row();
-    return;
-  }
+  r.zy = ce_kind == CeKind::Label ? to_acc<acc_t>(z[y]) : acc_t(0);
+  const GradCoefs<acc_t> gc = grad_coefs(r, k, ce_kind, with_kl);
 
-  const GradCoefs<acc_t> gc = grad_coefs(r, k, with_ce, with_kl);
-  auto grad_at = [&](int64_t c, acc_t zc, acc_t tc) {
+  // Pass 2: per element, the KL's log-ratio terms, y (z - mz), the gradient; then the record.
+  acc_t sums[3] = {acc_t(0), acc_t(0), acc_t(0)};  // w, ds, syd
+  auto element = [&](int64_t c, acc_t zc, acc_t tc, acc_t yc) {
     const acc_t d = zc - r.mz;
-    acc_t x = gc.k0 + gc.b * fast_exp(d * inv_t) - gc.d * fast_exp((tc - r.mt) * inv_t);
-    if (with_ce) x += gc.a * fast_exp(d) - (c == y ? gc.hot : acc_t(0));
+    const acc_t et = fast_exp((tc - r.mt) * inv_t);
+    const acc_t ez = fast_exp(d * inv_t);
+    if (with_kl) {
+      const acc_t x = (tc - r.mt) - d;
+      sums[0] += et * x;
+      sums[1] += kl_exp_diff(ez, et, -x * inv_t);
+    }
+    if (soft) sums[2] += yc * d;
+    acc_t x = gc.k0 + gc.b * ez - gc.d * et;
+    if (with_ce) x += gc.a * fast_exp(d) - (c == y ? gc.hot : acc_t(0)) - gc.ys * yc;
     return x;
   };
-  if (vec4) {
-    const int64_t C4 = C / 4 * 4;
-    for (int64_t c = int64_t(lane) * 4; c < C4; c += int64_t(TPR) * 4) {
-      acc_t zv[4], tv[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)}, gv[4];
-      load4<acc_t>(z + c, zv);
-      if (with_kl) load4<acc_t>(t + c, tv);
+  if (with_kl || soft || g) {
+    if (vec4) {
+      const int64_t C4 = C / 4 * 4;
+      for (int64_t c = int64_t(lane) * 4; c < C4; c += int64_t(TPR) * 4) {
+        acc_t zv[4], tv[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+        acc_t yv[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)}, gv[4];
+        load4<acc_t>(z + c, zv);
+        if (with_kl) load4<acc_t>(t + c, tv);
+        if (soft) load_prob4<acc_t>(yrow, a.soft_dtype, c, yv);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) gv[j] = grad_at(c + j, zv[j], tv[j]);
-      store4(g + c, gv);
-      if (rec) store4(t + c, zv);  // after this thread's read of the same elements
+        for (int j = 0; j < 4; ++j) gv[j] = element(c + j, zv[j], tv[j], yv[j]);
+        if (g) store4(g + c, gv);
+        if (rec) store4(t + c, zv);  // after this thread's reads of the same elements
+      }
     }
+    for (int64_t c = c0 + lane; c < C; c += TPR) {
+      const acc_t zc = to_acc<acc_t>(z[c]);
+      const acc_t x = element(c, zc, with_kl ? to_acc<acc_t>(t[c]) : acc_t(0),
+                              soft ? load_prob<acc_t>(yrow, a.soft_dtype, c) : acc_t(0));
+      if (g) g[c] = from_acc<zt>(x);
+      if (rec) t[c] = to_storage<tt>(z[c]);
+    }
+  } else if (rec) {
+    record_row();
   }
-  for (int64_t c = c0 + lane; c < C; c += TPR) {
-    const acc_t zc = to_acc<acc_t>(z[c]);
-    g[c] = from_acc<zt>(grad_at(c, zc, with_kl ? to_acc<acc_t>(t[c]) : acc_t(0)));
-    if (rec) t[c] = to_storage<tt>(z[c]);
+  row_sums<acc_t, TPR, 3>(sums);
+  r.w = sums[0];
+  r.ds = sums[1];
+  r.syd = sums[2];
+  if (lane == 0) {
+    row_loss[row] = row_loss_from_stats(r, k, ce_kind, with_kl, [](acc_t x) { return log(x); },
+                                        [](acc_t x) { return log1p(x); });
   }
 }
 
