@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .multi_tensor import VARYING_ARGS, any_f64, block_of, build_tables, chunk_partials, launch_elementwise
 from .multi_tensor import restored, stream_ptr, sum_partials
-from .sam import sgd_flags, skipped
+from .sam import sgd_decayed, sgd_flags, sgd_momentum, skipped
 
 L = 5  # streams: w, g, stash, momentum buffer, old_g
 
@@ -117,12 +117,10 @@ def _sgd_elem(ctx, start, off, end, seed, offset, DT, SD, ACC, COPY, HAS_SCALE, 
     sr, wv = restored(w, s, idx, m, ACC, COPY)
     d = cn * tl.load(g + idx, mask=m, other=0.0).to(ACC)
     d = tl.where(co == 0.0, d, d + co * tl.load(o + idx, mask=m, other=0.0).to(ACC))
-    d = tl.where(maximize, -d, d)
-    d = tl.where(wd != 0.0, d + wd * wv, d)
+    d = sgd_decayed(d, wv, wd, maximize)
     if OPT:
         bv = tl.load(b + idx, mask=m, other=0.0).to(ACC)
-        nb = tl.where(first, d, bv * mom + (1.0 - damp) * d)
-        d = tl.where(use_buf, tl.where(nesterov, d + mom * nb, nb), d)
+        d, nb = sgd_momentum(d, bv, mom, damp, nesterov, first, use_buf)
         # Unchanged where there is no momentum or the step is skipped (selects, not masks:
         # scalar & block masks fail under the interpreter).
         tl.store(b + idx, tl.where(skip, bv, tl.where(use_buf, nb, bv)).to(DT), mask=m)

@@ -172,6 +172,20 @@ def sgd_flags(meta, fmeta, t, O_FLAGS, O_PARAMS, ACC):
 
 
 @triton.jit
+def sgd_decayed(d, wv, wd, maximize):
+    """torch.optim.SGD's direction before momentum: negated when maximizing, plus weight decay."""
+    d = tl.where(maximize, -d, d)
+    return tl.where(wd != 0.0, d + wd * wv, d)
+
+
+@triton.jit
+def sgd_momentum(d, bv, mom, damp, nesterov, first, use_buf):
+    """(direction, new momentum buffer) of torch.optim.SGD (the buffer is d on the first step)."""
+    nb = tl.where(first, d, bv * mom + (1.0 - damp) * d)
+    return tl.where(use_buf, tl.where(nesterov, d + mom * nb, nb), d), nb
+
+
+@triton.jit
 def _sgd_prep(meta, fmeta, t, start, pa, pb, pc, x, O_FLAGS, O_PARAMS, L, DT, SD, ACC, COPY, HAS_SCALE, HAS_FOUND,
               OPT):
     w = stream_ptr(meta, t, 0, L, DT)
@@ -191,12 +205,10 @@ def _sgd_elem(ctx, start, off, end, seed, offset, DT, SD, ACC, COPY, HAS_SCALE, 
     idx, m = block_of(start, off, end, BLOCK)
     sr, wv = restored(w, s, idx, m, ACC, COPY)
     d = tl.load(g + idx, mask=m, other=0.0).to(ACC) * inv
-    d = tl.where(maximize, -d, d)
-    d = tl.where(wd != 0.0, d + wd * wv, d)
+    d = sgd_decayed(d, wv, wd, maximize)
     if OPT:
         bv = tl.load(b + idx, mask=m, other=0.0).to(ACC)
-        nb = tl.where(first, d, bv * mom + (1.0 - damp) * d)
-        d = tl.where(use_buf, tl.where(nesterov, d + mom * nb, nb), d)
+        d, nb = sgd_momentum(d, bv, mom, damp, nesterov, first, use_buf)
         bm = tl.where(use_buf, m, False)  # where(), not &: scalar masks
         if HAS_FOUND:
             bm = tl.where(skip, False, bm)
