@@ -75,6 +75,8 @@ def describe(value):
         return {"tl": value.name}
     if isinstance(value, tl.constexpr):
         return describe(value.value)
+    if callable(getattr(value, "fn", None)) and hasattr(value.fn, "__qualname__"):
+        return {"fn": kernel_id(value)}  # a triton.jit function passed as a constexpr (an element function)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}: {value!r}")
@@ -88,6 +90,8 @@ def materialize(desc):
         import triton.language as tl
 
         return tl.dtype(desc["tl"])
+    if isinstance(desc, dict) and "fn" in desc:
+        return resolve_kernel(desc["fn"])
     return desc
 
 

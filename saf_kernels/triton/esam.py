@@ -19,29 +19,22 @@ import triton
 import triton.language as tl
 from triton.language.random import uint_to_uniform_float
 
-from .multi_tensor import BLOCK, CHUNK, TL_DTYPE, VARYING_ARGS, any_f64, build_tables, offsets
-from .sam import _sam_coef_kernel
+from .multi_tensor import (
+    BLOCK,
+    VARYING_ARGS,
+    build_tables,
+    chunk_partials,
+    launch_elementwise,
+    stream_ptr,
+)
+from .sam import adaptive_switch, sam_finalize
 from .trajectory_loss import _to_storage
 
 ADAPTIVE_FLAG = 2
+_ADAPTIVE = tl.constexpr(ADAPTIVE_FLAG)
 # Per-tensor float64 params of the ESAM tables: rho / beta, eta, Bernoulli threshold, rng base.
 N_PARAMS = 4
 LANES = BLOCK // 4  # counters per inner step
-
-
-@triton.jit
-def chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK: tl.constexpr):
-    """(tensor, first element, element count) of this program's chunk."""
-    c = tl.program_id(0)
-    t = tl.load(meta + O_CT + c)
-    start = tl.load(meta + O_CS + c)
-    numel = tl.load(meta + O_NUMEL + t)
-    return t, start, tl.minimum(numel - start, CHUNK)
-
-
-@triton.jit
-def stream_ptr(meta, t, s, L: tl.constexpr, DT: tl.constexpr):
-    return tl.load(meta + t * L + s).to(tl.pointer_type(DT))
 
 
 @triton.jit
@@ -51,7 +44,24 @@ def keep_of(r, thr):
 
 
 @triton.jit
-def _norm_lane(g, w, idx, m, r, thr, eta, adaptive, ACC: tl.constexpr, ADAPTIVE: tl.constexpr):
+def _prep(meta, fmeta, t, start, pa, pb, pc, x, O_FLAGS, O_PARAMS, L, DT, SD, ACC, COPY, HAS_SCALE, HAS_FOUND, OPT):
+    """Streams (w, g, stash); eta, the threshold, the chunk's first Philox counter (less the
+    call's offset), adaptive; with a coef (``pa``): rho / beta * coef and whether it is nonzero."""
+    p = fmeta + O_PARAMS + t * 4
+    ptrs = (stream_ptr(meta, t, 0, L, DT), stream_ptr(meta, t, 1, L, DT), stream_ptr(meta, t, 2, L, SD))
+    ctr0 = (tl.load(p + 3).to(tl.int64) + start) // 4
+    adaptive = (tl.load(meta + O_FLAGS + t) & _ADAPTIVE) != 0
+    rc = tl.load(p).to(ACC)
+    ok = True
+    if HAS_SCALE:  # the perturbation: pa holds the coef (0: perturb nothing; the stash still serves the restore)
+        coef = tl.load(pa)
+        rc = (tl.load(p) * coef).to(ACC)
+        ok = coef != 0.0
+    return ptrs, tl.load(p + 1).to(ACC), tl.load(p + 2).to(tl.int64), ctr0, adaptive, rc, ok
+
+
+@triton.jit
+def _norm_lane(g, w, idx, m, r, thr, eta, adaptive, ACC, ADAPTIVE):
     x = tl.load(g + idx, mask=m, other=0.0).to(ACC)
     if ADAPTIVE:  # plain ESAM never reads the weights here
         wv = tl.load(w + idx, mask=m, other=0.0).to(ACC)
@@ -61,32 +71,23 @@ def _norm_lane(g, w, idx, m, r, thr, eta, adaptive, ACC: tl.constexpr, ADAPTIVE:
     return x * x
 
 
-@triton.jit(do_not_specialize=VARYING_ARGS)
-def _esam_norm_kernel(meta, fmeta, partial_ptr, part_off, seed: tl.int64, offset: tl.int64, O_NUMEL, O_FLAGS,
-                      O_PARAMS, O_CT, O_CS, DT: tl.constexpr, ACC: tl.constexpr, ADAPTIVE: tl.constexpr,
-                      CHUNK: tl.constexpr, LANES: tl.constexpr):
-    t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
-    w = stream_ptr(meta, t, 0, 3, DT)
-    g = stream_ptr(meta, t, 1, 3, DT)
-    adaptive = (tl.load(meta + O_FLAGS + t) & 2) != 0
-    eta = tl.load(fmeta + O_PARAMS + t * 4 + 1).to(ACC)
-    thr = tl.load(fmeta + O_PARAMS + t * 4 + 2).to(tl.int64)
-    ctr0 = offset + (tl.load(fmeta + O_PARAMS + t * 4 + 3).to(tl.int64) + start) // 4
-    acc = tl.zeros([LANES], ACC)
-    for off in range(0, end, 4 * LANES):
-        j = off // 4 + tl.arange(0, LANES)
-        r0, r1, r2, r3 = tl.randint4x(seed, ctr0 + j)
-        e = 4 * j
-        acc += _norm_lane(g, w, start + e, e < end, r0, thr, eta, adaptive, ACC, ADAPTIVE)
-        acc += _norm_lane(g, w, start + e + 1, e + 1 < end, r1, thr, eta, adaptive, ACC, ADAPTIVE)
-        acc += _norm_lane(g, w, start + e + 2, e + 2 < end, r2, thr, eta, adaptive, ACC, ADAPTIVE)
-        acc += _norm_lane(g, w, start + e + 3, e + 3 < end, r3, thr, eta, adaptive, ACC, ADAPTIVE)
-    tl.store(partial_ptr + part_off + tl.program_id(0), tl.sum(acc).to(tl.float64))
+@triton.jit
+def _norm_term(ctx, start, off, end, seed, offset, a0, a1, a2, DT, SD, ACC, COPY, HAS_SCALE, HAS_FOUND, OPT, BLOCK):
+    """The kept ``(T g)^2``, 4 elements per Philox evaluation (OPT: some tensor is adaptive)."""
+    ptrs, eta, thr, ctr0, adaptive, rc, ok = ctx
+    w, g, s = ptrs
+    j = off // 4 + tl.arange(0, BLOCK // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, offset + ctr0 + j)
+    e = 4 * j
+    a0 += _norm_lane(g, w, start + e, e < end, r0, thr, eta, adaptive, ACC, OPT)
+    a0 += _norm_lane(g, w, start + e + 1, e + 1 < end, r1, thr, eta, adaptive, ACC, OPT)
+    a0 += _norm_lane(g, w, start + e + 2, e + 2 < end, r2, thr, eta, adaptive, ACC, OPT)
+    a0 += _norm_lane(g, w, start + e + 3, e + 3 < end, r3, thr, eta, adaptive, ACC, OPT)
+    return a0, a1, a2
 
 
 @triton.jit
-def _perturb_lane(w, g, s, idx, m, r, thr, rc, eta, adaptive, ok, DT: tl.constexpr, SD: tl.constexpr,
-                  ACC: tl.constexpr, COPY: tl.constexpr):
+def _perturb_lane(w, g, s, idx, m, r, thr, rc, eta, adaptive, ok, DT, SD, ACC, COPY):
     wr = tl.load(w + idx, mask=m, other=0.0)
     wv = wr.to(ACC)
     gv = tl.load(g + idx, mask=m, other=0.0).to(ACC)
@@ -103,55 +104,44 @@ def _perturb_lane(w, g, s, idx, m, r, thr, rc, eta, adaptive, ok, DT: tl.constex
     tl.store(w + idx, tl.where(keep, (wv + ev).to(DT), wr), mask=m)
 
 
-@triton.jit(do_not_specialize=VARYING_ARGS)
-def _esam_perturb_kernel(meta, fmeta, coef_ptr, seed: tl.int64, offset: tl.int64, O_NUMEL, O_FLAGS, O_PARAMS, O_CT,
-                         O_CS, DT: tl.constexpr, SD: tl.constexpr, ACC: tl.constexpr, COPY: tl.constexpr,
-                         CHUNK: tl.constexpr, LANES: tl.constexpr):
-    t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
-    w = stream_ptr(meta, t, 0, 3, DT)
-    g = stream_ptr(meta, t, 1, 3, DT)
-    s = stream_ptr(meta, t, 2, 3, SD)
-    coef = tl.load(coef_ptr)
-    ok = coef != 0.0  # 0: perturb nothing (the stash still serves the restore)
-    rc = (tl.load(fmeta + O_PARAMS + t * 4) * coef).to(ACC)
-    eta = tl.load(fmeta + O_PARAMS + t * 4 + 1).to(ACC)
-    thr = tl.load(fmeta + O_PARAMS + t * 4 + 2).to(tl.int64)
-    ctr0 = offset + (tl.load(fmeta + O_PARAMS + t * 4 + 3).to(tl.int64) + start) // 4
-    adaptive = (tl.load(meta + O_FLAGS + t) & 2) != 0
-    for off in range(0, end, 4 * LANES):
-        j = off // 4 + tl.arange(0, LANES)
-        r0, r1, r2, r3 = tl.randint4x(seed, ctr0 + j)
-        e = 4 * j
-        _perturb_lane(w, g, s, start + e, e < end, r0, thr, rc, eta, adaptive, ok, DT, SD, ACC, COPY)
-        _perturb_lane(w, g, s, start + e + 1, e + 1 < end, r1, thr, rc, eta, adaptive, ok, DT, SD, ACC, COPY)
-        _perturb_lane(w, g, s, start + e + 2, e + 2 < end, r2, thr, rc, eta, adaptive, ok, DT, SD, ACC, COPY)
-        _perturb_lane(w, g, s, start + e + 3, e + 3 < end, r3, thr, rc, eta, adaptive, ok, DT, SD, ACC, COPY)
-
-
 @triton.jit
-def _restore_lane(w, s, idx, m, r, thr, DT: tl.constexpr, ACC: tl.constexpr):
+def _restore_lane(w, s, idx, m, r, thr, DT, ACC):
     wr = tl.load(w + idx, mask=m, other=0.0)
     sv = tl.load(s + idx, mask=m, other=0.0).to(ACC)
     tl.store(w + idx, tl.where(keep_of(r, thr), (wr.to(ACC) - sv).to(DT), wr), mask=m)
 
 
-@triton.jit(do_not_specialize=VARYING_ARGS)
-def _esam_restore_delta_kernel(meta, fmeta, seed: tl.int64, offset: tl.int64, O_NUMEL, O_PARAMS, O_CT, O_CS,
-                               DT: tl.constexpr, SD: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr,
-                               LANES: tl.constexpr):
-    t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
-    w = stream_ptr(meta, t, 0, 3, DT)
-    s = stream_ptr(meta, t, 2, 3, SD)
-    thr = tl.load(fmeta + O_PARAMS + t * 4 + 2).to(tl.int64)
-    ctr0 = offset + (tl.load(fmeta + O_PARAMS + t * 4 + 3).to(tl.int64) + start) // 4
-    for off in range(0, end, 4 * LANES):
-        j = off // 4 + tl.arange(0, LANES)
-        r0, r1, r2, r3 = tl.randint4x(seed, ctr0 + j)
-        e = 4 * j
-        _restore_lane(w, s, start + e, e < end, r0, thr, DT, ACC)
-        _restore_lane(w, s, start + e + 1, e + 1 < end, r1, thr, DT, ACC)
-        _restore_lane(w, s, start + e + 2, e + 2 < end, r2, thr, DT, ACC)
-        _restore_lane(w, s, start + e + 3, e + 3 < end, r3, thr, DT, ACC)
+@triton.jit
+def _lane(ctx, idx, m, r, DT, SD, ACC, COPY, RESTORE):
+    ptrs, eta, thr, ctr0, adaptive, rc, ok = ctx
+    w, g, s = ptrs
+    if RESTORE:
+        _restore_lane(w, s, idx, m, r, thr, DT, ACC)
+    else:
+        _perturb_lane(w, g, s, idx, m, r, thr, rc, eta, adaptive, ok, DT, SD, ACC, COPY)
+
+
+@triton.jit
+def _each_lane(ctx, start, off, end, seed, offset, DT, SD, ACC, COPY, RESTORE, BLOCK):
+    """The perturbation or the delta restore of a block, one Philox evaluation per 4 elements."""
+    j = off // 4 + tl.arange(0, BLOCK // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, offset + ctx[3] + j)
+    e = 4 * j
+    _lane(ctx, start + e, e < end, r0, DT, SD, ACC, COPY, RESTORE)
+    _lane(ctx, start + e + 1, e + 1 < end, r1, DT, SD, ACC, COPY, RESTORE)
+    _lane(ctx, start + e + 2, e + 2 < end, r2, DT, SD, ACC, COPY, RESTORE)
+    _lane(ctx, start + e + 3, e + 3 < end, r3, DT, SD, ACC, COPY, RESTORE)
+
+
+@triton.jit
+def _perturb_elem(ctx, start, off, end, seed, offset, DT, SD, ACC, COPY, HAS_SCALE, HAS_FOUND, OPT, BLOCK):
+    _each_lane(ctx, start, off, end, seed, offset, DT, SD, ACC, COPY, False, BLOCK)
+
+
+@triton.jit
+def _restore_elem(ctx, start, off, end, seed, offset, DT, SD, ACC, COPY, HAS_SCALE, HAS_FOUND, OPT, BLOCK):
+    """The delta restore: subtract the stash where the mask kept the element."""
+    _each_lane(ctx, start, off, end, seed, offset, DT, SD, ACC, COPY, True, BLOCK)
 
 
 @triton.jit(do_not_specialize=VARYING_ARGS)
@@ -177,10 +167,6 @@ def _philox_kernel(out, n, seed: tl.int64, offset: tl.int64, thr, KIND: tl.const
     tl.store(out + e + 3, a3.to(out.dtype.element_ty), mask=e + 3 < n)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def rng_bases(tensors) -> list[float]:
     """First Philox position of each tensor: element counts padded to multiples of 4."""
     out, off = [], 0
@@ -199,33 +185,13 @@ def _thresholds(beta) -> list[float]:
 def esam_perturb(params, grads, stash, rho, eta, beta, flags, eps, seed, offset, stash_mode, grad_scale,
                  found_inf) -> torch.Tensor:
     """The semantics of ``torch.ops.saf_kernels.esam_perturb_`` (lists already checked)."""
-    dev = params[0].device
     cols = [[r / b for r, b in zip(rho, beta)], eta, _thresholds(beta), rng_bases(params)]
     tables = build_tables([params, grads, stash], cols, flags, signature_streams=(0, 2))
-    total = sum(tb.n_chunks for tb in tables)
-    partials = torch.empty(max(total, 1), dtype=torch.float64, device=dev)
-    off = 0
-    for tb in tables:
-        o = offsets(tb, 3)
-        adaptive = any(flags[i] & ADAPTIVE_FLAG for i in tb.index)
-        if tb.n_chunks:
-            _esam_norm_kernel[(tb.n_chunks,)](
-                tb.meta, tb.fmeta, partials, off, seed, offset, o.numel, o.flags, o.params, o.chunk_tensor,
-                o.chunk_start, DT=TL_DTYPE[tb.dtypes[0]], ACC=_acc(tb.dtypes[0]), ADAPTIVE=adaptive, CHUNK=CHUNK,
-                LANES=LANES, num_warps=4)
-        off += tb.n_chunks
-    norm = torch.empty((), dtype=torch.float64 if any_f64(params) else torch.float32, device=dev)
-    coef = torch.empty((), dtype=torch.float64, device=dev)
-    _sam_coef_kernel[(1,)](partials, total, grad_scale if grad_scale is not None else coef,
-                           found_inf if found_inf is not None else coef, norm, coef, eps,
-                           HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None, BLOCK=1024)
-    for tb in tables:
-        o = offsets(tb, 3)
-        if tb.n_chunks:
-            _esam_perturb_kernel[(tb.n_chunks,)](
-                tb.meta, tb.fmeta, coef, seed, offset, o.numel, o.flags, o.params, o.chunk_tensor, o.chunk_start,
-                DT=TL_DTYPE[tb.dtypes[0]], SD=TL_DTYPE[tb.dtypes[1]], ACC=_acc(tb.dtypes[0]), COPY=stash_mode == 0,
-                CHUNK=CHUNK, LANES=LANES, num_warps=4)
+    rng = dict(seed=seed, offset=offset)
+    partials, total = chunk_partials(_prep, _norm_term, tables, 3, width=LANES,
+                                     per_table=adaptive_switch(flags, len(params)), **rng)
+    norm, coef = sam_finalize(partials, total, params, eps, grad_scale, found_inf)
+    launch_elementwise(_prep, _perturb_elem, tables, 3, pa=coef, HAS_SCALE=True, COPY=stash_mode == 0, **rng)
     return norm
 
 
@@ -238,13 +204,7 @@ def esam_restore(params, stash, beta, seed, offset, stash_mode) -> None:
         return
     cols = [[0.0] * len(params), [0.0] * len(params), _thresholds(beta), rng_bases(params)]
     tables = build_tables([params, stash, stash], cols, [0] * len(params), signature_streams=(0, 2))
-    for tb in tables:
-        o = offsets(tb, 3)
-        if tb.n_chunks:
-            _esam_restore_delta_kernel[(tb.n_chunks,)](
-                tb.meta, tb.fmeta, seed, offset, o.numel, o.params, o.chunk_tensor, o.chunk_start,
-                DT=TL_DTYPE[tb.dtypes[0]], SD=TL_DTYPE[tb.dtypes[1]], ACC=_acc(tb.dtypes[0]), CHUNK=CHUNK,
-                LANES=LANES, num_warps=4)
+    launch_elementwise(_prep, _restore_elem, tables, 3, seed=seed, offset=offset)
 
 
 def philox(out: torch.Tensor, seed: int, offset: int, kind: int, p: float) -> None:

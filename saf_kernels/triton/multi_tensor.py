@@ -26,6 +26,7 @@ from itertools import chain
 
 import numpy as np
 import torch
+import triton
 import triton.language as tl
 
 TL_DTYPE = {
@@ -250,3 +251,162 @@ def offsets(table: Table, n_streams: int) -> Offsets:
 
 def any_f64(tensors) -> bool:
     return any(t.dtype == torch.float64 for t in tensors)
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The accumulation type of a storage dtype: float64 for float64, float32 else."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel skeletons. A method supplies triton.jit functions, passed as constexpr arguments
+# (inlined when the skeleton compiles, so the machine code is what a hand-written kernel gives):
+#
+#   PREP(meta, fmeta, t, start, pa, pb, pc, x, O_FLAGS, O_PARAMS, L, DT, SD, ACC, COPY, HAS_SCALE,
+#        HAS_FOUND, OPT) -> ctx
+#       once per program (chunk ``start`` of tensor ``t``): the stream pointers and the per-tensor
+#       values, as a tuple;
+#   ELEM(ctx, start, off, end, seed, offset, DT, SD, ACC, COPY, HAS_SCALE, HAS_FOUND, OPT, BLOCK)
+#       the elements ``start + off ..`` (``BLOCK`` of them, masked at ``end``): loads, math, stores;
+#   TERM(ctx, start, off, end, seed, offset, a0, a1, a2, ACC, ADAPTIVE..., BLOCK) -> (a0, a1, a2)
+#       the same for a reduction: adds the block's terms to up to three accumulators.
+#
+# ``pa, pb, pc`` are a method's device scalars (coefficients, grad_scale, found_inf), ``x`` a
+# float64 kernel argument, ``seed``/``offset`` Philox's; COPY / HAS_SCALE / HAS_FOUND / OPT its
+# compile-time switches (OPT: one of its own). Unused ones are passed as any tensor, 0 or False.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK: tl.constexpr):
+    """(tensor, first element, element count) of this program's chunk."""
+    c = tl.program_id(0)
+    t = tl.load(meta + O_CT + c)
+    start = tl.load(meta + O_CS + c)
+    numel = tl.load(meta + O_NUMEL + t)
+    return t, start, tl.minimum(numel - start, CHUNK)
+
+
+@triton.jit
+def stream_ptr(meta, t, s, L: tl.constexpr, DT: tl.constexpr):
+    """Tensor ``t``'s address in stream ``s`` of a table of ``L`` streams, typed ``DT``."""
+    return tl.load(meta + t * L + s).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def block_of(start, off, end, BLOCK: tl.constexpr):
+    """Element indices and mask of the block at ``off`` of a chunk."""
+    lane = off + tl.arange(0, BLOCK)
+    return start + lane, lane < end
+
+
+@triton.jit
+def restored(w, s, idx, m, ACC: tl.constexpr, COPY: tl.constexpr):
+    """(stash as stored, the weights before the perturbation in ACC): a copy, or w - delta."""
+    sr = tl.load(s + idx, mask=m, other=0.0)
+    if COPY:
+        wv = sr.to(ACC)
+    else:
+        wv = tl.load(w + idx, mask=m, other=0.0).to(ACC) - sr.to(ACC)
+    return sr, wv
+
+
+@triton.jit
+def sum_partials(p, n, BLOCK: tl.constexpr):
+    """Fixed-order float64 sum of ``p[0:n]`` (one program)."""
+    acc = tl.zeros([BLOCK], tl.float64)
+    for off in range(0, n, BLOCK):
+        i = off + tl.arange(0, BLOCK)
+        acc += tl.load(p + i, mask=i < n, other=0.0)
+    return tl.sum(acc)
+
+
+@triton.jit(do_not_specialize=VARYING_ARGS)
+def elementwise_kernel(meta, fmeta, pa, pb, pc, x: tl.float64, seed: tl.int64, offset: tl.int64, O_NUMEL, O_FLAGS,
+                       O_PARAMS, O_CT, O_CS, PREP: tl.constexpr, ELEM: tl.constexpr, L: tl.constexpr,
+                       DT: tl.constexpr, SD: tl.constexpr, ACC: tl.constexpr, COPY: tl.constexpr,
+                       HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, OPT: tl.constexpr, CHUNK: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """One pass over a chunk: ``ELEM`` on each block, with ``PREP``'s per-tensor context."""
+    t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
+    ctx = PREP(meta, fmeta, t, start, pa, pb, pc, x, O_FLAGS, O_PARAMS, L, DT, SD, ACC, COPY, HAS_SCALE, HAS_FOUND,
+               OPT)
+    for off in range(0, end, BLOCK):
+        ELEM(ctx, start, off, end, seed, offset, DT, SD, ACC, COPY, HAS_SCALE, HAS_FOUND, OPT, BLOCK)
+
+
+@triton.jit(do_not_specialize=VARYING_ARGS)
+def partials_kernel(meta, fmeta, pa, pb, pc, x: tl.float64, seed: tl.int64, offset: tl.int64, partial_ptr, part_off,
+                    n_total, O_NUMEL, O_FLAGS, O_PARAMS, O_CT, O_CS, PREP: tl.constexpr, TERM: tl.constexpr,
+                    L: tl.constexpr, NSUM: tl.constexpr, AW: tl.constexpr, DT: tl.constexpr, SD: tl.constexpr,
+                    ACC: tl.constexpr, COPY: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
+                    OPT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """The partial-sum stage of a reduction: ``NSUM`` (1 to 3) sums of ``TERM`` over a chunk, in
+    accumulators ``AW`` wide, stored as ``partial[k * n_total + part_off + chunk]`` (float64)."""
+    t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
+    ctx = PREP(meta, fmeta, t, start, pa, pb, pc, x, O_FLAGS, O_PARAMS, L, DT, SD, ACC, COPY, HAS_SCALE, HAS_FOUND,
+               OPT)
+    a0 = tl.zeros([AW], ACC)
+    a1 = tl.zeros([AW], ACC)
+    a2 = tl.zeros([AW], ACC)
+    for off in range(0, end, BLOCK):
+        a0, a1, a2 = TERM(ctx, start, off, end, seed, offset, a0, a1, a2, DT, SD, ACC, COPY, HAS_SCALE, HAS_FOUND,
+                          OPT, BLOCK)
+    i = part_off + tl.program_id(0)
+    tl.store(partial_ptr + i, tl.sum(a0).to(tl.float64))
+    if NSUM > 1:
+        tl.store(partial_ptr + n_total + i, tl.sum(a1).to(tl.float64))
+    if NSUM > 2:
+        tl.store(partial_ptr + 2 * n_total + i, tl.sum(a2).to(tl.float64))
+
+
+def _launch(kernel, tables, n_streams, head, tail, switches, per_table, constexprs) -> None:
+    for tb in tables:
+        if not tb.n_chunks:
+            continue
+        o = offsets(tb, n_streams)
+        sw = dict(COPY=False, HAS_SCALE=False, HAS_FOUND=False, OPT=False)
+        sw.update(switches)
+        if per_table is not None:
+            sw.update(per_table(tb))
+        kernel[(tb.n_chunks,)](tb.meta, tb.fmeta, *head(tb), o.numel, o.flags, o.params, o.chunk_tensor,
+                               o.chunk_start, *tail, L=n_streams, DT=TL_DTYPE[tb.dtypes[0]],
+                               SD=TL_DTYPE[tb.dtypes[-1]], ACC=acc_dtype(tb.dtypes[0]), CHUNK=CHUNK,
+                               BLOCK=BLOCK, num_warps=4, **constexprs, **sw)
+
+
+def _scalars(tables, pa, pb, pc, x, seed, offset):
+    dummy = tables[0].meta if tables else None
+    return [dummy if p is None else p for p in (pa, pb, pc)] + [float(x), int(seed), int(offset)]
+
+
+def launch_elementwise(prep, elem, tables, n_streams, *, pa=None, pb=None, pc=None, x=0.0, seed=0, offset=0,
+                       per_table=None, **switches) -> None:
+    """One elementwise pass (one launch per table): ``prep`` and ``elem`` as above; ``pa``..``pc``
+    device scalars (None: unused), ``switches`` COPY / HAS_SCALE / HAS_FOUND / OPT, ``per_table``
+    a function of a table giving switches that depend on its tensors. The tables' signature
+    dtypes give DT (first) and SD (last)."""
+    sc = _scalars(tables, pa, pb, pc, x, seed, offset)
+    _launch(elementwise_kernel, tables, n_streams, lambda tb: sc, (), switches, per_table,
+            dict(PREP=prep, ELEM=elem))
+
+
+def chunk_partials(prep, term, tables, n_streams, *, nsum=1, width=BLOCK, pa=None, pb=None, pc=None, x=0.0, seed=0,
+                   offset=0, per_table=None, **switches) -> tuple[torch.Tensor, int]:
+    """The partial-sum stage of a reduction over ``tables``: a float64 tensor of ``nsum`` rows of
+    one partial sum per chunk (row stride ``max(chunks, 1)``), and the number of chunks. This is
+    the tensor a finalize kernel sums in a fixed order; a collective (an all-reduce of a sharded
+    model's partial sums) can sit between the two stages."""
+    total = sum(tb.n_chunks for tb in tables)
+    stride = max(total, 1)
+    dev = tables[0].meta.device if tables else torch.device("cpu")
+    partials = torch.empty(nsum * stride, dtype=torch.float64, device=dev)
+    sc = _scalars(tables, pa, pb, pc, x, seed, offset)
+    offs = {}
+    run = 0
+    for tb in tables:
+        offs[id(tb)] = run
+        run += tb.n_chunks
+    _launch(partials_kernel, tables, n_streams, lambda tb: sc + [partials, offs[id(tb)], stride], (), switches,
+            per_table, dict(PREP=prep, TERM=term, NSUM=nsum, AW=width))
+    return partials, total

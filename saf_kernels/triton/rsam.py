@@ -17,20 +17,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .esam import chunk_of, rng_bases, stream_ptr
+from .esam import rng_bases
 from .multi_tensor import (
     BLOCK,
-    CHUNK,
     TL_DTYPE,
     VARYING_ARGS,
     PlanCache,
-    any_f64,
+    acc_dtype,
+    block_of,
     build_tables,
-    offsets,
+    chunk_partials,
+    launch_elementwise,
+    stream_ptr,
     tensor_key,
     upload,
 )
-from .sam import _sam_coef_kernel
+from .sam import sam_finalize
 
 VECTOR_FLAG = 2
 
@@ -73,58 +75,49 @@ def _rsam_noise_kernel(meta, fmeta, seed: tl.int64, offset: tl.int64, std_mult: 
 
 
 @triton.jit
-def _direction(w, g, s, idx, m, li, ACC: tl.constexpr):
+def _prep(meta, fmeta, t, start, pa, pb, pc, x, O_FLAGS, O_PARAMS, L, DT, SD, ACC, COPY, HAS_SCALE, HAS_FOUND, OPT):
+    """Streams (w, g, stash); lam / grad_scale (``x`` = lam, ``pa`` = grad_scale) in ACC; with a
+    coef (``pb``, OPT): rho * coef and whether it is nonzero."""
+    li = tl.full([], x, tl.float64)
+    if HAS_SCALE:
+        li = li / tl.load(pa).to(tl.float64)
+    rc = tl.load(fmeta + O_PARAMS + t).to(ACC)
+    ok = True
+    if OPT:
+        coef = tl.load(pb)
+        rc = (tl.load(fmeta + O_PARAMS + t) * coef).to(ACC)
+        ok = coef != 0.0  # 0: back to the clean weights, bit exact
+    ptrs = (stream_ptr(meta, t, 0, L, DT), stream_ptr(meta, t, 1, L, DT), stream_ptr(meta, t, 2, L, DT))
+    return ptrs, li.to(ACC), rc, ok
+
+
+@triton.jit
+def _direction(ctx, idx, m, ACC):
+    """``d = lam * g / grad_scale + (w - stash)`` and the stash."""
+    ptrs, li, rc, ok = ctx
+    w, g, s = ptrs
     wv = tl.load(w + idx, mask=m, other=0.0).to(ACC)
     gv = tl.load(g + idx, mask=m, other=0.0).to(ACC)
     sv = tl.load(s + idx, mask=m, other=0.0).to(ACC)
     return li * gv + (wv - sv), sv
 
 
-@triton.jit(do_not_specialize=VARYING_ARGS)
-def _rsam_norm_kernel(meta, partial_ptr, part_off, lam: tl.float64, scale_ptr, O_NUMEL, O_CT, O_CS, DT: tl.constexpr,
-                      ACC: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
-    w = stream_ptr(meta, t, 0, 3, DT)
-    g = stream_ptr(meta, t, 1, 3, DT)
-    s = stream_ptr(meta, t, 2, 3, DT)
-    li = tl.full([], lam, tl.float64)
-    if HAS_SCALE:
-        li = li / tl.load(scale_ptr).to(tl.float64)
-    li = li.to(ACC)
-    acc = tl.zeros([BLOCK], ACC)
-    for off in range(0, end, BLOCK):
-        lane = off + tl.arange(0, BLOCK)
-        d, _ = _direction(w, g, s, start + lane, lane < end, li, ACC)
-        acc += d * d
-    tl.store(partial_ptr + part_off + tl.program_id(0), tl.sum(acc).to(tl.float64))
+@triton.jit
+def _norm_term(ctx, start, off, end, seed, offset, a0, a1, a2, DT, SD, ACC, COPY, HAS_SCALE, HAS_FOUND, OPT, BLOCK):
+    idx, m = block_of(start, off, end, BLOCK)
+    d, _ = _direction(ctx, idx, m, ACC)
+    return a0 + d * d, a1, a2
 
 
-@triton.jit(do_not_specialize=VARYING_ARGS)
-def _rsam_perturb_kernel(meta, fmeta, coef_ptr, lam: tl.float64, scale_ptr, O_NUMEL, O_PARAMS, O_CT, O_CS,
-                         DT: tl.constexpr, ACC: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    t, start, end = chunk_of(meta, O_CT, O_CS, O_NUMEL, CHUNK)
-    w = stream_ptr(meta, t, 0, 3, DT)
-    g = stream_ptr(meta, t, 1, 3, DT)
-    s = stream_ptr(meta, t, 2, 3, DT)
-    coef = tl.load(coef_ptr)
-    ok = coef != 0.0  # 0: back to the clean weights, bit exact
-    rc = (tl.load(fmeta + O_PARAMS + t) * coef).to(ACC)
-    li = tl.full([], lam, tl.float64)
-    if HAS_SCALE:
-        li = li / tl.load(scale_ptr).to(tl.float64)
-    li = li.to(ACC)
-    for off in range(0, end, BLOCK):
-        lane = off + tl.arange(0, BLOCK)
-        m = lane < end
-        idx = start + lane
-        d, sv = _direction(w, g, s, idx, m, li, ACC)
-        sr = tl.load(s + idx, mask=m, other=0.0)
-        tl.store(w + idx, tl.where(ok, (sv + rc * d).to(DT), sr), mask=m)
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+@triton.jit
+def _perturb_elem(ctx, start, off, end, seed, offset, DT, SD, ACC, COPY, HAS_SCALE, HAS_FOUND, OPT, BLOCK):
+    """``w = stash + rho * d * coef`` (the stash's bits when coef is 0)."""
+    ptrs, li, rc, ok = ctx
+    w, g, s = ptrs
+    idx, m = block_of(start, off, end, BLOCK)
+    d, sv = _direction(ctx, idx, m, ACC)
+    sr = tl.load(s + idx, mask=m, other=0.0)
+    tl.store(w + idx, tl.where(ok, (sv + rc * d).to(DT), sr), mask=m)
 
 
 def _rows(p: torch.Tensor) -> tuple[int, int, bool]:
@@ -147,7 +140,7 @@ def rsam_noise(params, stash, std, seed, offset) -> None:
     plans = NOISE_PLANS.get(key, params[0].device, lambda up: _noise_plans(params, stash, rel, up))
     for meta, n_progs, offs, dtype, rb, cb in plans:
         _rsam_noise_kernel[(n_progs,)](meta, meta.view(torch.float64), seed, offset, scale, *offs, DT=TL_DTYPE[dtype],
-                                       ACC=_acc(dtype), RB=rb, CB=cb, num_warps=4)
+                                       ACC=acc_dtype(dtype), RB=rb, CB=cb, num_warps=4)
 
 
 NOISE_PLANS = PlanCache()
@@ -187,30 +180,10 @@ def _noise_plans(params, stash, rel_std, uploads) -> list[tuple]:
 
 def rsam_perturb(params, grads, stash, rho, lam, eps, grad_scale, found_inf) -> torch.Tensor:
     """The semantics of ``torch.ops.saf_kernels.rsam_perturb_``."""
-    dev = params[0].device
     tables = build_tables([params, grads, stash], [rho], [0] * len(params))
-    total = sum(tb.n_chunks for tb in tables)
-    partials = torch.empty(max(total, 1), dtype=torch.float64, device=dev)
-    has_scale = grad_scale is not None
-    off = 0
-    for tb in tables:
-        o = offsets(tb, 3)
-        if tb.n_chunks:
-            _rsam_norm_kernel[(tb.n_chunks,)](
-                tb.meta, partials, off, lam, grad_scale if has_scale else partials, o.numel, o.chunk_tensor,
-                o.chunk_start, DT=TL_DTYPE[tb.dtypes[0]], ACC=_acc(tb.dtypes[0]), HAS_SCALE=has_scale, CHUNK=CHUNK,
-                BLOCK=BLOCK, num_warps=4)
-        off += tb.n_chunks
-    norm = torch.empty((), dtype=torch.float64 if any_f64(params) else torch.float32, device=dev)
-    coef = torch.empty((), dtype=torch.float64, device=dev)
+    scaled = dict(x=lam, pa=grad_scale, HAS_SCALE=grad_scale is not None)
+    partials, total = chunk_partials(_prep, _norm_term, tables, 3, **scaled)
     # d is already unscaled: no grad_scale in the finalize, only found_inf.
-    _sam_coef_kernel[(1,)](partials, total, coef, found_inf if found_inf is not None else coef, norm, coef, eps,
-                           HAS_SCALE=False, HAS_FOUND=found_inf is not None, BLOCK=1024)
-    for tb in tables:
-        o = offsets(tb, 3)
-        if tb.n_chunks:
-            _rsam_perturb_kernel[(tb.n_chunks,)](
-                tb.meta, tb.fmeta, coef, lam, grad_scale if has_scale else partials, o.numel, o.params,
-                o.chunk_tensor, o.chunk_start, DT=TL_DTYPE[tb.dtypes[0]], ACC=_acc(tb.dtypes[0]), HAS_SCALE=has_scale,
-                CHUNK=CHUNK, BLOCK=BLOCK, num_warps=4)
+    norm, coef = sam_finalize(partials, total, params, eps, None, found_inf)
+    launch_elementwise(_prep, _perturb_elem, tables, 3, pb=coef, OPT=True, **scaled)
     return norm
