@@ -318,7 +318,9 @@ def _launch_config(C: int, f64: bool = False) -> tuple[int, int, bool, int]:
     """(BLOCK_R, BLOCK_C, SINGLE, num_warps) for rows of C classes (``f64``: float64 arithmetic).
 
     Tiles of up to 2048 elements (1024 in float64: two registers a value), several rows a tile
-    when C is small; 4 warps up to 1024 float32 elements, 8 up to 4096, 16 beyond. Compiled for
+    when C is small; 4 warps up to 256 float32 registers a tile, 8 up to 2048, 16 beyond and for
+    chunked rows; a float64 row is one tile up to 2048 classes. (The KL's expm1 polynomial made
+    the older 4 / 8 / 16-warp split at 1024 / 4096 spill 8-56 bytes in three tiles.) Compiled for
     sm_80 and sm_90, no configuration spills registers (tests/test_triton_aot.py checks every
     one; benchmarks/results/triton-sm80-sm90.md lists them): with 4 warps, 2048-element tiles of
     16-64 rows took 255 registers and spilled up to 824 bytes (float32), and a float64 row of
@@ -326,12 +328,12 @@ def _launch_config(C: int, f64: bool = False) -> tuple[int, int, bool, int]:
     """
     block_c = triton.next_power_of_2(C)
     width = 2 if f64 else 1
-    if block_c <= MAX_SINGLE_BLOCK // width:
+    if block_c <= MAX_SINGLE_BLOCK // (2 * width if f64 else width):
         block_r = max(1, min(64, 2048 // width // block_c))
         regs = block_r * block_c * width  # float32 registers a tile holds
-        num_warps = 4 if regs <= 1024 else (8 if regs <= 4096 else 16)
+        num_warps = 4 if regs <= 256 else (8 if regs <= 2048 else 16)
         return block_r, block_c, True, num_warps
-    return 1, CHUNK_BLOCK // width, False, 8
+    return 1, CHUNK_BLOCK // width, False, 16
 
 
 def trajectory_loss_triton(
