@@ -195,7 +195,7 @@ def bank_step_triton(
     mode, counts, scales = _prepass(ids, labels, values, epochs, claims, state, epoch, ignore_index, use_past,
                                     record, True, acc)
     if B > 0:
-        block_r, block_c, single, num_warps = _launch_config(C, f64)
+        block_r, block_c, single, num_warps = _launch_config(C, f64, probs is not None)
         slot_view = values[:, epoch % S]  # row stride S * C: the kernel gathers rows of this slot
         _trajectory_loss_kernel[(triton.cdiv(B, block_r),)](
             logits,

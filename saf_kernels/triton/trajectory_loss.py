@@ -314,7 +314,7 @@ def _trajectory_loss_kernel(
     tl.store(loss_ptr + rows64, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
 
 
-def _launch_config(C: int, f64: bool = False) -> tuple[int, int, bool, int]:
+def _launch_config(C: int, f64: bool = False, soft: bool = False) -> tuple[int, int, bool, int]:
     """(BLOCK_R, BLOCK_C, SINGLE, num_warps) for rows of C classes (``f64``: float64 arithmetic).
 
     Tiles of up to 2048 elements (1024 in float64: two registers a value), several rows a tile
@@ -333,7 +333,8 @@ def _launch_config(C: int, f64: bool = False) -> tuple[int, int, bool, int]:
         regs = block_r * block_c * width  # float32 registers a tile holds
         num_warps = 4 if regs <= 256 else (8 if regs <= 2048 else 16)
         return block_r, block_c, True, num_warps
-    return 1, CHUNK_BLOCK // width, False, 16
+    # Chunks with probability targets stay on 8 warps: Triton 3.6 fails to compile them on 16.
+    return 1, CHUNK_BLOCK // width, False, 8 if soft else 16
 
 
 def trajectory_loss_triton(
@@ -377,7 +378,7 @@ def trajectory_loss_triton(
         elif B > 0:
             host_scale = 1.0 / B
     if B > 0:
-        block_r, block_c, single, num_warps = _launch_config(C, f64)
+        block_r, block_c, single, num_warps = _launch_config(C, f64, soft)
         _trajectory_loss_kernel[(triton.cdiv(B, block_r),)](
             logits,
             target,
