@@ -315,20 +315,21 @@ def _trajectory_loss_kernel(
 
 
 def _launch_config(C: int, f64: bool = False, soft: bool = False) -> tuple[int, int, bool, int]:
-    """(BLOCK_R, BLOCK_C, SINGLE, num_warps) for rows of C classes (``f64``: float64 arithmetic).
+    """(BLOCK_R, BLOCK_C, SINGLE, num_warps) for rows of C classes (``f64``: float64 arithmetic;
+    ``soft``: probability targets).
 
     Tiles of up to 2048 elements (1024 in float64: two registers a value), several rows a tile
-    when C is small; 4 warps up to 256 float32 registers a tile, 8 up to 2048, 16 beyond and for
-    chunked rows; a float64 row is one tile up to 2048 classes. (The KL's expm1 polynomial made
-    the older 4 / 8 / 16-warp split at 1024 / 4096 spill 8-56 bytes in three tiles.) Compiled for
-    sm_80 and sm_90, no configuration spills registers (tests/test_triton_aot.py checks every
-    one; benchmarks/results/triton-sm80-sm90.md lists them): with 4 warps, 2048-element tiles of
-    16-64 rows took 255 registers and spilled up to 824 bytes (float32), and a float64 row of
-    8192 elements on 16 warps spilled 848 bytes.
+    when C is small; 4 warps up to 256 float32 registers a tile, 8 up to 2048, 16 beyond; a
+    float64 row is one tile up to 2048 classes, longer rows go in chunks (16 warps, 8 with
+    probability targets). The KL's expm1 polynomial made the older split (4 / 8 / 16 warps at
+    1024 / 4096) spill 8-56 bytes in three tiles; with 4 warps, 2048-element tiles of 16-64 rows
+    once took 255 registers and spilled up to 824 bytes. tests/test_triton_aot.py compiles the
+    configurations for sm_80 and sm_90 and fails on a spill; the full sweep still finds 4-20 bytes
+    in the 8192-wide bank tile with probability targets.
     """
     block_c = triton.next_power_of_2(C)
     width = 2 if f64 else 1
-    if block_c <= MAX_SINGLE_BLOCK // (2 * width if f64 else width):
+    if block_c <= (MAX_SINGLE_BLOCK // 4 if f64 else MAX_SINGLE_BLOCK):
         block_r = max(1, min(64, 2048 // width // block_c))
         regs = block_r * block_c * width  # float32 registers a tile holds
         num_warps = 4 if regs <= 256 else (8 if regs <= 2048 else 16)
