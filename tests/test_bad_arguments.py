@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import saf_kernels as sk
+import saf_kernels.physical as ph
 from saf_kernels import BackendUnavailable, _backend, sharpness
 from saf_kernels import ops as O
 from saf_kernels.optim import ASAM, ESAM, GSAM, RSAM, SAM, CosineIncrease, ProportionScheduler
@@ -723,7 +724,203 @@ BENCH = [
         r"unknown methods \['lion'\]"),
 ]
 
-ROWS = LOSSES + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS + BENCH
+# ---------------------------------------------------------------------------------------------
+# Physical networks (saf_kernels.physical) and the trainer integrations
+# ---------------------------------------------------------------------------------------------
+
+
+def mrr_net():
+    return torch.nn.Sequential(ph.MRRLinear(4, 3))
+
+
+def fs_net():
+    return torch.nn.Sequential(ph.FreeSpaceLinear((4, 4), 3))
+
+
+def batches():
+    return [(torch.randn(2, 4), torch.tensor([0, 1]))]
+
+
+def knob(**kw):
+    return ph.Knob(torch.zeros(1), **{"delta_max": 0.1, "c": 1.0, **kw})
+
+
+def enter(cm):
+    with cm:
+        pass
+
+
+PHYSICAL = [
+    bad("MRRLinear:in_features=0", lambda: ph.MRRLinear(0, 3), ValueError, r"MRRLinear: in_features must be >= 1, got 0"),
+    bad("MRRLinear:in_features=2.5", lambda: ph.MRRLinear(2.5, 3), ValueError, r"in_features must be an int, got 2\.5"),
+    bad("MRRLinear:out_features=True", lambda: ph.MRRLinear(4, True), ValueError, r"out_features must be an int, got True"),
+    bad("MRRLinear:bias=str", lambda: ph.MRRLinear(4, 3, bias="no"), ValueError, r"bias must be True or False, got 'no'"),
+    bad("MRRLinear:drift=nan", lambda: ph.MRRLinear(4, 3, drift_per_kelvin=math.nan), ValueError,
+        r"drift_per_kelvin must be a finite number, got nan"),
+    bad("MRRLinear:transfer", lambda: ph.MRRLinear(4, 3, transfer=1), TypeError, r"transfer must be a Lorentzian, got 1"),
+    bad("MRRLinear:weight-shape", lambda: ph.MRRLinear(4, 3, weight=torch.zeros(2, 2)), ValueError,
+        r"MRRLinear: weight has shape \(2, 2\), the layer's \(3, 4\)"),
+    bad("MRRConv2d:kernel_size=0", lambda: ph.MRRConv2d(2, 3, 0), ValueError, r"kernel_size must be positive, got 0"),
+    bad("MRRConv2d:groups=3", lambda: ph.MRRConv2d(2, 3, 3, groups=3), ValueError, r"groups=3 must divide"),
+    bad("MRRConv2d:stride=0", lambda: ph.MRRConv2d(2, 3, 3, stride=0), ValueError, r"stride must be positive, got 0"),
+    bad("MRRConv2d:padding=-1", lambda: ph.MRRConv2d(2, 3, 3, padding=-1), ValueError, r"padding must be >= 0, got -1"),
+    bad("MRRConv2d:padding=str", lambda: ph.MRRConv2d(2, 3, 3, padding="full"), ValueError,
+        r"padding must be 'same', 'valid', an int or a pair, got 'full'"),
+    bad("Lorentzian:gamma=0", lambda: ph.Lorentzian(gamma=0), ValueError, r"Lorentzian: gamma must be > 0, got 0"),
+    bad("Lorentzian:amplitude=True", lambda: ph.Lorentzian(amplitude=True), ValueError,
+        r"amplitude must be a finite number, got True"),
+    bad("MRRLayer.set_weights:clamp=0", lambda: ph.MRRLinear(4, 3).set_weights(torch.zeros(3, 4), clamp=0),
+        ValueError, r"set_weights: clamp must be > 0, got 0"),
+    bad("MRRLayer.set_weights:clamp=1", lambda: ph.MRRLinear(4, 3).set_weights(torch.zeros(3, 4), clamp=1.0),
+        ValueError, r"set_weights: clamp must be below the ring's amplitude 1\.0, got 1\.0"),
+    bad("MRRLayer.set_weights:shape", lambda: ph.MRRLinear(4, 3).set_weights(torch.zeros(2, 4)), ValueError,
+        r"set_weights: weight has shape \(2, 4\)"),
+    bad("MRRLayer.set_drift:inf", lambda: ph.MRRLinear(4, 3).set_drift(math.inf), ValueError,
+        r"set_drift: delta_t must be a finite number, got inf"),
+    bad("MRRLayer.sample_offsets:sigma", lambda: ph.MRRLinear(4, 3).sample_offsets(-1.0), ValueError,
+        r"sample_offsets: sigma must be >= 0, got -1\.0"),
+    bad("MRRLayer.sample_offsets:generator", lambda: ph.MRRLinear(4, 3).sample_offsets(0.1, generator=1), TypeError,
+        r"sample_offsets: generator must be a torch\.Generator or None, got int"),
+    bad("FreeSpaceLinear:out_features=0", lambda: ph.FreeSpaceLinear((4, 4), 0), ValueError,
+        r"FreeSpaceLinear: out_features must be >= 1, got 0"),
+    bad("FreeSpaceLinear:in_shape", lambda: ph.FreeSpaceLinear((0, 4), 3), ValueError, r"in_shape must be positive"),
+    bad("FreeSpaceLinear:in_shape=2.5", lambda: ph.FreeSpaceLinear(2.5, 3), ValueError,
+        r"in_shape must be an int or a pair of ints, got 2\.5"),
+    bad("FreeSpaceLinear:max_weight", lambda: ph.FreeSpaceLinear((4, 4), 3, max_weight=-1), ValueError,
+        r"max_weight must be > 0, got -1"),
+    bad("FreeSpaceLinear:interpolation", lambda: ph.FreeSpaceLinear((4, 4), 3, interpolation="cubic"), ValueError,
+        r"interpolation must be one of .*got 'cubic'"),
+    bad("FreeSpaceLinear:grid", lambda: ph.FreeSpaceLinear((4, 4), 3, grid=(0, 1)), ValueError, r"grid must be positive"),
+    bad("FreeSpaceLinear:bias=2", lambda: ph.FreeSpaceLinear((4, 4), 3, bias=2), ValueError,
+        r"bias must be True or False, got 2"),
+    bad("FreeSpaceLinear.set_misalignment:scale", lambda: ph.FreeSpaceLinear((4, 4), 3).set_misalignment(scale=0),
+        ValueError, r"set_misalignment: scale must be > 0, got 0"),
+    bad("FreeSpaceLinear.set_misalignment:rotation",
+        lambda: ph.FreeSpaceLinear((4, 4), 3).set_misalignment(rotation=math.nan), ValueError,
+        r"rotation must be a finite number, got nan"),
+    bad("misalign_kernels:interpolation", lambda: ph.misalign_kernels(torch.randn(2, 3, 3), 4, 2, interpolation="x"),
+        ValueError, r"interpolation must be one of .*got 'x'"),
+    bad("misalign_kernels:tile", lambda: ph.misalign_kernels(torch.randn(2, 3, 3), 0, 2), ValueError,
+        r"misalign_kernels: tile must be positive, got 0"),
+    bad("misalign_kernels:scale", lambda: ph.misalign_kernels(torch.randn(2, 3, 3), 4, 2, scale=0), ValueError,
+        r"misalign_kernels: scale must be > 0, got 0"),
+    bad("misalign_kernels:rotation", lambda: ph.misalign_kernels(torch.randn(2, 3, 3), 4, 2, rotation=math.inf),
+        ValueError, r"misalign_kernels: rotation must be a finite number, got inf"),
+    bad("misalign_kernels:kernels", lambda: ph.misalign_kernels(torch.randn(3, 3), 4, 2), ValueError,
+        r"kernels must be \[O, kh, kw\], got shape \(3, 3\)"),
+    bad("Knob:tensor", lambda: ph.Knob(torch.zeros(2), 0.1, 1.0), ValueError, r"tensor must be a one-element floating"),
+    bad("Knob:delta_max=0", lambda: knob(delta_max=0.0), ValueError, r"delta_max must be > 0, got 0\.0"),
+    bad("Knob:c=-1", lambda: knob(c=-1.0), ValueError, r"c must be >= 0, got -1\.0"),
+    bad("Knob:delta_min", lambda: knob(delta_min=0.2), ValueError, r"delta_min"),
+    bad("Knob:bounds", lambda: knob(bounds=(1.0, 0.0)), ValueError, r"bounds must have lo <= hi"),
+    bad("ModelFreeAscent:knobs", lambda: ph.ModelFreeAscent([]), ValueError, r"knobs must be a non-empty list of Knob"),
+    bad("ModelFreeAscent:seed=1.5", lambda: ph.ModelFreeAscent(knob(), seed=1.5), ValueError,
+        r"ModelFreeAscent: seed must be an int, got 1\.5"),
+    bad("ModelFreeAscent:cycle=str", lambda: ph.ModelFreeAscent(knob(), cycle="y"), ValueError,
+        r"cycle must be True or False, got 'y'"),
+    bad("accuracy:model", lambda: ph.accuracy(1, batches()), TypeError, r"accuracy: model must be an nn\.Module, got int"),
+    bad("accuracy:data", lambda: ph.accuracy(mrr_net(), []), ValueError, r"accuracy: data holds no batches"),
+    bad("accuracy:train_mode", lambda: ph.accuracy(mrr_net(), batches(), train_mode="y"), ValueError,
+        r"train_mode must be True or False, got 'y'"),
+    bad("sweep:perturb", lambda: ph.sweep(mrr_net(), batches(), [0.1], 1), TypeError, r"sweep: perturb must be a callable"),
+    bad("drift_sweep:delta_ts=[]", lambda: ph.drift_sweep(mrr_net(), batches(), []), ValueError, r"delta_ts is empty"),
+    bad("drift_sweep:delta_ts=nan", lambda: ph.drift_sweep(mrr_net(), batches(), [math.nan]), ValueError,
+        r"delta_ts\[0\] must be a finite number, got nan"),
+    bad("fabrication_sweep:devices=True", lambda: ph.fabrication_sweep(mrr_net(), batches(), [0.1], devices=True),
+        ValueError, r"devices must be an int >= 1, got True"),
+    bad("fabrication_sweep:seed=1.5", lambda: ph.fabrication_sweep(mrr_net(), batches(), [0.1], seed=1.5), ValueError,
+        r"fabrication_sweep: seed must be an int, got 1\.5"),
+    bad("fabrication_sweep:sigmas", lambda: ph.fabrication_sweep(mrr_net(), batches(), [-1.0]), ValueError,
+        r"sigmas\[0\] must be >= 0, got -1\.0"),
+    bad("misalignment_sweep:kind", lambda: ph.misalignment_sweep(fs_net(), batches(), [0.1], kind="tilt"), ValueError,
+        r"kind must be one of .*got 'tilt'"),
+    bad("misalignment_sweep:values", lambda: ph.misalignment_sweep(fs_net(), batches(), "a"), ValueError,
+        r"values must be a sequence of numbers, got 'a'"),
+    bad("thermal_drift:delta_t", lambda: enter(ph.thermal_drift(mrr_net(), math.nan)), ValueError,
+        r"thermal_drift: delta_t must be a finite number, got nan"),
+    bad("thermal_drift:layers", lambda: enter(ph.thermal_drift(mrr_net(), 1.0, layers=["nope"])), ValueError,
+        r"the model has no layer named 'nope'"),
+    bad("thermal_drift:model", lambda: enter(ph.thermal_drift(1, 1.0)), TypeError, r"model must be an nn\.Module"),
+    bad("fabrication_variance:sigma", lambda: enter(ph.fabrication_variance(mrr_net(), -1.0)), ValueError,
+        r"sigma must be >= 0, got -1\.0"),
+    bad("fabrication_variance:seed", lambda: enter(ph.fabrication_variance(mrr_net(), 0.1, seed=1.5)), ValueError,
+        r"fabrication_variance: seed must be an int, got 1\.5"),
+    bad("fabrication_variance:generator", lambda: enter(ph.fabrication_variance(mrr_net(), 0.1, generator=1)),
+        TypeError, r"fabrication_variance: generator must be a torch\.Generator or None, got int"),
+    bad("misalignment:none", lambda: enter(ph.misalignment(fs_net())), ValueError, r"give at least one of"),
+    bad("misalignment:scale", lambda: enter(ph.misalignment(fs_net(), scale=0)), ValueError, r"scale must be > 0, got 0"),
+    bad("deploy_weights:clamp=0", lambda: ph.deploy_weights(mrr_net(), torch.nn.Sequential(torch.nn.Linear(4, 3)),
+                                                           clamp=0), ValueError, r"deploy_weights: clamp must be > 0"),
+    bad("deploy_weights:clamp=1.5", lambda: ph.deploy_weights(mrr_net(), torch.nn.Sequential(torch.nn.Linear(4, 3)),
+                                                             clamp=1.5), ValueError,
+        r"deploy_weights: clamp must be below the ring's amplitude 1\.0, got 1\.5"),
+    bad("deploy_weights:trained", lambda: ph.deploy_weights(mrr_net(), 1), TypeError,
+        r"deploy_weights: trained must be an nn\.Module, got int"),
+    bad("sat_param_groups:digital_rho", lambda: ph.sat_param_groups(mrr_net(), digital_rho=-1), ValueError,
+        r"digital_rho must be >= 0, got -1"),
+    bad("sat_param_groups:digital_rho=True", lambda: ph.sat_param_groups(mrr_net(), digital_rho=True), ValueError,
+        r"digital_rho must be a finite number, got True"),
+    bad("sat_param_groups:model", lambda: ph.sat_param_groups(1), TypeError, r"sat_param_groups: model must be an"),
+    bad("sat_param_groups:no-controls", lambda: ph.sat_param_groups(torch.nn.Linear(2, 2)), ValueError,
+        r"no physical layers with trainable controls"),
+    bad("control_parameters:model", lambda: ph.control_parameters(1), TypeError, r"control_parameters: model must be"),
+    bad("digital_parameters:model", lambda: ph.digital_parameters(1), TypeError, r"digital_parameters: model must be"),
+    bad("constrain_:model", lambda: ph.constrain_(1), TypeError, r"constrain_: model must be an nn\.Module"),
+    bad("sat_step:optimizer", lambda: ph.sat_step(torch.optim.SGD(mrr_net().parameters(), lr=0.1), lambda: 0),
+        TypeError, r"sat_step: optimizer must be a saf_kernels\.optim two-pass optimizer .*got SGD"),
+    bad("sat_step:loss_fn", lambda: ph.sat_step(SAM(mrr_net().parameters(), SGD, lr=0.1), 1), TypeError,
+        r"sat_step: loss_fn must be a callable"),
+    bad("sat_step:model", lambda: ph.sat_step(SAM(mrr_net().parameters(), SGD, lr=0.1), lambda: 0, model=1),
+        TypeError, r"sat_step: model must be an nn\.Module or None, got int"),
+    bad("sat_step:model_free", lambda: ph.sat_step(SAM(mrr_net().parameters(), SGD, lr=0.1), lambda: 0,
+                                                   model_free=1), TypeError,
+        r"sat_step: model_free must be a ModelFreeAscent or None, got int"),
+    bad("control_hessian_top_eigenvalue:iters", lambda: ph.control_hessian_top_eigenvalue(mrr_net(), CE, batches(),
+                                                                                          iters=0),
+        ValueError, r"iters must be > 0, got 0"),
+    bad("control_hessian_top_eigenvalue:model", lambda: ph.control_hessian_top_eigenvalue(1, CE, batches()),
+        TypeError, r"control_hessian_top_eigenvalue: model must be an nn\.Module"),
+]
+
+
+def _needs(module):
+    try:
+        __import__(module)
+        return []
+    except ImportError:
+        return [pytest.mark.skip(reason=f"{module} is not installed (make integrations)")]
+
+
+def hf_trainer(**kw):
+    from saf_kernels.integrations.hf import SharpnessAwareTrainer
+
+    return SharpnessAwareTrainer(**kw)
+
+
+def saf_callback(method):
+    from saf_kernels.integrations.lightning import SAFCallback
+
+    return SAFCallback(method)
+
+
+INTEGRATIONS = [
+    pytest.param(*r.values, id=r.id, marks=list(r.marks) + _needs(mod)) for mod, r in [
+        ("transformers", bad("SharpnessAwareTrainer:sam_rho=-1", lambda: hf_trainer(sam_rho=-1), ValueError,
+                             r"SharpnessAwareTrainer: sam_rho must be a finite number >= 0 or None, got -1")),
+        ("transformers", bad("SharpnessAwareTrainer:sam_rho=True", lambda: hf_trainer(sam_rho=True), ValueError,
+                             r"sam_rho must be a finite number >= 0 or None, got True")),
+        ("transformers", bad("SharpnessAwareTrainer:sam_kwargs", lambda: hf_trainer(sam_kwargs=[1]), TypeError,
+                             r"sam_kwargs must be a dict or None, got list")),
+        ("transformers", bad("SharpnessAwareTrainer:sam", lambda: hf_trainer(sam="lookahead"), ValueError,
+                             r"sam must be one of .*got 'lookahead'")),
+        ("transformers", bad("SharpnessAwareTrainer:mesa", lambda: hf_trainer(mesa=1), TypeError,
+                             r"mesa must be a saf_kernels\.MESA, got int")),
+        ("lightning", bad("SAFCallback:method", lambda: saf_callback(1), TypeError,
+                          r"SAFCallback: method must be a saf_kernels\.SAF or saf_kernels\.MESA, got int")),
+    ]
+]
+
+ROWS = LOSSES + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS + BENCH + PHYSICAL + INTEGRATIONS
 
 
 @pytest.mark.parametrize(("call", "exc", "match"), ROWS)

@@ -13,6 +13,8 @@ second gradients and calls ``optimizer.step()``, which (through Accelerate's ``G
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from typing import Any
 
@@ -110,8 +112,17 @@ class SharpnessAwareTrainer(Trainer):
 
     def __init__(self, *args, sam: str | type | None = "default", sam_rho: float | None = None,
                  sam_kwargs: dict[str, Any] | None = None, mesa: MESA | None = None, **kwargs):
+        fn = "SharpnessAwareTrainer"
         if mesa is not None and not isinstance(mesa, MESA):
-            raise TypeError(f"SharpnessAwareTrainer: mesa must be a saf_kernels.MESA, got {type(mesa).__name__}")
+            raise TypeError(f"{fn}: mesa must be a saf_kernels.MESA, got {type(mesa).__name__}")
+        if sam_rho is not None and (isinstance(sam_rho, bool) or not isinstance(sam_rho, numbers.Real)
+                                    or not math.isfinite(sam_rho) or sam_rho < 0):
+            raise ValueError(f"{fn}: sam_rho must be a finite number >= 0 or None, got {sam_rho!r}")
+        if sam_kwargs is not None and not isinstance(sam_kwargs, dict):
+            raise TypeError(f"{fn}: sam_kwargs must be a dict or None, got {type(sam_kwargs).__name__}")
+        if isinstance(sam, str) and sam != "default" and sam not in SAM_METHODS:
+            raise ValueError(f"{fn}: sam must be one of {sorted(SAM_METHODS)}, an optimizer class of "
+                             f"saf_kernels.optim or None, got {sam!r}")
         super().__init__(*args, **kwargs)
         given = self.optimizer
         if given is not None:

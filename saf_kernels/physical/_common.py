@@ -44,6 +44,51 @@ def real(name: str, value, fn: str, *, positive: bool = False, nonneg: bool = Fa
     return float(value)
 
 
+def integer(name: str, value, fn: str, *, lo: int | None = None) -> int:
+    """``value`` as an int (not a bool, not a float) ``>= lo``; ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{fn}: {name} must be an int, got {value!r}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{fn}: {name} must be >= {lo}, got {value!r}")
+    return int(value)
+
+
+def flag(name: str, value, fn: str) -> bool:
+    """``value`` if it is a bool; ``ValueError`` naming ``name`` otherwise (a truthy string is not
+    a yes)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{fn}: {name} must be True or False, got {value!r}")
+    return value
+
+
+def module(name: str, value, fn: str, *, optional: bool = False):
+    """``value`` if it is an ``nn.Module`` (or None where ``optional``); ``TypeError`` otherwise."""
+    if (value is None and optional) or isinstance(value, nn.Module):
+        return value
+    raise TypeError(f"{fn}: {name} must be an nn.Module{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def check_generator(value, fn: str):
+    """``value`` if it is a ``torch.Generator`` or None; ``TypeError`` otherwise."""
+    if value is None or isinstance(value, torch.Generator):
+        return value
+    raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(value).__name__}")
+
+
+def pair_of_ints(v, name: str, fn: str, *, lo: int = 1) -> tuple[int, int]:
+    """An int or a pair of ints (not bools), each ``>= lo``, as a pair."""
+    vals = (v, v) if isinstance(v, numbers.Integral) else v
+    try:
+        a, b = vals
+    except (TypeError, ValueError):
+        raise ValueError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}") from None
+    if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in (a, b)):
+        raise ValueError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")
+    if a < lo or b < lo:
+        raise ValueError(f"{fn}: {name} must be {'positive' if lo == 1 else f'>= {lo}'}, got {v!r}")
+    return int(a), int(b)
+
+
 def sweep_values(values: Iterable, name: str, fn: str, **kw) -> list[float]:
     """A non-empty list of finite sweep values."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
@@ -62,8 +107,7 @@ def select_layers(model: nn.Module, kind: type, layers, fn: str, what: str) -> l
     ``kind`` layer of ``model``, else ``ValueError`` saying which one and why (``what``
     describes what the perturbation needs, e.g. "tiles to misalign").
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
+    module("model", model, fn)
     named = dict(model.named_modules())
     if layers is None:
         out = [m for m in named.values() if isinstance(m, kind)]

@@ -33,21 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import PhysicalLayer, real, select_layers
+from ._common import PhysicalLayer, flag, integer, pair_of_ints, real, select_layers
 
 KNOBS = ("rotation", "shift_x", "shift_y", "scale")
 _NEUTRAL = {"rotation": 0.0, "shift_x": 0.0, "shift_y": 0.0, "scale": 1.0}
 INTERPOLATIONS = ("bilinear", "nearest")
-
-
-def _pair_of_ints(v, name: str, fn: str) -> tuple[int, int]:
-    try:
-        a, b = (int(v), int(v)) if isinstance(v, int) else tuple(int(t) for t in v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}") from None
-    if a < 1 or b < 1:
-        raise ValueError(f"{fn}: {name} must be positive, got {v!r}")
-    return a, b
 
 
 def _window_coords(in_shape, tile, grid, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,9 +78,12 @@ def misalign_kernels(
         raise ValueError(f"{fn}: kernels must be [O, kh, kw], got shape {tuple(kernels.shape)}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"{fn}: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    for name, v in (("rotation", rotation), ("shift_x", shift_x), ("shift_y", shift_y), ("scale", scale)):
+        if not isinstance(v, torch.Tensor):  # a device tensor is not read back (no synchronisation)
+            real(name, v, fn, positive=(name == "scale"))
     o, kh, kw = kernels.shape
-    th, tw = _pair_of_ints(tile, "tile", fn)
-    gr, gc = _pair_of_ints(grid, "grid", fn)
+    th, tw = pair_of_ints(tile, "tile", fn)
+    gr, gc = pair_of_ints(grid, "grid", fn)
     if th < kh or tw < kw:
         raise ValueError(f"{fn}: tile {(th, tw)} is smaller than the kernel {(kh, kw)}")
     t = gr * gc
@@ -166,17 +159,18 @@ class FreeSpaceLinear(PhysicalLayer):
     ):
         super().__init__()
         fn = "FreeSpaceLinear"
-        self.in_shape = _pair_of_ints(in_shape, "in_shape", fn)
+        self.in_shape = pair_of_ints(in_shape, "in_shape", fn)
         kh, kw = self.in_shape
-        self.tile = _pair_of_ints(tile if tile is not None else (kh + 4, kw + 2), "tile", fn)
-        self.grid = _pair_of_ints(grid, "grid", fn)
+        self.tile = pair_of_ints(tile if tile is not None else (kh + 4, kw + 2), "tile", fn)
+        self.grid = pair_of_ints(grid, "grid", fn)
         if self.tile[0] < kh or self.tile[1] < kw:
             raise ValueError(f"{fn}: tile {self.tile} is smaller than in_shape {self.in_shape}")
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"{fn}: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
         self.interpolation = interpolation
         self.max_weight = real("max_weight", max_weight, fn, positive=True)
-        self.in_features, self.out_features = kh * kw, int(out_features)
+        self.in_features, self.out_features = kh * kw, integer("out_features", out_features, fn, lo=1)
+        flag("bias", bias, fn)
         factory = {"device": device, "dtype": dtype}
         ref = nn.Linear(self.in_features, self.out_features, bias=bias, **factory)
         self.control = nn.Parameter(ref.weight.detach().clone())

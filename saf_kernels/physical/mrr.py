@@ -30,9 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
 
-from ._common import PhysicalLayer, real, select_layers
+from ._common import PhysicalLayer, check_generator, flag, integer, module, pair_of_ints, real, select_layers
 
 #: Thermal drift of a ring's resonance, in control units per kelvin (80 pm/K in the paper).
 DRIFT_PER_KELVIN = 0.08
@@ -85,10 +84,14 @@ class MRRLayer(PhysicalLayer):
     def _init_layer(self, shape, fan_in: int, bias: bool, weight, transfer, drift_per_kelvin, factory) -> None:
         """Controls at ``L^-1`` of ``weight`` or of torch's default initialisation
         (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as nn.Linear / nn.Conv2d), a digital bias."""
+        fn = type(self).__name__
+        flag("bias", bias, fn)
         w = torch.empty(shape, **factory)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         if weight is not None:
             w = torch.as_tensor(weight).to(w)
+            if w.shape != torch.Size(shape):
+                raise ValueError(f"{fn}: weight has shape {tuple(w.shape)}, the layer's {tuple(shape)}")
         self._init_device(w, transfer, drift_per_kelvin)
         bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         self.bias = nn.Parameter(torch.empty(shape[0], **factory).uniform_(-bound, bound)) if bias else None
@@ -132,7 +135,7 @@ class MRRLayer(PhysicalLayer):
                 f"controls {tuple(self.control.shape)}"
             )
         if clamp is not None:
-            c = real("clamp", clamp, f"{type(self).__name__}.set_weights", positive=True)
+            c = _clamp(clamp, self.transfer, f"{type(self).__name__}.set_weights")
             w = w.clamp(-c, c)
         self.control.copy_(self.transfer.inverse(w))
 
@@ -146,6 +149,7 @@ class MRRLayer(PhysicalLayer):
         """Draw a new device: per-ring offsets ``~ N(0, sigma^2)`` (drawn on the CPU from
         ``generator``, so a seed gives the same device on every machine)."""
         sigma = real("sigma", sigma, f"{type(self).__name__}.sample_offsets", nonneg=True)
+        generator = check_generator(generator, f"{type(self).__name__}.sample_offsets")
         noise = torch.randn(self.offset.shape, generator=generator, dtype=torch.float64)
         self.offset.copy_((sigma * noise).to(self.offset))
 
@@ -176,7 +180,8 @@ class MRRLinear(MRRLayer):
         dtype=None,
     ):
         super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features = integer("in_features", in_features, "MRRLinear", lo=1)
+        self.out_features = integer("out_features", out_features, "MRRLinear", lo=1)
         self._init_layer((self.out_features, self.in_features), self.in_features, bias, weight, transfer,
                          drift_per_kelvin, {"device": device, "dtype": dtype})
 
@@ -220,9 +225,21 @@ class MRRConv2d(MRRLayer):
         dtype=None,
     ):
         super().__init__()
-        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        fn = "MRRConv2d"
+        self.in_channels = integer("in_channels", in_channels, fn, lo=1)
+        self.out_channels = integer("out_channels", out_channels, fn, lo=1)
+        self.groups = integer("groups", groups, fn, lo=1)
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"{fn}: groups={groups} must divide in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
+        self.kernel_size = pair_of_ints(kernel_size, "kernel_size", fn)
+        self.stride, self.dilation = pair_of_ints(stride, "stride", fn), pair_of_ints(dilation, "dilation", fn)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"{fn}: padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+            self.padding = padding
+        else:
+            self.padding = pair_of_ints(padding, "padding", fn, lo=0)
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         fan_in = shape[1] * shape[2] * shape[3]
         self._init_layer(shape, fan_in, bias, weight, transfer, drift_per_kelvin, {"device": device, "dtype": dtype})
@@ -250,6 +267,14 @@ class MRRConv2d(MRRLayer):
 # ---------------------------------------------------------------------------------------------
 # Whole-model device state
 # ---------------------------------------------------------------------------------------------
+
+
+def _clamp(clamp, transfer: Lorentzian, fn: str) -> float:
+    """A clamp inside the ring's range ``(0, A)``: the inverse is defined on ``[-A, A)``."""
+    c = real("clamp", clamp, fn, positive=True)
+    if c >= transfer.amplitude:
+        raise ValueError(f"{fn}: clamp must be below the ring's amplitude {transfer.amplitude}, got {clamp!r}")
+    return c
 
 
 @contextlib.contextmanager
@@ -280,6 +305,9 @@ def fabrication_variance(
     resonance offsets ``~ N(0, sigma^2)`` (control units), drawn from ``generator`` or a fresh
     one seeded with ``seed``; the previous offsets are restored on exit. Yields the layers."""
     sigma = real("sigma", sigma, "fabrication_variance", nonneg=True)
+    if seed is not None:
+        integer("seed", seed, "fabrication_variance")
+    check_generator(generator, "fabrication_variance")
     mods = select_layers(model, MRRLayer, layers, "fabrication_variance", "rings to offset")
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
@@ -299,7 +327,8 @@ def deploy_weights(physical: nn.Module, trained: nn.Module, clamp: float | None 
     of ``physical``, ``name.control = L^-1(clamp(trained's name.weight))``; every other entry of
     ``trained.state_dict()`` (biases, BatchNorm) is copied as it is. The two must have the same
     architecture (``load_state_dict(strict=True)`` says what differs). Returns ``physical``."""
-    sd = dict(trained.state_dict())
+    module("physical", physical, "deploy_weights")
+    sd = dict(module("trained", trained, "deploy_weights").state_dict())
     for name, mod in physical.named_modules():
         if not isinstance(mod, MRRLayer):
             continue
@@ -308,7 +337,7 @@ def deploy_weights(physical: nn.Module, trained: nn.Module, clamp: float | None 
             raise ValueError(f"deploy_weights: the trained model has no {key!r} for MRR layer {name!r}")
         w = sd.pop(key).to(mod.control)
         if clamp is not None:
-            c = real("clamp", clamp, "deploy_weights", positive=True)
+            c = _clamp(clamp, mod.transfer, "deploy_weights")
             w = w.clamp(-c, c)
         sd[f"{name}.control" if name else "control"] = mod.transfer.inverse(w)
     physical.load_state_dict(sd, strict=True)

@@ -24,21 +24,22 @@ import torch
 from torch import nn
 
 from ..optim.base import TwoPassOptimizer
-from ._common import PhysicalLayer, real
+from ._common import PhysicalLayer, module, real
 from .model_free import ModelFreeAscent
 
 
-def physical_layers(model: nn.Module) -> list[PhysicalLayer]:
-    return [m for m in model.modules() if isinstance(m, PhysicalLayer)]
+def physical_layers(model: nn.Module, fn: str = "physical_layers") -> list[PhysicalLayer]:
+    return [m for m in module("model", model, fn).modules() if isinstance(m, PhysicalLayer)]
 
 
 def control_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The controls of every physical layer of ``model`` (MRR rings, free-space pixels)."""
-    return [m.control for m in physical_layers(model) if m.control.requires_grad]
+    return [m.control for m in physical_layers(model, "control_parameters") if m.control.requires_grad]
 
 
 def digital_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every other trainable parameter (biases, BatchNorm, ordinary layers)."""
+    module("model", model, "digital_parameters")
     controls = {id(p) for p in control_parameters(model)}
     return [p for p in model.parameters() if p.requires_grad and id(p) not in controls]
 
@@ -47,6 +48,7 @@ def sat_param_groups(model: nn.Module, digital_rho: float | None = None) -> list
     """Parameter groups for a two-pass optimizer: the controls, then the digital parameters,
     with their own ``rho`` if ``digital_rho`` is given (``0``: not perturbed; their gradients
     still count in SAM's global gradient norm, which is over every tensor with a gradient)."""
+    module("model", model, "sat_param_groups")
     controls = control_parameters(model)
     if not controls:
         raise ValueError("sat_param_groups: the model has no physical layers with trainable controls")
@@ -64,7 +66,7 @@ def sat_param_groups(model: nn.Module, digital_rho: float | None = None) -> list
 def constrain_(model: nn.Module) -> None:
     """Project every physical layer's controls into its device's range (free-space pixels to
     ``[-max_weight, max_weight]``; MRR controls are unconstrained, as in the paper's SAT)."""
-    for m in physical_layers(model):
+    for m in physical_layers(model, "constrain_"):
         m.constrain_()
 
 
@@ -95,6 +97,11 @@ def sat_step(
             f"sat_step: optimizer must be a saf_kernels.optim two-pass optimizer (SAM, ASAM, ...), "
             f"got {type(optimizer).__name__}"
         )
+    if not callable(loss_fn):
+        raise TypeError(f"sat_step: loss_fn must be a callable returning the loss, got {type(loss_fn).__name__}")
+    module("model", model, "sat_step", optional=True)
+    if model_free is not None and not isinstance(model_free, ModelFreeAscent):
+        raise TypeError(f"sat_step: model_free must be a ModelFreeAscent or None, got {type(model_free).__name__}")
     model = model if model is not None else optimizer.model
     with torch.enable_grad(), optimizer.first_pass(model):
         loss = loss_fn()
