@@ -147,7 +147,10 @@ def saf_official_loss(
 def ema_update_(ema: list[torch.Tensor], model: list[torch.Tensor], decay: float | torch.Tensor) -> None:
     """``ema = decay * ema + (1 - decay) * model`` for every pair, in place (as ``lerp_``)."""
     for e, m in zip(ema, model):
-        w = 1.0 - decay if not isinstance(decay, torch.Tensor) else (1.0 - decay).to(e.dtype)
+        # A tensor decay: 1 - decay in the wider of its dtype and the EMA's (as the kernels), then
+        # rounded to the EMA's dtype (lerp_ takes a weight of its own dtype).
+        w = 1.0 - decay if not isinstance(decay, torch.Tensor) else (
+            1.0 - decay.to(torch.promote_types(decay.dtype, e.dtype))).to(e.dtype)
         e.lerp_(m.to(e.dtype), w)
 
 
@@ -547,12 +550,16 @@ def esam_restore_(params, stash, beta, seed, offset=0, stash_mode="copy") -> Non
 
 def sds_select(loss_before: torch.Tensor, loss_after: torch.Tensor, gamma: float) -> torch.Tensor:
     """ESAM's sharpness-sensitive data selection, plainly: the indices of the ``ceil(gamma * B)``
-    (at least 1) largest ``loss_after - loss_before``, sorted."""
+    (at least 1) largest ``loss_after - loss_before`` (in float32, a NaN difference ranked last, below -inf),
+    sorted."""
     import math
 
     B = loss_before.numel()
     k = min(B, max(1, math.ceil(round(gamma * B, 9))))
-    return torch.sort(torch.topk(loss_after - loss_before, k).indices).values
+    diff = loss_after.float() - loss_before.float()
+    # NaN below everything, -inf included (as the lowest float32 above it).
+    diff = torch.nan_to_num(diff, nan=-math.inf, neginf=torch.finfo(torch.float32).min, posinf=math.inf)
+    return torch.sort(torch.topk(diff, k).indices).values
 
 
 def rsam_unit_scales(params: list[torch.Tensor], std: list[float]) -> list[torch.Tensor]:

@@ -59,8 +59,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter):
-    # tests/test_fuzz_multi_tensor.py: how many hypothesis examples each op ran, per backend.
-    mod = next((m for n, m in list(sys.modules.items()) if n.endswith("test_fuzz_multi_tensor")), None)
+    # tests/test_fuzz.py: how many hypothesis examples each op ran, per backend.
+    mod = next((m for n, m in list(sys.modules.items()) if n.endswith("tests.test_fuzz") or n == "test_fuzz"), None)
     counts = getattr(mod, "COUNTS", None)
     if not counts:
         return

@@ -47,7 +47,21 @@ def _tensors(p, device):
     y = torch.randint(0, p["C"], (p["B"],), generator=g).to(device)
     if p["nan_row"] and p["B"] > 0:
         z[p["B"] - 1, 0] = float("nan")
+    z, t = _view(z, p.get("view")), _view(t, p.get("view"))
     return z.requires_grad_(), t, y
+
+
+def _view(x, kind):
+    """The same values as a strided view (tests/test_fuzz.py draws the kind): a column slice of
+    a wider tensor (row stride > columns, also for one column: ``logits[:, :1]``), the transpose
+    of a [C, B] tensor (column stride B), or None (contiguous)."""
+    if kind == "slice":
+        wide = torch.full((x.shape[0], x.shape[1] + 3), float("nan"), dtype=x.dtype, device=x.device)
+        wide[:, 1:-2] = x
+        return wide[:, 1:-2]
+    if kind == "transpose":
+        return x.t().contiguous().t()
+    return x
 
 
 def _tol_dtype(p):
