@@ -175,6 +175,21 @@ def resolve_kernel(kernel: str):
     return obj
 
 
+def matches_code(launch: Launch) -> bool:
+    """Whether a stored launch fits the kernels as they are now: its kernel and every jit
+    function it passes exist, with the parameter names it recorded."""
+    try:
+        fn = resolve_kernel(launch.kernel)
+        if list(inspect.signature(fn.fn).parameters) != list(launch.args):
+            return False
+        for desc in launch.args.values():
+            if isinstance(desc, dict) and "fn" in desc:
+                resolve_kernel(desc["fn"])
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # The interpreter hook.
 # --------------------------------------------------------------------------------------------
