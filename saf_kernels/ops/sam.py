@@ -18,195 +18,45 @@ reads ``stash, g, buf`` and writes ``w, buf``: 5 (a separate restore + ``torch.o
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 
-from .. import _backend, reference
+from .. import reference
 from ._multi_tensor import (
+    Bools,
+    Floats,
+    amp_scalars,
     as_list,
+    check_eps,
     check_lengths,
-    check_scalar,
-    check_streams,
     full,
+    norm_fake,
     per_tensor,
+    register,
+    run,
+    sgd_flags,
     sgd_options,
     stash_mode_code,
+    tensor_lists,
+    void_fake,
 )
-
-Floats = Union[float, Sequence[float]]
-Bools = Union[bool, Sequence[bool]]
 
 ADAPTIVE = 2  # flags bit of sam_perturb_ (csrc/include/saf/multi_tensor.h)
-SGD_NESTEROV, SGD_MAXIMIZE, SGD_FIRST_RUN = 2, 4, 8
 ADAMW_MAXIMIZE = 2
 
-
-# --------------------------------------------------------------------------------------------
-# Registration: fake kernels of the C++ ops, and the Triton custom ops.
-# --------------------------------------------------------------------------------------------
-
-
-def _norm_fake(params, *args):
-    dt = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    return torch.empty((), dtype=dt, device=params[0].device)
-
-
-def _void_fake(*args):
-    return None
-
-
-if _backend.HAS_EXT:
-    torch.library.register_fake("saf_kernels::sam_perturb_")(_norm_fake)
-    for _op in ("sam_restore_", "sam_restore_sgd_", "sam_restore_adamw_"):
-        torch.library.register_fake(f"saf_kernels::{_op}")(_void_fake)
-
-
-@torch.library.custom_op("saf_kernels::sam_perturb_triton", mutates_args=("params", "stash"))
-def _sam_perturb_triton(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    stash: list[torch.Tensor],
-    rho: list[float],
-    eta: list[float],
-    flags: list[int],
-    eps: float,
-    stash_mode: int,
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-) -> torch.Tensor:
-    from ..triton.sam import sam_perturb
-
-    return sam_perturb(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale, found_inf)
-
-
-_sam_perturb_triton.register_fake(_norm_fake)
-
-
-@torch.library.custom_op("saf_kernels::sam_restore_triton", mutates_args=("params",))
-def _sam_restore_triton(params: list[torch.Tensor], stash: list[torch.Tensor], stash_mode: int) -> None:
-    from ..triton.sam import sam_restore
-
-    sam_restore(params, stash, stash_mode)
-
-
-_sam_restore_triton.register_fake(_void_fake)
-
-
-@torch.library.custom_op("saf_kernels::sam_restore_sgd_triton", mutates_args=("params", "momentum_buffers"))
-def _sam_restore_sgd_triton(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    stash: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    lr: list[float],
-    weight_decay: list[float],
-    momentum: list[float],
-    dampening: list[float],
-    flags: list[int],
-    stash_mode: int,
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-) -> None:
-    from ..triton.sam import sam_restore_sgd
-
-    sam_restore_sgd(
-        params,
-        grads,
-        stash,
-        momentum_buffers,
-        lr,
-        weight_decay,
-        momentum,
-        dampening,
-        flags,
-        stash_mode,
-        grad_scale,
-        found_inf,
-    )
-
-
-_sam_restore_sgd_triton.register_fake(_void_fake)
-
-
-@torch.library.custom_op(
-    "saf_kernels::sam_restore_adamw_triton", mutates_args=("params", "exp_avg", "exp_avg_sq")
-)
-def _sam_restore_adamw_triton(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    stash: list[torch.Tensor],
-    exp_avg: list[torch.Tensor],
-    exp_avg_sq: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    lr: list[float],
-    beta1: list[float],
-    beta2: list[float],
-    eps: list[float],
-    weight_decay: list[float],
-    flags: list[int],
-    stash_mode: int,
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-) -> None:
-    from ..triton.sam import sam_restore_adamw
-
-    sam_restore_adamw(
-        params,
-        grads,
-        stash,
-        exp_avg,
-        exp_avg_sq,
-        steps,
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        flags,
-        stash_mode,
-        grad_scale,
-        found_inf,
-    )
-
-
-_sam_restore_adamw_triton.register_fake(_void_fake)
-
-
-def fused_ops(name: str) -> dict[str, object]:
-    """The fused op of each kernel backend for ``name`` (``cpu``/``cuda`` share the C++ op)."""
-    ops = {"triton": getattr(torch.ops.saf_kernels, f"{name.rstrip('_')}_triton")}
-    if _backend.HAS_EXT:
-        ops["cpu"] = ops["cuda"] = getattr(torch.ops.saf_kernels, name)
-    return ops
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _device(lst, *scalars):
-    if lst:
-        return lst[0].device
-    for s in scalars:
-        if isinstance(s, torch.Tensor):
-            return s.device
-    return torch.device("cpu")
-
-
-def _check_eps(eps, fn):
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{fn}: eps must be a finite number >= 0, got {eps!r}")
-    return float(eps)
-
-
-# --------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------
+register("sam_perturb_", "(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] stash, float[] rho, float[] eta, "
+         "SymInt[] flags, float eps, SymInt stash_mode, Tensor? grad_scale, Tensor? found_inf) -> Tensor",
+         norm_fake, "sam.sam_perturb")
+register("sam_restore_", "(Tensor(a0!)[] params, Tensor[] stash, SymInt stash_mode) -> ()", void_fake,
+         "sam.sam_restore")
+register("sam_restore_sgd_", "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] stash, Tensor(a3!)[] momentum_buffers, "
+         "float[] lr, float[] weight_decay, float[] momentum, float[] dampening, SymInt[] flags, SymInt stash_mode, "
+         "Tensor? grad_scale, Tensor? found_inf) -> ()", void_fake, "sam.sam_restore_sgd")
+register("sam_restore_adamw_", "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] stash, Tensor(a3!)[] exp_avg, "
+         "Tensor(a4!)[] exp_avg_sq, Tensor[] steps, float[] lr, float[] beta1, float[] beta2, float[] eps, "
+         "float[] weight_decay, SymInt[] flags, SymInt stash_mode, Tensor? grad_scale, Tensor? found_inf) -> ()",
+         void_fake, "sam.sam_restore_adamw")
 
 
 @torch.no_grad()
@@ -258,45 +108,20 @@ def sam_perturb_(
         perturbed: the weights stay as they were and the stash still allows the restore.
     """
     fn = "saf_kernels.sam_perturb_"
-    params, grads, stash = (
-        as_list(params, "params", fn),
-        as_list(grads, "grads", fn),
-        as_list(stash, "stash", fn),
-    )
-    n = check_lengths(fn, params=params, grads=grads, stash=stash)
+    params, grads, stash, n = tensor_lists(fn, params=params, grads=grads, stash=stash)
     rho_l = per_tensor(rho, n, "rho", fn, nonneg=True)
     eta_l = per_tensor(eta, n, "eta", fn, nonneg=True)
     flags = [ADAPTIVE if a else 0 for a in per_tensor(adaptive, n, "adaptive", fn, kind=bool)]
-    eps = _check_eps(eps, fn)
+    eps = check_eps(eps, fn)
     mode = stash_mode_code(stash_mode, fn)
-    dev = _device(params, grad_scale, found_inf)
-    check_scalar(grad_scale, "grad_scale", fn, dev if n else None)
-    check_scalar(found_inf, "found_inf", fn, dev if n else None)
+    dev = amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev)
-    impl = _backend.resolve(backend, dev, "sam_perturb_")
-    if impl in ("triton", "torch"):
-        check_streams(
-            fn,
-            [("params", params), ("grads", grads), ("stash", stash)],
-            same_dtype=("grads",) + (("stash",) if mode == 0 else ()),
-        )
-    if impl == "torch":
-        return reference.sam_perturb_(
-            params,
-            grads,
-            stash,
-            full(rho_l, n),
-            [bool(f) for f in full(flags, n)],
-            full(eta_l, n),
-            eps,
-            grad_scale,
-            found_inf,
-            stash_mode,
-        )
-    return fused_ops("sam_perturb_")[impl](
-        params, grads, stash, rho_l, eta_l, flags, eps, mode, grad_scale, found_inf
-    )
+    return run("sam_perturb_", fn, backend, dev, [("params", params), ("grads", grads), ("stash", stash)],
+               lambda: reference.sam_perturb_(params, grads, stash, full(rho_l, n), [bool(f) for f in full(flags, n)],
+                                              full(eta_l, n), eps, grad_scale, found_inf, stash_mode),
+               params, grads, stash, rho_l, eta_l, flags, eps, mode, grad_scale, found_inf,
+               same_dtype=("grads",) + (("stash",) if mode == 0 else ()))
 
 
 @torch.no_grad()
@@ -312,18 +137,13 @@ def sam_restore_(
     perturbation is subtracted (lossy by a rounding). Use the same mode as the perturbation.
     """
     fn = "saf_kernels.sam_restore_"
-    params, stash = as_list(params, "params", fn), as_list(stash, "stash", fn)
-    n = check_lengths(fn, params=params, stash=stash)
+    params, stash, n = tensor_lists(fn, params=params, stash=stash)
     mode = stash_mode_code(stash_mode, fn)
     if n == 0:
         return
-    impl = _backend.resolve(backend, params[0].device, "sam_restore_")
-    if impl in ("triton", "torch"):
-        check_streams(fn, [("params", params), ("stash", stash)], same_dtype=("stash",) if mode == 0 else ())
-    if impl == "torch":
-        reference.sam_restore_(params, stash, stash_mode)
-        return
-    fused_ops("sam_restore_")[impl](params, stash, mode)
+    run("sam_restore_", fn, backend, params[0].device, [("params", params), ("stash", stash)],
+        lambda: reference.sam_restore_(params, stash, stash_mode), params, stash, mode,
+        same_dtype=("stash",) if mode == 0 else ())
 
 
 @torch.no_grad()
@@ -374,45 +194,18 @@ def sam_restore_sgd_(
         raise ValueError(
             f"{fn}: momentum_buffers has {len(bufs)} tensors but params has {n} (pass [] for none)"
         )
-    lr_l, wd_l, mom_l, damp_l, nest, maxi, first = sgd_options(
-        fn, n, bufs, lr, weight_decay, momentum, dampening, nesterov, maximize, first_run
-    )
-    if len(nest) == len(maxi) == len(first) == 1:
-        flags = [SGD_NESTEROV * nest[0] + SGD_MAXIMIZE * maxi[0] + SGD_FIRST_RUN * first[0]]
-    else:
-        flags = [
-            SGD_NESTEROV * a + SGD_MAXIMIZE * b + SGD_FIRST_RUN * c
-            for a, b, c in zip(full(nest, n), full(maxi, n), full(first, n))
-        ]
+    opts = sgd_options(fn, n, bufs, lr, weight_decay, momentum, dampening, nesterov, maximize, first_run)
+    flags = sgd_flags(*opts[4:], n)
     mode = stash_mode_code(stash_mode, fn)
     if n == 0:
         return
-    dev = params[0].device
-    check_scalar(grad_scale, "grad_scale", fn, dev)
-    check_scalar(found_inf, "found_inf", fn, dev)
-    impl = _backend.resolve(backend, dev, "sam_restore_sgd_")
-    if impl in ("triton", "torch"):
-        streams = [("params", params), ("grads", grads), ("stash", stash)] + (
-            [("momentum_buffers", bufs)] if bufs else []
-        )
-        check_streams(
-            fn, streams, same_dtype=("grads", "momentum_buffers") + (("stash",) if mode == 0 else ())
-        )
-    if impl == "torch":
-        reference.sam_restore_sgd_(
-            params,
-            grads,
-            stash,
-            bufs,
-            *(full(v, n) for v in (lr_l, wd_l, mom_l, damp_l, nest, maxi, first)),
-            stash_mode,
-            grad_scale,
-            found_inf,
-        )
-        return
-    fused_ops("sam_restore_sgd_")[impl](
-        params, grads, stash, bufs, lr_l, wd_l, mom_l, damp_l, flags, mode, grad_scale, found_inf
-    )
+    dev = amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
+    streams = [("params", params), ("grads", grads), ("stash", stash)] + ([("momentum_buffers", bufs)] if bufs else [])
+    run("sam_restore_sgd_", fn, backend, dev, streams,
+        lambda: reference.sam_restore_sgd_(params, grads, stash, bufs, *(full(v, n) for v in opts), stash_mode,
+                                           grad_scale, found_inf),
+        params, grads, stash, bufs, *opts[:4], flags, mode, grad_scale, found_inf,
+        same_dtype=("grads", "momentum_buffers") + (("stash",) if mode == 0 else ()))
 
 
 @torch.no_grad()
@@ -444,14 +237,7 @@ def sam_restore_adamw_(
     ``exp_avg_sq`` have the params' dtypes. Agrees with ``torch.optim.AdamW`` to rounding.
     """
     fn = "saf_kernels.sam_restore_adamw_"
-    params, grads, stash = (
-        as_list(params, "params", fn),
-        as_list(grads, "grads", fn),
-        as_list(stash, "stash", fn),
-    )
-    exp_avg, exp_avg_sq = as_list(exp_avg, "exp_avg", fn), as_list(exp_avg_sq, "exp_avg_sq", fn)
-    steps = as_list(steps, "steps", fn)
-    n = check_lengths(
+    params, grads, stash, exp_avg, exp_avg_sq, steps, n = tensor_lists(
         fn, params=params, grads=grads, stash=stash, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, steps=steps
     )
     lr_l = per_tensor(lr, n, "lr", fn, nonneg=True)
@@ -467,56 +253,20 @@ def sam_restore_adamw_(
     mode = stash_mode_code(stash_mode, fn)
     if n == 0:
         return
-    dev = params[0].device
-    check_scalar(grad_scale, "grad_scale", fn, dev)
-    check_scalar(found_inf, "found_inf", fn, dev)
-    impl = _backend.resolve(backend, dev, "sam_restore_adamw_")
-    if impl in ("triton", "torch"):
-        check_streams(
-            fn,
-            [
-                ("params", params),
-                ("grads", grads),
-                ("stash", stash),
-                ("exp_avg", exp_avg),
-                ("exp_avg_sq", exp_avg_sq),
-                ("steps", steps),
-            ],
-            scalar=("steps",),
-            same_dtype=("grads", "exp_avg", "exp_avg_sq") + (("stash",) if mode == 0 else ()),
-        )
+    dev = amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
+    opts = (lr_l, b1, b2, eps_l, wd_l)
+
+    def steps_float32():
         for i, s in enumerate(steps):
             if s.dtype != torch.float32:
                 raise TypeError(f"{fn}: steps[{i}] must be float32, got {s.dtype}")
-    if impl == "torch":
-        reference.sam_restore_adamw_(
-            params,
-            grads,
-            stash,
-            exp_avg,
-            exp_avg_sq,
-            steps,
-            *(full(v, n) for v in (lr_l, b1, b2, eps_l, wd_l, maxi)),
-            stash_mode,
-            grad_scale,
-            found_inf,
-        )
-        return
-    flags = [ADAMW_MAXIMIZE if m else 0 for m in maxi]
-    fused_ops("sam_restore_adamw_")[impl](
-        params,
-        grads,
-        stash,
-        exp_avg,
-        exp_avg_sq,
-        steps,
-        lr_l,
-        b1,
-        b2,
-        eps_l,
-        wd_l,
-        flags,
-        mode,
-        grad_scale,
-        found_inf,
-    )
+
+    run("sam_restore_adamw_", fn, backend, dev,
+        [("params", params), ("grads", grads), ("stash", stash), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
+         ("steps", steps)],
+        lambda: reference.sam_restore_adamw_(params, grads, stash, exp_avg, exp_avg_sq, steps,
+                                             *(full(v, n) for v in opts + (maxi,)), stash_mode, grad_scale, found_inf),
+        params, grads, stash, exp_avg, exp_avg_sq, steps, *opts, [ADAMW_MAXIMIZE if m else 0 for m in maxi], mode,
+        grad_scale, found_inf,
+        scalar=("steps",), same_dtype=("grads", "exp_avg", "exp_avg_sq") + (("stash",) if mode == 0 else ()),
+        more_checks=steps_float32)

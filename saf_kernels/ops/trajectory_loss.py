@@ -19,9 +19,9 @@ import numbers
 import torch
 
 from .. import _backend, reference
+from ._multi_tensor import FLOAT_DTYPES, kernels, register
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 OP = "trajectory_loss"
 
 
@@ -68,40 +68,15 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     return (out,) + (None,) * 9
 
 
-@torch.library.custom_op("saf_kernels::trajectory_loss_triton", mutates_args=())
-def _trajectory_loss_triton(
-    logits: torch.Tensor,
-    target_logits: torch.Tensor,
-    labels: torch.Tensor | None,
-    temperature: float,
-    ce_weight: float,
-    kl_weight: float,
-    label_smoothing: float,
-    ignore_index: int,
-    reduction: int,
-    need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..triton.trajectory_loss import trajectory_loss_triton
-
-    return trajectory_loss_triton(
-        logits, target_logits, labels, temperature, ce_weight, kl_weight, label_smoothing, ignore_index, reduction,
-        need_grad,
-    )
-
-
-_trajectory_loss_triton.register_fake(_fake)
-_trajectory_loss_triton.register_autograd(_backward, setup_context=_setup_context)
-
-if _backend.HAS_EXT:
-    torch.library.register_fake("saf_kernels::trajectory_loss")(_fake)
+register(OP, "(Tensor logits, Tensor target_logits, Tensor? labels, float temperature, float ce_weight, "
+         "float kl_weight, float label_smoothing, SymInt ignore_index, SymInt reduction, bool need_grad) "
+         "-> (Tensor, Tensor)", _fake, "trajectory_loss.trajectory_loss_triton",
+         ).register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_ops() -> dict[str, object]:
     """The fused op of each kernel backend available here (``cpu``/``cuda`` share the C++ op)."""
-    ops = {"triton": torch.ops.saf_kernels.trajectory_loss_triton}
-    if _backend.HAS_EXT:
-        ops["cpu"] = ops["cuda"] = torch.ops.saf_kernels.trajectory_loss
-    return ops
+    return kernels(OP)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,7 +88,7 @@ def _check_pair(logits, target_logits, fn):
     for name, t in (("logits", logits), ("target_logits", target_logits)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{fn}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
         if t.dim() != 2:
             raise ValueError(f"{fn}: {name} must be 2-D [batch, classes], got shape {tuple(t.shape)}")
@@ -149,7 +124,7 @@ def check_targets(targets, logits, ignore_index, label_smoothing, fn, name="targ
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(targets).__name__}")
     if targets.is_floating_point():
-        if targets.dtype not in _FLOAT_DTYPES:
+        if targets.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{fn}: probability {name} must be float32, float16, bfloat16 or float64, got "
                             f"{targets.dtype}")
         if targets.shape != logits.shape:
