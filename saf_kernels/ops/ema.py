@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, reference
-from ._multi_tensor import check_streams, register, run, void_fake
+from . import _multi_tensor as mt
 
 OP = "ema_update_"
 
-register(OP, "(Tensor(a0!)[] ema, Tensor[] model, float decay, Tensor? decay_tensor) -> ()", void_fake,
-         "ema.ema_update")
+mt.register(OP,
+            "(Tensor(a0!)[] ema, Tensor[] model, float decay, Tensor? decay_tensor) -> ()",
+            mt.void_fake, "ema.ema_update")
 
 
 def _check(ema, model, decay, fn):
@@ -40,7 +41,7 @@ def _check_tensors(ema, model, fn):
                 f"{fn}: ema[{i}] has dtype {e.dtype}; only floating tensors are averaged "
                 "(copy integer buffers such as num_batches_tracked instead)"
             )
-    check_streams(fn, [("ema", ema), ("model", model)])
+    mt.check_streams(fn, [("ema", ema), ("model", model)])
 
 
 @torch.no_grad()
@@ -64,6 +65,8 @@ def ema_update_(
         return
     ema, model = list(ema), list(model)
     tensor = isinstance(decay, torch.Tensor)
-    run(OP, fn, backend, ema[0].device, None, lambda: reference.ema_update_(ema, model, decay), ema, model,
-        0.0 if tensor else float(decay), decay.reshape(()) if tensor else None,
+    mt.run(
+        OP, fn, backend, ema[0].device, None,
+        lambda: reference.ema_update_(ema, model, decay),
+        ema, model, 0.0 if tensor else float(decay), decay.reshape(()) if tensor else None,
         more_checks=lambda: _check_tensors(ema, model, fn))

@@ -26,32 +26,24 @@ from collections.abc import Sequence
 import torch
 
 from .. import reference
-from ._multi_tensor import (
-    Bools,
-    Floats,
-    amp_scalars,
-    check_eps,
-    norm_fake,
-    per_tensor_full,
-    register,
-    run,
-    stash_mode_code,
-    tensor_lists,
-    void_fake,
-)
+from . import _multi_tensor as mt
+from ._multi_tensor import Bools, Floats
 from .philox import check_offset, check_seed
 
 ADAPTIVE = 2  # flags bit (csrc/include/saf/multi_tensor.h, esam::kAdaptive)
 
-register("esam_perturb_", "(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] stash, float[] rho, float[] eta, "
-         "float[] beta, SymInt[] flags, float eps, SymInt seed, SymInt offset, SymInt stash_mode, Tensor? grad_scale, "
-         "Tensor? found_inf) -> Tensor", norm_fake, "esam.esam_perturb")
-register("esam_restore_", "(Tensor(a0!)[] params, Tensor[] stash, float[] beta, SymInt seed, SymInt offset, "
-         "SymInt stash_mode) -> ()", void_fake, "esam.esam_restore")
+mt.register("esam_perturb_",
+            "(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] stash, float[] rho, float[] eta, float[] beta, "
+            "SymInt[] flags, float eps, SymInt seed, SymInt offset, SymInt stash_mode, Tensor? grad_scale, "
+            "Tensor? found_inf) -> Tensor",
+            mt.norm_fake, "esam.esam_perturb")
+mt.register("esam_restore_",
+            "(Tensor(a0!)[] params, Tensor[] stash, float[] beta, SymInt seed, SymInt offset, SymInt stash_mode) -> ()",
+            mt.void_fake, "esam.esam_restore")
 
 
 def _beta_list(beta, n, fn):
-    vals = per_tensor_full(beta, n, "beta", fn)
+    vals = mt.per_tensor_full(beta, n, "beta", fn)
     for i, b in enumerate(vals):
         if not 0.0 < b <= 1.0:
             raise ValueError(f"{fn}: beta[{i}] must be in (0, 1], got {b!r}")
@@ -59,23 +51,10 @@ def _beta_list(beta, n, fn):
 
 
 @torch.no_grad()
-def esam_perturb_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    stash: Sequence[torch.Tensor],
-    rho: Floats,
-    beta: Floats,
-    seed: int,
-    offset: int = 0,
-    adaptive: Bools = False,
-    eta: Floats = 0.0,
-    eps: float = 1e-7,
-    *,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    stash_mode: str = "copy",
-    backend: str = "auto",
-) -> torch.Tensor:
+def esam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], stash: Sequence[torch.Tensor],
+                  rho: Floats, beta: Floats, seed: int, offset: int = 0, adaptive: Bools = False, eta: Floats = 0.0,
+                  eps: float = 1e-7, *, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                  stash_mode: str = "copy", backend: str = "auto") -> torch.Tensor:
     """ESAM's stochastic weight perturbation, elementwise, in place.
 
     Every element is kept with probability ``beta`` (a Bernoulli mask drawn in the kernels from
@@ -105,23 +84,24 @@ def esam_perturb_(
         params), without a host synchronisation; non-finite: nothing was perturbed.
     """
     fn = "saf_kernels.esam_perturb_"
-    params, grads, stash, n = tensor_lists(fn, params=params, grads=grads, stash=stash)
-    rho_l = per_tensor_full(rho, n, "rho", fn, nonneg=True)
+    params, grads, stash, n = mt.tensor_lists(fn, params=params, grads=grads, stash=stash)
+    rho_l = mt.per_tensor_full(rho, n, "rho", fn, nonneg=True)
     beta_l = _beta_list(beta, n, fn)
-    eta_l = per_tensor_full(eta, n, "eta", fn, nonneg=True)
-    flags = [ADAPTIVE if a else 0 for a in per_tensor_full(adaptive, n, "adaptive", fn, kind=bool)]
-    eps = check_eps(eps, fn)
+    eta_l = mt.per_tensor_full(eta, n, "eta", fn, nonneg=True)
+    flags = [ADAPTIVE if a else 0 for a in mt.per_tensor_full(adaptive, n, "adaptive", fn, kind=bool)]
+    eps = mt.check_eps(eps, fn)
     seed = check_seed(seed, fn)
     offset = check_offset(offset, fn)
-    mode = stash_mode_code(stash_mode, fn)
-    dev = amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
+    mode = mt.stash_mode_code(stash_mode, fn)
+    dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev)
-    return run("esam_perturb_", fn, backend, dev, [("params", params), ("grads", grads), ("stash", stash)],
-               lambda: reference.esam_perturb_(params, grads, stash, rho_l, [bool(f) for f in flags], eta_l, beta_l,
-                                               seed, offset, eps, grad_scale, found_inf, stash_mode),
-               params, grads, stash, rho_l, eta_l, beta_l, flags, eps, seed, offset, mode, grad_scale, found_inf,
-               same_dtype=("grads",) + (("stash",) if mode == 0 else ()))
+    return mt.run(
+        "esam_perturb_", fn, backend, dev, [("params", params), ("grads", grads), ("stash", stash)],
+        lambda: reference.esam_perturb_(params, grads, stash, rho_l, [bool(f) for f in flags], eta_l, beta_l, seed,
+                                        offset, eps, grad_scale, found_inf, stash_mode),
+        params, grads, stash, rho_l, eta_l, beta_l, flags, eps, seed, offset, mode, grad_scale, found_inf,
+        same_dtype=("grads",) + (("stash",) if mode == 0 else ()))
 
 
 @torch.no_grad()
@@ -135,14 +115,15 @@ def esam_restore_(params: Sequence[torch.Tensor], stash: Sequence[torch.Tensor],
     kept ones are back to within one rounding.
     """
     fn = "saf_kernels.esam_restore_"
-    params, stash, n = tensor_lists(fn, params=params, stash=stash)
+    params, stash, n = mt.tensor_lists(fn, params=params, stash=stash)
     beta_l = _beta_list(beta, n, fn)
     seed = check_seed(seed, fn)
     offset = check_offset(offset, fn)
-    mode = stash_mode_code(stash_mode, fn)
+    mode = mt.stash_mode_code(stash_mode, fn)
     if n == 0:
         return
-    run("esam_restore_", fn, backend, params[0].device, [("params", params), ("stash", stash)],
+    mt.run(
+        "esam_restore_", fn, backend, params[0].device, [("params", params), ("stash", stash)],
         lambda: reference.esam_restore_(params, stash, beta_l, seed, offset, stash_mode),
         params, stash, beta_l, seed, offset, mode, same_dtype=("stash",) if mode == 0 else ())
 

@@ -23,47 +23,27 @@ from collections.abc import Sequence
 import torch
 
 from .. import _checks, reference
-from ._multi_tensor import (
-    Bools,
-    Floats,
-    amp_scalars,
-    as_list,
-    check_eps,
-    check_lengths,
-    full,
-    register,
-    run,
-    sgd_flags,
-    sgd_options,
-    stash_mode_code,
-    stats_fake,
-)
+from . import _multi_tensor as mt
+from ._multi_tensor import Bools, Floats
 
-register("gsam_combine_", "(Tensor(a0!)[] params, Tensor(a1!)[] grads, Tensor[] old_grads, Tensor[] stash, "
-         "float alpha, float eps, SymInt stash_mode, bool restore, Tensor? grad_scale, Tensor? old_grad_scale, "
-         "Tensor? found_inf) -> Tensor", stats_fake, "gsam.gsam_combine")
-register("gsam_restore_sgd_", "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] old_grads, Tensor[] stash, "
-         "Tensor(a4!)[] momentum_buffers, float[] lr, float[] weight_decay, float[] momentum, float[] dampening, "
-         "SymInt[] flags, float alpha, float eps, SymInt stash_mode, Tensor? grad_scale, Tensor? old_grad_scale, "
-         "Tensor? found_inf) -> Tensor", stats_fake, "gsam.gsam_restore_sgd")
+mt.register("gsam_combine_",
+            "(Tensor(a0!)[] params, Tensor(a1!)[] grads, Tensor[] old_grads, Tensor[] stash, float alpha, float eps, "
+            "SymInt stash_mode, bool restore, Tensor? grad_scale, Tensor? old_grad_scale, Tensor? found_inf) -> Tensor",
+            mt.stats_fake, "gsam.gsam_combine")
+mt.register("gsam_restore_sgd_",
+            "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] old_grads, Tensor[] stash, "
+            "Tensor(a4!)[] momentum_buffers, float[] lr, float[] weight_decay, float[] momentum, float[] dampening, "
+            "SymInt[] flags, float alpha, float eps, SymInt stash_mode, Tensor? grad_scale, Tensor? old_grad_scale, "
+            "Tensor? found_inf) -> Tensor",
+            mt.stats_fake, "gsam.gsam_restore_sgd")
 
 
 @torch.no_grad()
-def gsam_combine_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    old_grads: Sequence[torch.Tensor],
-    stash: Sequence[torch.Tensor] = (),
-    alpha: float = 0.4,
-    eps: float = 1e-12,
-    *,
-    restore: bool = True,
-    stash_mode: str = "copy",
-    grad_scale: torch.Tensor | None = None,
-    old_grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
+def gsam_combine_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], old_grads: Sequence[torch.Tensor],
+                  stash: Sequence[torch.Tensor] = (), alpha: float = 0.4, eps: float = 1e-12, *, restore: bool = True,
+                  stash_mode: str = "copy", grad_scale: torch.Tensor | None = None,
+                  old_grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                  backend: str = "auto") -> torch.Tensor:
     """GSAM's gradient decomposition in place, with the restore of the weights in the same pass.
 
     With ``g_p = grads`` (the gradient at the perturbed weights) and ``g = old_grads`` (the
@@ -85,49 +65,34 @@ def gsam_combine_(
         ``[cos, ||g||, ||g_p||]`` (float32, float64 with float64 params) on the device.
     """
     fn = "saf_kernels.gsam_combine_"
-    params, grads, old, stash = (as_list(params, "params", fn), as_list(grads, "grads", fn),
-                                 as_list(old_grads, "old_grads", fn), as_list(stash, "stash", fn))
-    n = check_lengths(fn, params=params, grads=grads, old_grads=old)
+    params, grads, old, stash = (mt.as_list(params, "params", fn), mt.as_list(grads, "grads", fn),
+                                 mt.as_list(old_grads, "old_grads", fn), mt.as_list(stash, "stash", fn))
+    n = mt.check_lengths(fn, params=params, grads=grads, old_grads=old)
     if restore and len(stash) != n:
         raise ValueError(f"{fn}: restore=True needs one stash tensor per param ({n}), got {len(stash)}")
     alpha = _checks.number(alpha, "alpha", fn)
-    eps = check_eps(eps, fn)
-    mode = stash_mode_code(stash_mode, fn)
+    eps = mt.check_eps(eps, fn)
+    mode = mt.stash_mode_code(stash_mode, fn)
     if n == 0:
         return torch.zeros(3)
-    dev = amp_scalars(fn, params, n, grad_scale=grad_scale, old_grad_scale=old_grad_scale, found_inf=found_inf)
+    dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, old_grad_scale=old_grad_scale, found_inf=found_inf)
     streams = [("params", params), ("grads", grads), ("old_grads", old)] + ([("stash", stash)] if restore else [])
-    return run("gsam_combine_", fn, backend, dev, streams,
-               lambda: reference.gsam_combine_(params, grads, old, stash, alpha, eps, stash_mode, restore, grad_scale,
-                                               old_grad_scale, found_inf),
-               params, grads, old, stash if restore else [], alpha, eps, mode, bool(restore), grad_scale,
-               old_grad_scale, found_inf,
-               same_dtype=("grads", "old_grads") + (("stash",) if restore and mode == 0 else ()))
+    return mt.run(
+        "gsam_combine_", fn, backend, dev, streams,
+        lambda: reference.gsam_combine_(params, grads, old, stash, alpha, eps, stash_mode, restore, grad_scale,
+                                        old_grad_scale, found_inf),
+        params, grads, old, stash if restore else [], alpha, eps, mode, bool(restore), grad_scale, old_grad_scale,
+        found_inf, same_dtype=("grads", "old_grads") + (("stash",) if restore and mode == 0 else ()))
 
 
 @torch.no_grad()
-def gsam_restore_sgd_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    old_grads: Sequence[torch.Tensor],
-    stash: Sequence[torch.Tensor],
-    momentum_buffers: Sequence[torch.Tensor],
-    *,
-    lr: Floats,
-    alpha: float = 0.4,
-    eps: float = 1e-12,
-    weight_decay: Floats = 0.0,
-    momentum: Floats = 0.0,
-    dampening: Floats = 0.0,
-    nesterov: Bools = False,
-    maximize: Bools = False,
-    first_run: Bools = False,
-    stash_mode: str = "copy",
-    grad_scale: torch.Tensor | None = None,
-    old_grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
+def gsam_restore_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], old_grads: Sequence[torch.Tensor],
+                      stash: Sequence[torch.Tensor], momentum_buffers: Sequence[torch.Tensor], *, lr: Floats,
+                      alpha: float = 0.4, eps: float = 1e-12, weight_decay: Floats = 0.0, momentum: Floats = 0.0,
+                      dampening: Floats = 0.0, nesterov: Bools = False, maximize: Bools = False,
+                      first_run: Bools = False, stash_mode: str = "copy", grad_scale: torch.Tensor | None = None,
+                      old_grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                      backend: str = "auto") -> torch.Tensor:
     """GSAM's second step fused: the reductions, then restore + one ``torch.optim.SGD`` step with
     ``g_p - alpha * g_perp`` (:func:`gsam_combine_`'s gradient, which is never written to memory).
 
@@ -135,25 +100,27 @@ def gsam_restore_sgd_(
     and leaves the buffers. Returns ``[cos, ||g||, ||g_p||]`` on the device.
     """
     fn = "saf_kernels.gsam_restore_sgd_"
-    params, grads, old = as_list(params, "params", fn), as_list(grads, "grads", fn), as_list(old_grads, "old_grads", fn)
-    stash = as_list(stash, "stash", fn)
-    bufs = as_list(momentum_buffers, "momentum_buffers", fn)
-    n = check_lengths(fn, params=params, grads=grads, old_grads=old, stash=stash)
+    params, grads, old = (mt.as_list(params, "params", fn), mt.as_list(grads, "grads", fn),
+                          mt.as_list(old_grads, "old_grads", fn))
+    stash = mt.as_list(stash, "stash", fn)
+    bufs = mt.as_list(momentum_buffers, "momentum_buffers", fn)
+    n = mt.check_lengths(fn, params=params, grads=grads, old_grads=old, stash=stash)
     if bufs and len(bufs) != n:
         raise ValueError(f"{fn}: momentum_buffers has {len(bufs)} tensors but params has {n} (pass [] for none)")
     alpha = _checks.number(alpha, "alpha", fn)
-    eps = check_eps(eps, fn)
-    opts = [full(v, n) for v in sgd_options(fn, n, bufs, lr, weight_decay, momentum, dampening, nesterov, maximize,
-                                            first_run)]
-    mode = stash_mode_code(stash_mode, fn)
+    eps = mt.check_eps(eps, fn)
+    opts = mt.sgd_options(fn, n, bufs, lr, weight_decay, momentum, dampening, nesterov, maximize, first_run)
+    opts = [mt.full(v, n) for v in opts]
+    mode = mt.stash_mode_code(stash_mode, fn)
     if n == 0:
         return torch.zeros(3)
-    dev = amp_scalars(fn, params, n, grad_scale=grad_scale, old_grad_scale=old_grad_scale, found_inf=found_inf)
+    dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, old_grad_scale=old_grad_scale, found_inf=found_inf)
     streams = [("params", params), ("grads", grads), ("old_grads", old), ("stash", stash)]
     streams += [("momentum_buffers", bufs)] if bufs else []
-    return run("gsam_restore_sgd_", fn, backend, dev, streams,
-               lambda: reference.gsam_restore_sgd_(params, grads, old, stash, bufs, *opts, alpha, eps, stash_mode,
-                                                   grad_scale, old_grad_scale, found_inf),
-               params, grads, old, stash, bufs, *opts[:4], sgd_flags(*opts[4:], n), alpha, eps, mode, grad_scale,
-               old_grad_scale, found_inf,
-               same_dtype=("grads", "old_grads", "momentum_buffers") + (("stash",) if mode == 0 else ()))
+    return mt.run(
+        "gsam_restore_sgd_", fn, backend, dev, streams,
+        lambda: reference.gsam_restore_sgd_(params, grads, old, stash, bufs, *opts, alpha, eps, stash_mode, grad_scale,
+                                            old_grad_scale, found_inf),
+        params, grads, old, stash, bufs, *opts[:4], mt.sgd_flags(*opts[4:], n), alpha, eps, mode, grad_scale,
+        old_grad_scale, found_inf,
+        same_dtype=("grads", "old_grads", "momentum_buffers") + (("stash",) if mode == 0 else ()))

@@ -14,13 +14,14 @@ import numbers
 import torch
 
 from .. import _backend, reference
-from ._multi_tensor import kernels, register, void_fake
+from . import _multi_tensor as mt
 
 KINDS = {"words": 0, "uniform": 1, "normal": 2, "bernoulli": 3}
 
 
-register("philox_", "(Tensor(a0!) out, SymInt seed, SymInt offset, SymInt kind, float p) -> ()", void_fake,
-         "esam.philox")
+mt.register("philox_",
+            "(Tensor(a0!) out, SymInt seed, SymInt offset, SymInt kind, float p) -> ()",
+            mt.void_fake, "esam.philox")
 
 
 def check_seed(seed, fn: str) -> int:
@@ -72,5 +73,5 @@ def philox_(out: torch.Tensor, seed: int, offset: int = 0, kind: str = "normal",
     impl = _backend.resolve(backend, out.device, "philox_")
     if impl == "torch":
         return reference.philox_(out, seed, offset, kind, p)
-    kernels("philox_")[impl](out, seed, offset, KINDS[kind], float(p))
+    mt.kernels("philox_")[impl](out, seed, offset, KINDS[kind], float(p))
     return out

@@ -30,23 +30,17 @@ from collections.abc import Sequence
 import torch
 
 from .. import _checks, reference
-from ._multi_tensor import (
-    Floats,
-    amp_scalars,
-    check_eps,
-    norm_fake,
-    per_tensor_full,
-    register,
-    run,
-    tensor_lists,
-    void_fake,
-)
+from . import _multi_tensor as mt
+from ._multi_tensor import Floats
 from .philox import check_offset, check_seed
 
-register("rsam_noise_", "(Tensor(a0!)[] params, Tensor(a1!)[] stash, float[] std, SymInt seed, SymInt offset) -> ()",
-         void_fake, "rsam.rsam_noise")
-register("rsam_perturb_", "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] stash, float[] rho, float lam, float eps, "
-         "Tensor? grad_scale, Tensor? found_inf) -> Tensor", norm_fake, "rsam.rsam_perturb")
+mt.register("rsam_noise_",
+            "(Tensor(a0!)[] params, Tensor(a1!)[] stash, float[] std, SymInt seed, SymInt offset) -> ()",
+            mt.void_fake, "rsam.rsam_noise")
+mt.register("rsam_perturb_",
+            "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] stash, float[] rho, float lam, float eps, "
+            "Tensor? grad_scale, Tensor? found_inf) -> Tensor",
+            mt.norm_fake, "rsam.rsam_perturb")
 
 
 def _check_units(params, fn):
@@ -79,15 +73,16 @@ def rsam_noise_(params: Sequence[torch.Tensor], stash: Sequence[torch.Tensor], s
         backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``.
     """
     fn = "saf_kernels.rsam_noise_"
-    params, stash, n = tensor_lists(fn, params=params, stash=stash)
-    std_l = per_tensor_full(std, n, "std", fn, nonneg=True)
+    params, stash, n = mt.tensor_lists(fn, params=params, stash=stash)
+    std_l = mt.per_tensor_full(std, n, "std", fn, nonneg=True)
     seed = check_seed(seed, fn)
     offset = check_offset(offset, fn)
     if n == 0:
         return
-    run("rsam_noise_", fn, backend, params[0].device, [("params", params), ("stash", stash)],
-        lambda: reference.rsam_noise_(params, stash, std_l, seed, offset), params, stash, std_l, seed, offset,
-        same_dtype=("stash",), more_checks=lambda: _check_units(params, fn))
+    mt.run(
+        "rsam_noise_", fn, backend, params[0].device, [("params", params), ("stash", stash)],
+        lambda: reference.rsam_noise_(params, stash, std_l, seed, offset),
+        params, stash, std_l, seed, offset, same_dtype=("stash",), more_checks=lambda: _check_units(params, fn))
 
 
 @torch.no_grad()
@@ -108,13 +103,14 @@ def rsam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         stash (the clean weights, bit for bit) and nothing is perturbed.
     """
     fn = "saf_kernels.rsam_perturb_"
-    params, grads, stash, n = tensor_lists(fn, params=params, grads=grads, stash=stash)
-    rho_l = per_tensor_full(rho, n, "rho", fn, nonneg=True)
+    params, grads, stash, n = mt.tensor_lists(fn, params=params, grads=grads, stash=stash)
+    rho_l = mt.per_tensor_full(rho, n, "rho", fn, nonneg=True)
     lam = _checks.number(lam, "lam", fn)
-    eps = check_eps(eps, fn)
-    dev = amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
+    eps = mt.check_eps(eps, fn)
+    dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev)
-    return run("rsam_perturb_", fn, backend, dev, [("params", params), ("grads", grads), ("stash", stash)],
-               lambda: reference.rsam_perturb_(params, grads, stash, rho_l, lam, eps, grad_scale, found_inf),
-               params, grads, stash, rho_l, lam, eps, grad_scale, found_inf, same_dtype=("grads", "stash"))
+    return mt.run(
+        "rsam_perturb_", fn, backend, dev, [("params", params), ("grads", grads), ("stash", stash)],
+        lambda: reference.rsam_perturb_(params, grads, stash, rho_l, lam, eps, grad_scale, found_inf),
+        params, grads, stash, rho_l, lam, eps, grad_scale, found_inf, same_dtype=("grads", "stash"))

@@ -23,57 +23,36 @@ from collections.abc import Sequence
 import torch
 
 from .. import reference
-from ._multi_tensor import (
-    Bools,
-    Floats,
-    amp_scalars,
-    as_list,
-    check_eps,
-    check_lengths,
-    full,
-    norm_fake,
-    per_tensor,
-    register,
-    run,
-    sgd_flags,
-    sgd_options,
-    stash_mode_code,
-    tensor_lists,
-    void_fake,
-)
+from . import _multi_tensor as mt
+from ._multi_tensor import Bools, Floats
 
 ADAPTIVE = 2  # flags bit of sam_perturb_ (csrc/include/saf/multi_tensor.h)
 ADAMW_MAXIMIZE = 2
 
-register("sam_perturb_", "(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] stash, float[] rho, float[] eta, "
-         "SymInt[] flags, float eps, SymInt stash_mode, Tensor? grad_scale, Tensor? found_inf) -> Tensor",
-         norm_fake, "sam.sam_perturb")
-register("sam_restore_", "(Tensor(a0!)[] params, Tensor[] stash, SymInt stash_mode) -> ()", void_fake,
-         "sam.sam_restore")
-register("sam_restore_sgd_", "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] stash, Tensor(a3!)[] momentum_buffers, "
-         "float[] lr, float[] weight_decay, float[] momentum, float[] dampening, SymInt[] flags, SymInt stash_mode, "
-         "Tensor? grad_scale, Tensor? found_inf) -> ()", void_fake, "sam.sam_restore_sgd")
-register("sam_restore_adamw_", "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] stash, Tensor(a3!)[] exp_avg, "
-         "Tensor(a4!)[] exp_avg_sq, Tensor[] steps, float[] lr, float[] beta1, float[] beta2, float[] eps, "
-         "float[] weight_decay, SymInt[] flags, SymInt stash_mode, Tensor? grad_scale, Tensor? found_inf) -> ()",
-         void_fake, "sam.sam_restore_adamw")
+mt.register("sam_perturb_",
+            "(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] stash, float[] rho, float[] eta, SymInt[] flags, "
+            "float eps, SymInt stash_mode, Tensor? grad_scale, Tensor? found_inf) -> Tensor",
+            mt.norm_fake, "sam.sam_perturb")
+mt.register("sam_restore_",
+            "(Tensor(a0!)[] params, Tensor[] stash, SymInt stash_mode) -> ()",
+            mt.void_fake, "sam.sam_restore")
+mt.register("sam_restore_sgd_",
+            "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] stash, Tensor(a3!)[] momentum_buffers, float[] lr, "
+            "float[] weight_decay, float[] momentum, float[] dampening, SymInt[] flags, SymInt stash_mode, "
+            "Tensor? grad_scale, Tensor? found_inf) -> ()",
+            mt.void_fake, "sam.sam_restore_sgd")
+mt.register("sam_restore_adamw_",
+            "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] stash, Tensor(a3!)[] exp_avg, Tensor(a4!)[] exp_avg_sq, "
+            "Tensor[] steps, float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
+            "SymInt[] flags, SymInt stash_mode, Tensor? grad_scale, Tensor? found_inf) -> ()",
+            mt.void_fake, "sam.sam_restore_adamw")
 
 
 @torch.no_grad()
-def sam_perturb_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    stash: Sequence[torch.Tensor],
-    rho: Floats,
-    adaptive: Bools = False,
-    eta: Floats = 0.0,
-    eps: float = 1e-12,
-    *,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    stash_mode: str = "copy",
-    backend: str = "auto",
-) -> torch.Tensor:
+def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], stash: Sequence[torch.Tensor],
+                 rho: Floats, adaptive: Bools = False, eta: Floats = 0.0, eps: float = 1e-12, *,
+                 grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                 stash_mode: str = "copy", backend: str = "auto") -> torch.Tensor:
     """SAM / ASAM ascent step over a list of tensors, in place: ``w += e`` with
     ``e = rho * T_w^2 * g / (||T_w * g||_2 + eps)``.
 
@@ -108,63 +87,48 @@ def sam_perturb_(
         perturbed: the weights stay as they were and the stash still allows the restore.
     """
     fn = "saf_kernels.sam_perturb_"
-    params, grads, stash, n = tensor_lists(fn, params=params, grads=grads, stash=stash)
-    rho_l = per_tensor(rho, n, "rho", fn, nonneg=True)
-    eta_l = per_tensor(eta, n, "eta", fn, nonneg=True)
-    flags = [ADAPTIVE if a else 0 for a in per_tensor(adaptive, n, "adaptive", fn, kind=bool)]
-    eps = check_eps(eps, fn)
-    mode = stash_mode_code(stash_mode, fn)
-    dev = amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
+    params, grads, stash, n = mt.tensor_lists(fn, params=params, grads=grads, stash=stash)
+    rho_l = mt.per_tensor(rho, n, "rho", fn, nonneg=True)
+    eta_l = mt.per_tensor(eta, n, "eta", fn, nonneg=True)
+    flags = [ADAPTIVE if a else 0 for a in mt.per_tensor(adaptive, n, "adaptive", fn, kind=bool)]
+    eps = mt.check_eps(eps, fn)
+    mode = mt.stash_mode_code(stash_mode, fn)
+    dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev)
-    return run("sam_perturb_", fn, backend, dev, [("params", params), ("grads", grads), ("stash", stash)],
-               lambda: reference.sam_perturb_(params, grads, stash, full(rho_l, n), [bool(f) for f in full(flags, n)],
-                                              full(eta_l, n), eps, grad_scale, found_inf, stash_mode),
-               params, grads, stash, rho_l, eta_l, flags, eps, mode, grad_scale, found_inf,
-               same_dtype=("grads",) + (("stash",) if mode == 0 else ()))
+    return mt.run(
+        "sam_perturb_", fn, backend, dev, [("params", params), ("grads", grads), ("stash", stash)],
+        lambda: reference.sam_perturb_(params, grads, stash, mt.full(rho_l, n), [bool(f) for f in mt.full(flags, n)],
+                                       mt.full(eta_l, n), eps, grad_scale, found_inf, stash_mode),
+        params, grads, stash, rho_l, eta_l, flags, eps, mode, grad_scale, found_inf,
+        same_dtype=("grads",) + (("stash",) if mode == 0 else ()))
 
 
 @torch.no_grad()
-def sam_restore_(
-    params: Sequence[torch.Tensor],
-    stash: Sequence[torch.Tensor],
-    stash_mode: str = "copy",
-    backend: str = "auto",
-) -> None:
+def sam_restore_(params: Sequence[torch.Tensor], stash: Sequence[torch.Tensor], stash_mode: str = "copy",
+                 backend: str = "auto") -> None:
     """Puts back the weights :func:`sam_perturb_` started from, in place.
 
     ``stash_mode="copy"``: the stash is copied back, bit for bit. ``"delta"``: the stashed
     perturbation is subtracted (lossy by a rounding). Use the same mode as the perturbation.
     """
     fn = "saf_kernels.sam_restore_"
-    params, stash, n = tensor_lists(fn, params=params, stash=stash)
-    mode = stash_mode_code(stash_mode, fn)
+    params, stash, n = mt.tensor_lists(fn, params=params, stash=stash)
+    mode = mt.stash_mode_code(stash_mode, fn)
     if n == 0:
         return
-    run("sam_restore_", fn, backend, params[0].device, [("params", params), ("stash", stash)],
-        lambda: reference.sam_restore_(params, stash, stash_mode), params, stash, mode,
-        same_dtype=("stash",) if mode == 0 else ())
+    mt.run(
+        "sam_restore_", fn, backend, params[0].device, [("params", params), ("stash", stash)],
+        lambda: reference.sam_restore_(params, stash, stash_mode),
+        params, stash, mode, same_dtype=("stash",) if mode == 0 else ())
 
 
 @torch.no_grad()
-def sam_restore_sgd_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    stash: Sequence[torch.Tensor],
-    momentum_buffers: Sequence[torch.Tensor],
-    *,
-    lr: Floats,
-    weight_decay: Floats = 0.0,
-    momentum: Floats = 0.0,
-    dampening: Floats = 0.0,
-    nesterov: Bools = False,
-    maximize: Bools = False,
-    first_run: Bools = False,
-    stash_mode: str = "copy",
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> None:
+def sam_restore_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], stash: Sequence[torch.Tensor],
+                     momentum_buffers: Sequence[torch.Tensor], *, lr: Floats, weight_decay: Floats = 0.0,
+                     momentum: Floats = 0.0, dampening: Floats = 0.0, nesterov: Bools = False, maximize: Bools = False,
+                     first_run: Bools = False, stash_mode: str = "copy", grad_scale: torch.Tensor | None = None,
+                     found_inf: torch.Tensor | None = None, backend: str = "auto") -> None:
     """SAM's second step fused into one pass: restore the weights, then one
     ``torch.optim.SGD`` step on them with the gradients ``g / grad_scale``.
 
@@ -184,50 +148,38 @@ def sam_restore_sgd_(
     """
     fn = "saf_kernels.sam_restore_sgd_"
     params, grads, stash = (
-        as_list(params, "params", fn),
-        as_list(grads, "grads", fn),
-        as_list(stash, "stash", fn),
+        mt.as_list(params, "params", fn),
+        mt.as_list(grads, "grads", fn),
+        mt.as_list(stash, "stash", fn),
     )
-    bufs = as_list(momentum_buffers, "momentum_buffers", fn)
-    n = check_lengths(fn, params=params, grads=grads, stash=stash)
+    bufs = mt.as_list(momentum_buffers, "momentum_buffers", fn)
+    n = mt.check_lengths(fn, params=params, grads=grads, stash=stash)
     if bufs and len(bufs) != n:
         raise ValueError(
             f"{fn}: momentum_buffers has {len(bufs)} tensors but params has {n} (pass [] for none)"
         )
-    opts = sgd_options(fn, n, bufs, lr, weight_decay, momentum, dampening, nesterov, maximize, first_run)
-    flags = sgd_flags(*opts[4:], n)
-    mode = stash_mode_code(stash_mode, fn)
+    opts = mt.sgd_options(fn, n, bufs, lr, weight_decay, momentum, dampening, nesterov, maximize, first_run)
+    flags = mt.sgd_flags(*opts[4:], n)
+    mode = mt.stash_mode_code(stash_mode, fn)
     if n == 0:
         return
-    dev = amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
+    dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
     streams = [("params", params), ("grads", grads), ("stash", stash)] + ([("momentum_buffers", bufs)] if bufs else [])
-    run("sam_restore_sgd_", fn, backend, dev, streams,
-        lambda: reference.sam_restore_sgd_(params, grads, stash, bufs, *(full(v, n) for v in opts), stash_mode,
+    mt.run(
+        "sam_restore_sgd_", fn, backend, dev, streams,
+        lambda: reference.sam_restore_sgd_(params, grads, stash, bufs, *(mt.full(v, n) for v in opts), stash_mode,
                                            grad_scale, found_inf),
         params, grads, stash, bufs, *opts[:4], flags, mode, grad_scale, found_inf,
         same_dtype=("grads", "momentum_buffers") + (("stash",) if mode == 0 else ()))
 
 
 @torch.no_grad()
-def sam_restore_adamw_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    stash: Sequence[torch.Tensor],
-    exp_avg: Sequence[torch.Tensor],
-    exp_avg_sq: Sequence[torch.Tensor],
-    steps: Sequence[torch.Tensor],
-    *,
-    lr: Floats,
-    beta1: Floats = 0.9,
-    beta2: Floats = 0.999,
-    eps: Floats = 1e-8,
-    weight_decay: Floats = 1e-2,
-    maximize: Bools = False,
-    stash_mode: str = "copy",
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> None:
+def sam_restore_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], stash: Sequence[torch.Tensor],
+                       exp_avg: Sequence[torch.Tensor], exp_avg_sq: Sequence[torch.Tensor],
+                       steps: Sequence[torch.Tensor], *, lr: Floats, beta1: Floats = 0.9, beta2: Floats = 0.999,
+                       eps: Floats = 1e-8, weight_decay: Floats = 1e-2, maximize: Bools = False,
+                       stash_mode: str = "copy", grad_scale: torch.Tensor | None = None,
+                       found_inf: torch.Tensor | None = None, backend: str = "auto") -> None:
     """SAM's second step fused into one pass: restore the weights, then one
     ``torch.optim.AdamW`` step (no amsgrad) on them with the gradients ``g / grad_scale``.
 
@@ -237,23 +189,23 @@ def sam_restore_adamw_(
     ``exp_avg_sq`` have the params' dtypes. Agrees with ``torch.optim.AdamW`` to rounding.
     """
     fn = "saf_kernels.sam_restore_adamw_"
-    params, grads, stash, exp_avg, exp_avg_sq, steps, n = tensor_lists(
+    params, grads, stash, exp_avg, exp_avg_sq, steps, n = mt.tensor_lists(
         fn, params=params, grads=grads, stash=stash, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, steps=steps
     )
-    lr_l = per_tensor(lr, n, "lr", fn, nonneg=True)
-    b1 = per_tensor(beta1, n, "beta1", fn, nonneg=True)
-    b2 = per_tensor(beta2, n, "beta2", fn, nonneg=True)
-    eps_l = per_tensor(eps, n, "eps", fn, nonneg=True)
-    wd_l = per_tensor(weight_decay, n, "weight_decay", fn, nonneg=True)
-    maxi = per_tensor(maximize, n, "maximize", fn, kind=bool)
+    lr_l = mt.per_tensor(lr, n, "lr", fn, nonneg=True)
+    b1 = mt.per_tensor(beta1, n, "beta1", fn, nonneg=True)
+    b2 = mt.per_tensor(beta2, n, "beta2", fn, nonneg=True)
+    eps_l = mt.per_tensor(eps, n, "eps", fn, nonneg=True)
+    wd_l = mt.per_tensor(weight_decay, n, "weight_decay", fn, nonneg=True)
+    maxi = mt.per_tensor(maximize, n, "maximize", fn, kind=bool)
     for name, vals in (("beta1", b1), ("beta2", b2)):
         for i, v in enumerate(vals):
             if not v < 1.0:
                 raise ValueError(f"{fn}: {name}[{i}] must be in [0, 1), got {v!r}")
-    mode = stash_mode_code(stash_mode, fn)
+    mode = mt.stash_mode_code(stash_mode, fn)
     if n == 0:
         return
-    dev = amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
+    dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
     opts = (lr_l, b1, b2, eps_l, wd_l)
 
     def steps_float32():
@@ -261,12 +213,13 @@ def sam_restore_adamw_(
             if s.dtype != torch.float32:
                 raise TypeError(f"{fn}: steps[{i}] must be float32, got {s.dtype}")
 
-    run("sam_restore_adamw_", fn, backend, dev,
-        [("params", params), ("grads", grads), ("stash", stash), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
-         ("steps", steps)],
+    streams = [("params", params), ("grads", grads), ("stash", stash), ("exp_avg", exp_avg),
+               ("exp_avg_sq", exp_avg_sq), ("steps", steps)]
+    mt.run(
+        "sam_restore_adamw_", fn, backend, dev, streams,
         lambda: reference.sam_restore_adamw_(params, grads, stash, exp_avg, exp_avg_sq, steps,
-                                             *(full(v, n) for v in opts + (maxi,)), stash_mode, grad_scale, found_inf),
+                                             *(mt.full(v, n) for v in opts + (maxi,)), stash_mode, grad_scale,
+                                             found_inf),
         params, grads, stash, exp_avg, exp_avg_sq, steps, *opts, [ADAMW_MAXIMIZE if m else 0 for m in maxi], mode,
-        grad_scale, found_inf,
-        scalar=("steps",), same_dtype=("grads", "exp_avg", "exp_avg_sq") + (("stash",) if mode == 0 else ()),
-        more_checks=steps_float32)
+        grad_scale, found_inf, scalar=("steps",),
+        same_dtype=("grads", "exp_avg", "exp_avg_sq") + (("stash",) if mode == 0 else ()), more_checks=steps_float32)

@@ -16,7 +16,7 @@ import numbers
 import torch
 
 from .. import _backend, reference
-from ._multi_tensor import FLOAT_DTYPES, kernels, register, void_fake
+from . import _multi_tensor as mt
 from .trajectory_loss import _check_real, check_targets
 
 OP = "saf_bank_step"
@@ -40,12 +40,16 @@ def _fake_step(logits, labels, ids, values, epochs, claims, state, epoch, temper
     return loss, grad, counts
 
 
-register(OP, "(Tensor logits, Tensor? labels, Tensor ids, Tensor(a3!) values, Tensor(a4!) epochs, "
-         "Tensor(a5!) claims, Tensor(a6!) state, SymInt epoch, float temperature, float ce_weight, float kl_weight, "
-         "float label_smoothing, SymInt ignore_index, bool use_past, bool record, bool need_grad) "
-         "-> (Tensor, Tensor, Tensor)", _fake_step, "trajectory_bank.bank_step_triton")
-register("saf_bank_record", "(Tensor rows, Tensor ids, Tensor(a2!) values, Tensor(a3!) epochs, Tensor(a4!) claims, "
-         "Tensor(a5!) state, SymInt epoch) -> ()", void_fake, "trajectory_bank.bank_record_triton")
+mt.register(OP,
+            "(Tensor logits, Tensor? labels, Tensor ids, Tensor(a3!) values, Tensor(a4!) epochs, Tensor(a5!) claims, "
+            "Tensor(a6!) state, SymInt epoch, float temperature, float ce_weight, float kl_weight, "
+            "float label_smoothing, SymInt ignore_index, bool use_past, bool record, bool need_grad) -> (Tensor, "
+            "Tensor, Tensor)",
+            _fake_step, "trajectory_bank.bank_step_triton")
+mt.register("saf_bank_record",
+            "(Tensor rows, Tensor ids, Tensor(a2!) values, Tensor(a3!) epochs, Tensor(a4!) claims, Tensor(a5!) state, "
+            "SymInt epoch) -> ()",
+            mt.void_fake, "trajectory_bank.bank_record_triton")
 
 
 class _TritonBankStep(torch.autograd.Function):
@@ -73,11 +77,11 @@ class _TritonBankStep(torch.autograd.Function):
 
 def fused_ops() -> dict[str, object]:
     """The raw fused step op of each kernel backend available here (``cpu``/``cuda`` share the C++ op)."""
-    return kernels(OP)
+    return mt.kernels(OP)
 
 
 def record_ops() -> dict[str, object]:
-    return kernels("saf_bank_record")
+    return mt.kernels("saf_bank_record")
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +146,7 @@ def check_epoch(epoch, fn: str) -> int:
 def _check_logits(logits, fn):
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{fn}: logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in FLOAT_DTYPES:
+    if logits.dtype not in mt.FLOAT_DTYPES:
         raise TypeError(f"{fn}: logits must be float32, float16, bfloat16 or float64, got {logits.dtype}")
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"{fn}: logits must be 2-D [batch, classes] with classes > 0, got shape "
@@ -166,23 +170,11 @@ def _resolve(backend: str, device: torch.device, values: torch.Tensor, fn: str) 
 # --------------------------------------------------------------------------------------------
 
 
-def trajectory_bank_step(
-    logits: torch.Tensor,
-    targets: torch.Tensor | None,
-    ids: torch.Tensor,
-    values: torch.Tensor,
-    epochs: torch.Tensor,
-    claims: torch.Tensor,
-    state: torch.Tensor,
-    epoch: int,
-    lam: float = 0.3,
-    temperature: float = 5.0,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    use_past: bool = True,
-    record: bool = True,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def trajectory_bank_step(logits: torch.Tensor, targets: torch.Tensor | None, ids: torch.Tensor, values: torch.Tensor,
+                         epochs: torch.Tensor, claims: torch.Tensor, state: torch.Tensor, epoch: int, lam: float = 0.3,
+                         temperature: float = 5.0, label_smoothing: float = 0.0, ignore_index: int = -100,
+                         use_past: bool = True, record: bool = True,
+                         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """One SAF step against a trajectory bank, fused: gather, loss and gradient, record.
 
     ``loss = CE_sum / n + lam * T^2 * KL_sum / m`` where n counts the rows whose label is not
@@ -246,16 +238,8 @@ def trajectory_bank_step(
 
 
 @torch.no_grad()
-def trajectory_bank_record(
-    rows: torch.Tensor,
-    ids: torch.Tensor,
-    values: torch.Tensor,
-    epochs: torch.Tensor,
-    claims: torch.Tensor,
-    state: torch.Tensor,
-    epoch: int,
-    backend: str = "auto",
-) -> None:
+def trajectory_bank_record(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, epochs: torch.Tensor,
+                           claims: torch.Tensor, state: torch.Tensor, epoch: int, backend: str = "auto") -> None:
     """Write ``rows`` (rounded to the bank dtype) into slot ``epoch % delay`` of their samples, tagged
     ``epoch``: how a distributed bank takes the rows other ranks recorded.
 
