@@ -163,18 +163,9 @@ class MRRLinear(MRRLayer):
     ``weight`` is given (see also :meth:`from_linear`).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        transfer: Lorentzian | None = None,
-        drift_per_kelvin: float = DRIFT_PER_KELVIN,
-        weight: torch.Tensor | None = None,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, transfer: Lorentzian | None = None,
+                 drift_per_kelvin: float = DRIFT_PER_KELVIN, weight: torch.Tensor | None = None, device=None,
+                 dtype=None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self._init_layer((self.out_features, self.in_features), self.in_features, bias, weight, transfer,
@@ -202,23 +193,10 @@ class MRRConv2d(MRRLayer):
     """``conv2d(x, L(control + offset + k dT), bias)``: a convolution whose kernel weights are
     rings of an MRR bank (zero padding; stride, padding, dilation, groups as ``nn.Conv2d``)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        *,
-        transfer: Lorentzian | None = None,
-        drift_per_kelvin: float = DRIFT_PER_KELVIN,
-        weight: torch.Tensor | None = None,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, *, transfer: Lorentzian | None = None,
+                 drift_per_kelvin: float = DRIFT_PER_KELVIN, weight: torch.Tensor | None = None, device=None,
+                 dtype=None):
         super().__init__()
         self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
