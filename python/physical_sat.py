@@ -213,6 +213,11 @@ def key(v: float) -> str:
     return f"{v:g}"
 
 
+def paper_key(v: float) -> str:
+    """Sweep values as the keys of the paper's numbers: "2", "1.5", "0.02"."""
+    return str(float(v)) if v != int(v) else str(int(v))
+
+
 def eval_mrr(net, test, args, hessian_data):
     t0 = time.perf_counter()
     fab = {key(s): r for s, r in P.fabrication_sweep(net, test, SIGMAS, devices=args.devices, layers=DRIFTED).items()}
@@ -303,11 +308,10 @@ def report(details, log):
              *(paper["mrr_clean"][m] for m in both)]]
     for d in DRIFTS:
         k = key(d)
-        pk = str(float(d)) if d != int(d) else str(int(d))
         rows.append([f"drift {k} K", *(fmt(mrr[m]["drift"][k], ms[m]["drift"][k]) for m in both),
                      *(fmt(ex[m]["drift_batch_stats"][k]) for m in both),
                      *(fmt(ex[m]["drift_all"][k]) for m in both),
-                     *(paper["mrr_sim_drift"][m].get(pk, "-") for m in both)])
+                     *(paper["mrr_sim_drift"][m].get(paper_key(d), "-") for m in both)])
     for sg in SIGMAS:
         k = key(sg)
         rows.append([f"fabrication sigma {k}", *(fmt(mrr[m]["fab"][k], ms[m]["fab"][k]) for m in both), "", "",
@@ -327,14 +331,11 @@ def report(details, log):
     rows = [["clean", *(fmt(fs[m]["clean"], fss[m]["clean"]) for m in pair), "-", "-"]]
     for v in SHIFTS:
         k = key(v)
-        pk = str(float(v)) if v != int(v) else str(int(v))
         rows.append([f"y-shift {k} px", *(fmt(fs[m]["shift"][k], fss[m]["shift"][k]) for m in pair),
-                     *(paper["fs_hw_shift"][m].get(pk, "-") for m in both)])
+                     *(paper["fs_hw_shift"][m].get(paper_key(v), "-") for m in both)])
     for v in ROTATIONS:
-        k = key(v)
-        pk = str(float(v)) if v != int(v) else str(int(v))
-        rows.append([f"rotation {k} deg", *(fmt(fx[m]["rotation"][k]) for m in pair),
-                     *(paper["fs_hw_rotation"][m].get(pk, "-") for m in both)])
+        rows.append([f"rotation {key(v)} deg", *(fmt(fx[m]["rotation"][key(v)]) for m in pair),
+                     *(paper["fs_hw_rotation"][m].get(paper_key(v), "-") for m in both)])
     log(table(["", "BP", "SAT + finite-difference step", "paper BP (hardware)", "paper SAT (hardware)"], rows))
     if "mean_abs_g" in fx.get("sat_fd", {}):
         f = fx["sat_fd"]

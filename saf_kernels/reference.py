@@ -266,6 +266,18 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+
+def ascent_coef(sumsq, grad_scale, found_inf, eps, dev):
+    """From the float64 sum of squares of the (scaled) ascent direction: its norm unscaled by
+    ``grad_scale``, whether to perturb (a finite, non-zero norm and no ``found_inf``) and the
+    coefficient ``1 / scale / (norm + eps)`` (0 where not)."""
+    inv = torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None else 1.0 / grad_scale.double()
+    norm = sumsq.sqrt() * inv
+    ok = torch.isfinite(norm) & (norm > 0)  # a zero norm perturbs nothing, whatever eps
+    if found_inf is not None:
+        ok = ok & (found_inf <= 0)
+    return norm, ok, torch.where(ok, inv / (norm + eps), torch.zeros_like(norm))
+
 def sam_scaled_grads(params, grads, adaptive, eta):
     """``T * g`` per tensor in the accumulation dtype, ``T = |w| + eta`` where adaptive, else 1."""
     out = []
@@ -295,13 +307,7 @@ def sam_perturb_(
     acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     dev = params[0].device
     scaled = sam_scaled_grads(params, grads, adaptive, eta)
-    sumsq = sum((x.double() ** 2).sum() for x in scaled)
-    inv = torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None else 1.0 / grad_scale.double()
-    norm = sumsq.sqrt() * inv
-    ok = torch.isfinite(norm) & (norm > 0)  # a zero norm perturbs nothing, whatever eps
-    if found_inf is not None:
-        ok = ok & (found_inf <= 0)
-    coef = torch.where(ok, inv / (norm + eps), torch.zeros_like(norm))
+    norm, ok, coef = ascent_coef(sum((x.double() ** 2).sum() for x in scaled), grad_scale, found_inf, eps, dev)
     for p, g, s, r, a, et in zip(params, grads, stash, rho, adaptive, eta):
         dt = _acc(p)
         w = p.to(dt)
@@ -515,12 +521,7 @@ def esam_perturb_(params, grads, stash, rho, adaptive, eta, beta, seed, offset=0
     scaled = sam_scaled_grads(params, grads, adaptive, eta)
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     sumsq = sum(torch.where(m, flat_memory(x).double() ** 2, zero).sum() for m, x in zip(masks, scaled))
-    inv = torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None else 1.0 / grad_scale.double()
-    norm = sumsq.sqrt() * inv
-    ok = torch.isfinite(norm) & (norm > 0)  # a zero norm perturbs nothing, whatever eps
-    if found_inf is not None:
-        ok = ok & (found_inf <= 0)
-    coef = torch.where(ok, inv / (norm + eps), torch.zeros_like(norm))
+    norm, ok, coef = ascent_coef(sumsq, grad_scale, found_inf, eps, dev)
     for p, g, s, r, a, et, b, m in zip(params, grads, stash, rho, adaptive, eta, beta, masks):
         dt = _acc(p)
         w = flat_memory(p).to(dt)

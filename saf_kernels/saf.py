@@ -122,18 +122,9 @@ class TrajectoryBank:
         backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``.
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        num_classes: int,
-        delay: int = 3,
-        dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str | None = None,
-        pin_memory: bool = False,
-        process_group="auto",
-        check_every_step: bool = False,
-        backend: str = "auto",
-    ):
+    def __init__(self, num_samples: int, num_classes: int, delay: int = 3, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None, pin_memory: bool = False, process_group="auto",
+                 check_every_step: bool = False, backend: str = "auto"):
         fn = "saf_kernels.TrajectoryBank"
         self.num_samples = _check_int("num_samples", num_samples, 1, fn)
         self.num_classes = _check_int("num_classes", num_classes, 1, fn)
@@ -252,18 +243,9 @@ class TrajectoryBank:
             return dist.group.WORLD
         return self.process_group if dist.get_world_size(self.process_group) > 1 else None
 
-    def step(
-        self,
-        logits: torch.Tensor,
-        targets: torch.Tensor | None,
-        sample_ids: torch.Tensor,
-        epoch: int,
-        lam: float = 0.3,
-        temperature: float = 5.0,
-        label_smoothing: float = 0.0,
-        ignore_index: int = -100,
-        use_past: bool = True,
-    ) -> torch.Tensor:
+    def step(self, logits: torch.Tensor, targets: torch.Tensor | None, sample_ids: torch.Tensor, epoch: int,
+             lam: float = 0.3, temperature: float = 5.0, label_smoothing: float = 0.0, ignore_index: int = -100,
+             use_past: bool = True) -> torch.Tensor:
         """The fused step: ``CE + lam * T^2 * KL(past || logits)`` and its gradient, then record.
 
         ``targets``: class indices ``[B]``, probability targets ``[B, C]`` (mixup / cutmix, label
@@ -423,23 +405,10 @@ class SAF:
         label_smoothing, ignore_index: for the cross-entropy term only (as the official code).
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        num_classes: int,
-        lam: float = 0.3,
-        temperature: float = 5.0,
-        delay: int = 3,
-        start_epoch: int = 5,
-        label_smoothing: float = 0.0,
-        ignore_index: int = -100,
-        dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str | None = None,
-        pin_memory: bool = False,
-        process_group="auto",
-        check_every_step: bool = False,
-        backend: str = "auto",
-    ):
+    def __init__(self, num_samples: int, num_classes: int, lam: float = 0.3, temperature: float = 5.0, delay: int = 3,
+                 start_epoch: int = 5, label_smoothing: float = 0.0, ignore_index: int = -100,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
+                 pin_memory: bool = False, process_group="auto", check_every_step: bool = False, backend: str = "auto"):
         fn = "saf_kernels.SAF"
         self.lam = _tb._check_real("lam", lam, fn)
         self.temperature = _tb._check_real("temperature", temperature, fn, positive=True)
@@ -515,18 +484,9 @@ class MESA:
     softened by ``T``. The teacher's weights stay in the model's dtype.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        lam: float = 0.8,
-        temperature: float = 5.0,
-        decay: float = 0.9998,
-        start_epoch: int = 5,
-        label_smoothing: float = 0.0,
-        ignore_index: int = -100,
-        backend: str = "auto",
-        teacher_autocast: torch.dtype | None = None,
-    ):
+    def __init__(self, model: torch.nn.Module, lam: float = 0.8, temperature: float = 5.0, decay: float = 0.9998,
+                 start_epoch: int = 5, label_smoothing: float = 0.0, ignore_index: int = -100, backend: str = "auto",
+                 teacher_autocast: torch.dtype | None = None):
         fn = "saf_kernels.MESA"
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")

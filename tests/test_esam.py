@@ -12,7 +12,7 @@ import torch
 from saf_kernels import ops as O
 from saf_kernels import reference
 
-from .helpers import FULL, KERNEL_PAIRS, skip_unless_available
+from .helpers import FULL, KERNEL_PAIRS, bits, skip_unless_available
 
 PAIRS = KERNEL_PAIRS + [pytest.param("torch", "cpu", id="torch-cpu")]
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float64: 2.0**-52}
@@ -63,12 +63,6 @@ def _check_perturbed(params, w64, es, what):
                               f"{(got - want).abs().max().item():.3g}"
 
 
-def _bits(t):
-    v = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
-         torch.float16: torch.int16}[t.dtype]
-    return t.detach().cpu().view(v)
-
-
 # ---------------------------------------------------------------------------------------------
 # esam_perturb_ / esam_restore_
 # ---------------------------------------------------------------------------------------------
@@ -95,12 +89,12 @@ def test_perturb_matches_rule_and_restores_exactly(backend, device, mixed, adapt
     assert norm.item() == pytest.approx(norm_ref, rel=1e-5)
     _check_perturbed(params, w64, es, f"{backend} mixed={mixed} adaptive={adaptive}")
     for p, o, m in zip(params, orig, masks):  # dropped elements keep their bits
-        assert torch.equal(_bits(p).reshape(-1)[~m], _bits(o).reshape(-1)[~m])
+        assert torch.equal(bits(p).reshape(-1)[~m], bits(o).reshape(-1)[~m])
     kept = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
     assert 0.4 < kept < 0.55
     O.esam_restore_(params, stash, beta, 1234, 5, backend=backend)
     for p, o in zip(params, orig):
-        assert torch.equal(_bits(p), _bits(o)), "copy-mode restore must be bit exact"
+        assert torch.equal(bits(p), bits(o)), "copy-mode restore must be bit exact"
 
 
 @pytest.mark.parametrize(("backend", "device"), PAIRS)
@@ -142,7 +136,7 @@ def test_delta_stash_regenerates_the_mask(backend, device, stash_dtype):
     O.esam_restore_(params, stash, beta, 9, stash_mode="delta", backend=backend)
     for p, o, m in zip(params, orig, masks):
         # Dropped elements are bit exact (the restore never touches them); kept ones lossy.
-        assert torch.equal(_bits(p).reshape(-1)[~m], _bits(o).reshape(-1)[~m])
+        assert torch.equal(bits(p).reshape(-1)[~m], bits(o).reshape(-1)[~m])
         torch.testing.assert_close(p.double(), o.double(), rtol=4 * ULP[p.dtype], atol=4 * ULP[p.dtype])
     # A restore with another seed regenerates another mask: detectably wrong.
     O.esam_perturb_(params, grads, stash, 0.5, beta, 9, stash_mode="delta", backend=backend)

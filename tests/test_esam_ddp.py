@@ -12,7 +12,6 @@ import datetime
 import functools
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from saf_kernels.ops import sds_count
 from saf_kernels.optim import ESAM, GSAM, RSAM, per_sample_closure
 from saf_kernels.optim._rng import step_key
 
+from .helpers import free_port
 from .optim_models import batches, make_model, per_sample
 
 WORLD, STEPS, SEED = 2, 2, 5
@@ -68,16 +68,10 @@ def _worker(rank, world, port, out_dir, kind):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path, kind):
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path), kind), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), str(tmp_path), kind), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -10,7 +10,7 @@ import torch
 
 from saf_kernels import ops as O
 
-from .helpers import KERNEL_PAIRS, skip_unless_available
+from .helpers import KERNEL_PAIRS, ce_closure, skip_unless_available
 
 PAIRS = KERNEL_PAIRS + [pytest.param("torch", "cpu", id="torch-cpu")]
 SHAPES = [(3, 5), (1,), (64,), (7, 7, 3), (0,), (129,), (20001,), (1000, 3)]
@@ -188,16 +188,6 @@ def gsam_reference_step(model, base, x, y, rho, alpha, adaptive=False, eps=1e-12
     base.step()
 
 
-def _closure(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
-
-
 @pytest.mark.parametrize("backend", OPT_PAIRS)
 @pytest.mark.parametrize("base_cfg", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
                                       (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.05))], ids=["sgd", "adamw"])
@@ -214,7 +204,7 @@ def test_gsam_matches_reference(backend, base_cfg, fused):
         lr = kw["lr"] * (1 - 0.3 * i)
         for g in opt.param_groups + base.param_groups:
             g["lr"] = lr
-        opt.step(_closure(opt, model, x, y))
+        opt.step(ce_closure(opt, model, x, y))
         gsam_reference_step(ref, base, x, y, sched(lr, i), 0.3, adaptive=fused)
         tol = dict(rtol=1e-10, atol=1e-12) if not fused else dict(rtol=1e-9, atol=1e-11)
         assert_same_params(model, ref, what=f"{backend} step {i}", **tol)
@@ -236,7 +226,7 @@ def test_gsam_alpha_zero_is_sam_and_first_grads_are_not_copied():
         assert all(opt._old_g[p] is g for p, g in grads.items())  # ... and kept as they are
         F.cross_entropy(model(x), y).backward()
         opt.second_step(zero_grad=True)
-        sam.step(_closure(sam, twin, x, y))
+        sam.step(ce_closure(sam, twin, x, y))
     assert_same_params(model, twin, rtol=1e-12, atol=1e-14, what="alpha=0")
 
 
@@ -248,7 +238,7 @@ def test_gsam_amp_and_resume():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     for x, y in data[:2]:
         x = x.float()
-        o1.step(_closure(o1, m1, x, y))
+        o1.step(ce_closure(o1, m1, x, y))
         o2.zero_grad()
         scaler.scale(F.cross_entropy(m2(x), y)).backward()
         o2.first_step(zero_grad=True, grad_scaler=scaler)
@@ -258,13 +248,13 @@ def test_gsam_amp_and_resume():
     assert_same_params(m1, m2, rtol=1e-5, atol=1e-6, what="amp")
     ckpt = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict()})
     for x, y in data[2:]:
-        o1.step(_closure(o1, m1, x.float(), y))
+        o1.step(ce_closure(o1, m1, x.float(), y))
     m3 = make_model(dtype=torch.float32, seed=3)
     o3 = GSAM(m3.parameters(), torch.optim.SGD, alpha=0.2, lr=0.05, momentum=0.9)
     m3.load_state_dict(ckpt["model"])
     o3.load_state_dict(ckpt["opt"])
     for x, y in data[2:]:
-        o3.step(_closure(o3, m3, x.float(), y))
+        o3.step(ce_closure(o3, m3, x.float(), y))
     for p, q in zip(m1.parameters(), m3.parameters()):
         assert torch.equal(p, q)
 

@@ -66,6 +66,16 @@ def _examples(backend):
     return CPU_EXAMPLES if backend == "cpu" else TRITON_EXAMPLES
 
 
+def _check_property(problems, check, backend):
+    """``check(p, backend)`` on the problems Hypothesis draws from ``problems`` (settings above)."""
+    @_settings(_examples(backend))
+    @given(problems)
+    def run(p):
+        check(p, backend)
+
+    run()
+
+
 # ---------------------------------------------------------------------------------------------
 # Drawing problems
 # ---------------------------------------------------------------------------------------------
@@ -329,12 +339,7 @@ def _sam_property(p, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sam_perturb_restore_property(backend):
-    @_settings(_examples(backend))
-    @given(sam_problems())
-    def run(p):
-        _sam_property(p, backend)
-
-    run()
+    _check_property(sam_problems(), _sam_property, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,12 +394,7 @@ def _sgd_property(p, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sam_restore_sgd_property(backend):
-    @_settings(_examples(backend))
-    @given(sgd_problems())
-    def run(p):
-        _sgd_property(p, backend)
-
-    run()
+    _check_property(sgd_problems(), _sgd_property, backend)
 
 
 @st.composite
@@ -443,12 +443,7 @@ def _adamw_property(p, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sam_restore_adamw_property(backend):
-    @_settings(_examples(backend))
-    @given(adamw_problems())
-    def run(p):
-        _adamw_property(p, backend)
-
-    run()
+    _check_property(adamw_problems(), _adamw_property, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,12 +493,7 @@ def _ema_property(p, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ema_update_property(backend):
-    @_settings(_examples(backend))
-    @given(ema_problems())
-    def run(p):
-        _ema_property(p, backend)
-
-    run()
+    _check_property(ema_problems(), _ema_property, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,12 +556,7 @@ def _esam_property(p, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_esam_perturb_restore_property(backend):
-    @_settings(_examples(backend))
-    @given(esam_problems())
-    def run(p):
-        _esam_property(p, backend)
-
-    run()
+    _check_property(esam_problems(), _esam_property, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,22 +624,12 @@ def _rsam_perturb_property(p, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rsam_noise_property(backend):
-    @_settings(_examples(backend))
-    @given(rsam_problems())
-    def run(p):
-        _rsam_noise_property(p, backend)
-
-    run()
+    _check_property(rsam_problems(), _rsam_noise_property, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rsam_perturb_property(backend):
-    @_settings(_examples(backend))
-    @given(rsam_problems())
-    def run(p):
-        _rsam_perturb_property(p, backend)
-
-    run()
+    _check_property(rsam_problems(), _rsam_perturb_property, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -727,22 +702,12 @@ def _gsam_sgd_property(p, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gsam_combine_property(backend):
-    @_settings(_examples(backend))
-    @given(gsam_problems())
-    def run(p):
-        _gsam_combine_property(p, backend)
-
-    run()
+    _check_property(gsam_problems(), _gsam_combine_property, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gsam_restore_sgd_property(backend):
-    @_settings(_examples(backend))
-    @given(gsam_problems())
-    def run(p):
-        _gsam_sgd_property(p, backend)
-
-    run()
+    _check_property(gsam_problems(), _gsam_sgd_property, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -848,22 +813,12 @@ def _record_property(p, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bank_step_property(backend):
-    @_settings(_examples(backend))
-    @given(bank_problems())
-    def run(p):
-        _bank_property(p, backend)
-
-    run()
+    _check_property(bank_problems(), _bank_property, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bank_record_property(backend):
-    @_settings(_examples(backend))
-    @given(bank_problems())
-    def run(p):
-        _record_property(p, backend)
-
-    run()
+    _check_property(bank_problems(), _record_property, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,7 +11,7 @@ import torch
 from saf_kernels import ops as O
 from saf_kernels import reference
 
-from .helpers import KERNEL_PAIRS, skip_unless_available
+from .helpers import KERNEL_PAIRS, ce_closure, skip_unless_available
 
 PAIRS = KERNEL_PAIRS + [pytest.param("torch", "cpu", id="torch-cpu")]
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float64: 2.0**-52}
@@ -222,16 +222,6 @@ def rsam_reference_step(model, base, x, y, rho, std, lam, key, eps=1e-12):
     base.step()
 
 
-def _closure(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
-
-
 @pytest.mark.parametrize("backend", OPT_PAIRS)
 def test_rsam_matches_reference(backend):
     _skip(backend, "cpu")
@@ -244,7 +234,7 @@ def test_rsam_matches_reference(backend):
     std_sched = CosineIncrease(5e-4, 2.5e-3, 4)
     for i, (x, y) in enumerate(batches(4)):
         lr = base.param_groups[0]["lr"]
-        opt.step(_closure(opt, model, x, y))
+        opt.step(ce_closure(opt, model, x, y))
         assert opt.last_rho[0] == pytest.approx(sched(lr, i)) and opt.last_std == pytest.approx(std_sched(i))
         rsam_reference_step(ref, base, x, y, sched(lr, i), std_sched(i), 2.0, step_key(11, i))
         lr_sched.step()
@@ -274,7 +264,7 @@ def test_rsam_manual_api_amp_and_errors():
     scaler.scale(F.cross_entropy(model(x), y)).backward()
     scaler.step(opt)
     scaler.update()
-    o2.step(_closure(o2, twin, x, y))
+    o2.step(ce_closure(o2, twin, x, y))
     assert_same_params(model, twin, rtol=1e-5, atol=1e-7, what="amp")
     for kw, msg in ((dict(rho=-1.0), "rho must be a finite number >= 0, got -1.0"),
                     (dict(noise_std=(1e-3, 2e-3)), "needs total_steps"), (dict(noise_std=-1.0), "got -1.0"),
@@ -288,17 +278,17 @@ def test_rsam_resume_is_exact():
     m1 = make_model()
     o1 = RSAM(m1.parameters(), torch.optim.SGD, seed=4, noise_std=(1e-3, 2e-3), total_steps=4, lr=0.05, momentum=0.9)
     for x, y in data[:2]:
-        o1.step(_closure(o1, m1, x, y))
+        o1.step(ce_closure(o1, m1, x, y))
     ckpt = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict()})
     for x, y in data[2:]:
-        o1.step(_closure(o1, m1, x, y))
+        o1.step(ce_closure(o1, m1, x, y))
     m2 = make_model(seed=5)
     o2 = RSAM(m2.parameters(), torch.optim.SGD, seed=123, noise_std=(1e-3, 2e-3), total_steps=4, lr=0.05,
               momentum=0.9)
     m2.load_state_dict(ckpt["model"])
     o2.load_state_dict(ckpt["opt"])
     for x, y in data[2:]:
-        o2.step(_closure(o2, m2, x, y))
+        o2.step(ce_closure(o2, m2, x, y))
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p, q)
 

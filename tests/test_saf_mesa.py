@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import io
 import os
-import socket
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 import saf_kernels as sk
 from saf_kernels import reference
 
-from .helpers import KERNEL_PAIRS, skip_unless_available
+from .helpers import KERNEL_PAIRS, free_port, skip_unless_available
 from .tolerances import assert_close
 
 ALL_PAIRS = KERNEL_PAIRS + [pytest.param("torch", "cpu", id="torch-cpu")]
@@ -321,12 +320,6 @@ def _ddp_worker(rank, world, port, out_dir, backend):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_ddp_bank_equals_single_process_bank(tmp_path, backend):
@@ -335,7 +328,7 @@ def test_ddp_bank_equals_single_process_bank(tmp_path, backend):
     import torch.multiprocessing as mp
 
     world = 2
-    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path), backend), nprocs=world, join=True)
+    mp.spawn(_ddp_worker, args=(world, free_port(), str(tmp_path), backend), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
     # The single-process run over the same epochs (order is irrelevant: the logits depend only on

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import gc
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -18,6 +17,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from saf_kernels.optim import SAM
+
+from .helpers import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -102,17 +103,11 @@ def _simulate(sync):
     return [p.detach() for p in params]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("sync", [False, True], ids=["m-sharpness", "synced"])
 def test_ddp_two_gloo_processes(tmp_path, sync):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(tmp_path), sync), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_worker, args=(free_port(), str(tmp_path), sync), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=2):  # raises if a worker failed
         if time.monotonic() > deadline:

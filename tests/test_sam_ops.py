@@ -11,7 +11,7 @@ import torch
 from saf_kernels import _backend, reference
 from saf_kernels import ops as O
 
-from .helpers import FULL, KERNEL_PAIRS, skip_unless_available
+from .helpers import FULL, KERNEL_PAIRS, bits, skip_unless_available
 
 # Every kernel backend, plus the plain-PyTorch path (the fallback users get without kernels).
 PAIRS = KERNEL_PAIRS + [pytest.param("torch", "cpu", id="torch-cpu")]
@@ -83,16 +83,6 @@ def _check_perturbed(params, w64, es, what):
         )
 
 
-def _bits(t):
-    v = {
-        torch.float32: torch.int32,
-        torch.float64: torch.int64,
-        torch.bfloat16: torch.int16,
-        torch.float16: torch.int16,
-    }[t.dtype]
-    return t.detach().cpu().view(v)
-
-
 # ---------------------------------------------------------------------------------------------
 # sam_perturb_ / sam_restore_
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +109,7 @@ def test_perturb_matches_reference_and_restores_exactly(backend, device, mixed, 
     assert any(not torch.equal(p, o) for p, o in zip(params, orig)), "nothing was perturbed"
     O.sam_restore_(params, stash, backend=backend)
     for p, o in zip(params, orig):
-        assert torch.equal(_bits(p), _bits(o)), "copy-mode restore must be bit exact"
+        assert torch.equal(bits(p), bits(o)), "copy-mode restore must be bit exact"
 
 
 @pytest.mark.parametrize(("backend", "device"), PAIRS)
@@ -354,34 +344,16 @@ def test_fused_restore_sgd_amp(backend, device):
     bufs0 = [b.clone() for b in bufs]
     scale = torch.tensor(256.0, device=device)
     # found_inf: the weights are restored, the buffers untouched.
-    O.sam_restore_sgd_(
-        params,
-        [g * 256 for g in g2],
-        stash,
-        bufs,
-        lr=0.1,
-        momentum=0.9,
-        grad_scale=scale,
-        found_inf=torch.ones((), device=device),
-        backend=backend,
-    )
+    O.sam_restore_sgd_(params, [g * 256 for g in g2], stash, bufs, lr=0.1, momentum=0.9, grad_scale=scale,
+                       found_inf=torch.ones((), device=device), backend=backend)
     assert all(torch.equal(p, o) for p, o in zip(params, orig))
     assert all(torch.equal(b, c) for b, c in zip(bufs, bufs0))
     # Scaled gradients give the unscaled result.
     p2 = [p.clone() for p in params]
     b2 = [b.clone() for b in bufs]
     s2 = [p.clone() for p in params]
-    O.sam_restore_sgd_(
-        params,
-        [g * 256 for g in g2],
-        [p.clone() for p in params],
-        bufs,
-        lr=0.1,
-        momentum=0.9,
-        grad_scale=scale,
-        found_inf=torch.zeros((), device=device),
-        backend=backend,
-    )
+    O.sam_restore_sgd_(params, [g * 256 for g in g2], [p.clone() for p in params], bufs, lr=0.1, momentum=0.9,
+                       grad_scale=scale, found_inf=torch.zeros((), device=device), backend=backend)
     O.sam_restore_sgd_(p2, g2, s2, b2, lr=0.1, momentum=0.9, backend=backend)
     for a, b in zip(params + bufs, p2 + b2):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -14,7 +14,6 @@ Each method's step comes from a builder ``build(ctx) -> step(i)`` registered in 
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import SmallCNN, resnet18
-from .timing import synchronize
+from .timing import interleaved, synchronize
 
 METHODS = ("sgd", "sam", "asam", "esam", "rsam", "gsam", "saf", "mesa")
 TITLE = "Training step vs plain SGD ({model}, batch {batch}, {device}; ratio = median step / SGD median step, one run)"
@@ -147,17 +146,7 @@ def run_method_benchmarks(device: torch.device, quick: bool, methods: list[str] 
             continue
         row["peak_mem_bytes"] = mem
         steps[m] = step
-    samples: dict[str, list[float]] = {m: [] for m in steps}
-    counter = {m: 100 for m in steps}
-    for _ in range(rounds):
-        for m, step in steps.items():
-            synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                step(counter[m])
-                counter[m] += 1
-            synchronize(device)
-            samples[m].append((time.perf_counter() - t0) / inner)
+    samples = interleaved(steps, device, rounds, inner, 100)
     progress("timing")
     base = statistics.median(samples["sgd"]) if "sgd" in samples else None
     for m, s in samples.items():

@@ -39,10 +39,9 @@ from typing import Callable
 
 import torch
 
-from .. import _backend
 from ..optim import SAM
 from .param_shapes import MODELS
-from .timing import Timing, peak_bandwidth, synchronize
+from .timing import Timing, kernel_backends, peak_bandwidth, synchronize
 
 SGD_KW = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 RHO = 0.05
@@ -119,12 +118,7 @@ def providers(device: torch.device) -> dict[str, Callable | str]:
         "per-tensor loop": lambda ps: LoopSAM(ps, RHO).step,
         "foreach": lambda ps: ForeachSAM(ps, RHO).step,
     }
-    for b in ("cuda", "triton", "cpu"):
-        if b in ("cuda", "cpu") and device.type != b:
-            continue
-        why = _backend.missing(b, device, "sam_perturb_")
-        if b == "triton" and why is None and device.type == "cpu":
-            why = "Triton runs only interpreted on CPU (not timed)"
+    for b, why in kernel_backends(device, "sam_perturb_"):
         for fused in (None, False):  # the default (fused where supported: here), the exact opt-in
             name = f"saf_kernels[{b}]" + ("+exact" if fused is False else "")
             out[name] = why if why else (lambda ps, b=b, fused=fused: OursSAM(ps, RHO, b, fused).step)

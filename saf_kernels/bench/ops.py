@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from .. import _backend, reference
+from .. import reference
 from ..ops import trajectory_loss as tl_ops
-from .timing import peak_bandwidth, time_fn
+from .timing import kernel_backends, peak_bandwidth, time_fn
 
 _DT_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
@@ -119,12 +119,7 @@ def trajectory_providers(
 ) -> dict[str, Callable | str]:
     """Provider name -> ``call(z, y, t) -> loss``, or a string saying why it is unavailable."""
     providers: dict[str, Callable | str] = {}
-    for b in ("cuda", "triton", "cpu"):
-        why = _backend.missing(b, device, "trajectory_loss")
-        if b == "triton" and why is None and device.type == "cpu":
-            why = "Triton runs only interpreted on CPU (not timed)"
-        if b in ("cuda", "cpu") and device.type != b:
-            continue
+    for b, why in kernel_backends(device, "trajectory_loss"):
         providers[f"saf_kernels[{b}]"] = why if why else _trajectory_call(case.op, b)
         if case.op == "saf_loss_soft":
             providers[f"ce+kl[{b}]"] = why if why else _split_soft_call(b)
@@ -307,12 +302,7 @@ def bank_providers(case: OpCase, device: torch.device, compile_baseline: bool = 
 
     B, C, N = case.shape
     providers: dict[str, Callable | str] = {}
-    for b in ("cuda", "triton", "cpu"):
-        if b in ("cuda", "cpu") and device.type != b:
-            continue
-        why = _backend.missing(b, device, "saf_bank_step")
-        if b == "triton" and why is None and device.type == "cpu":
-            why = "Triton runs only interpreted on CPU (not timed)"
+    for b, why in kernel_backends(device, "saf_bank_step"):
         if why:
             providers[f"saf_kernels[{b}]"] = why
             continue

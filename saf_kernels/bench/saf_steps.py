@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..saf import MESA, SAF
-from .timing import synchronize
+from .timing import interleaved, synchronize
 
 # A notional epoch: CIFAR's 50,000 samples in batches of 128. Timing stays inside one epoch, as
 # almost every step of a real run does (the bank's error check runs at an epoch's first step).
@@ -157,17 +156,7 @@ def compare(steps: dict[str, Callable[[int], None]], device, rounds: int = 15, i
         for i in range(warmup):
             step(i)
     synchronize(device)
-    samples: dict[str, list[float]] = {m: [] for m in steps}
-    counter = dict.fromkeys(steps, warmup)
-    for _ in range(rounds):
-        for m, step in steps.items():
-            synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                step(counter[m])
-                counter[m] += 1
-            synchronize(device)
-            samples[m].append((time.perf_counter() - t0) / inner)
+    samples = interleaved(steps, device, rounds, inner, warmup)
     return {m: statistics.median(s) for m, s in samples.items()}
 
 

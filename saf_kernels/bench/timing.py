@@ -22,6 +22,42 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def kernel_backends(device: torch.device, op: str) -> list[tuple[str, str | None]]:
+    """``(backend, why not)`` for each kernel backend a benchmark of ``op`` on ``device`` lists:
+    ``cuda`` and ``cpu`` for their own tensors only, ``triton`` always; ``why not`` is None when it
+    is timed (Triton on CPU runs interpreted only: listed, not timed)."""
+    from .. import _backend
+
+    out = []
+    for b in ("cuda", "triton", "cpu"):
+        if b in ("cuda", "cpu") and device.type != b:
+            continue
+        why = _backend.missing(b, device, op)
+        if b == "triton" and why is None and device.type == "cpu":
+            why = "Triton runs only interpreted on CPU (not timed)"
+        out.append((b, why))
+    return out
+
+
+def interleaved(steps: dict[str, Callable[[int], object]], device: torch.device | str, rounds: int, inner: int,
+                start: int) -> dict[str, list[float]]:
+    """Seconds per call of each ``step(i)`` (``i`` counts from ``start``), ``rounds`` times:
+    each round times ``inner`` calls of every step in turn, so that drift of the machine falls on
+    all of them alike."""
+    samples: dict[str, list[float]] = {m: [] for m in steps}
+    counter = dict.fromkeys(steps, start)
+    for _ in range(rounds):
+        for m, step in steps.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                step(counter[m])
+                counter[m] += 1
+            synchronize(device)
+            samples[m].append((time.perf_counter() - t0) / inner)
+    return samples
+
+
 @dataclass
 class Timing:
     median_s: float

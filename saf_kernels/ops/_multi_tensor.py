@@ -1,4 +1,17 @@
-"""Argument handling shared by the multi-tensor ops (sam.py, ema.py).
+"""The one wrapper path of the fused ops (``sam.py``, ``esam.py``, ``rsam.py``, ``gsam.py``,
+``ema.py``, ``philox.py``, ``trajectory_loss.py``, ``trajectory_bank.py``).
+
+An op module states three things and calls this module for the rest:
+
+1. its **schema**: :func:`register` takes the Triton op's schema string and the fake (meta)
+   kernel, defines ``saf_kernels::<op>_triton`` (its body imports ``saf_kernels.triton.<module>``
+   at the first call), registers the fake for the C++ op ``saf_kernels::<op>`` when the
+   extension is built, and files the op of each backend for :func:`kernels`;
+2. its **checks** of the arguments, built from the helpers here (:func:`tensor_lists`,
+   :func:`per_tensor`, :func:`amp_scalars`, ...) and :mod:`saf_kernels._checks`;
+3. the **call**: :func:`run` resolves the backend, makes the per-tensor checks
+   (:func:`check_streams`) on the Triton and reference paths only, and calls the reference or the
+   fused op.
 
 The C++ ops check every tensor themselves (csrc/mt_plan.h), so the CPU and CUDA paths pay no
 per-tensor Python cost; the Triton and reference paths run :func:`check_streams`, which raises
@@ -7,14 +20,108 @@ the same errors.
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Union
 
 import torch
 
+from .. import _backend, _checks
+
+Floats = Union[float, Sequence[float]]  # a number, or one per tensor
+Bools = Union[bool, Sequence[bool]]
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 STASH_MODES = {"copy": 0, "delta": 1}
+SGD_NESTEROV, SGD_MAXIMIZE, SGD_FIRST_RUN = 2, 4, 8  # flags bits of the fused SGD steps (multi_tensor.h)
+
+
+# --------------------------------------------------------------------------------------------
+# Registration: the fake kernels and the Triton custom ops, and the op of each backend.
+# --------------------------------------------------------------------------------------------
+
+_KERNELS: dict[str, dict[str, object]] = {}
+
+
+def norm_fake(params, *args):
+    """Fake kernel of the ops that return a global norm: a 0-dim float32 (float64) tensor."""
+    dt = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return torch.empty((), dtype=dt, device=params[0].device)
+
+
+def stats_fake(params, *args):
+    """Fake kernel of GSAM's ops: ``[cos, ||g||, ||g_p||]``."""
+    dt = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return torch.empty(3, dtype=dt, device=params[0].device)
+
+
+def void_fake(*args):
+    return None
+
+
+def _triton_body(path: str) -> Callable:
+    """Calls ``saf_kernels.triton.<path>`` ("module.function"), imported at the first call (the
+    Triton modules import triton; importing saf_kernels must not)."""
+    module, name = path.rsplit(".", 1)
+    found: list[Callable] = []
+
+    def body(*args):
+        if not found:
+            found.append(getattr(importlib.import_module(f"saf_kernels.triton.{module}"), name))
+        return found[0](*args)
+
+    return body
+
+
+def register(op: str, triton_schema: str, fake: Callable, triton: str):
+    """Registers the op ``saf_kernels::<op>`` of every backend and returns the Triton one.
+
+    ``saf_kernels::<op stem>_triton`` is defined with ``triton_schema`` (its arguments and alias
+    annotations; the mutated arguments are read from it) and runs ``saf_kernels.triton.<triton>``;
+    ``fake`` is its fake kernel and, when the extension is built, that of the C++ op
+    ``saf_kernels::<op>`` (its schema is in ``csrc/ops.cpp``). :func:`kernels` gives both.
+    """
+    qualname = f"saf_kernels::{op.rstrip('_')}_triton"
+    schema = torch._C.parse_schema(qualname + triton_schema)
+    mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    triton_op = torch.library.custom_op(qualname, _triton_body(triton), mutates_args=mutated, schema=triton_schema)
+    triton_op.register_fake(fake)
+    ops = _KERNELS[op] = {"triton": getattr(torch.ops.saf_kernels, qualname.split("::")[1])}
+    if _backend.HAS_EXT:
+        torch.library.register_fake(f"saf_kernels::{op}")(fake)
+        ops["cpu"] = ops["cuda"] = getattr(torch.ops.saf_kernels, op)
+    return triton_op
+
+
+def kernels(op: str) -> dict[str, object]:
+    """The fused op of each kernel backend available here for ``op`` (``cpu``/``cuda`` share the
+    C++ op): ``{"triton": ..., "cpu": ..., "cuda": ...}``."""
+    return _KERNELS[op]
+
+
+def run(op: str, fn: str, backend: str, device: torch.device, streams, reference_call: Callable, *args,
+        same_dtype: Sequence[str] = (), scalar: Sequence[str] = (), more_checks: Callable | None = None):
+    """The call of a multi-tensor op, once its arguments are checked: resolves ``backend`` for
+    ``device``; the C++ op (which checks every tensor itself) gets ``args``; the Triton op and the
+    reference run :func:`check_streams` on ``streams`` (unless None) and then ``more_checks()`` first, then the
+    Triton op gets ``args`` and the reference runs ``reference_call()``."""
+    impl = _backend.resolve(backend, device, op)
+    if impl == "cpu" or impl == "cuda":
+        return _KERNELS[op][impl](*args)
+    if streams is not None:
+        check_streams(fn, streams, scalar, same_dtype)
+    if more_checks is not None:
+        more_checks()
+    if impl == "torch":
+        return reference_call()
+    return _KERNELS[op]["triton"](*args)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------
 
 
 def as_list(x, name: str, fn: str) -> list[torch.Tensor]:
@@ -30,6 +137,32 @@ def check_lengths(fn: str, **lists) -> int:
         if len(lists[k]) != n:
             raise ValueError(f"{fn}: {k} has {len(lists[k])} tensors but {names[0]} has {n}")
     return n
+
+
+def tensor_lists(fn: str, **named) -> tuple:
+    """Each argument as a list of tensors (:func:`as_list`, in order), then their lengths checked
+    equal (:func:`check_lengths`): returns the lists and their common length ``n``."""
+    lists = [as_list(v, k, fn) for k, v in named.items()]
+    return (*lists, check_lengths(fn, **dict(zip(named, lists))))
+
+
+def device_of(lst, *scalars) -> torch.device:
+    """The tensors' device: the first tensor's, else the first scalar tensor's, else the CPU."""
+    if lst:
+        return lst[0].device
+    for s in scalars:
+        if isinstance(s, torch.Tensor):
+            return s.device
+    return torch.device("cpu")
+
+
+def amp_scalars(fn: str, params: list, n: int, **scalars) -> torch.device:
+    """Checks the one-element tensors (``grad_scale``, ``found_inf``; :func:`check_scalar`), on
+    the params' device when there are params; returns that device (:func:`device_of`)."""
+    dev = device_of(params, *scalars.values())
+    for name, t in scalars.items():
+        check_scalar(t, name, fn, dev if n else None)
+    return dev
 
 
 def per_tensor(value, n: int, name: str, fn: str, *, kind=float, nonneg: bool = False) -> list:
@@ -101,6 +234,20 @@ def stash_mode_code(stash_mode: str, fn: str) -> int:
             f"{fn}: stash_mode must be 'copy' (exact restore) or 'delta' (lossy), got {stash_mode!r}"
         )
     return STASH_MODES[stash_mode]
+
+
+def sgd_flags(nesterov: list, maximize: list, first_run: list, n: int) -> list:
+    """The flags of the fused SGD steps from :func:`sgd_options`' bools: one value when each
+    is one value, else one per tensor."""
+    if len(nesterov) == len(maximize) == len(first_run) == 1:
+        return [SGD_NESTEROV * nesterov[0] + SGD_MAXIMIZE * maximize[0] + SGD_FIRST_RUN * first_run[0]]
+    return [SGD_NESTEROV * a + SGD_MAXIMIZE * b + SGD_FIRST_RUN * c
+            for a, b, c in zip(full(nesterov, n), full(maximize, n), full(first_run, n))]
+
+
+def check_eps(eps, fn: str) -> float:
+    """``eps`` added to a norm: a finite number >= 0."""
+    return _checks.number(eps, "eps", fn, lo=0)
 
 
 def check_scalar(t, name: str, fn: str, device: torch.device | None) -> None:

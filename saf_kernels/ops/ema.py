@@ -8,42 +8,16 @@ Bytes per element: read ``ema`` and ``model``, write ``ema`` -- the floor of an 
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from .. import _backend, reference
-from ._multi_tensor import check_streams
+from .. import _checks, reference
+from . import _multi_tensor as mt
 
 OP = "ema_update_"
 
-
-def _fake(ema, model, decay, decay_tensor):
-    return None
-
-
-if _backend.HAS_EXT:
-    torch.library.register_fake("saf_kernels::ema_update_")(_fake)
-
-
-@torch.library.custom_op("saf_kernels::ema_update_triton", mutates_args=("ema",))
-def _ema_update_triton(
-    ema: list[torch.Tensor], model: list[torch.Tensor], decay: float, decay_tensor: torch.Tensor | None
-) -> None:
-    from ..triton.ema import ema_update
-
-    ema_update(ema, model, decay, decay_tensor)
-
-
-_ema_update_triton.register_fake(_fake)
-
-
-def fused_ops() -> dict[str, object]:
-    """The fused op of each kernel backend (``cpu``/``cuda`` share the C++ op)."""
-    ops = {"triton": torch.ops.saf_kernels.ema_update_triton}
-    if _backend.HAS_EXT:
-        ops["cpu"] = ops["cuda"] = torch.ops.saf_kernels.ema_update_
-    return ops
+mt.register(OP,
+            "(Tensor(a0!)[] ema, Tensor[] model, float decay, Tensor? decay_tensor) -> ()",
+            mt.void_fake, "ema.ema_update")
 
 
 def _check(ema, model, decay, fn):
@@ -56,8 +30,8 @@ def _check(ema, model, decay, fn):
             raise ValueError(f"{fn}: decay must be a float or a one-element floating tensor")
         if ema and decay.device != ema[0].device:
             raise ValueError(f"{fn}: decay is on {decay.device} but ema[0] is on {ema[0].device}")
-    elif isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not (0.0 <= decay <= 1.0):
-        raise ValueError(f"{fn}: decay must be in [0, 1], got {decay!r}")
+    else:
+        _checks.number(decay, "decay", fn, lo=0, hi=1)
 
 
 def _check_tensors(ema, model, fn):
@@ -67,7 +41,7 @@ def _check_tensors(ema, model, fn):
                 f"{fn}: ema[{i}] has dtype {e.dtype}; only floating tensors are averaged "
                 "(copy integer buffers such as num_batches_tracked instead)"
             )
-    check_streams(fn, [("ema", list(ema)), ("model", list(model))])
+    mt.check_streams(fn, [("ema", ema), ("model", model)])
 
 
 @torch.no_grad()
@@ -89,14 +63,10 @@ def ema_update_(
     _check(ema, model, decay, fn)
     if not ema:
         return
-    impl = _backend.resolve(backend, ema[0].device, OP)
-    if impl in ("triton", "torch"):
-        _check_tensors(ema, model, fn)
-    if impl == "torch":
-        reference.ema_update_(list(ema), list(model), decay)
-        return
     ema, model = list(ema), list(model)
-    if isinstance(decay, torch.Tensor):
-        fused_ops()[impl](ema, model, 0.0, decay.reshape(()))
-    else:
-        fused_ops()[impl](ema, model, float(decay), None)
+    tensor = isinstance(decay, torch.Tensor)
+    mt.run(
+        OP, fn, backend, ema[0].device, None,
+        lambda: reference.ema_update_(ema, model, decay),
+        ema, model, 0.0 if tensor else float(decay), decay.reshape(()) if tensor else None,
+        more_checks=lambda: _check_tensors(ema, model, fn))

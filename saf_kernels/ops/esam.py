@@ -22,59 +22,28 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Optional, Union
 
 import torch
 
-from .. import _backend, reference
-from ._multi_tensor import as_list, check_lengths, check_scalar, check_streams, per_tensor_full, stash_mode_code
+from .. import reference
+from . import _multi_tensor as mt
+from ._multi_tensor import Bools, Floats
 from .philox import check_offset, check_seed
-from .sam import _check_eps, _device, _norm_fake, _void_fake
-
-Floats = Union[float, Sequence[float]]
-Bools = Union[bool, Sequence[bool]]
 
 ADAPTIVE = 2  # flags bit (csrc/include/saf/multi_tensor.h, esam::kAdaptive)
 
-
-if _backend.HAS_EXT:
-    torch.library.register_fake("saf_kernels::esam_perturb_")(_norm_fake)
-    torch.library.register_fake("saf_kernels::esam_restore_")(_void_fake)
-
-
-@torch.library.custom_op("saf_kernels::esam_perturb_triton", mutates_args=("params", "stash"))
-def _esam_perturb_triton(params: list[torch.Tensor], grads: list[torch.Tensor], stash: list[torch.Tensor],
-                         rho: list[float], eta: list[float], beta: list[float], flags: list[int], eps: float,
-                         seed: int, offset: int, stash_mode: int, grad_scale: Optional[torch.Tensor],
-                         found_inf: Optional[torch.Tensor]) -> torch.Tensor:
-    from ..triton.esam import esam_perturb
-
-    return esam_perturb(params, grads, stash, rho, eta, beta, flags, eps, seed, offset, stash_mode, grad_scale,
-                        found_inf)
-
-
-_esam_perturb_triton.register_fake(_norm_fake)
-
-
-@torch.library.custom_op("saf_kernels::esam_restore_triton", mutates_args=("params",))
-def _esam_restore_triton(params: list[torch.Tensor], stash: list[torch.Tensor], beta: list[float], seed: int,
-                         offset: int, stash_mode: int) -> None:
-    from ..triton.esam import esam_restore
-
-    esam_restore(params, stash, beta, seed, offset, stash_mode)
-
-
-_esam_restore_triton.register_fake(_void_fake)
-
-
-def _op(name: str, impl: str):
-    if impl == "triton":
-        return getattr(torch.ops.saf_kernels, f"{name.rstrip('_')}_triton")
-    return getattr(torch.ops.saf_kernels, name)
+mt.register("esam_perturb_",
+            "(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] stash, float[] rho, float[] eta, float[] beta, "
+            "SymInt[] flags, float eps, SymInt seed, SymInt offset, SymInt stash_mode, Tensor? grad_scale, "
+            "Tensor? found_inf) -> Tensor",
+            mt.norm_fake, "esam.esam_perturb")
+mt.register("esam_restore_",
+            "(Tensor(a0!)[] params, Tensor[] stash, float[] beta, SymInt seed, SymInt offset, SymInt stash_mode) -> ()",
+            mt.void_fake, "esam.esam_restore")
 
 
 def _beta_list(beta, n, fn):
-    vals = per_tensor_full(beta, n, "beta", fn)
+    vals = mt.per_tensor_full(beta, n, "beta", fn)
     for i, b in enumerate(vals):
         if not 0.0 < b <= 1.0:
             raise ValueError(f"{fn}: beta[{i}] must be in (0, 1], got {b!r}")
@@ -82,23 +51,10 @@ def _beta_list(beta, n, fn):
 
 
 @torch.no_grad()
-def esam_perturb_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    stash: Sequence[torch.Tensor],
-    rho: Floats,
-    beta: Floats,
-    seed: int,
-    offset: int = 0,
-    adaptive: Bools = False,
-    eta: Floats = 0.0,
-    eps: float = 1e-7,
-    *,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    stash_mode: str = "copy",
-    backend: str = "auto",
-) -> torch.Tensor:
+def esam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], stash: Sequence[torch.Tensor],
+                  rho: Floats, beta: Floats, seed: int, offset: int = 0, adaptive: Bools = False, eta: Floats = 0.0,
+                  eps: float = 1e-7, *, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                  stash_mode: str = "copy", backend: str = "auto") -> torch.Tensor:
     """ESAM's stochastic weight perturbation, elementwise, in place.
 
     Every element is kept with probability ``beta`` (a Bernoulli mask drawn in the kernels from
@@ -128,30 +84,24 @@ def esam_perturb_(
         params), without a host synchronisation; non-finite: nothing was perturbed.
     """
     fn = "saf_kernels.esam_perturb_"
-    params, grads, stash = as_list(params, "params", fn), as_list(grads, "grads", fn), as_list(stash, "stash", fn)
-    n = check_lengths(fn, params=params, grads=grads, stash=stash)
-    rho_l = per_tensor_full(rho, n, "rho", fn, nonneg=True)
+    params, grads, stash, n = mt.tensor_lists(fn, params=params, grads=grads, stash=stash)
+    rho_l = mt.per_tensor_full(rho, n, "rho", fn, nonneg=True)
     beta_l = _beta_list(beta, n, fn)
-    eta_l = per_tensor_full(eta, n, "eta", fn, nonneg=True)
-    flags = [ADAPTIVE if a else 0 for a in per_tensor_full(adaptive, n, "adaptive", fn, kind=bool)]
-    eps = _check_eps(eps, fn)
+    eta_l = mt.per_tensor_full(eta, n, "eta", fn, nonneg=True)
+    flags = [ADAPTIVE if a else 0 for a in mt.per_tensor_full(adaptive, n, "adaptive", fn, kind=bool)]
+    eps = mt.check_eps(eps, fn)
     seed = check_seed(seed, fn)
     offset = check_offset(offset, fn)
-    mode = stash_mode_code(stash_mode, fn)
-    dev = _device(params, grad_scale, found_inf)
-    check_scalar(grad_scale, "grad_scale", fn, dev if n else None)
-    check_scalar(found_inf, "found_inf", fn, dev if n else None)
+    mode = mt.stash_mode_code(stash_mode, fn)
+    dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev)
-    impl = _backend.resolve(backend, dev, "esam_perturb_")
-    if impl in ("triton", "torch"):
-        check_streams(fn, [("params", params), ("grads", grads), ("stash", stash)],
-                      same_dtype=("grads",) + (("stash",) if mode == 0 else ()))
-    if impl == "torch":
-        return reference.esam_perturb_(params, grads, stash, rho_l, [bool(f) for f in flags], eta_l, beta_l, seed,
-                                       offset, eps, grad_scale, found_inf, stash_mode)
-    return _op("esam_perturb_", impl)(params, grads, stash, rho_l, eta_l, beta_l, flags, eps, seed, offset, mode,
-                                      grad_scale, found_inf)
+    return mt.run(
+        "esam_perturb_", fn, backend, dev, [("params", params), ("grads", grads), ("stash", stash)],
+        lambda: reference.esam_perturb_(params, grads, stash, rho_l, [bool(f) for f in flags], eta_l, beta_l, seed,
+                                        offset, eps, grad_scale, found_inf, stash_mode),
+        params, grads, stash, rho_l, eta_l, beta_l, flags, eps, seed, offset, mode, grad_scale, found_inf,
+        same_dtype=("grads",) + (("stash",) if mode == 0 else ()))
 
 
 @torch.no_grad()
@@ -165,21 +115,17 @@ def esam_restore_(params: Sequence[torch.Tensor], stash: Sequence[torch.Tensor],
     kept ones are back to within one rounding.
     """
     fn = "saf_kernels.esam_restore_"
-    params, stash = as_list(params, "params", fn), as_list(stash, "stash", fn)
-    n = check_lengths(fn, params=params, stash=stash)
+    params, stash, n = mt.tensor_lists(fn, params=params, stash=stash)
     beta_l = _beta_list(beta, n, fn)
     seed = check_seed(seed, fn)
     offset = check_offset(offset, fn)
-    mode = stash_mode_code(stash_mode, fn)
+    mode = mt.stash_mode_code(stash_mode, fn)
     if n == 0:
         return
-    impl = _backend.resolve(backend, params[0].device, "esam_restore_")
-    if impl in ("triton", "torch"):
-        check_streams(fn, [("params", params), ("stash", stash)], same_dtype=("stash",) if mode == 0 else ())
-    if impl == "torch":
-        reference.esam_restore_(params, stash, beta_l, seed, offset, stash_mode)
-        return
-    _op("esam_restore_", impl)(params, stash, beta_l, seed, offset, mode)
+    mt.run(
+        "esam_restore_", fn, backend, params[0].device, [("params", params), ("stash", stash)],
+        lambda: reference.esam_restore_(params, stash, beta_l, seed, offset, stash_mode),
+        params, stash, beta_l, seed, offset, mode, same_dtype=("stash",) if mode == 0 else ())
 
 
 def sds_count(gamma: float, batch: int) -> int:

@@ -14,26 +14,14 @@ import numbers
 import torch
 
 from .. import _backend, reference
+from . import _multi_tensor as mt
 
 KINDS = {"words": 0, "uniform": 1, "normal": 2, "bernoulli": 3}
 
 
-def _fake(out, seed, offset, kind, p):
-    return None
-
-
-if _backend.HAS_EXT:
-    torch.library.register_fake("saf_kernels::philox_")(_fake)
-
-
-@torch.library.custom_op("saf_kernels::philox_triton", mutates_args=("out",))
-def _philox_triton(out: torch.Tensor, seed: int, offset: int, kind: int, p: float) -> None:
-    from ..triton.esam import philox
-
-    philox(out, seed, offset, kind, p)
-
-
-_philox_triton.register_fake(_fake)
+mt.register("philox_",
+            "(Tensor(a0!) out, SymInt seed, SymInt offset, SymInt kind, float p) -> ()",
+            mt.void_fake, "esam.philox")
 
 
 def check_seed(seed, fn: str) -> int:
@@ -85,6 +73,5 @@ def philox_(out: torch.Tensor, seed: int, offset: int = 0, kind: str = "normal",
     impl = _backend.resolve(backend, out.device, "philox_")
     if impl == "torch":
         return reference.philox_(out, seed, offset, kind, p)
-    op = torch.ops.saf_kernels.philox_triton if impl == "triton" else torch.ops.saf_kernels.philox_
-    op(out, seed, offset, KINDS[kind], float(p))
+    mt.kernels("philox_")[impl](out, seed, offset, KINDS[kind], float(p))
     return out

@@ -25,52 +25,22 @@ writes ``w``.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
-from typing import Optional, Union
 
 import torch
 
-from .. import _backend, reference
-from ._multi_tensor import as_list, check_lengths, check_scalar, check_streams, per_tensor_full
+from .. import _checks, reference
+from . import _multi_tensor as mt
+from ._multi_tensor import Floats
 from .philox import check_offset, check_seed
-from .sam import _check_eps, _device, _norm_fake, _void_fake
 
-Floats = Union[float, Sequence[float]]
-
-if _backend.HAS_EXT:
-    torch.library.register_fake("saf_kernels::rsam_noise_")(_void_fake)
-    torch.library.register_fake("saf_kernels::rsam_perturb_")(_norm_fake)
-
-
-@torch.library.custom_op("saf_kernels::rsam_noise_triton", mutates_args=("params", "stash"))
-def _rsam_noise_triton(params: list[torch.Tensor], stash: list[torch.Tensor], std: list[float], seed: int,
-                       offset: int) -> None:
-    from ..triton.rsam import rsam_noise
-
-    rsam_noise(params, stash, std, seed, offset)
-
-
-_rsam_noise_triton.register_fake(_void_fake)
-
-
-@torch.library.custom_op("saf_kernels::rsam_perturb_triton", mutates_args=("params",))
-def _rsam_perturb_triton(params: list[torch.Tensor], grads: list[torch.Tensor], stash: list[torch.Tensor],
-                         rho: list[float], lam: float, eps: float, grad_scale: Optional[torch.Tensor],
-                         found_inf: Optional[torch.Tensor]) -> torch.Tensor:
-    from ..triton.rsam import rsam_perturb
-
-    return rsam_perturb(params, grads, stash, rho, lam, eps, grad_scale, found_inf)
-
-
-_rsam_perturb_triton.register_fake(_norm_fake)
-
-
-def _op(name: str, impl: str):
-    if impl == "triton":
-        return getattr(torch.ops.saf_kernels, f"{name.rstrip('_')}_triton")
-    return getattr(torch.ops.saf_kernels, name)
+mt.register("rsam_noise_",
+            "(Tensor(a0!)[] params, Tensor(a1!)[] stash, float[] std, SymInt seed, SymInt offset) -> ()",
+            mt.void_fake, "rsam.rsam_noise")
+mt.register("rsam_perturb_",
+            "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] stash, float[] rho, float lam, float eps, "
+            "Tensor? grad_scale, Tensor? found_inf) -> Tensor",
+            mt.norm_fake, "rsam.rsam_perturb")
 
 
 def _check_units(params, fn):
@@ -103,21 +73,16 @@ def rsam_noise_(params: Sequence[torch.Tensor], stash: Sequence[torch.Tensor], s
         backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``.
     """
     fn = "saf_kernels.rsam_noise_"
-    params, stash = as_list(params, "params", fn), as_list(stash, "stash", fn)
-    n = check_lengths(fn, params=params, stash=stash)
-    std_l = per_tensor_full(std, n, "std", fn, nonneg=True)
+    params, stash, n = mt.tensor_lists(fn, params=params, stash=stash)
+    std_l = mt.per_tensor_full(std, n, "std", fn, nonneg=True)
     seed = check_seed(seed, fn)
     offset = check_offset(offset, fn)
     if n == 0:
         return
-    impl = _backend.resolve(backend, params[0].device, "rsam_noise_")
-    if impl in ("triton", "torch"):
-        check_streams(fn, [("params", params), ("stash", stash)], same_dtype=("stash",))
-        _check_units(params, fn)
-    if impl == "torch":
-        reference.rsam_noise_(params, stash, std_l, seed, offset)
-        return
-    _op("rsam_noise_", impl)(params, stash, std_l, seed, offset)
+    mt.run(
+        "rsam_noise_", fn, backend, params[0].device, [("params", params), ("stash", stash)],
+        lambda: reference.rsam_noise_(params, stash, std_l, seed, offset),
+        params, stash, std_l, seed, offset, same_dtype=("stash",), more_checks=lambda: _check_units(params, fn))
 
 
 @torch.no_grad()
@@ -138,20 +103,14 @@ def rsam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         stash (the clean weights, bit for bit) and nothing is perturbed.
     """
     fn = "saf_kernels.rsam_perturb_"
-    params, grads, stash = as_list(params, "params", fn), as_list(grads, "grads", fn), as_list(stash, "stash", fn)
-    n = check_lengths(fn, params=params, grads=grads, stash=stash)
-    rho_l = per_tensor_full(rho, n, "rho", fn, nonneg=True)
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
-        raise ValueError(f"{fn}: lam must be a finite number, got {lam!r}")
-    eps = _check_eps(eps, fn)
-    dev = _device(params, grad_scale, found_inf)
-    check_scalar(grad_scale, "grad_scale", fn, dev if n else None)
-    check_scalar(found_inf, "found_inf", fn, dev if n else None)
+    params, grads, stash, n = mt.tensor_lists(fn, params=params, grads=grads, stash=stash)
+    rho_l = mt.per_tensor_full(rho, n, "rho", fn, nonneg=True)
+    lam = _checks.number(lam, "lam", fn)
+    eps = mt.check_eps(eps, fn)
+    dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev)
-    impl = _backend.resolve(backend, dev, "rsam_perturb_")
-    if impl in ("triton", "torch"):
-        check_streams(fn, [("params", params), ("grads", grads), ("stash", stash)], same_dtype=("grads", "stash"))
-    if impl == "torch":
-        return reference.rsam_perturb_(params, grads, stash, rho_l, float(lam), eps, grad_scale, found_inf)
-    return _op("rsam_perturb_", impl)(params, grads, stash, rho_l, float(lam), eps, grad_scale, found_inf)
+    return mt.run(
+        "rsam_perturb_", fn, backend, dev, [("params", params), ("grads", grads), ("stash", stash)],
+        lambda: reference.rsam_perturb_(params, grads, stash, rho_l, lam, eps, grad_scale, found_inf),
+        params, grads, stash, rho_l, lam, eps, grad_scale, found_inf, same_dtype=("grads", "stash"))

@@ -18,212 +18,41 @@ reads ``stash, g, buf`` and writes ``w, buf``: 5 (a separate restore + ``torch.o
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 
-from .. import _backend, reference
-from ._multi_tensor import (
-    as_list,
-    check_lengths,
-    check_scalar,
-    check_streams,
-    full,
-    per_tensor,
-    sgd_options,
-    stash_mode_code,
-)
-
-Floats = Union[float, Sequence[float]]
-Bools = Union[bool, Sequence[bool]]
+from .. import reference
+from . import _multi_tensor as mt
+from ._multi_tensor import Bools, Floats
 
 ADAPTIVE = 2  # flags bit of sam_perturb_ (csrc/include/saf/multi_tensor.h)
-SGD_NESTEROV, SGD_MAXIMIZE, SGD_FIRST_RUN = 2, 4, 8
 ADAMW_MAXIMIZE = 2
 
-
-# --------------------------------------------------------------------------------------------
-# Registration: fake kernels of the C++ ops, and the Triton custom ops.
-# --------------------------------------------------------------------------------------------
-
-
-def _norm_fake(params, *args):
-    dt = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    return torch.empty((), dtype=dt, device=params[0].device)
-
-
-def _void_fake(*args):
-    return None
-
-
-if _backend.HAS_EXT:
-    torch.library.register_fake("saf_kernels::sam_perturb_")(_norm_fake)
-    for _op in ("sam_restore_", "sam_restore_sgd_", "sam_restore_adamw_"):
-        torch.library.register_fake(f"saf_kernels::{_op}")(_void_fake)
-
-
-@torch.library.custom_op("saf_kernels::sam_perturb_triton", mutates_args=("params", "stash"))
-def _sam_perturb_triton(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    stash: list[torch.Tensor],
-    rho: list[float],
-    eta: list[float],
-    flags: list[int],
-    eps: float,
-    stash_mode: int,
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-) -> torch.Tensor:
-    from ..triton.sam import sam_perturb
-
-    return sam_perturb(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale, found_inf)
-
-
-_sam_perturb_triton.register_fake(_norm_fake)
-
-
-@torch.library.custom_op("saf_kernels::sam_restore_triton", mutates_args=("params",))
-def _sam_restore_triton(params: list[torch.Tensor], stash: list[torch.Tensor], stash_mode: int) -> None:
-    from ..triton.sam import sam_restore
-
-    sam_restore(params, stash, stash_mode)
-
-
-_sam_restore_triton.register_fake(_void_fake)
-
-
-@torch.library.custom_op("saf_kernels::sam_restore_sgd_triton", mutates_args=("params", "momentum_buffers"))
-def _sam_restore_sgd_triton(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    stash: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    lr: list[float],
-    weight_decay: list[float],
-    momentum: list[float],
-    dampening: list[float],
-    flags: list[int],
-    stash_mode: int,
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-) -> None:
-    from ..triton.sam import sam_restore_sgd
-
-    sam_restore_sgd(
-        params,
-        grads,
-        stash,
-        momentum_buffers,
-        lr,
-        weight_decay,
-        momentum,
-        dampening,
-        flags,
-        stash_mode,
-        grad_scale,
-        found_inf,
-    )
-
-
-_sam_restore_sgd_triton.register_fake(_void_fake)
-
-
-@torch.library.custom_op(
-    "saf_kernels::sam_restore_adamw_triton", mutates_args=("params", "exp_avg", "exp_avg_sq")
-)
-def _sam_restore_adamw_triton(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    stash: list[torch.Tensor],
-    exp_avg: list[torch.Tensor],
-    exp_avg_sq: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    lr: list[float],
-    beta1: list[float],
-    beta2: list[float],
-    eps: list[float],
-    weight_decay: list[float],
-    flags: list[int],
-    stash_mode: int,
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-) -> None:
-    from ..triton.sam import sam_restore_adamw
-
-    sam_restore_adamw(
-        params,
-        grads,
-        stash,
-        exp_avg,
-        exp_avg_sq,
-        steps,
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        flags,
-        stash_mode,
-        grad_scale,
-        found_inf,
-    )
-
-
-_sam_restore_adamw_triton.register_fake(_void_fake)
-
-
-def fused_ops(name: str) -> dict[str, object]:
-    """The fused op of each kernel backend for ``name`` (``cpu``/``cuda`` share the C++ op)."""
-    ops = {"triton": getattr(torch.ops.saf_kernels, f"{name.rstrip('_')}_triton")}
-    if _backend.HAS_EXT:
-        ops["cpu"] = ops["cuda"] = getattr(torch.ops.saf_kernels, name)
-    return ops
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _device(lst, *scalars):
-    if lst:
-        return lst[0].device
-    for s in scalars:
-        if isinstance(s, torch.Tensor):
-            return s.device
-    return torch.device("cpu")
-
-
-def _check_eps(eps, fn):
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{fn}: eps must be a finite number >= 0, got {eps!r}")
-    return float(eps)
-
-
-# --------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------
+mt.register("sam_perturb_",
+            "(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] stash, float[] rho, float[] eta, SymInt[] flags, "
+            "float eps, SymInt stash_mode, Tensor? grad_scale, Tensor? found_inf) -> Tensor",
+            mt.norm_fake, "sam.sam_perturb")
+mt.register("sam_restore_",
+            "(Tensor(a0!)[] params, Tensor[] stash, SymInt stash_mode) -> ()",
+            mt.void_fake, "sam.sam_restore")
+mt.register("sam_restore_sgd_",
+            "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] stash, Tensor(a3!)[] momentum_buffers, float[] lr, "
+            "float[] weight_decay, float[] momentum, float[] dampening, SymInt[] flags, SymInt stash_mode, "
+            "Tensor? grad_scale, Tensor? found_inf) -> ()",
+            mt.void_fake, "sam.sam_restore_sgd")
+mt.register("sam_restore_adamw_",
+            "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] stash, Tensor(a3!)[] exp_avg, Tensor(a4!)[] exp_avg_sq, "
+            "Tensor[] steps, float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
+            "SymInt[] flags, SymInt stash_mode, Tensor? grad_scale, Tensor? found_inf) -> ()",
+            mt.void_fake, "sam.sam_restore_adamw")
 
 
 @torch.no_grad()
-def sam_perturb_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    stash: Sequence[torch.Tensor],
-    rho: Floats,
-    adaptive: Bools = False,
-    eta: Floats = 0.0,
-    eps: float = 1e-12,
-    *,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    stash_mode: str = "copy",
-    backend: str = "auto",
-) -> torch.Tensor:
+def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], stash: Sequence[torch.Tensor],
+                 rho: Floats, adaptive: Bools = False, eta: Floats = 0.0, eps: float = 1e-12, *,
+                 grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                 stash_mode: str = "copy", backend: str = "auto") -> torch.Tensor:
     """SAM / ASAM ascent step over a list of tensors, in place: ``w += e`` with
     ``e = rho * T_w^2 * g / (||T_w * g||_2 + eps)``.
 
@@ -258,93 +87,48 @@ def sam_perturb_(
         perturbed: the weights stay as they were and the stash still allows the restore.
     """
     fn = "saf_kernels.sam_perturb_"
-    params, grads, stash = (
-        as_list(params, "params", fn),
-        as_list(grads, "grads", fn),
-        as_list(stash, "stash", fn),
-    )
-    n = check_lengths(fn, params=params, grads=grads, stash=stash)
-    rho_l = per_tensor(rho, n, "rho", fn, nonneg=True)
-    eta_l = per_tensor(eta, n, "eta", fn, nonneg=True)
-    flags = [ADAPTIVE if a else 0 for a in per_tensor(adaptive, n, "adaptive", fn, kind=bool)]
-    eps = _check_eps(eps, fn)
-    mode = stash_mode_code(stash_mode, fn)
-    dev = _device(params, grad_scale, found_inf)
-    check_scalar(grad_scale, "grad_scale", fn, dev if n else None)
-    check_scalar(found_inf, "found_inf", fn, dev if n else None)
+    params, grads, stash, n = mt.tensor_lists(fn, params=params, grads=grads, stash=stash)
+    rho_l = mt.per_tensor(rho, n, "rho", fn, nonneg=True)
+    eta_l = mt.per_tensor(eta, n, "eta", fn, nonneg=True)
+    flags = [ADAPTIVE if a else 0 for a in mt.per_tensor(adaptive, n, "adaptive", fn, kind=bool)]
+    eps = mt.check_eps(eps, fn)
+    mode = mt.stash_mode_code(stash_mode, fn)
+    dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev)
-    impl = _backend.resolve(backend, dev, "sam_perturb_")
-    if impl in ("triton", "torch"):
-        check_streams(
-            fn,
-            [("params", params), ("grads", grads), ("stash", stash)],
-            same_dtype=("grads",) + (("stash",) if mode == 0 else ()),
-        )
-    if impl == "torch":
-        return reference.sam_perturb_(
-            params,
-            grads,
-            stash,
-            full(rho_l, n),
-            [bool(f) for f in full(flags, n)],
-            full(eta_l, n),
-            eps,
-            grad_scale,
-            found_inf,
-            stash_mode,
-        )
-    return fused_ops("sam_perturb_")[impl](
-        params, grads, stash, rho_l, eta_l, flags, eps, mode, grad_scale, found_inf
-    )
+    return mt.run(
+        "sam_perturb_", fn, backend, dev, [("params", params), ("grads", grads), ("stash", stash)],
+        lambda: reference.sam_perturb_(params, grads, stash, mt.full(rho_l, n), [bool(f) for f in mt.full(flags, n)],
+                                       mt.full(eta_l, n), eps, grad_scale, found_inf, stash_mode),
+        params, grads, stash, rho_l, eta_l, flags, eps, mode, grad_scale, found_inf,
+        same_dtype=("grads",) + (("stash",) if mode == 0 else ()))
 
 
 @torch.no_grad()
-def sam_restore_(
-    params: Sequence[torch.Tensor],
-    stash: Sequence[torch.Tensor],
-    stash_mode: str = "copy",
-    backend: str = "auto",
-) -> None:
+def sam_restore_(params: Sequence[torch.Tensor], stash: Sequence[torch.Tensor], stash_mode: str = "copy",
+                 backend: str = "auto") -> None:
     """Puts back the weights :func:`sam_perturb_` started from, in place.
 
     ``stash_mode="copy"``: the stash is copied back, bit for bit. ``"delta"``: the stashed
     perturbation is subtracted (lossy by a rounding). Use the same mode as the perturbation.
     """
     fn = "saf_kernels.sam_restore_"
-    params, stash = as_list(params, "params", fn), as_list(stash, "stash", fn)
-    n = check_lengths(fn, params=params, stash=stash)
-    mode = stash_mode_code(stash_mode, fn)
+    params, stash, n = mt.tensor_lists(fn, params=params, stash=stash)
+    mode = mt.stash_mode_code(stash_mode, fn)
     if n == 0:
         return
-    impl = _backend.resolve(backend, params[0].device, "sam_restore_")
-    if impl in ("triton", "torch"):
-        check_streams(fn, [("params", params), ("stash", stash)], same_dtype=("stash",) if mode == 0 else ())
-    if impl == "torch":
-        reference.sam_restore_(params, stash, stash_mode)
-        return
-    fused_ops("sam_restore_")[impl](params, stash, mode)
+    mt.run(
+        "sam_restore_", fn, backend, params[0].device, [("params", params), ("stash", stash)],
+        lambda: reference.sam_restore_(params, stash, stash_mode),
+        params, stash, mode, same_dtype=("stash",) if mode == 0 else ())
 
 
 @torch.no_grad()
-def sam_restore_sgd_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    stash: Sequence[torch.Tensor],
-    momentum_buffers: Sequence[torch.Tensor],
-    *,
-    lr: Floats,
-    weight_decay: Floats = 0.0,
-    momentum: Floats = 0.0,
-    dampening: Floats = 0.0,
-    nesterov: Bools = False,
-    maximize: Bools = False,
-    first_run: Bools = False,
-    stash_mode: str = "copy",
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> None:
+def sam_restore_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], stash: Sequence[torch.Tensor],
+                     momentum_buffers: Sequence[torch.Tensor], *, lr: Floats, weight_decay: Floats = 0.0,
+                     momentum: Floats = 0.0, dampening: Floats = 0.0, nesterov: Bools = False, maximize: Bools = False,
+                     first_run: Bools = False, stash_mode: str = "copy", grad_scale: torch.Tensor | None = None,
+                     found_inf: torch.Tensor | None = None, backend: str = "auto") -> None:
     """SAM's second step fused into one pass: restore the weights, then one
     ``torch.optim.SGD`` step on them with the gradients ``g / grad_scale``.
 
@@ -364,77 +148,38 @@ def sam_restore_sgd_(
     """
     fn = "saf_kernels.sam_restore_sgd_"
     params, grads, stash = (
-        as_list(params, "params", fn),
-        as_list(grads, "grads", fn),
-        as_list(stash, "stash", fn),
+        mt.as_list(params, "params", fn),
+        mt.as_list(grads, "grads", fn),
+        mt.as_list(stash, "stash", fn),
     )
-    bufs = as_list(momentum_buffers, "momentum_buffers", fn)
-    n = check_lengths(fn, params=params, grads=grads, stash=stash)
+    bufs = mt.as_list(momentum_buffers, "momentum_buffers", fn)
+    n = mt.check_lengths(fn, params=params, grads=grads, stash=stash)
     if bufs and len(bufs) != n:
         raise ValueError(
             f"{fn}: momentum_buffers has {len(bufs)} tensors but params has {n} (pass [] for none)"
         )
-    lr_l, wd_l, mom_l, damp_l, nest, maxi, first = sgd_options(
-        fn, n, bufs, lr, weight_decay, momentum, dampening, nesterov, maximize, first_run
-    )
-    if len(nest) == len(maxi) == len(first) == 1:
-        flags = [SGD_NESTEROV * nest[0] + SGD_MAXIMIZE * maxi[0] + SGD_FIRST_RUN * first[0]]
-    else:
-        flags = [
-            SGD_NESTEROV * a + SGD_MAXIMIZE * b + SGD_FIRST_RUN * c
-            for a, b, c in zip(full(nest, n), full(maxi, n), full(first, n))
-        ]
-    mode = stash_mode_code(stash_mode, fn)
+    opts = mt.sgd_options(fn, n, bufs, lr, weight_decay, momentum, dampening, nesterov, maximize, first_run)
+    flags = mt.sgd_flags(*opts[4:], n)
+    mode = mt.stash_mode_code(stash_mode, fn)
     if n == 0:
         return
-    dev = params[0].device
-    check_scalar(grad_scale, "grad_scale", fn, dev)
-    check_scalar(found_inf, "found_inf", fn, dev)
-    impl = _backend.resolve(backend, dev, "sam_restore_sgd_")
-    if impl in ("triton", "torch"):
-        streams = [("params", params), ("grads", grads), ("stash", stash)] + (
-            [("momentum_buffers", bufs)] if bufs else []
-        )
-        check_streams(
-            fn, streams, same_dtype=("grads", "momentum_buffers") + (("stash",) if mode == 0 else ())
-        )
-    if impl == "torch":
-        reference.sam_restore_sgd_(
-            params,
-            grads,
-            stash,
-            bufs,
-            *(full(v, n) for v in (lr_l, wd_l, mom_l, damp_l, nest, maxi, first)),
-            stash_mode,
-            grad_scale,
-            found_inf,
-        )
-        return
-    fused_ops("sam_restore_sgd_")[impl](
-        params, grads, stash, bufs, lr_l, wd_l, mom_l, damp_l, flags, mode, grad_scale, found_inf
-    )
+    dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
+    streams = [("params", params), ("grads", grads), ("stash", stash)] + ([("momentum_buffers", bufs)] if bufs else [])
+    mt.run(
+        "sam_restore_sgd_", fn, backend, dev, streams,
+        lambda: reference.sam_restore_sgd_(params, grads, stash, bufs, *(mt.full(v, n) for v in opts), stash_mode,
+                                           grad_scale, found_inf),
+        params, grads, stash, bufs, *opts[:4], flags, mode, grad_scale, found_inf,
+        same_dtype=("grads", "momentum_buffers") + (("stash",) if mode == 0 else ()))
 
 
 @torch.no_grad()
-def sam_restore_adamw_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    stash: Sequence[torch.Tensor],
-    exp_avg: Sequence[torch.Tensor],
-    exp_avg_sq: Sequence[torch.Tensor],
-    steps: Sequence[torch.Tensor],
-    *,
-    lr: Floats,
-    beta1: Floats = 0.9,
-    beta2: Floats = 0.999,
-    eps: Floats = 1e-8,
-    weight_decay: Floats = 1e-2,
-    maximize: Bools = False,
-    stash_mode: str = "copy",
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> None:
+def sam_restore_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], stash: Sequence[torch.Tensor],
+                       exp_avg: Sequence[torch.Tensor], exp_avg_sq: Sequence[torch.Tensor],
+                       steps: Sequence[torch.Tensor], *, lr: Floats, beta1: Floats = 0.9, beta2: Floats = 0.999,
+                       eps: Floats = 1e-8, weight_decay: Floats = 1e-2, maximize: Bools = False,
+                       stash_mode: str = "copy", grad_scale: torch.Tensor | None = None,
+                       found_inf: torch.Tensor | None = None, backend: str = "auto") -> None:
     """SAM's second step fused into one pass: restore the weights, then one
     ``torch.optim.AdamW`` step (no amsgrad) on them with the gradients ``g / grad_scale``.
 
@@ -444,79 +189,37 @@ def sam_restore_adamw_(
     ``exp_avg_sq`` have the params' dtypes. Agrees with ``torch.optim.AdamW`` to rounding.
     """
     fn = "saf_kernels.sam_restore_adamw_"
-    params, grads, stash = (
-        as_list(params, "params", fn),
-        as_list(grads, "grads", fn),
-        as_list(stash, "stash", fn),
-    )
-    exp_avg, exp_avg_sq = as_list(exp_avg, "exp_avg", fn), as_list(exp_avg_sq, "exp_avg_sq", fn)
-    steps = as_list(steps, "steps", fn)
-    n = check_lengths(
+    params, grads, stash, exp_avg, exp_avg_sq, steps, n = mt.tensor_lists(
         fn, params=params, grads=grads, stash=stash, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, steps=steps
     )
-    lr_l = per_tensor(lr, n, "lr", fn, nonneg=True)
-    b1 = per_tensor(beta1, n, "beta1", fn, nonneg=True)
-    b2 = per_tensor(beta2, n, "beta2", fn, nonneg=True)
-    eps_l = per_tensor(eps, n, "eps", fn, nonneg=True)
-    wd_l = per_tensor(weight_decay, n, "weight_decay", fn, nonneg=True)
-    maxi = per_tensor(maximize, n, "maximize", fn, kind=bool)
+    lr_l = mt.per_tensor(lr, n, "lr", fn, nonneg=True)
+    b1 = mt.per_tensor(beta1, n, "beta1", fn, nonneg=True)
+    b2 = mt.per_tensor(beta2, n, "beta2", fn, nonneg=True)
+    eps_l = mt.per_tensor(eps, n, "eps", fn, nonneg=True)
+    wd_l = mt.per_tensor(weight_decay, n, "weight_decay", fn, nonneg=True)
+    maxi = mt.per_tensor(maximize, n, "maximize", fn, kind=bool)
     for name, vals in (("beta1", b1), ("beta2", b2)):
         for i, v in enumerate(vals):
             if not v < 1.0:
                 raise ValueError(f"{fn}: {name}[{i}] must be in [0, 1), got {v!r}")
-    mode = stash_mode_code(stash_mode, fn)
+    mode = mt.stash_mode_code(stash_mode, fn)
     if n == 0:
         return
-    dev = params[0].device
-    check_scalar(grad_scale, "grad_scale", fn, dev)
-    check_scalar(found_inf, "found_inf", fn, dev)
-    impl = _backend.resolve(backend, dev, "sam_restore_adamw_")
-    if impl in ("triton", "torch"):
-        check_streams(
-            fn,
-            [
-                ("params", params),
-                ("grads", grads),
-                ("stash", stash),
-                ("exp_avg", exp_avg),
-                ("exp_avg_sq", exp_avg_sq),
-                ("steps", steps),
-            ],
-            scalar=("steps",),
-            same_dtype=("grads", "exp_avg", "exp_avg_sq") + (("stash",) if mode == 0 else ()),
-        )
+    dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
+    opts = (lr_l, b1, b2, eps_l, wd_l)
+
+    def steps_float32():
         for i, s in enumerate(steps):
             if s.dtype != torch.float32:
                 raise TypeError(f"{fn}: steps[{i}] must be float32, got {s.dtype}")
-    if impl == "torch":
-        reference.sam_restore_adamw_(
-            params,
-            grads,
-            stash,
-            exp_avg,
-            exp_avg_sq,
-            steps,
-            *(full(v, n) for v in (lr_l, b1, b2, eps_l, wd_l, maxi)),
-            stash_mode,
-            grad_scale,
-            found_inf,
-        )
-        return
-    flags = [ADAMW_MAXIMIZE if m else 0 for m in maxi]
-    fused_ops("sam_restore_adamw_")[impl](
-        params,
-        grads,
-        stash,
-        exp_avg,
-        exp_avg_sq,
-        steps,
-        lr_l,
-        b1,
-        b2,
-        eps_l,
-        wd_l,
-        flags,
-        mode,
-        grad_scale,
-        found_inf,
-    )
+
+    streams = [("params", params), ("grads", grads), ("stash", stash), ("exp_avg", exp_avg),
+               ("exp_avg_sq", exp_avg_sq), ("steps", steps)]
+    mt.run(
+        "sam_restore_adamw_", fn, backend, dev, streams,
+        lambda: reference.sam_restore_adamw_(params, grads, stash, exp_avg, exp_avg_sq, steps,
+                                             *(mt.full(v, n) for v in opts + (maxi,)), stash_mode, grad_scale,
+                                             found_inf),
+        params, grads, stash, exp_avg, exp_avg_sq, steps, *opts, [ADAMW_MAXIMIZE if m else 0 for m in maxi], mode,
+        grad_scale, found_inf, scalar=("steps",),
+        same_dtype=("grads", "exp_avg", "exp_avg_sq") + (("stash",) if mode == 0 else ()), more_checks=steps_float32)

@@ -11,19 +11,17 @@ autograd in ``csrc/autograd.cpp``) or ``saf_kernels::saf_bank_step_triton``
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
 from .. import _backend, reference
-from .trajectory_loss import check_targets
+from . import _multi_tensor as mt
+from .trajectory_loss import _check_real, check_targets
 
 OP = "saf_bank_step"
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 STATE_SIZE = 8  # csrc/include/saf/trajectory_bank.h: kBankStateSize
-_MUTATED = ("values", "epochs", "claims", "state")
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,56 +40,16 @@ def _fake_step(logits, labels, ids, values, epochs, claims, state, epoch, temper
     return loss, grad, counts
 
 
-def _fake_record(rows, ids, values, epochs, claims, state, epoch):
-    return None
-
-
-@torch.library.custom_op("saf_kernels::saf_bank_step_triton", mutates_args=_MUTATED)
-def _bank_step_triton(
-    logits: torch.Tensor,
-    labels: torch.Tensor | None,
-    ids: torch.Tensor,
-    values: torch.Tensor,
-    epochs: torch.Tensor,
-    claims: torch.Tensor,
-    state: torch.Tensor,
-    epoch: int,
-    temperature: float,
-    ce_weight: float,
-    kl_weight: float,
-    label_smoothing: float,
-    ignore_index: int,
-    use_past: bool,
-    record: bool,
-    need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..triton.trajectory_bank import bank_step_triton
-
-    return bank_step_triton(logits, labels, ids, values, epochs, claims, state, epoch, temperature, ce_weight,
-                            kl_weight, label_smoothing, ignore_index, use_past, record, need_grad)
-
-
-@torch.library.custom_op("saf_kernels::saf_bank_record_triton", mutates_args=_MUTATED)
-def _bank_record_triton(
-    rows: torch.Tensor,
-    ids: torch.Tensor,
-    values: torch.Tensor,
-    epochs: torch.Tensor,
-    claims: torch.Tensor,
-    state: torch.Tensor,
-    epoch: int,
-) -> None:
-    from ..triton.trajectory_bank import bank_record_triton
-
-    bank_record_triton(rows, ids, values, epochs, claims, state, epoch)
-
-
-_bank_step_triton.register_fake(_fake_step)
-_bank_record_triton.register_fake(_fake_record)
-
-if _backend.HAS_EXT:
-    torch.library.register_fake("saf_kernels::saf_bank_step")(_fake_step)
-    torch.library.register_fake("saf_kernels::saf_bank_record")(_fake_record)
+mt.register(OP,
+            "(Tensor logits, Tensor? labels, Tensor ids, Tensor(a3!) values, Tensor(a4!) epochs, Tensor(a5!) claims, "
+            "Tensor(a6!) state, SymInt epoch, float temperature, float ce_weight, float kl_weight, "
+            "float label_smoothing, SymInt ignore_index, bool use_past, bool record, bool need_grad) -> (Tensor, "
+            "Tensor, Tensor)",
+            _fake_step, "trajectory_bank.bank_step_triton")
+mt.register("saf_bank_record",
+            "(Tensor rows, Tensor ids, Tensor(a2!) values, Tensor(a3!) epochs, Tensor(a4!) claims, Tensor(a5!) state, "
+            "SymInt epoch) -> ()",
+            mt.void_fake, "trajectory_bank.bank_record_triton")
 
 
 class _TritonBankStep(torch.autograd.Function):
@@ -119,17 +77,11 @@ class _TritonBankStep(torch.autograd.Function):
 
 def fused_ops() -> dict[str, object]:
     """The raw fused step op of each kernel backend available here (``cpu``/``cuda`` share the C++ op)."""
-    ops = {"triton": torch.ops.saf_kernels.saf_bank_step_triton}
-    if _backend.HAS_EXT:
-        ops["cpu"] = ops["cuda"] = torch.ops.saf_kernels.saf_bank_step
-    return ops
+    return mt.kernels(OP)
 
 
 def record_ops() -> dict[str, object]:
-    ops = {"triton": torch.ops.saf_kernels.saf_bank_record_triton}
-    if _backend.HAS_EXT:
-        ops["cpu"] = ops["cuda"] = torch.ops.saf_kernels.saf_bank_record
-    return ops
+    return mt.kernels("saf_bank_record")
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,16 +137,6 @@ def _check_index_tensor(name, t, rows, device, fn):
         raise ValueError(f"{fn}: {name} are on {t.device} but logits are on {device}")
 
 
-def _check_real(name, value, fn, positive=False, lo=None, hi=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{fn}: {name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{fn}: {name} must be > 0, got {value!r}")
-    if lo is not None and not (lo <= value <= hi):
-        raise ValueError(f"{fn}: {name} must be in [{lo}, {hi}], got {value!r}")
-    return float(value)
-
-
 def check_epoch(epoch, fn: str) -> int:
     if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or not (0 <= epoch < 2**31 - 1):
         raise ValueError(f"{fn}: epoch must be an int in [0, 2**31 - 1) (0-based), got {epoch!r}")
@@ -204,7 +146,7 @@ def check_epoch(epoch, fn: str) -> int:
 def _check_logits(logits, fn):
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{fn}: logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in mt.FLOAT_DTYPES:
         raise TypeError(f"{fn}: logits must be float32, float16, bfloat16 or float64, got {logits.dtype}")
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"{fn}: logits must be 2-D [batch, classes] with classes > 0, got shape "
@@ -228,23 +170,11 @@ def _resolve(backend: str, device: torch.device, values: torch.Tensor, fn: str) 
 # --------------------------------------------------------------------------------------------
 
 
-def trajectory_bank_step(
-    logits: torch.Tensor,
-    targets: torch.Tensor | None,
-    ids: torch.Tensor,
-    values: torch.Tensor,
-    epochs: torch.Tensor,
-    claims: torch.Tensor,
-    state: torch.Tensor,
-    epoch: int,
-    lam: float = 0.3,
-    temperature: float = 5.0,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    use_past: bool = True,
-    record: bool = True,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def trajectory_bank_step(logits: torch.Tensor, targets: torch.Tensor | None, ids: torch.Tensor, values: torch.Tensor,
+                         epochs: torch.Tensor, claims: torch.Tensor, state: torch.Tensor, epoch: int, lam: float = 0.3,
+                         temperature: float = 5.0, label_smoothing: float = 0.0, ignore_index: int = -100,
+                         use_past: bool = True, record: bool = True,
+                         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """One SAF step against a trajectory bank, fused: gather, loss and gradient, record.
 
     ``loss = CE_sum / n + lam * T^2 * KL_sum / m`` where n counts the rows whose label is not
@@ -308,16 +238,8 @@ def trajectory_bank_step(
 
 
 @torch.no_grad()
-def trajectory_bank_record(
-    rows: torch.Tensor,
-    ids: torch.Tensor,
-    values: torch.Tensor,
-    epochs: torch.Tensor,
-    claims: torch.Tensor,
-    state: torch.Tensor,
-    epoch: int,
-    backend: str = "auto",
-) -> None:
+def trajectory_bank_record(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, epochs: torch.Tensor,
+                           claims: torch.Tensor, state: torch.Tensor, epoch: int, backend: str = "auto") -> None:
     """Write ``rows`` (rounded to the bank dtype) into slot ``epoch % delay`` of their samples, tagged
     ``epoch``: how a distributed bank takes the rows other ranks recorded.
 

@@ -19,9 +19,9 @@ import numbers
 import torch
 
 from .. import _backend, reference
+from . import _multi_tensor as mt
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 OP = "trajectory_loss"
 
 
@@ -68,40 +68,16 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     return (out,) + (None,) * 9
 
 
-@torch.library.custom_op("saf_kernels::trajectory_loss_triton", mutates_args=())
-def _trajectory_loss_triton(
-    logits: torch.Tensor,
-    target_logits: torch.Tensor,
-    labels: torch.Tensor | None,
-    temperature: float,
-    ce_weight: float,
-    kl_weight: float,
-    label_smoothing: float,
-    ignore_index: int,
-    reduction: int,
-    need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..triton.trajectory_loss import trajectory_loss_triton
-
-    return trajectory_loss_triton(
-        logits, target_logits, labels, temperature, ce_weight, kl_weight, label_smoothing, ignore_index, reduction,
-        need_grad,
-    )
-
-
-_trajectory_loss_triton.register_fake(_fake)
-_trajectory_loss_triton.register_autograd(_backward, setup_context=_setup_context)
-
-if _backend.HAS_EXT:
-    torch.library.register_fake("saf_kernels::trajectory_loss")(_fake)
+mt.register(OP,
+            "(Tensor logits, Tensor target_logits, Tensor? labels, float temperature, float ce_weight, "
+            "float kl_weight, float label_smoothing, SymInt ignore_index, SymInt reduction, "
+            "bool need_grad) -> (Tensor, Tensor)",
+            _fake, "trajectory_loss.trajectory_loss_triton").register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_ops() -> dict[str, object]:
     """The fused op of each kernel backend available here (``cpu``/``cuda`` share the C++ op)."""
-    ops = {"triton": torch.ops.saf_kernels.trajectory_loss_triton}
-    if _backend.HAS_EXT:
-        ops["cpu"] = ops["cuda"] = torch.ops.saf_kernels.trajectory_loss
-    return ops
+    return mt.kernels(OP)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,7 +89,7 @@ def _check_pair(logits, target_logits, fn):
     for name, t in (("logits", logits), ("target_logits", target_logits)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in mt.FLOAT_DTYPES:
             raise TypeError(f"{fn}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
         if t.dim() != 2:
             raise ValueError(f"{fn}: {name} must be 2-D [batch, classes], got shape {tuple(t.shape)}")
@@ -149,7 +125,7 @@ def check_targets(targets, logits, ignore_index, label_smoothing, fn, name="targ
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(targets).__name__}")
     if targets.is_floating_point():
-        if targets.dtype not in _FLOAT_DTYPES:
+        if targets.dtype not in mt.FLOAT_DTYPES:
             raise TypeError(f"{fn}: probability {name} must be float32, float16, bfloat16 or float64, got "
                             f"{targets.dtype}")
         if targets.shape != logits.shape:
@@ -198,13 +174,8 @@ def _fused(backend, logits, target_logits, labels, temperature, ce_weight, kl_we
 # --------------------------------------------------------------------------------------------
 
 
-def trajectory_kl_loss(
-    logits: torch.Tensor,
-    target_logits: torch.Tensor,
-    temperature: float = 5.0,
-    reduction: str = "batchmean",
-    backend: str = "auto",
-) -> torch.Tensor:
+def trajectory_kl_loss(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 5.0,
+                       reduction: str = "batchmean", backend: str = "auto") -> torch.Tensor:
     """SAF/MESA trajectory loss ``T^2 * KL(softmax(target_logits/T) || softmax(logits/T))`` per row.
 
     As the official SAF code computes it (``F.kl_div(log q, p).sum(-1) * T**2``) but with a stable
@@ -238,16 +209,9 @@ def trajectory_kl_loss(
                   "mean" if reduction == "batchmean" else reduction)
 
 
-def saf_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    target_logits: torch.Tensor,
-    lam: float = 0.3,
-    temperature: float = 5.0,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    backend: str = "auto",
-) -> torch.Tensor:
+def saf_loss(logits: torch.Tensor, targets: torch.Tensor, target_logits: torch.Tensor, lam: float = 0.3,
+             temperature: float = 5.0, label_smoothing: float = 0.0, ignore_index: int = -100,
+             backend: str = "auto") -> torch.Tensor:
     """Cross-entropy plus ``lam`` times the trajectory loss, in one pass over the logits.
 
     ``CE(logits, targets; label_smoothing) + lam * T^2 * KL(softmax(target/T) || softmax(logits/T))``,

@@ -167,18 +167,9 @@ class MRRLinear(MRRLayer):
     ``weight`` is given (see also :meth:`from_linear`).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        transfer: Lorentzian | None = None,
-        drift_per_kelvin: float = DRIFT_PER_KELVIN,
-        weight: torch.Tensor | None = None,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, transfer: Lorentzian | None = None,
+                 drift_per_kelvin: float = DRIFT_PER_KELVIN, weight: torch.Tensor | None = None, device=None,
+                 dtype=None):
         super().__init__()
         self.in_features = integer("in_features", in_features, "MRRLinear", lo=1)
         self.out_features = integer("out_features", out_features, "MRRLinear", lo=1)
@@ -207,23 +198,10 @@ class MRRConv2d(MRRLayer):
     """``conv2d(x, L(control + offset + k dT), bias)``: a convolution whose kernel weights are
     rings of an MRR bank (zero padding; stride, padding, dilation, groups as ``nn.Conv2d``)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        *,
-        transfer: Lorentzian | None = None,
-        drift_per_kelvin: float = DRIFT_PER_KELVIN,
-        weight: torch.Tensor | None = None,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, *, transfer: Lorentzian | None = None,
+                 drift_per_kelvin: float = DRIFT_PER_KELVIN, weight: torch.Tensor | None = None, device=None,
+                 dtype=None):
         super().__init__()
         fn = "MRRConv2d"
         self.in_channels = integer("in_channels", in_channels, fn, lo=1)
