@@ -137,6 +137,14 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
 
 
 def available(device: torch.device | str, op: str = "trajectory_loss") -> dict[str, str | None]:
-    """For each concrete backend: None if it can run ``op`` on ``device``, else why not."""
-    device = torch.device(device)
+    """For each concrete backend: None if it can run ``op`` (a registered op's name, e.g.
+    ``"trajectory_loss"``, ``"sam_perturb_"``) on ``device``, else why not."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"saf_kernels.available: device must be a torch.device or a device string, got "
+                         f"{device!r}") from e
+    if not isinstance(op, str) or (HAS_EXT and not hasattr(torch.ops.saf_kernels, op)):
+        raise ValueError(f"saf_kernels.available: op must name a registered op of saf_kernels (e.g. "
+                         f"'trajectory_loss', 'sam_perturb_'), got {op!r}")
     return {b: missing(b, device, op) for b in BACKENDS if b != "auto"}

@@ -289,6 +289,11 @@ EMA = [
 ]
 
 SAM_OPS = [
+    bad("sam_perturb_:adaptive=1", lambda: sam(adaptive=1), TypeError, r"adaptive\[0\] must be a bool, got 1"),
+    bad("available:device", lambda: sk.available("gpu0"), ValueError,
+        r"available: device must be a torch\.device or a device string, got 'gpu0'"),
+    bad("available:op", lambda: sk.available("cpu", "nope"), ValueError,
+        r"available: op must name a registered op of saf_kernels .*got 'nope'", needs_ext=True),
     bad("sam_perturb_:rho=-0.1", lambda: sam(rho=-0.1), ValueError, r"rho\[0\] must be >= 0, got -0\.1"),
     bad("sam_perturb_:rho=nan", lambda: sam(rho=math.nan), ValueError, r"rho\[0\] must be a finite number, got nan"),
     bad("sam_perturb_:rho[1]=inf", lambda: sam(rho=[0.1, math.inf]), ValueError,

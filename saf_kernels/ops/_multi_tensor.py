@@ -177,8 +177,8 @@ def per_tensor(value, n: int, name: str, fn: str, *, kind=float, nonneg: bool = 
     else:
         vals = [value]
     if kind is bool:
-        if not all(isinstance(v, (bool, int)) for v in vals):
-            i = next(i for i, v in enumerate(vals) if not isinstance(v, (bool, int)))
+        if not all(isinstance(v, bool) for v in vals):  # 1 is a number, not a yes
+            i = next(i for i, v in enumerate(vals) if not isinstance(v, bool))
             raise TypeError(f"{fn}: {name}[{i}] must be a bool, got {vals[i]!r}")
         return [bool(v) for v in vals]
     try:
@@ -294,7 +294,7 @@ def check_streams(
                 raise ValueError(
                     f"{where} has shape {list(t.shape)} but {first_name}[{i}] has shape {list(p.shape)}"
                 )
-            if t.numel() > 1 and t.stride() != p.stride():
+            if t.numel() > 1 and _layout(t) != _layout(p):
                 raise ValueError(
                     f"{where} has strides {list(t.stride())} but {first_name}[{i}] has strides "
                     f"{list(p.stride())} (the lists must share one memory layout)"
@@ -305,6 +305,12 @@ def check_streams(
                 )
             if name in same_dtype and t.dtype != p.dtype:
                 raise TypeError(f"{where} has dtype {t.dtype} but {first_name}[{i}] has dtype {p.dtype}")
+
+
+def _layout(t: torch.Tensor) -> list[int]:
+    """The strides that order the elements: a dimension of size 1 has no say (a ``[1, 7]`` view
+    with strides ``(1, 1)`` lies in memory as a contiguous one, whose strides are ``(7, 1)``)."""
+    return [s for s, n in zip(t.stride(), t.shape) if n != 1]
 
 
 def _dense(t: torch.Tensor) -> bool:
