@@ -661,19 +661,19 @@ def gsam_restore_sgd_(params, grads, old_grads, stash, momentum_buffers, lr, wei
 def looksam_gv_(gv, gv_norm, grads, old_grads, eps=1e-12) -> torch.Tensor:
     """Reference of :func:`saf_kernels.ops.looksam_gv_`: ``gv = g_s - (<g, g_s> / |g|^2) g`` with
     ``g_s = grads`` (at the perturbed weights) and ``g = old_grads``, and ``gv_norm = |gv|``
-    (from ``|g_s|^2 - <g, g_s>^2 / |g|^2``, clamped at 0: no second pass). Non-finite
-    coefficients or a zero ``|g|`` leave ``gv`` and ``gv_norm`` unchanged. Returns
-    ``[cos(g, g_s), |g|, |g_s|]``."""
+    summed from the written ``gv`` (``|g_s|^2 - <g, g_s>^2 / |g|^2`` cancels badly when ``g_s``
+    is nearly parallel to ``g``, the usual case). Non-finite coefficients or a zero ``|g|``
+    leave ``gv`` and ``gv_norm`` unchanged. Returns ``[cos(g, g_s), |g|, |g_s|]``."""
     dot = sum((a.double() * b.double()).sum() for a, b in zip(old_grads, grads))
     gg = sum((a.double() ** 2).sum() for a in old_grads)
     ss = sum((b.double() ** 2).sum() for b in grads)
     c = dot / gg
-    nv = (ss - dot * c).clamp(min=0).sqrt()
-    ok = torch.isfinite(c) & torch.isfinite(nv) & (gg > 0)
+    ok = torch.isfinite(c) & torch.isfinite(ss) & (gg > 0)
     for v, g, o in zip(gv, grads, old_grads):
         dt = _acc(v)
         new = g.to(dt) - c.to(dt) * o.to(dt)
         v.copy_(torch.where(ok, new, v.to(dt)))
+    nv = sum((v.double() ** 2).sum() for v in gv).sqrt()
     gv_norm.copy_(torch.where(ok, nv, gv_norm.double()).reshape(gv_norm.shape))
     acc = torch.float64 if any(v.dtype == torch.float64 for v in gv) else torch.float32
     n_old, n_new = gg.sqrt(), ss.sqrt()

@@ -40,7 +40,7 @@ class LookSAM(SAM):
     overflow leaves ``g_v`` as it was.
 
     Cost: a SAM step is SAM's plus one reduction pass (``<g, g_s>``, ``|g|^2``, ``|g_s|^2``) and
-    one write of ``g_v``; a reuse step one forward/backward, one reduction (``|g|``), one pass
+    one write of ``g_v`` and its norm (one read); a reuse step one forward/backward, one reduction (``|g|``), one pass
     adding ``g_v`` and the base step. Memory: ``g_v`` (one copy of the parameters) beside SAM's
     stash; the first gradients are kept (taken out of ``.grad``, no copy) during a SAM step.
 
@@ -80,9 +80,10 @@ class LookSAM(SAM):
             out.append(v)
         return out
 
-    def _norm_state(self, device: torch.device) -> torch.Tensor:
-        if self._gv_norm is None or self._gv_norm.device != device:
-            self._gv_norm = torch.zeros((), dtype=torch.float32, device=device)
+    def _norm_state(self, p: torch.Tensor) -> torch.Tensor:
+        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        if self._gv_norm is None or self._gv_norm.device != p.device or self._gv_norm.dtype != acc:
+            self._gv_norm = torch.zeros((), dtype=acc, device=p.device)
         return self._gv_norm
 
     @torch.no_grad()
@@ -105,7 +106,7 @@ class LookSAM(SAM):
             now = [p for g in self.param_groups for p in g["params"] if p.grad is not None and p in self._old_g]
             if now:
                 self.last_stats = looksam_ops.looksam_gv_(
-                    self._gv_for(now), self._norm_state(now[0].device), [p.grad for p in now],
+                    self._gv_for(now), self._norm_state(now[0]), [p.grad for p in now],
                     [self._old_g[p] for p in now], backend=self.backend)
             self._old_g = {}
         super().second_step(zero_grad)
@@ -114,7 +115,7 @@ class LookSAM(SAM):
         params, grads, _ = self._collect()
         norm = None
         if params:
-            norm = looksam_ops.looksam_combine_(grads, self._gv_for(params), self._norm_state(params[0].device),
+            norm = looksam_ops.looksam_combine_(grads, self._gv_for(params), self._norm_state(params[0]),
                                                 self.alpha, self.gv_eps, backend=self.backend)
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device, norm.dtype)
