@@ -88,7 +88,8 @@ def looksam_gv_(
     dev = gv[0].device
     _check_norm(gv_norm, fn, dev)
     impl = _backend.resolve(backend, dev, "looksam_gv_")
-    check_streams(fn, [("gv", gv), ("grads", grads), ("old_grads", old)], same_dtype=("grads", "old_grads"))
+    check_streams(fn, [("gv", gv), ("grads", grads), ("old_grads", old)], same_dtype=("gv", "grads", "old_grads"))
+    # (gv, grads and old_grads share one dtype per tensor: the Triton tables type all three alike)
     if impl == "triton":
         return torch.ops.saf_kernels.looksam_gv_triton(gv, gv_norm, grads, old, eps)
     return reference.looksam_gv_(gv, gv_norm, grads, old, eps)
@@ -118,7 +119,7 @@ def looksam_combine_(
     dev = grads[0].device
     _check_norm(gv_norm, fn, dev)
     impl = _backend.resolve(backend, dev, "looksam_combine_")
-    check_streams(fn, [("grads", grads), ("gv", gv)])
+    check_streams(fn, [("grads", grads), ("gv", gv)], same_dtype=("grads", "gv"))
     if impl == "triton":
         return torch.ops.saf_kernels.looksam_combine_triton(grads, gv, gv_norm, alpha, eps)
     return reference.looksam_combine_(grads, gv, gv_norm, alpha, eps)
