@@ -700,11 +700,12 @@ def looksam_combine_(grads, gv, gv_norm, alpha, eps=1e-8) -> torch.Tensor:
 def _msam_finish(params, bufs, coef_state, rho, eps):
     """Momentum-SAM's re-perturbation: ``coef = 1 / (|buf| + eps)`` (global), ``w -= rho * coef * buf``."""
     norm = sum((b.double() ** 2).sum() for b in bufs).sqrt()
-    inv = 1.0 / (norm + eps)
+    # Stored first and used as stored: the next step un-perturbs with exactly this value.
+    coef_state.copy_((1.0 / (norm + eps)).reshape(coef_state.shape).to(coef_state.dtype))
+    inv = coef_state.double().reshape(())
     for p, b, r in zip(params, bufs, rho):
         dt = _acc(p)
         p.copy_(p.to(dt) - (r * inv).to(dt) * b.to(dt))
-    coef_state.copy_(inv.reshape(coef_state.shape).to(coef_state.dtype))
     return norm
 
 

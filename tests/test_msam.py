@@ -79,14 +79,16 @@ def test_sgd_op_matches_reference_in_float64(backend, device, dtype):
     skip_unless_available(backend, device, "msam_sgd_")
     p, g, b = _lists(dtype, device, 3)
     p64, g64, b64 = ([t.double().cpu().clone() for t in ts] for ts in (p, g, b))
-    inv, inv64 = torch.full((), 0.25, device=device), torch.full((), 0.25, dtype=torch.float64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # as the optimizers keep it
+    inv, inv64 = torch.full((), 0.25, dtype=acc, device=device), torch.full((), 0.25, dtype=torch.float64)
     kw = dict(lr=[0.1, 0.2, 0.1, 0.05, 0.1], weight_decay=1e-3, momentum=0.9, rho_prev=0.3, rho=0.2)
     n = O.msam_sgd_(p, g, b, inv, backend=backend, **kw)
     n64 = O.msam_sgd_(p64, g64, b64, inv64, backend="torch", **kw)
     for a, w in zip(p + b, p64 + b64):
         torch.testing.assert_close(a.double().cpu(), w, **TOL[dtype])
-    torch.testing.assert_close(float(n), float(n64), rtol=1e-4, atol=0)
-    torch.testing.assert_close(float(inv), float(inv64), rtol=1e-4, atol=0)
+    srtol = 1e-2 if dtype == torch.bfloat16 else 1e-4  # the norm of the buffer as stored
+    torch.testing.assert_close(float(n), float(n64), rtol=srtol, atol=0)
+    torch.testing.assert_close(float(inv), float(inv64), rtol=srtol, atol=0)
 
 
 @pytest.mark.parametrize(("backend", "device"), PAIRS)
@@ -97,7 +99,8 @@ def test_adamw_op_matches_reference_in_float64(backend, device, dtype):
     v = [t.abs() for t in v]
     steps = [torch.full((), 3.0, device=device) for _ in p]
     p64, g64, m64, v64 = ([t.double().cpu().clone() for t in ts] for ts in (p, g, m, v))
-    inv, inv64 = torch.full((), 0.25, device=device), torch.full((), 0.25, dtype=torch.float64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # as the optimizers keep it
+    inv, inv64 = torch.full((), 0.25, dtype=acc, device=device), torch.full((), 0.25, dtype=torch.float64)
     kw = dict(lr=1e-2, weight_decay=0.05, rho_prev=0.3, rho=0.2)
     O.msam_adamw_(p, g, m, v, steps, inv, backend=backend, **kw)
     O.msam_adamw_(p64, g64, m64, v64, [s.cpu() for s in steps], inv64, backend="torch", **kw)
