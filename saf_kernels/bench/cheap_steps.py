@@ -3,31 +3,8 @@ table): Momentum-SAM (one pass), LookSAM (k = 5) and SAM on a schedule (every = 
 
 from __future__ import annotations
 
-import torch
-
 from ..optim import MSAM, SAM, LookSAM
-
-
-def _scheduled_builder(make):
-    """``build(ctx) -> step(i)`` for a two-pass optimizer whose schedule decides the passes."""
-
-    def build(ctx):
-        m = ctx.model_fn().train()
-        opt = make(m, ctx)
-
-        def step(i: int) -> None:
-            x, y, _ = ctx.batch(i)
-            with opt.first_pass(m):
-                ctx.loss_fn(m(x), y).backward()
-            if opt.sam_step:
-                opt.first_step(zero_grad=True)
-                with opt.second_pass(m):
-                    ctx.loss_fn(m(x), y).backward()
-            opt.second_step(zero_grad=True)
-
-        return step
-
-    return build
+from .sam_steps import _two_pass_builder
 
 
 def build_msam(ctx):
@@ -44,14 +21,8 @@ def build_msam(ctx):
     return step
 
 
-def _sgd_kw(ctx):
-    return dict(lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
-
-
 BUILDERS = {
     "msam": build_msam,
-    "looksam": _scheduled_builder(lambda m, ctx: LookSAM(m.parameters(), torch.optim.SGD, rho=0.1, k=5, alpha=0.7,
-                                                         **_sgd_kw(ctx))),
-    "sam_every5": _scheduled_builder(lambda m, ctx: SAM(m.parameters(), torch.optim.SGD, rho=0.05, every=5,
-                                                        **_sgd_kw(ctx))),
+    "looksam": _two_pass_builder(LookSAM, rho=0.1, k=5, alpha=0.7),
+    "sam_every5": _two_pass_builder(SAM, rho=0.05, every=5),
 }

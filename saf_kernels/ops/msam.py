@@ -60,11 +60,15 @@ def _msam_adamw_triton(params: list[torch.Tensor], grads: list[torch.Tensor], ex
 _msam_adamw_triton.register_fake(_norm_fake)
 
 
+def _floats(fn, n, **values) -> list[list[float]]:
+    """Per-tensor lists at full length of the named values, each a finite number >= 0."""
+    return [full(per_tensor(v, n, k, fn, nonneg=True), n) for k, v in values.items()]
+
+
 def _common(fn, params, inv_norm, rho_prev, rho, n):
     dev = params[0].device
     check_scalar(inv_norm, "inv_norm", fn, dev)
-    rp = full(per_tensor(rho_prev, n, "rho_prev", fn, nonneg=True), n)
-    r = full(per_tensor(rho, n, "rho", fn, nonneg=True), n)
+    rp, r = _floats(fn, n, rho_prev=rho_prev, rho=rho)
     return dev, rp, r
 
 
@@ -97,9 +101,7 @@ def msam_sgd_(
     params, grads = as_list(params, "params", fn), as_list(grads, "grads", fn)
     bufs = as_list(momentum_buffers, "momentum_buffers", fn)
     n = check_lengths(fn, params=params, grads=grads, momentum_buffers=bufs)
-    lr_l = full(per_tensor(lr, n, "lr", fn, nonneg=True), n)
-    wd_l = full(per_tensor(weight_decay, n, "weight_decay", fn, nonneg=True), n)
-    mom_l = full(per_tensor(momentum, n, "momentum", fn, nonneg=True), n)
+    lr_l, wd_l, mom_l = _floats(fn, n, lr=lr, weight_decay=weight_decay, momentum=momentum)
     eps = _check_eps(eps, fn)
     if n == 0:
         return torch.zeros(())
@@ -140,11 +142,7 @@ def msam_adamw_(
     params, grads = as_list(params, "params", fn), as_list(grads, "grads", fn)
     m, v, steps = as_list(exp_avg, "exp_avg", fn), as_list(exp_avg_sq, "exp_avg_sq", fn), as_list(steps, "steps", fn)
     n = check_lengths(fn, params=params, grads=grads, exp_avg=m, exp_avg_sq=v, steps=steps)
-    lr_l = full(per_tensor(lr, n, "lr", fn, nonneg=True), n)
-    b1 = full(per_tensor(beta1, n, "beta1", fn, nonneg=True), n)
-    b2 = full(per_tensor(beta2, n, "beta2", fn, nonneg=True), n)
-    eps_l = full(per_tensor(eps, n, "eps", fn, nonneg=True), n)
-    wd_l = full(per_tensor(weight_decay, n, "weight_decay", fn, nonneg=True), n)
+    lr_l, b1, b2, eps_l, wd_l = _floats(fn, n, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     for name, vals in (("beta1", b1), ("beta2", b2)):
         for i, x in enumerate(vals):
             if not x < 1.0:

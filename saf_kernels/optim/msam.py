@@ -14,7 +14,7 @@ import torch
 
 from .. import _checks as C
 from ..ops import msam as msam_ops
-from .base import nonneg
+from .base import TwoPassOptimizer, nonneg
 
 
 class _MomentumSAM(torch.optim.Optimizer):
@@ -42,18 +42,7 @@ class _MomentumSAM(torch.optim.Optimizer):
             self._inv_norm = torch.zeros((), dtype=acc, device=device)
         return self._inv_norm
 
-    def _with_grads(self) -> tuple[list, list, list]:
-        params, grads, groups = [], [], []
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                params.append(p)
-                grads.append(p.grad)
-                groups.append(g)
-        return params, grads, groups
+    _with_grads = TwoPassOptimizer._collect  # (params, grads, groups) of the params with a gradient
 
     def _fused(self, params, grads, groups) -> torch.Tensor:
         raise NotImplementedError
