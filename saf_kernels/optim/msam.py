@@ -116,7 +116,9 @@ class MSAM(_MomentumSAM):
     two fused passes over the parameters (:func:`saf_kernels.ops.msam_sgd_`); no extra memory
     beyond SGD's momentum buffer. No host synchronisation.
 
-    Evaluate or export inside :meth:`unperturbed`. Under AMP use ``scaler.step(opt)``: the
+    A parameter without a gradient in a step is left where it is (as the authors' code): keep
+    every parameter in the graph, or its perturbation goes stale. Evaluate or export inside
+    :meth:`unperturbed`. Under AMP use ``scaler.step(opt)``: the
     scaler unscales and skips an overflowed step as for any torch optimizer.
 
     Args:

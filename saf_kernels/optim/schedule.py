@@ -56,7 +56,8 @@ class AdaptivePolicy:
     step t+1 is decided from step t's statistic, copied to the host asynchronously (a pinned
     buffer and a CUDA event; if the copy has not landed when asked, the last landed decision
     is used). The first step is a SAM step. The statistic is the norm of the first (clean)
-    gradient of every step, unscaled under AMP.
+    gradient of every step, unscaled under AMP; under DDP the mean over the replicas (so that
+    all take the same decision).
 
     Defaults: ``delta = 0.9``, ``c`` from -1 to 1 (our reading of the paper's choice; AE-SAM's
     code was not available to check against): early training takes SAM on most steps, late
@@ -86,6 +87,14 @@ class AdaptivePolicy:
         """Step ``t``'s first-gradient norm (a device tensor): update the statistics on the device
         and start the asynchronous copy of the decision for step ``t + 1``."""
         sq = grad_norm.detach().double().reshape(()) ** 2
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Unsynchronised first passes give each replica its own norm: every replica must
+            # take the same decision, so the statistic is the replicas' mean (a collective on
+            # one scalar, no host synchronisation).
+            sq = sq.clone()
+            dist.all_reduce(sq)
+            sq = sq / dist.get_world_size()
         dev = sq.device
         if self._stats is None or self._stats.device != dev:
             self._stats = torch.zeros(3, dtype=torch.float64, device=dev)
