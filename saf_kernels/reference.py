@@ -657,3 +657,114 @@ def gsam_restore_sgd_(params, grads, old_grads, stash, momentum_buffers, lr, wei
                      momentum, dampening, nesterov, maximize, first_run, stash_mode, None, skip)
     acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     return torch.stack([cos, n_old, n_new]).to(acc)
+
+
+# --------------------------------------------------------------------------------------------
+# Cheaper sharpness (issue 15): LookSAM's g_v and its reuse, Momentum-SAM's fused steps. Norms
+# and inner products are global over the list, accumulated in float64 here. No host
+# synchronisation: coefficients stay tensors, non-finite values select "leave unchanged".
+# --------------------------------------------------------------------------------------------
+
+
+def looksam_gv_(gv, gv_norm, grads, old_grads, eps=1e-12) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.looksam_gv_`: ``gv = g_s - (<g, g_s> / |g|^2) g`` with
+    ``g_s = grads`` (at the perturbed weights) and ``g = old_grads``, and ``gv_norm = |gv|``
+    summed from the written ``gv`` (``|g_s|^2 - <g, g_s>^2 / |g|^2`` cancels badly when ``g_s``
+    is nearly parallel to ``g``, the usual case). Non-finite coefficients or a zero ``|g|``
+    leave ``gv`` and ``gv_norm`` unchanged. Returns ``[cos(g, g_s), |g|, |g_s|]``."""
+    dot = sum((a.double() * b.double()).sum() for a, b in zip(old_grads, grads))
+    gg = sum((a.double() ** 2).sum() for a in old_grads)
+    ss = sum((b.double() ** 2).sum() for b in grads)
+    c = dot / gg
+    ok = torch.isfinite(c) & torch.isfinite(ss) & (gg > 0)
+    for v, g, o in zip(gv, grads, old_grads):
+        dt = _acc(v)
+        new = g.to(dt) - c.to(dt) * o.to(dt)
+        v.copy_(torch.where(ok, new, v.to(dt)))
+    nv = sum((v.double() ** 2).sum() for v in gv).sqrt()
+    gv_norm.copy_(torch.where(ok, nv, gv_norm.double()).reshape(gv_norm.shape))
+    acc = torch.float64 if any(v.dtype == torch.float64 for v in gv) else torch.float32
+    n_old, n_new = gg.sqrt(), ss.sqrt()
+    return torch.stack([dot / (n_old * n_new + eps), n_old, n_new]).to(acc)
+
+
+def looksam_combine_(grads, gv, gv_norm, alpha, eps=1e-8) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.looksam_combine_`: ``g += alpha |g| / (|gv| + eps) gv``
+    (scale invariant in ``g`` and ``gv``, so AMP-scaled gradients need no unscaling). A zero or
+    non-finite ``gv_norm`` or a non-finite ``|g|`` leaves ``g`` as it is. Returns ``|g|`` before
+    the update."""
+    gg = sum((g.double() ** 2).sum() for g in grads)
+    ng = gg.sqrt()
+    nv = gv_norm.double().reshape(())
+    ok = torch.isfinite(ng) & torch.isfinite(nv) & (nv > 0)
+    coef = torch.where(ok, alpha * ng / (nv + eps), torch.zeros_like(ng))
+    for g, v in zip(grads, gv):
+        dt = _acc(g)
+        g.copy_(torch.where(ok, g.to(dt) + coef.to(dt) * v.to(dt), g.to(dt)))
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    return ng.to(acc)
+
+
+def _msam_finish(params, bufs, coef_state, rho, eps):
+    """Momentum-SAM's re-perturbation: ``coef = 1 / (|buf| + eps)`` (global), ``w -= rho * coef * buf``."""
+    norm = sum((b.double() ** 2).sum() for b in bufs).sqrt()
+    # Stored first and used as stored: the next step un-perturbs with exactly this value.
+    coef_state.copy_((1.0 / (norm + eps)).reshape(coef_state.shape).to(coef_state.dtype))
+    inv = coef_state.double().reshape(())
+    for p, b, r in zip(params, bufs, rho):
+        dt = _acc(p)
+        p.copy_(p.to(dt) - (r * inv).to(dt) * b.to(dt))
+    return norm
+
+
+def msam_sgd_(params, grads, momentum_buffers, inv_norm, lr, weight_decay, momentum, rho_prev, rho,
+              eps=1e-12) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.msam_sgd_`, the authors' SGD rule (MarlonBecker/MSAM),
+    with the weights ``w`` stored at the perturbed point between steps::
+
+        d   = g + weight_decay * w                 (w perturbed, as the authors' code)
+        w   = w + rho_prev * inv_norm * buf        (back to the unperturbed weights)
+        buf = momentum * buf + d
+        w   = w - lr * buf
+        inv_norm = 1 / (|buf| + eps)               (global)
+        w   = w - rho * inv_norm * buf             (the next step's perturbation)
+
+    Returns ``|buf|``."""
+    for i, (p, g, b) in enumerate(zip(params, grads, momentum_buffers)):
+        dt = _acc(p)
+        w = p.to(dt)
+        d = g.to(dt) + weight_decay[i] * w
+        w = w + (rho_prev[i] * inv_norm.double()).to(dt) * b.to(dt)
+        nb = momentum[i] * b.to(dt) + d
+        b.copy_(nb)
+        p.copy_(w - lr[i] * nb)
+    return _msam_finish(params, momentum_buffers, inv_norm, rho, eps).to(_acc(params[0]))
+
+
+def msam_adamw_(params, grads, exp_avg, exp_avg_sq, steps, inv_norm, lr, beta1, beta2, eps, weight_decay,
+                rho_prev, rho, norm_eps=1e-12) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.msam_adamw_`, the authors' AdamW rule
+    (MarlonBecker/MSAM ``adamW_msam``; ``steps`` already count this step)::
+
+        w = w + rho_prev * inv_norm * m            (unperturbed)
+        m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
+        w = w - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+        w = w * (1 - lr * weight_decay)            (after the Adam step, as the authors)
+        inv_norm = 1 / (|m| + norm_eps);  w = w - rho * inv_norm * m
+
+    Returns ``|m|``."""
+    for i, (p, g, m, v, st) in enumerate(zip(params, grads, exp_avg, exp_avg_sq, steps)):
+        dt = _acc(p)
+        w = p.to(dt) + (rho_prev[i] * inv_norm.double()).to(dt) * m.to(dt)
+        d = g.to(dt)
+        step = st.to(torch.float64)
+        bc1 = 1 - beta1[i] ** step
+        bc2_sqrt = (1 - beta2[i] ** step).sqrt()
+        nm = m.to(dt) * beta1[i] + (1 - beta1[i]) * d
+        nv = v.to(dt) * beta2[i] + (1 - beta2[i]) * d * d
+        w = w - (lr[i] / bc1).to(dt) * (nm / (nv.sqrt() / bc2_sqrt.to(dt) + eps[i]))
+        w = w * (1 - lr[i] * weight_decay[i])
+        m.copy_(nm)
+        v.copy_(nv)
+        p.copy_(w)
+    return _msam_finish(params, exp_avg, inv_norm, rho, norm_eps).to(_acc(params[0]))

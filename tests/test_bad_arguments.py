@@ -25,6 +25,7 @@ from saf_kernels import BackendUnavailable, _backend, sharpness
 from saf_kernels import ops as O
 from saf_kernels.optim import ASAM, ESAM, GSAM, RSAM, SAM, CosineIncrease, ProportionScheduler
 from saf_kernels.optim.esam import index_batch, per_sample_closure
+from saf_kernels.optim import MSAM, AdaptivePolicy, LookSAM, MSAMAdamW, norm_layer_filter
 
 SGD, AdamW = torch.optim.SGD, torch.optim.AdamW
 CE = torch.nn.functional.cross_entropy
@@ -925,7 +926,56 @@ INTEGRATIONS = [
     ]
 ]
 
-ROWS = LOSSES + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS + BENCH + PHYSICAL + INTEGRATIONS
+# Issue 15: LookSAM, Momentum-SAM, schedules and the parameter filter.
+CHEAP = [
+    bad("LookSAM:k=0", lambda: LookSAM(params(), SGD, k=0, lr=0.1), ValueError, r"LookSAM: k must be .*>= 1.*got 0"),
+    bad("LookSAM:k=2.5", lambda: LookSAM(params(), SGD, k=2.5, lr=0.1), ValueError, r"LookSAM: k must be"),
+    bad("LookSAM:alpha=nan", lambda: LookSAM(params(), SGD, alpha=math.nan, lr=0.1), ValueError,
+        r"LookSAM: alpha must be a finite number, got nan"),
+    bad("LookSAM:every=2", lambda: LookSAM(params(), SGD, every=2, lr=0.1), ValueError,
+        r"LookSAM: every=2 does not apply; LookSAM's schedule is k"),
+    bad("looksam_combine_:alpha=inf", lambda: O.looksam_combine_([torch.ones(2)], [torch.ones(2)], torch.ones(()),
+                                                                  math.inf), ValueError,
+        r"looksam_combine_: alpha must be a finite number, got inf"),
+    bad("looksam_gv_:gv_norm-int", lambda: O.looksam_gv_([torch.ones(2)], torch.ones((), dtype=torch.int64),
+                                                         [torch.ones(2)], [torch.ones(2)]), ValueError,
+        r"looksam_gv_: gv_norm must be a one-element floating tensor"),
+    bad("SAM:every=0", lambda: SAM(params(), SGD, every=0, lr=0.1), ValueError, r"SAM: every must be .*>= 1.*got 0"),
+    bad("SAM:every=True", lambda: SAM(params(), SGD, every=True, lr=0.1), ValueError, r"SAM: every must be"),
+    bad("SAM:policy-str", lambda: SAM(params(), SGD, policy="ae", lr=0.1), TypeError,
+        r"SAM: policy must be a saf_kernels.optim.AdaptivePolicy or None, got 'ae'"),
+    bad("SAM:every+policy", lambda: SAM(params(), SGD, every=2, policy=AdaptivePolicy(), lr=0.1), ValueError,
+        r"SAM: give either every=2 or a policy, not both"),
+    bad("GSAM:empty-filter", lambda: GSAM(params(), SGD, perturb_filter=lambda p: False, lr=0.1), ValueError,
+        r"GSAM: perturb_filter selects none of the 2 parameters"),
+    bad("SAM:filter-not-callable", lambda: SAM(params(), SGD, perturb_filter="norm", lr=0.1), TypeError,
+        r"SAM: perturb_filter must be"),
+    bad("RSAM:every=2", lambda: RSAM(params(), SGD, every=2, lr=0.1), ValueError, r"RSAM runs its own step logic"),
+    bad("norm_layer_filter:no-norm", lambda: norm_layer_filter(model()), ValueError,
+        r"norm_layer_filter: model has no normalisation layer with parameters"),
+    bad("AdaptivePolicy:delta=1", lambda: AdaptivePolicy(delta=1.0), ValueError, r"AdaptivePolicy: delta must be in"),
+    bad("AdaptivePolicy:total_steps=0", lambda: AdaptivePolicy(total_steps=0), ValueError,
+        r"AdaptivePolicy: total_steps must be"),
+    bad("MSAM:rho=-1", lambda: MSAM(params(), rho=-1.0), ValueError, r"MSAM: rho must be a finite number >= 0, got -1"),
+    bad("MSAM:momentum=1", lambda: MSAM(params(), momentum=1.0), ValueError, r"MSAM: momentum must be in"),
+    bad("MSAM:lr=nan", lambda: MSAM(params(), lr=math.nan), ValueError, r"MSAM: lr must be a finite number"),
+    bad("MSAMAdamW:betas", lambda: MSAMAdamW(params(), betas=(0.9, 1.0)), ValueError,
+        r"MSAMAdamW: betas\[1\] must be in"),
+    bad("MSAMAdamW:betas-scalar", lambda: MSAMAdamW(params(), betas=0.9), ValueError,
+        r"MSAMAdamW: betas must be a pair"),
+    bad("msam_sgd_:rho=-1", lambda: O.msam_sgd_([torch.ones(2)], [torch.ones(2)], [torch.ones(2)], torch.zeros(()),
+                                                lr=0.1, rho_prev=0.0, rho=-1.0), ValueError,
+        r"msam_sgd_: rho\[0\] must be >= 0, got -1"),
+    bad("msam_sgd_:inv_norm-list", lambda: O.msam_sgd_([torch.ones(2)], [torch.ones(2)], [torch.ones(2)], [0.0],
+                                                       lr=0.1, rho_prev=0.0, rho=0.1), TypeError,
+        r"msam_sgd_: inv_norm must be a tensor or None"),
+    bad("msam_adamw_:shape", lambda: O.msam_adamw_([torch.ones(2)], [torch.ones(3)], [torch.ones(2)], [torch.ones(2)],
+                                                   [torch.ones(())], torch.zeros(()), lr=0.1, rho_prev=0.0, rho=0.1),
+        ValueError, r"msam_adamw_: grads\[0\] has shape \[3\] but params\[0\] has shape \[2\]"),
+]
+
+ROWS = (LOSSES + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS + BENCH + CHEAP + PHYSICAL
+        + INTEGRATIONS)
 
 
 @pytest.mark.parametrize(("call", "exc", "match"), ROWS)

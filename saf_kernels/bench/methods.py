@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .models import SmallCNN, resnet18
 from .timing import interleaved, synchronize
 
-METHODS = ("sgd", "sam", "asam", "esam", "rsam", "gsam", "saf", "mesa")
+METHODS = ("sgd", "sam", "asam", "esam", "rsam", "gsam", "saf", "mesa", "msam", "looksam", "sam_every5")
 TITLE = "Training step vs plain SGD ({model}, batch {batch}, {device}; ratio = median step / SGD median step, one run)"
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
@@ -76,7 +76,7 @@ def build_sgd(ctx: StepContext) -> Callable[[int], None]:
 def builders() -> dict[str, Callable]:
     """Method name -> step builder, for every method implemented in this version."""
     found: dict[str, Callable] = {"sgd": build_sgd}
-    for mod in ("sam_steps", "saf_steps", "esam_steps"):
+    for mod in ("sam_steps", "saf_steps", "esam_steps", "cheap_steps"):
         try:
             module = __import__(f"{__package__}.{mod}", fromlist=["BUILDERS"])
         except ImportError:

@@ -111,9 +111,10 @@ def _two_pass_builder(cls, **okw):
             x, y, _ = ctx.batch(i)
             with opt.first_pass(m):
                 ctx.loss_fn(m(x), y).backward()
-            opt.first_step(zero_grad=True)
-            with opt.second_pass(m):
-                ctx.loss_fn(m(x), y).backward()
+            if opt.sam_step:  # always, unless a schedule (every=, LookSAM's k) says one pass
+                opt.first_step(zero_grad=True)
+                with opt.second_pass(m):
+                    ctx.loss_fn(m(x), y).backward()
             opt.second_step(zero_grad=True)
 
         return step

@@ -3,6 +3,8 @@
 from .ema import ema_update_
 from .esam import esam_perturb_, esam_restore_, sds_count, sds_select
 from .gsam import gsam_combine_, gsam_restore_sgd_
+from .looksam import looksam_combine_, looksam_gv_
+from .msam import msam_adamw_, msam_sgd_
 from .philox import philox_
 from .rsam import rsam_noise_, rsam_perturb_
 from .sam import sam_perturb_, sam_restore_, sam_restore_adamw_, sam_restore_sgd_
@@ -15,6 +17,10 @@ __all__ = [
     "esam_restore_",
     "gsam_combine_",
     "gsam_restore_sgd_",
+    "looksam_combine_",
+    "looksam_gv_",
+    "msam_adamw_",
+    "msam_sgd_",
     "philox_",
     "rsam_noise_",
     "rsam_perturb_",

@@ -44,7 +44,7 @@ from torch import nn
 
 from .. import _checks as C
 from ..ops import sam as sam_ops
-from . import utils
+from . import schedule, utils
 
 
 class TwoPassOptimizer(torch.optim.Optimizer):
@@ -78,9 +78,27 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         sync_first_pass: DDP: average the first gradients across replicas (False: m-sharpness).
         bn_first_pass_only: BatchNorm running statistics come from the first pass only.
         backend: kernel backend of the fused ops (``"auto" | "cuda" | "triton" | "cpu" | "torch"``).
+        every: a two-pass (SAM) step every ``every`` steps and the base optimizer's step alone on
+            the others, as Composer's SAM ``interval`` (SAM on steps ``t`` with ``(t + 1) % every
+            == 0``, counting from 0). ``every=1`` (default) is the method itself.
+        policy: an :class:`saf_kernels.optim.AdaptivePolicy` (AE-SAM, Jiang et al., ICLR 2023)
+            deciding each step whether to take the two-pass step; exclusive with ``every > 1``.
+            The decision is made from the previous step's statistic, copied to the host
+            asynchronously: no host synchronisation in the step.
+        perturb_filter: ``param -> bool``; only the selected tensors are perturbed (SAM-ON:
+            :func:`saf_kernels.optim.norm_layer_filter`; LoRA adapters: a name test). The others
+            still get the base step with the second gradient. A filter that selects no
+            parameter is rejected.
+
+        ``every``, ``policy`` and ``perturb_filter`` are keyword arguments of every two-pass
+        optimizer (SAM, ASAM, GSAM, LookSAM, ESAM, R-SAM: they are taken out of the base
+        optimizer's keyword arguments here). With a schedule, a training loop asks
+        :attr:`sam_step` whether this step takes two passes; ``step(closure)`` does it itself.
     """
 
     _step_supports_amp_scaling = True
+    #: Whether the subclass's step follows this class's step logic (a schedule can apply).
+    _schedulable = True
 
     def __init__(
         self,
@@ -96,8 +114,15 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         sync_first_pass: bool = False,
         bn_first_pass_only: bool = True,
         backend: str = "auto",
+        every: int = 1,
+        policy: Any = None,
+        perturb_filter: Callable[[torch.Tensor], bool] | None = None,
     ):
         name = type(self).__name__
+        base_kwargs = dict(base_kwargs)
+        every = base_kwargs.pop("every", every)
+        policy = base_kwargs.pop("policy", policy)
+        perturb_filter = base_kwargs.pop("perturb_filter", perturb_filter)
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError(
                 f"{name}: base_optimizer must be an optimizer class such as torch.optim.SGD, got "
@@ -138,6 +163,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._first_found_inf: torch.Tensor | None = None
         self._grad_scaler = None
         self.last_grad_norm: torch.Tensor | None = None
+        self.every, self.policy, self.perturb_filter = schedule.check_schedule(
+            self, every, policy, perturb_filter, self._schedulable)
+        self._filter_hits: dict[int, bool] = {}
+        #: Completed steps (two-pass and single-pass), the schedule's clock.
+        self.steps_done = 0
 
     # ----------------------------------------------------------------------------------------
     # To implement
@@ -263,7 +293,13 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                     "grad_scaler has no scale yet: call grad_scaler.scale(loss).backward() first"
                 )
             self._grad_scaler = grad_scaler
-        params, grads, groups = self._collect()
+        if not self.sam_step:
+            raise RuntimeError(
+                f"{type(self).__name__}.first_step() on a step the schedule takes with one pass "
+                f"(every={self.every}, policy={self.policy!r}, steps done {self.steps_done}): check "
+                "opt.sam_step before the second pass, and finish this step with second_step() or step()"
+            )
+        params, grads, groups = self._selected(*self._collect())
         stash = self._stash_for(params)
         norm = self._perturb(params, grads, stash, groups, grad_scale)
         self._perturbed = params
@@ -283,6 +319,9 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         Under AMP call ``grad_scaler.step(optimizer)`` instead (it calls :meth:`step`, which
         lands here with ``grad_scale`` / ``found_inf`` set).
         """
+        if self._single_pass_now():
+            self.single_pass_step(zero_grad)
+            return
         params, grad_scale, found = self._begin_second_step(zero_grad)
         stash = [self._stash[p] for p in params]
         if self.fused_step:  # resolved now: the groups may have changed since the last step
@@ -294,8 +333,66 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._first_found_inf = None
         self._grad_scaler = None
         self._opt_called = True  # LR schedulers check this flag of the stepped optimizer
+        self._end_step(self.last_grad_norm)
         if zero_grad:
             self.zero_grad(set_to_none=True)
+
+    # ----------------------------------------------------------------------------------------
+    # Schedules and the parameter filter (every two-pass optimizer)
+    # ----------------------------------------------------------------------------------------
+
+    def _is_sam_step(self, t: int) -> bool:
+        """Whether step ``t`` (0-based) of a fixed schedule takes two passes (Composer's rule)."""
+        return (t + 1) % self.every == 0
+
+    @property
+    def sam_step(self) -> bool:
+        """Whether the current step takes the two passes (perturb, second gradient); known on the
+        host without synchronisation. Always True without a schedule."""
+        if self.policy is not None:
+            return self.policy.decide(self.steps_done)
+        return self._is_sam_step(self.steps_done)
+
+    def _single_pass_now(self) -> bool:
+        return self._perturbed is None and not self.sam_step
+
+    def _selected(self, params, grads, groups):
+        """The tensors ``perturb_filter`` selects (all without one)."""
+        if self.perturb_filter is None:
+            return params, grads, groups
+        keep = [schedule.selected(self, p) for p in params]
+        return ([x for x, k in zip(params, keep) if k], [x for x, k in zip(grads, keep) if k],
+                [x for x, k in zip(groups, keep) if k])
+
+    def _end_step(self, grad_norm: torch.Tensor | None) -> None:
+        """A step is complete: the schedule's clock moves on and the policy sees the first
+        gradient's norm (a device tensor; its decision reaches the host asynchronously)."""
+        if self.policy is not None and grad_norm is not None:
+            self.policy.update(grad_norm, self.steps_done)
+        self.steps_done += 1
+
+    @torch.no_grad()
+    def single_pass_step(self, zero_grad: bool = False) -> None:
+        """The step the schedule takes with one pass: the base optimizer's step with the current
+        gradients (:meth:`_single_pass_update`, LookSAM adds its reused component). Reached
+        through :meth:`second_step` / :meth:`step` on such a step; under AMP through
+        ``grad_scaler.step(optimizer)``."""
+        C.flag(zero_grad, "zero_grad", f"{type(self).__name__}.second_step")
+        grad_scale = getattr(self, "grad_scale", None)
+        found = getattr(self, "found_inf", None)
+        norm = self._single_pass_update(grad_scale, found)
+        self._opt_called = True
+        self._end_step(norm)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def _single_pass_update(self, grad_scale, found) -> torch.Tensor | None:
+        """The base step on a one-pass step; returns the gradient norm when the policy needs it."""
+        norm = None
+        if self.policy is not None:
+            norm = schedule.grad_norm(self._collect()[1], grad_scale)
+        self._base_step(grad_scale, found)
+        return norm
 
     def _begin_second_step(self, zero_grad) -> tuple[list[torch.Tensor], Any, Any]:
         """The checks every second step makes: its arguments, a step begun by first_step(), a
@@ -329,6 +426,14 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         """
         C.function(closure, "closure", f"{type(self).__name__}.step", " (computes the loss and calls backward())",
                    optional=True)
+        if closure is None and self._single_pass_now():
+            self.single_pass_step()
+            return None
+        if closure is not None and not self.sam_step:
+            with torch.enable_grad():
+                loss = closure()
+            self.single_pass_step()
+            return loss
         if closure is None:
             if self._perturbed is None:
                 raise RuntimeError(
@@ -595,7 +700,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         sd["saf_kernels"] = {
             "optimizer": type(self).__name__,
             "base_optimizer": type(self.base_optimizer).__name__,
+            "steps_done": self.steps_done,
         }
+        if self.policy is not None:
+            sd["saf_kernels"]["policy"] = self.policy.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -613,6 +721,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
         self._stash.clear()
         self._perturbed = None
+        info = info or {}
+        self.steps_done = int(info.get("steps_done", 0))
+        if self.policy is not None and info.get("policy") is not None:
+            self.policy.load_state_dict(info["policy"])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r})"

@@ -128,6 +128,8 @@ class ESAM(TwoPassOptimizer):
     must be inside :meth:`first_pass` for the compute saving.
     """
 
+    _schedulable = False  # its own step(closure): no every=/policy= (the filter applies)
+
     _options = {"rho": nonneg, "beta": unit, "adaptive": C.flag, "eta": nonneg}
 
     def __init__(self, params, base_optimizer: type, rho: float = 0.05, beta: float = 0.5, gamma: float = 0.5, *,

@@ -119,6 +119,9 @@ class GSAM(TwoPassOptimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """Decomposition + restore + base step (fused as the class docstring says). Under AMP
         call ``grad_scaler.step(optimizer)`` instead."""
+        if self._single_pass_now():
+            self.single_pass_step(zero_grad)
+            return
         params, grad_scale, found = self._begin_second_step(zero_grad)
         alpha = float(self.param_groups[0]["alpha"]) if self.param_groups else 0.0
         # Perturbed but without a second gradient: restore only (torch skips such params too).
@@ -167,6 +170,7 @@ class GSAM(TwoPassOptimizer):
         self._old_scale = None
         self._step += 1
         self._opt_called = True
+        self._end_step(self.last_grad_norm)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 

@@ -75,6 +75,8 @@ class RSAM(TwoPassOptimizer):
     along its own first gradient; the second gradients are averaged by DDP.
     """
 
+    _schedulable = False  # its own step(closure): no every=/policy= (the filter applies)
+
     _options = {"rho": nonneg}
 
     def __init__(self, params, base_optimizer: type, rho: float = 0.05, *,
