@@ -23,9 +23,10 @@ import saf_kernels as sk
 import saf_kernels.physical as ph
 from saf_kernels import BackendUnavailable, _backend, sharpness
 from saf_kernels import ops as O
-from saf_kernels.optim import ASAM, ESAM, GSAM, RSAM, SAM, CosineIncrease, ProportionScheduler
+from saf_kernels.optim import (ASAM, ESAM, GSAM, MSAM, RSAM, SAM, AdaptivePolicy, CosineIncrease, LookSAM, MSAMAdamW,
+                               ProportionScheduler, default_adaptive_filter, first_pass, frozen_bn_stats,
+                               norm_layer_filter)
 from saf_kernels.optim.esam import index_batch, per_sample_closure
-from saf_kernels.optim import MSAM, AdaptivePolicy, LookSAM, MSAMAdamW, norm_layer_filter
 
 SGD, AdamW = torch.optim.SGD, torch.optim.AdamW
 CE = torch.nn.functional.cross_entropy
@@ -872,6 +873,12 @@ PHYSICAL = [
     bad("control_parameters:model", lambda: ph.control_parameters(1), TypeError, r"control_parameters: model must be"),
     bad("digital_parameters:model", lambda: ph.digital_parameters(1), TypeError, r"digital_parameters: model must be"),
     bad("constrain_:model", lambda: ph.constrain_(1), TypeError, r"constrain_: model must be an nn\.Module"),
+    bad("first_pass:model", lambda: enter(first_pass(1)), TypeError, r"first_pass: model must be a torch\.nn\.Module or None"),
+    bad("first_pass:sync", lambda: enter(first_pass(None, sync="no")), TypeError, r"first_pass: sync must be"),
+    bad("frozen_bn_stats:model", lambda: enter(frozen_bn_stats(1)), TypeError,
+        r"frozen_bn_stats: model must be a torch\.nn\.Module, got int"),
+    bad("default_adaptive_filter:p", lambda: default_adaptive_filter(1), TypeError,
+        r"default_adaptive_filter: p must be a tensor"),
     bad("sat_step:optimizer", lambda: ph.sat_step(torch.optim.SGD(mrr_net().parameters(), lr=0.1), lambda: 0),
         TypeError, r"sat_step: optimizer must be a saf_kernels\.optim two-pass optimizer .*got SGD"),
     bad("sat_step:loss_fn", lambda: ph.sat_step(SAM(mrr_net().parameters(), SGD, lr=0.1), 1), TypeError,

@@ -108,6 +108,8 @@ class SAM(TwoPassOptimizer):
 def default_adaptive_filter(p: torch.Tensor) -> bool:
     """ASAM's scaling on weight matrices and convolution kernels; biases and normalisation
     parameters (1-D tensors) stay unscaled."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"default_adaptive_filter: p must be a tensor (a parameter), got {type(p).__name__}")
     return p.dim() > 1
 
 

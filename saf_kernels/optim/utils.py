@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .. import _checks
+
 
 def _running_stat_modules(model: nn.Module) -> list[nn.Module]:
     """Modules that keep running statistics: every BatchNorm (incl. SyncBatchNorm) with
@@ -63,6 +65,7 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
     uses ``num_batches_tracked``), leaves ``num_batches_tracked`` alone, does not change module
     attributes (no ``torch.compile`` recompiles) and handles SyncBatchNorm.
     """
+    _checks.module(model, "model", "frozen_bn_stats")
     snap = _SNAPSHOTS.get(model)
     if snap is None or not snap.valid_for(model):
         snap = _StatsSnapshot(model)
@@ -110,6 +113,8 @@ def first_pass(model: nn.Module | None, sync: bool = False) -> Iterator[None]:
     The forward must be inside the block too: DDP decides at forward time whether the backward
     all-reduces. For a model that is not DDP this does nothing.
     """
+    _checks.module(model, "model", "first_pass", optional=True)
+    _checks.flag(sync, "sync", "first_pass")
     if model is not None and not sync and hasattr(model, "no_sync") and is_ddp(model):
         with model.no_sync():
             yield
