@@ -9,6 +9,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .. import _checks
+
 
 class PhysicalLayer(nn.Module):
     """A layer whose trainable tensor ``control`` drives a device (heater currents, SLM pixels),
@@ -42,30 +44,6 @@ def real(name: str, value, fn: str, *, positive: bool = False, nonneg: bool = Fa
     if nonneg and value < 0:
         raise ValueError(f"{fn}: {name} must be >= 0, got {value!r}")
     return float(value)
-
-
-def integer(name: str, value, fn: str, *, lo: int | None = None) -> int:
-    """``value`` as an int (not a bool, not a float) ``>= lo``; ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{fn}: {name} must be an int, got {value!r}")
-    if lo is not None and value < lo:
-        raise ValueError(f"{fn}: {name} must be >= {lo}, got {value!r}")
-    return int(value)
-
-
-def flag(name: str, value, fn: str) -> bool:
-    """``value`` if it is a bool; ``ValueError`` naming ``name`` otherwise (a truthy string is not
-    a yes)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{fn}: {name} must be True or False, got {value!r}")
-    return value
-
-
-def module(name: str, value, fn: str, *, optional: bool = False):
-    """``value`` if it is an ``nn.Module`` (or None where ``optional``); ``TypeError`` otherwise."""
-    if (value is None and optional) or isinstance(value, nn.Module):
-        return value
-    raise TypeError(f"{fn}: {name} must be an nn.Module{' or None' if optional else ''}, got {type(value).__name__}")
 
 
 def check_generator(value, fn: str):
@@ -107,7 +85,7 @@ def select_layers(model: nn.Module, kind: type, layers, fn: str, what: str) -> l
     ``kind`` layer of ``model``, else ``ValueError`` saying which one and why (``what``
     describes what the perturbation needs, e.g. "tiles to misalign").
     """
-    module("model", model, fn)
+    _checks.module(model, "model", fn)
     named = dict(model.named_modules())
     if layers is None:
         out = [m for m in named.values() if isinstance(m, kind)]

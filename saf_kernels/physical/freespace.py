@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import PhysicalLayer, flag, integer, pair_of_ints, real, select_layers
+from .. import _checks
+from ._common import PhysicalLayer, pair_of_ints, real, select_layers
 
 KNOBS = ("rotation", "shift_x", "shift_y", "scale")
 _NEUTRAL = {"rotation": 0.0, "shift_x": 0.0, "shift_y": 0.0, "scale": 1.0}
@@ -169,8 +170,8 @@ class FreeSpaceLinear(PhysicalLayer):
             raise ValueError(f"{fn}: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
         self.interpolation = interpolation
         self.max_weight = real("max_weight", max_weight, fn, positive=True)
-        self.in_features, self.out_features = kh * kw, integer("out_features", out_features, fn, lo=1)
-        flag("bias", bias, fn)
+        self.in_features, self.out_features = kh * kw, _checks.integer(out_features, "out_features", fn, lo=1)
+        _checks.flag(bias, "bias", fn)
         factory = {"device": device, "dtype": dtype}
         ref = nn.Linear(self.in_features, self.out_features, bias=bias, **factory)
         self.control = nn.Parameter(ref.weight.detach().clone())

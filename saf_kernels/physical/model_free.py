@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..optim.utils import frozen_bn_stats
-from ._common import flag, integer, real
+from .. import _checks
+from ._common import real
 
 
 @dataclass(eq=False)
@@ -112,8 +113,8 @@ class ModelFreeAscent:
         for i, k in enumerate(knobs):
             k.name = k.name or f"knob{i}"
         self.knobs = knobs
-        self.cycle = flag("cycle", cycle, "ModelFreeAscent")
-        self.generator = torch.Generator().manual_seed(integer("seed", seed, "ModelFreeAscent"))
+        self.cycle = _checks.flag(cycle, "cycle", "ModelFreeAscent")
+        self.generator = torch.Generator().manual_seed(_checks.integer(seed, "seed", "ModelFreeAscent"))
         self.steps = 0
         self._pending: list[tuple[Knob, torch.Tensor, torch.Tensor]] = []
         self.last: dict[str, tuple[float, torch.Tensor, torch.Tensor]] = {}

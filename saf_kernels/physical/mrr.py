@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import PhysicalLayer, check_generator, flag, integer, module, pair_of_ints, real, select_layers
+from .. import _checks
+from ._common import PhysicalLayer, check_generator, pair_of_ints, real, select_layers
 
 #: Thermal drift of a ring's resonance, in control units per kelvin (80 pm/K in the paper).
 DRIFT_PER_KELVIN = 0.08
@@ -85,7 +86,7 @@ class MRRLayer(PhysicalLayer):
         """Controls at ``L^-1`` of ``weight`` or of torch's default initialisation
         (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as nn.Linear / nn.Conv2d), a digital bias."""
         fn = type(self).__name__
-        flag("bias", bias, fn)
+        _checks.flag(bias, "bias", fn)
         w = torch.empty(shape, **factory)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         if weight is not None:
@@ -171,8 +172,8 @@ class MRRLinear(MRRLayer):
                  drift_per_kelvin: float = DRIFT_PER_KELVIN, weight: torch.Tensor | None = None, device=None,
                  dtype=None):
         super().__init__()
-        self.in_features = integer("in_features", in_features, "MRRLinear", lo=1)
-        self.out_features = integer("out_features", out_features, "MRRLinear", lo=1)
+        self.in_features = _checks.integer(in_features, "in_features", "MRRLinear", lo=1)
+        self.out_features = _checks.integer(out_features, "out_features", "MRRLinear", lo=1)
         self._init_layer((self.out_features, self.in_features), self.in_features, bias, weight, transfer,
                          drift_per_kelvin, {"device": device, "dtype": dtype})
 
@@ -204,9 +205,9 @@ class MRRConv2d(MRRLayer):
                  dtype=None):
         super().__init__()
         fn = "MRRConv2d"
-        self.in_channels = integer("in_channels", in_channels, fn, lo=1)
-        self.out_channels = integer("out_channels", out_channels, fn, lo=1)
-        self.groups = integer("groups", groups, fn, lo=1)
+        self.in_channels = _checks.integer(in_channels, "in_channels", fn, lo=1)
+        self.out_channels = _checks.integer(out_channels, "out_channels", fn, lo=1)
+        self.groups = _checks.integer(groups, "groups", fn, lo=1)
         if self.in_channels % self.groups or self.out_channels % self.groups:
             raise ValueError(f"{fn}: groups={groups} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")
@@ -284,7 +285,7 @@ def fabrication_variance(
     one seeded with ``seed``; the previous offsets are restored on exit. Yields the layers."""
     sigma = real("sigma", sigma, "fabrication_variance", nonneg=True)
     if seed is not None:
-        integer("seed", seed, "fabrication_variance")
+        _checks.integer(seed, "seed", "fabrication_variance")
     check_generator(generator, "fabrication_variance")
     mods = select_layers(model, MRRLayer, layers, "fabrication_variance", "rings to offset")
     if generator is None:
@@ -305,8 +306,8 @@ def deploy_weights(physical: nn.Module, trained: nn.Module, clamp: float | None 
     of ``physical``, ``name.control = L^-1(clamp(trained's name.weight))``; every other entry of
     ``trained.state_dict()`` (biases, BatchNorm) is copied as it is. The two must have the same
     architecture (``load_state_dict(strict=True)`` says what differs). Returns ``physical``."""
-    module("physical", physical, "deploy_weights")
-    sd = dict(module("trained", trained, "deploy_weights").state_dict())
+    _checks.module(physical, "physical", "deploy_weights")
+    sd = dict(_checks.module(trained, "trained", "deploy_weights").state_dict())
     for name, mod in physical.named_modules():
         if not isinstance(mod, MRRLayer):
             continue

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .. import sharpness
+from .. import _checks, sharpness
 from ..optim.utils import frozen_bn_stats, no_grad_for
-from ._common import flag, integer, module, real, sweep_values
+from ._common import real, sweep_values
 from .freespace import KNOBS, misalignment
 from .mrr import fabrication_variance, thermal_drift
 from .sat import control_parameters, digital_parameters
@@ -35,8 +35,8 @@ def _batches(data: Iterable, fn: str) -> Iterable:
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Iterable, *, train_mode: bool = False) -> float:
     """Top-1 accuracy (percent) of ``model`` on ``data``; one host synchronisation at the end."""
-    module("model", model, "accuracy")
-    flag("train_mode", train_mode, "accuracy")
+    _checks.module(model, "model", "accuracy")
+    _checks.flag(train_mode, "train_mode", "accuracy")
     correct, total = None, 0
     was = model.training
     model.train(train_mode)
@@ -65,8 +65,8 @@ def sweep(
     """``{v: accuracy under perturb(v)}`` for every value; ``perturb(v)`` is a context manager
     that changes the device and restores it on exit (e.g. ``lambda d: thermal_drift(model, d)``)."""
     vals = sweep_values(values, name, "sweep")
-    module("model", model, "sweep")
-    flag("train_mode", train_mode, "sweep")
+    _checks.module(model, "model", "sweep")
+    _checks.flag(train_mode, "train_mode", "sweep")
     if not callable(perturb):
         raise TypeError(f"sweep: perturb must be a callable returning a context manager, got {type(perturb).__name__}")
     out = {}
@@ -92,7 +92,7 @@ def fabrication_sweep(
     vals = sweep_values(sigmas, "sigmas", "fabrication_sweep", nonneg=True)
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise ValueError(f"fabrication_sweep: devices must be an int >= 1, got {devices!r}")
-    integer("seed", seed, "fabrication_sweep")
+    _checks.integer(seed, "seed", "fabrication_sweep")
     out = {}
     for s in vals:
         accs = []
@@ -131,7 +131,7 @@ def control_hessian_top_eigenvalue(
     networks (745.5 vs 1.05 on its LeNet-5)."""
     if "iters" in kwargs:
         real("iters", kwargs["iters"], "control_hessian_top_eigenvalue", positive=True)
-    module("model", model, "control_hessian_top_eigenvalue")
+    _checks.module(model, "model", "control_hessian_top_eigenvalue")
     if not control_parameters(model):
         raise ValueError("control_hessian_top_eigenvalue: the model has no physical layers with trainable controls")
     with no_grad_for(digital_parameters(model)):

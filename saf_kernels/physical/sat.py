@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from ..optim.base import TwoPassOptimizer
-from ._common import PhysicalLayer, module, real
+from .. import _checks
+from ._common import PhysicalLayer, real
 from .model_free import ModelFreeAscent
 
 
 def physical_layers(model: nn.Module, fn: str = "physical_layers") -> list[PhysicalLayer]:
-    return [m for m in module("model", model, fn).modules() if isinstance(m, PhysicalLayer)]
+    return [m for m in _checks.module(model, "model", fn).modules() if isinstance(m, PhysicalLayer)]
 
 
 def control_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -39,7 +40,7 @@ def control_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def digital_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every other trainable parameter (biases, BatchNorm, ordinary layers)."""
-    module("model", model, "digital_parameters")
+    _checks.module(model, "model", "digital_parameters")
     controls = {id(p) for p in control_parameters(model)}
     return [p for p in model.parameters() if p.requires_grad and id(p) not in controls]
 
@@ -48,7 +49,7 @@ def sat_param_groups(model: nn.Module, digital_rho: float | None = None) -> list
     """Parameter groups for a two-pass optimizer: the controls, then the digital parameters,
     with their own ``rho`` if ``digital_rho`` is given (``0``: not perturbed; their gradients
     still count in SAM's global gradient norm, which is over every tensor with a gradient)."""
-    module("model", model, "sat_param_groups")
+    _checks.module(model, "model", "sat_param_groups")
     controls = control_parameters(model)
     if not controls:
         raise ValueError("sat_param_groups: the model has no physical layers with trainable controls")
@@ -99,7 +100,7 @@ def sat_step(
         )
     if not callable(loss_fn):
         raise TypeError(f"sat_step: loss_fn must be a callable returning the loss, got {type(loss_fn).__name__}")
-    module("model", model, "sat_step", optional=True)
+    _checks.module(model, "model", "sat_step", optional=True)
     if model_free is not None and not isinstance(model_free, ModelFreeAscent):
         raise TypeError(f"sat_step: model_free must be a ModelFreeAscent or None, got {type(model_free).__name__}")
     model = model if model is not None else optimizer.model
