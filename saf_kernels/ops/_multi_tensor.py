@@ -143,7 +143,11 @@ def tensor_lists(fn: str, **named) -> tuple:
     """Each argument as a list of tensors (:func:`as_list`, in order), then their lengths checked
     equal (:func:`check_lengths`): returns the lists and their common length ``n``."""
     lists = [as_list(v, k, fn) for k, v in named.items()]
-    return (*lists, check_lengths(fn, **dict(zip(named, lists))))
+    n = len(lists[0])
+    for lst in lists:
+        if len(lst) != n:
+            check_lengths(fn, **dict(zip(named, lists)))  # raises, naming the list
+    return (*lists, n)
 
 
 def device_of(lst, *scalars) -> torch.device:
@@ -159,9 +163,10 @@ def device_of(lst, *scalars) -> torch.device:
 def amp_scalars(fn: str, params: list, n: int, **scalars) -> torch.device:
     """Checks the one-element tensors (``grad_scale``, ``found_inf``; :func:`check_scalar`), on
     the params' device when there are params; returns that device (:func:`device_of`)."""
-    dev = device_of(params, *scalars.values())
+    dev = params[0].device if params else device_of(params, *scalars.values())
     for name, t in scalars.items():
-        check_scalar(t, name, fn, dev if n else None)
+        if t is not None:
+            check_scalar(t, name, fn, dev if n else None)
     return dev
 
 
