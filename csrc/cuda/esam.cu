@@ -52,31 +52,26 @@ struct EsamNorm {
   static constexpr int kSums = 1;
   uint64_t key, offset;
   template <typename T>
-  struct Ctx {
-    using acc_t = opmath_t<T>;
-    const T* g;
-    const T* w;
-    acc_t eta;
-    bool adaptive;
+  struct Ctx : NormCtx<T> {
     KeepCtx keep;
   };
   template <typename T>
   __device__ __forceinline__ Ctx<T> chunk(const ChunkRef& c) const {
-    return {stream_ptr<T>(c.t, E::G, c.start), stream_ptr<T>(c.t, E::W, c.start), opmath_t<T>(c.t->param[E::ETA]),
-            (c.t->flags & E::kAdaptive) != 0, keep_ctx(c)};
+    Ctx<T> x;
+    static_cast<NormCtx<T>&>(x) = norm_ctx<T>(c);
+    x.keep = keep_ctx(c);
+    return x;
   }
   template <int N, class C, typename acc_t>
   __device__ __forceinline__ void term(const C& x, int64_t i, acc_t (&a)[1]) const {
-    acc_t gv[N], wv[N];
+    acc_t v[N];
     bool k[N];
     keep_flags<N>(key, offset, x.keep.pos0 + uint64_t(i), x.keep.thr, k);
-    ld<N>(x.g, i, gv);
-    if (x.adaptive) ld<N>(x.w, i, wv);
+    x.template scaled_grads<N>(i, v);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const acc_t v = x.adaptive ? gv[j] * saf::mt::asam_t(wv[j], x.eta, true) : gv[j];
       // A select: a dropped element's inf / NaN gradient must not reach the norm.
-      a[0] += k[j] ? v * v : acc_t(0);
+      a[0] += k[j] ? v[j] * v[j] : acc_t(0);
     }
   }
 };

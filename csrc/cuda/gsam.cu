@@ -141,10 +141,8 @@ struct GsamSgd {
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {
     using acc_t = typename C::acc_t;
-    acc_t wv[N];
-    if (restored_or_skip<N>(x.w, x.stash, x.sdt, mode, !x.apply, i, wv)) return;  // found_inf: the restore only
-    acc_t gv[N], ov[N];
-    ld<N>(x.g, i, gv);
+    acc_t wv[N], gv[N], ov[N];
+    if (!step_inputs<N>(x, mode, !x.apply, i, wv, gv)) return;  // found_inf: the restore only
     if (x.co != acc_t(0)) {
       ld<N>(x.o, i, ov);
     } else {  // old_g is not read (alpha = 0, or 0 * inf)

@@ -26,28 +26,15 @@ struct SamNorm {
   static constexpr int kDtype = S::G;
   static constexpr int kSums = 1;
   template <typename T>
-  struct Ctx {
-    using acc_t = opmath_t<T>;
-    const T* g;
-    const T* w;
-    acc_t eta;
-    bool adaptive;
-  };
-  template <typename T>
-  __device__ __forceinline__ Ctx<T> chunk(const ChunkRef& c) const {
-    return {stream_ptr<T>(c.t, S::G, c.start), stream_ptr<T>(c.t, S::W, c.start), opmath_t<T>(c.t->param[S::ETA]),
-            (c.t->flags & S::kAdaptive) != 0};
+  __device__ __forceinline__ NormCtx<T> chunk(const ChunkRef& c) const {
+    return norm_ctx<T>(c);
   }
   template <int N, class C, typename acc_t>
   __device__ __forceinline__ void term(const C& x, int64_t i, acc_t (&a)[1]) const {
-    acc_t gv[N], wv[N];
-    ld<N>(x.g, i, gv);
-    if (x.adaptive) ld<N>(x.w, i, wv);  // plain SAM never reads the weights here
+    acc_t v[N];
+    x.template scaled_grads<N>(i, v);
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      const acc_t v = x.adaptive ? gv[j] * saf::mt::asam_t(wv[j], x.eta, true) : gv[j];
-      a[0] += v * v;
-    }
+    for (int j = 0; j < N; ++j) a[0] += v[j] * v[j];
   }
 };
 
@@ -120,10 +107,8 @@ struct SamSgd : StepBase {
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {
     using acc_t = typename C::acc_t;
-    acc_t wv[N];
-    if (restored_or_skip<N>(x.w, x.stash, x.sdt, mode, x.skip, i, wv)) return;
-    acc_t gv[N];
-    ld<N>(x.g, i, gv);
+    acc_t wv[N], gv[N];
+    if (!step_inputs<N>(x, mode, x.skip, i, wv, gv)) return;
 #pragma unroll
     for (int j = 0; j < N; ++j) gv[j] *= x.inv;
     x.p.step(x.buf, i, wv, gv);
@@ -161,10 +146,8 @@ struct SamAdamW : StepBase {
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {
     using acc_t = typename C::acc_t;
-    acc_t wv[N];
-    if (restored_or_skip<N>(x.w, x.stash, x.sdt, mode, x.skip, i, wv)) return;
-    acc_t gv[N], mv[N], vv[N];
-    ld<N>(x.g, i, gv);
+    acc_t wv[N], gv[N], mv[N], vv[N];
+    if (!step_inputs<N>(x, mode, x.skip, i, wv, gv)) return;
     ld<N>(x.m, i, mv);
     ld<N>(x.v, i, vv);
 #pragma unroll

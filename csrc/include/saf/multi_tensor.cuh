@@ -339,6 +339,44 @@ __device__ __forceinline__ bool restored_or_skip(T* w, const void* stash, int32_
   return skip;
 }
 
+// The inputs of a fused step's element (StepCtx and GSAM's CombineCtx): the restored weights and
+// the gradient; false (nothing more to do) when the step is skipped, the restore written.
+template <int N, class C, typename acc_t>
+__device__ __forceinline__ bool step_inputs(const C& x, int64_t mode, bool skip, int64_t i, acc_t (&wv)[N],
+                                            acc_t (&gv)[N]) {
+  if (restored_or_skip<N>(x.w, x.stash, x.sdt, mode, skip, i, wv)) return false;
+  ld<N>(x.g, i, gv);
+  return true;
+}
+
+// The per-block context of a SAM / ESAM norm pass: sum over the chunk of (T g)^2 (T = |w| + eta
+// where adaptive, else 1); x_j receives the scaled gradients of N elements.
+template <typename T>
+struct NormCtx {
+  using acc_t = opmath_t<T>;
+  const T* g;
+  const T* w;
+  acc_t eta;
+  bool adaptive;
+  template <int N>
+  __device__ __forceinline__ void scaled_grads(int64_t i, acc_t (&x)[N]) const {
+    acc_t wv[N];
+    ld<N>(g, i, x);
+    if (adaptive) {  // plain SAM never reads the weights here
+      ld<N>(w, i, wv);
+#pragma unroll
+      for (int j = 0; j < N; ++j) x[j] = x[j] * saf::mt::asam_t(wv[j], eta, true);
+    }
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ NormCtx<T> norm_ctx(const ChunkRef& c) {
+  namespace S = saf::mt::sam;
+  return {stream_ptr<T>(c.t, S::G, c.start), stream_ptr<T>(c.t, S::W, c.start), opmath_t<T>(c.t->param[S::ETA]),
+          (c.t->flags & S::kAdaptive) != 0};
+}
+
 // What a SAM / ESAM perturbation functor shares: its dtype stream, the coefficient from the
 // finalize (coef_dev), the stash mode, and the "perturb nothing" pass.
 struct PerturbBase {
