@@ -127,15 +127,15 @@ struct EsamRestoreDelta {
   static constexpr int kDtype = E::W;
   uint64_t key, offset;
   template <typename T>
-  struct Ctx {
-    T* w;
-    const void* stash;
-    int32_t sdt;
+  struct Ctx : RestoreCtx<T> {
     KeepCtx keep;
   };
   template <typename T>
   __device__ __forceinline__ Ctx<T> chunk(const ChunkRef& c) const {
-    return {stream_ptr<T>(c.t, E::W, c.start), stream_bytes(c.t, E::STASH, c.start), c.t->dtype[E::STASH], keep_ctx(c)};
+    Ctx<T> x;
+    static_cast<RestoreCtx<T>&>(x) = restore_ctx<T>(c);
+    x.keep = keep_ctx(c);
+    return x;
   }
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {

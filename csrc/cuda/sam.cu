@@ -71,15 +71,8 @@ struct SamRestore {
   static constexpr int kDtype = S::W;
   int64_t mode;
   template <typename T>
-  struct Ctx {
-    using acc_t = opmath_t<T>;
-    T* w;
-    const void* stash;
-    int32_t sdt;
-  };
-  template <typename T>
-  __device__ __forceinline__ Ctx<T> chunk(const ChunkRef& c) const {
-    return {stream_ptr<T>(c.t, S::W, c.start), stream_bytes(c.t, S::STASH, c.start), c.t->dtype[S::STASH]};
+  __device__ __forceinline__ RestoreCtx<T> chunk(const ChunkRef& c) const {
+    return restore_ctx<T>(c);
   }
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {

@@ -349,6 +349,21 @@ __device__ __forceinline__ bool step_inputs(const C& x, int64_t mode, bool skip,
   return true;
 }
 
+// The per-block context of a restore pass (SAM, ESAM's delta mode; sam's slots W and STASH).
+template <typename T>
+struct RestoreCtx {
+  using acc_t = opmath_t<T>;
+  T* w;
+  const void* stash;
+  int32_t sdt;
+};
+
+template <typename T>
+__device__ __forceinline__ RestoreCtx<T> restore_ctx(const ChunkRef& c) {
+  namespace S = saf::mt::sam;
+  return {stream_ptr<T>(c.t, S::W, c.start), stream_bytes(c.t, S::STASH, c.start), c.t->dtype[S::STASH]};
+}
+
 // The per-block context of a SAM / ESAM norm pass: sum over the chunk of (T g)^2 (T = |w| + eta
 // where adaptive, else 1); x_j receives the scaled gradients of N elements.
 template <typename T>
