@@ -1,15 +1,23 @@
 // Torch-side construction of a multi-tensor plan (layout: csrc/include/saf/multi_tensor.h),
-// shared by the CPU and CUDA op wrappers. All argument checks of the multi-tensor ops live here,
-// in C++, so that a step over hundreds of tensors pays no per-tensor Python cost.
+// shared by the CPU and CUDA op wrappers of every multi-tensor op (SAM / ASAM, the fused
+// restore + SGD / AdamW, EMA, ESAM, R-SAM, GSAM). All argument checks of these ops live here, in
+// C++, so that a step over hundreds of tensors pays no per-tensor Python cost.
+//
+// One Plan class serves every op: element chunks (chunk_size elements of one tensor), or, after
+// chunk_by_rows(), chunks of whole rows (R-SAM's noise, which reduces over each output unit).
+// Both serialise to the same layout and share one device cache (csrc/mt_plan_cache.h).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
 #include "saf/multi_tensor.h"
+#include "saf/philox.h"
 #include "torch_utils.h"
 
 namespace saf::mt {
@@ -82,17 +90,54 @@ class Plan {
     total_ = offset;
   }
 
+  // The row variant: chunk c of tensor t covers rows [c * param[CHUNK_ROWS], ...) of
+  // param[rsam::ROW_LEN] elements each (every tensor's ROW_LEN set by the caller, dividing its
+  // numel), about chunk_elems elements per chunk, so that one CUDA block / CPU task sees every
+  // element of its rows and can reduce over them without a second pass. The header's chunk_size
+  // becomes 0 (not element chunks).
+  void chunk_by_rows(int64_t chunk_elems) {
+    chunks_.clear();
+    rows_ = true;
+    for (int64_t i = 0; i < n_tensors(); ++i) {
+      TensorEntry& e = entries_[i];
+      if (e.numel == 0) continue;
+      const int64_t R = int64_t(e.param[rsam::ROW_LEN]);
+      const int64_t per = std::max<int64_t>(1, chunk_elems / R);
+      e.param[rsam::CHUNK_ROWS] = double(per);
+      const int64_t nc = (e.numel / R + per - 1) / per;
+      TORCH_CHECK(nc < (int64_t(1) << 31), op_, ": tensor ", i, " has too many rows (", e.numel / R, ")");
+      for (int64_t c = 0; c < nc; ++c) chunks_.push_back(ChunkEntry{int32_t(i), int32_t(c)});
+    }
+  }
+
   int64_t n_tensors() const { return int64_t(entries_.size()); }
   int64_t n_chunks() const { return int64_t(chunks_.size()); }
-  int64_t chunk_size() const { return chunk_size_; }
+  int64_t chunk_size() const { return rows_ ? 0 : chunk_size_; }
   int64_t total_elements() const { return total_; }
   TensorEntry& entry(int64_t i) { return entries_[i]; }
   const TensorEntry& entry(int64_t i) const { return entries_[i]; }
   const ChunkEntry& chunk(int64_t c) const { return chunks_[c]; }
-  // Elements in chunk c.
+  // Row variant: first row and row count of chunk c.
+  void rows_of(int64_t c, int64_t& row0, int64_t& nrows) const {
+    const ChunkEntry& ce = chunks_[c];
+    const TensorEntry& e = entries_[ce.tensor];
+    const int64_t per = int64_t(e.param[rsam::CHUNK_ROWS]);
+    row0 = int64_t(ce.chunk) * per;
+    nrows = std::min(per, e.numel / int64_t(e.param[rsam::ROW_LEN]) - row0);
+  }
+  // First element and element count of chunk c (either variant).
+  int64_t chunk_start(int64_t c) const {
+    if (!rows_) return int64_t(chunks_[c].chunk) * chunk_size_;
+    int64_t r0, nr;
+    rows_of(c, r0, nr);
+    return r0 * int64_t(entries_[chunks_[c].tensor].param[rsam::ROW_LEN]);
+  }
   int64_t chunk_len(int64_t c) const {
     const ChunkEntry& ce = chunks_[c];
-    return std::min(chunk_size_, entries_[ce.tensor].numel - int64_t(ce.chunk) * chunk_size_);
+    if (!rows_) return std::min(chunk_size_, entries_[ce.tensor].numel - int64_t(ce.chunk) * chunk_size_);
+    int64_t r0, nr;
+    rows_of(c, r0, nr);
+    return nr * int64_t(entries_[ce.tensor].param[rsam::ROW_LEN]);
   }
 
   // Per-tensor scalars: one value per tensor (lists of length 1 are broadcast).
@@ -117,7 +162,7 @@ class Plan {
     Header h{};
     h.n_tensors = n_tensors();
     h.n_chunks = n_chunks();
-    h.chunk_size = chunk_size_;
+    h.chunk_size = chunk_size();
     h.tensors_offset = align16(sizeof(Header));
     h.chunks_offset = h.tensors_offset + align16(n_tensors() * int64_t(sizeof(TensorEntry)));
     h.n_lists = n_streams_;
@@ -137,6 +182,7 @@ class Plan {
 
   std::string op_;
   int64_t chunk_size_;
+  bool rows_ = false;
   int32_t n_streams_ = 0;
   int64_t total_ = 0;
   std::vector<TensorEntry> entries_;
@@ -181,6 +227,82 @@ inline void bump_versions(at::TensorList l) {
   }
 }
 
+inline void check_eps(double eps, const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
+}
+
+inline void check_unit_interval(at::ArrayRef<double> v, const char* op, const char* name) {
+  for (size_t i = 0; i < v.size(); ++i) {
+    TORCH_CHECK_VALUE(v[i] > 0.0 && v[i] <= 1.0, op, ": ", name, "[", i, "] must be in (0, 1], got ", v[i]);
+  }
+}
+
+inline void check_offset(int64_t offset, const char* op) {
+  TORCH_CHECK_VALUE(offset >= 0, op, ": offset must be >= 0, got ", offset);
+}
+
+// A copy-mode stash holds the weights themselves: same dtype as the params.
+inline void check_copy_stash(at::TensorList params, at::TensorList stash, int64_t stash_mode, const char* op) {
+  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash", " (stash_mode copy keeps the weights)");
+}
+
+// GradScaler's tensors (grad_scale, found_inf, GSAM's old_grad_scale), each optional, on the
+// params' device.
+inline void check_amp(at::TensorList params, const char* op, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& old_grad_scale = std::nullopt) {
+  if (params.empty()) return;
+  check_scalar_tensor(grad_scale, params[0].device(), op, "grad_scale");
+  check_scalar_tensor(old_grad_scale, params[0].device(), op, "old_grad_scale");
+  check_scalar_tensor(found_inf, params[0].device(), op, "found_inf");
+}
+
+// rng_offset of every tensor padded to a multiple of 4, so that the 4 words of one Philox counter
+// serve 4 neighbouring elements of one tensor (saf/philox.h). Returns the total padded length.
+inline int64_t pad_rng_offsets(Plan& plan) {
+  int64_t off = 0;
+  for (int64_t i = 0; i < plan.n_tensors(); ++i) {
+    plan.entry(i).rng_offset = off;
+    off += (plan.entry(i).numel + 3) / 4 * 4;
+  }
+  return off;
+}
+
+// The 64-bit Philox key of a seed given as a torch int (two's complement bits).
+inline uint64_t philox_key(int64_t seed) { return static_cast<uint64_t>(seed); }
+
+// philox_'s arguments (both backends): kind 0 raw words into int64, 1-3 values into a float.
+inline void check_philox(const at::Tensor& out, int64_t offset, int64_t kind, double p) {
+  const char* op = "saf_kernels.philox_";
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= 3, op, ": kind must be 0 (words), 1 (uniform), 2 (normal) or 3 (bernoulli), got ",
+                    kind);
+  check_offset(offset, op);
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
+  if (kind == 0) {
+    TORCH_CHECK_TYPE(out.scalar_type() == at::kLong, op, ": kind 0 (raw words) needs an int64 out, got ",
+                     out.scalar_type());
+  } else {
+    TORCH_CHECK_TYPE(out.is_floating_point(), op, ": kinds 1-3 need a floating out, got ", out.scalar_type());
+  }
+  TORCH_CHECK_VALUE(kind != 3 || (p >= 0.0 && p <= 1.0), op, ": p must be in [0, 1], got ", p);
+}
+
+// torch.optim.SGD's hyper-parameters and flags in sgd's slots (fused restore + SGD of SAM and
+// GSAM); without momentum buffers the params stand in for the unused stream.
+inline void set_sgd(Plan& plan, bool has_buf, at::ArrayRef<double> lr, at::ArrayRef<double> weight_decay,
+                    at::ArrayRef<double> momentum, at::ArrayRef<double> dampening, at::IntArrayRef flags,
+                    const char* op) {
+  plan.set_param(sgd::LR, lr, "lr");
+  plan.set_param(sgd::WD, weight_decay, "weight_decay");
+  plan.set_param(sgd::MOMENTUM, momentum, "momentum");
+  plan.set_param(sgd::DAMPENING, dampening, "dampening");
+  plan.set_flags(flags, sgd::kNesterov | sgd::kMaximize | sgd::kFirstRun);
+  for (int64_t i = 0; i < plan.n_tensors(); ++i) {
+    TORCH_CHECK_VALUE(has_buf || plan.entry(i).param[sgd::MOMENTUM] == 0.0, op, ": momentum[", i,
+                      "] != 0 needs momentum_buffers");
+  }
+}
+
 inline bool any_f64(at::TensorList l) {
   for (const auto& t : l) {
     if (t.scalar_type() == at::kDouble) return true;
@@ -195,31 +317,28 @@ inline bool any_f64(at::TensorList l) {
 inline Plan sam_perturb_plan(at::TensorList params, at::TensorList grads, at::TensorList stash,
                              at::ArrayRef<double> rho, at::ArrayRef<double> eta, at::IntArrayRef flags, double eps,
                              int64_t stash_mode, const std::optional<at::Tensor>& grad_scale,
-                             const std::optional<at::Tensor>& found_inf, int64_t chunk) {
-  const char* op = "saf_kernels.sam_perturb_";
+                             const std::optional<at::Tensor>& found_inf, int64_t chunk,
+                             const char* op = "saf_kernels.sam_perturb_") {
   check_stash_mode(stash_mode, op);
   check_finite_nonneg(rho, op, "rho");
   check_finite_nonneg(eta, op, "eta");
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
+  check_eps(eps, op);
   Plan plan(op, {{"params", params}, {"grads", grads}, {"stash", stash}}, chunk);
   check_same_dtype(params, grads, op, "params", "grads");
-  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash", " (stash_mode copy keeps the weights)");
+  check_copy_stash(params, stash, stash_mode, op);
   plan.set_param(sam::RHO, rho, "rho");
   plan.set_param(sam::ETA, eta, "eta");
   plan.set_flags(flags, sam::kAdaptive);
-  if (!params.empty()) {
-    check_scalar_tensor(grad_scale, params[0].device(), op, "grad_scale");
-    check_scalar_tensor(found_inf, params[0].device(), op, "found_inf");
-  }
+  check_amp(params, op, grad_scale, found_inf);
   return plan;
 }
 
-inline Plan sam_restore_plan(at::TensorList params, at::TensorList stash, int64_t stash_mode, int64_t chunk) {
-  const char* op = "saf_kernels.sam_restore_";
+inline Plan sam_restore_plan(at::TensorList params, at::TensorList stash, int64_t stash_mode, int64_t chunk,
+                             const char* op = "saf_kernels.sam_restore_") {
   check_stash_mode(stash_mode, op);
   // No gradients here: the stash fills slot G too.
   Plan plan(op, {{"params", params}, {"stash", stash}, {"stash", stash}}, chunk);
-  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash", " (stash_mode copy keeps the weights)");
+  check_copy_stash(params, stash, stash_mode, op);
   return plan;
 }
 
@@ -230,7 +349,6 @@ inline Plan sam_sgd_plan(at::TensorList params, at::TensorList grads, at::Tensor
                          const std::optional<at::Tensor>& found_inf, int64_t chunk) {
   const char* op = "saf_kernels.sam_restore_sgd_";
   check_stash_mode(stash_mode, op);
-  // Without momentum there is no buffer: the params stand in for the unused stream.
   const bool has_buf = !momentum_buffers.empty();
   Plan plan(op,
             {{"params", params}, {"grads", grads}, {"stash", stash},
@@ -238,20 +356,9 @@ inline Plan sam_sgd_plan(at::TensorList params, at::TensorList grads, at::Tensor
             chunk);
   check_same_dtype(params, grads, op, "params", "grads");
   check_same_dtype(params, momentum_buffers, op, "params", "momentum_buffers");
-  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash", " (stash_mode copy keeps the weights)");
-  plan.set_param(sgd::LR, lr, "lr");
-  plan.set_param(sgd::WD, weight_decay, "weight_decay");
-  plan.set_param(sgd::MOMENTUM, momentum, "momentum");
-  plan.set_param(sgd::DAMPENING, dampening, "dampening");
-  plan.set_flags(flags, sgd::kNesterov | sgd::kMaximize | sgd::kFirstRun);
-  for (int64_t i = 0; i < plan.n_tensors(); ++i) {
-    TORCH_CHECK_VALUE(has_buf || plan.entry(i).param[sgd::MOMENTUM] == 0.0, op, ": momentum[", i,
-                      "] != 0 needs momentum_buffers");
-  }
-  if (!params.empty()) {
-    check_scalar_tensor(grad_scale, params[0].device(), op, "grad_scale");
-    check_scalar_tensor(found_inf, params[0].device(), op, "found_inf");
-  }
+  check_copy_stash(params, stash, stash_mode, op);
+  set_sgd(plan, has_buf, lr, weight_decay, momentum, dampening, flags, op);
+  check_amp(params, op, grad_scale, found_inf);
   return plan;
 }
 
@@ -270,7 +377,7 @@ inline Plan sam_adamw_plan(at::TensorList params, at::TensorList grads, at::Tens
   check_same_dtype(params, grads, op, "params", "grads");
   check_same_dtype(params, exp_avg, op, "params", "exp_avg");
   check_same_dtype(params, exp_avg_sq, op, "params", "exp_avg_sq");
-  if (stash_mode == sam::COPY) check_same_dtype(params, stash, op, "params", "stash", " (stash_mode copy keeps the weights)");
+  check_copy_stash(params, stash, stash_mode, op);
   for (size_t i = 0; i < steps.size(); ++i) {
     TORCH_CHECK_TYPE(steps[i].scalar_type() == at::kFloat, op, ": steps[", i, "] must be float32, got ",
                      steps[i].scalar_type());
@@ -281,10 +388,7 @@ inline Plan sam_adamw_plan(at::TensorList params, at::TensorList grads, at::Tens
   plan.set_param(adamw::EPS, eps, "eps");
   plan.set_param(adamw::WD, weight_decay, "weight_decay");
   plan.set_flags(flags, adamw::kMaximize);
-  if (!params.empty()) {
-    check_scalar_tensor(grad_scale, params[0].device(), op, "grad_scale");
-    check_scalar_tensor(found_inf, params[0].device(), op, "found_inf");
-  }
+  check_amp(params, op, grad_scale, found_inf);
   return plan;
 }
 
@@ -294,6 +398,136 @@ inline Plan ema_plan(at::TensorList ema, at::TensorList model, double decay, con
   Plan plan(op, {{"ema", ema}, {"model", model}}, chunk);
   TORCH_CHECK_VALUE(decay >= 0.0 && decay <= 1.0, op, ": decay must be in [0, 1], got ", decay);
   if (decay_tensor && !ema.empty()) check_scalar_tensor(decay_tensor, ema[0].device(), op, "decay");
+  return plan;
+}
+
+// ---- ESAM ----
+
+inline Plan esam_perturb_plan(at::TensorList params, at::TensorList grads, at::TensorList stash,
+                              at::ArrayRef<double> rho, at::ArrayRef<double> eta, at::ArrayRef<double> beta,
+                              at::IntArrayRef flags, double eps, int64_t offset, int64_t stash_mode,
+                              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                              int64_t chunk) {
+  const char* op = "saf_kernels.esam_perturb_";
+  check_unit_interval(beta, op, "beta");
+  check_offset(offset, op);
+  // The streams, flags and rho / eta slots of sam_perturb_ (esam's enums name the same slots).
+  Plan plan =
+      sam_perturb_plan(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale, found_inf, chunk, op);
+  plan.set_param(esam::BETA, beta, "beta");
+  pad_rng_offsets(plan);
+  return plan;
+}
+
+inline Plan esam_restore_plan(at::TensorList params, at::TensorList stash, at::ArrayRef<double> beta, int64_t offset,
+                              int64_t stash_mode, int64_t chunk) {
+  const char* op = "saf_kernels.esam_restore_";
+  check_unit_interval(beta, op, "beta");
+  check_offset(offset, op);
+  Plan plan = sam_restore_plan(params, stash, stash_mode, chunk, op);
+  plan.set_param(esam::BETA, beta, "beta");
+  pad_rng_offsets(plan);
+  return plan;
+}
+
+// ---- R-SAM ----
+
+// Row plan (Plan::chunk_by_rows): output unit j of a tensor with 2+ dims is the slice W[j, ...]
+// (contiguous); a tensor with fewer dims is one unit (flag rsam::kVector).
+inline Plan rsam_noise_plan(at::TensorList params, at::TensorList stash, at::ArrayRef<double> stdev, int64_t offset,
+                            int64_t chunk) {
+  const char* op = "saf_kernels.rsam_noise_";
+  check_finite_nonneg(stdev, op, "std");
+  check_offset(offset, op);
+  // Element chunks are irrelevant here (chunk_by_rows replaces them); one per tensor keeps it cheap.
+  Plan plan(op, {{"params", params}, {"stash", stash}, {"stash", stash}}, std::numeric_limits<int64_t>::max() / 4);
+  check_same_dtype(params, stash, op, "params", "stash");
+  plan.set_param(rsam::STD, stdev, "std");
+  for (int64_t i = 0; i < plan.n_tensors(); ++i) {
+    const at::Tensor& p = params[i];
+    TensorEntry& e = plan.entry(i);
+    if (p.dim() < 2 || p.numel() == 0) {
+      e.param[rsam::ROW_LEN] = double(std::max<int64_t>(1, p.numel()));
+      e.flags |= rsam::kVector;
+      continue;
+    }
+    const int64_t R = p.numel() / p.size(0);
+    // Output unit j must be one block of memory: true for contiguous and channels_last tensors.
+    TORCH_CHECK_VALUE(p.size(0) == 1 || p.stride(0) == R, op, ": params[", i, "] (shape ", p.sizes(),
+                      ", strides ", p.strides(),
+                      ") does not keep each output unit W[j, ...] contiguous in memory (stride(0) must be ", R,
+                      "); pass a contiguous tensor");
+    e.param[rsam::ROW_LEN] = double(R);
+  }
+  pad_rng_offsets(plan);
+  plan.chunk_by_rows(chunk);
+  return plan;
+}
+
+inline Plan rsam_perturb_plan(at::TensorList params, at::TensorList grads, at::TensorList stash,
+                              at::ArrayRef<double> rho, double lam, double eps,
+                              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                              int64_t chunk) {
+  const char* op = "saf_kernels.rsam_perturb_";
+  check_finite_nonneg(rho, op, "rho");
+  TORCH_CHECK_VALUE(std::isfinite(lam), op, ": lam must be a finite number, got ", lam);
+  check_eps(eps, op);
+  Plan plan(op, {{"params", params}, {"grads", grads}, {"stash", stash}}, chunk);
+  check_same_dtype(params, grads, op, "params", "grads");
+  check_same_dtype(params, stash, op, "params", "stash");
+  plan.set_param(rsam::RHO, rho, "rho");
+  check_amp(params, op, grad_scale, found_inf);
+  return plan;
+}
+
+// ---- GSAM ----
+
+inline void check_gsam_scalars(double alpha, double eps, const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(alpha), op, ": alpha must be a finite number, got ", alpha);
+  check_eps(eps, op);
+}
+
+inline Plan gsam_combine_plan(at::TensorList params, at::TensorList grads, at::TensorList old_grads,
+                              at::TensorList stash, double alpha, double eps, int64_t stash_mode, bool restore,
+                              const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& old_grad_scale,
+                              const std::optional<at::Tensor>& found_inf, int64_t chunk) {
+  const char* op = "saf_kernels.gsam_combine_";
+  check_stash_mode(stash_mode, op);
+  check_gsam_scalars(alpha, eps, op);
+  // Without a restore there is no stash: the params stand in for the unused streams.
+  TORCH_CHECK_VALUE(!restore || stash.size() == params.size(), op, ": restore=True needs one stash tensor per param (",
+                    params.size(), "), got ", stash.size());
+  at::TensorList st = restore ? stash : params;
+  Plan plan(op, {{"params", params}, {"grads", grads}, {"stash", st}, {"params", params}, {"old_grads", old_grads}},
+            chunk);
+  check_same_dtype(params, grads, op, "params", "grads");
+  check_same_dtype(params, old_grads, op, "params", "old_grads");
+  if (restore) check_copy_stash(params, stash, stash_mode, op);
+  check_amp(params, op, grad_scale, found_inf, old_grad_scale);
+  return plan;
+}
+
+inline Plan gsam_sgd_plan(at::TensorList params, at::TensorList grads, at::TensorList old_grads, at::TensorList stash,
+                          at::TensorList momentum_buffers, at::ArrayRef<double> lr, at::ArrayRef<double> weight_decay,
+                          at::ArrayRef<double> momentum, at::ArrayRef<double> dampening, at::IntArrayRef flags,
+                          double alpha, double eps, int64_t stash_mode, const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& old_grad_scale, const std::optional<at::Tensor>& found_inf,
+                          int64_t chunk) {
+  const char* op = "saf_kernels.gsam_restore_sgd_";
+  check_stash_mode(stash_mode, op);
+  check_gsam_scalars(alpha, eps, op);
+  const bool has_buf = !momentum_buffers.empty();
+  Plan plan(op,
+            {{"params", params}, {"grads", grads}, {"stash", stash},
+             {"momentum_buffers", has_buf ? momentum_buffers : params}, {"old_grads", old_grads}},
+            chunk);
+  check_same_dtype(params, grads, op, "params", "grads");
+  check_same_dtype(params, old_grads, op, "params", "old_grads");
+  check_same_dtype(params, momentum_buffers, op, "params", "momentum_buffers");
+  check_copy_stash(params, stash, stash_mode, op);
+  set_sgd(plan, has_buf, lr, weight_decay, momentum, dampening, flags, op);
+  check_amp(params, op, grad_scale, found_inf, old_grad_scale);
   return plan;
 }
 

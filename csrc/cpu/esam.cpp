@@ -1,12 +1,12 @@
 // CPU implementation of ESAM's stochastic weight perturbation (schemas: csrc/ops.cpp; plans and
-// checks: csrc/mt_plan_esam.h; kernels: csrc/cpu/kernels/esam.cpp). esam_perturb_ is two passes:
+// checks: csrc/mt_plan.h; kernels: csrc/cpu/kernels/esam.cpp). esam_perturb_ is two passes:
 // the norm of the kept gradients (one partial per chunk, summed in chunk order), then the
 // perturbation. Both regenerate the keep mask from (seed, offset); nothing is stored.
 #include <torch/library.h>
 
 #include <vector>
 
-#include "cpu/esam_kernels.h"
+#include "cpu/multi_tensor.h"
 
 namespace saf::cpu {
 
@@ -16,26 +16,25 @@ at::Tensor esam_perturb_cpu(at::TensorList params, at::TensorList grads, at::Ten
                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const mt::Plan plan = mt::esam_perturb_plan(params, grads, stash, rho, eta, beta, flags, eps, offset, stash_mode,
                                               grad_scale, found_inf, kCpuChunk);
-  const EsamKernels k = esam_kernels();
+  const MtKernels k = mt_kernels();
   const uint64_t key = mt::philox_key(seed), off = uint64_t(offset);
-  std::vector<double> partial(plan.n_chunks(), 0.0);
-  parallel_chunks(plan, [&](int64_t c, const mt::TensorEntry& t, int64_t start, int64_t n) {
-    partial[c] = k.esam_norm(t, start, n, key, off);
+  const auto partial = chunk_partials<1>(plan, [&](const mt::TensorEntry& t, int64_t start, int64_t n, double* out) {
+    *out = k.esam_norm(t, start, n, key, off);
   });
-  const mt::SamCoef sc = mt::sam_coef(ordered_sum(partial), inv_scale_of(grad_scale), eps, found_inf_of(found_inf));
+  const mt::SamCoef sc =
+      mt::sam_coef(ordered_sums<1>(partial)[0], inv_scale_of(grad_scale), eps, found_inf_of(found_inf));
   parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
     k.esam_perturb(t, start, n, sc.coef, stash_mode, key, off);
   });
   mt::bump_versions(params);
   mt::bump_versions(stash);
-  const auto dtype = mt::any_f64(params) ? at::kDouble : at::kFloat;
-  return at::scalar_tensor(sc.norm, at::TensorOptions().dtype(dtype));
+  return norm_result(sc.norm, params);
 }
 
 void esam_restore_cpu(at::TensorList params, at::TensorList stash, at::ArrayRef<double> beta, int64_t seed,
                       int64_t offset, int64_t stash_mode) {
   const mt::Plan plan = mt::esam_restore_plan(params, stash, beta, offset, stash_mode, kCpuChunk);
-  const EsamKernels k = esam_kernels();
+  const MtKernels k = mt_kernels();
   const uint64_t key = mt::philox_key(seed), off = uint64_t(offset);
   parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
     k.esam_restore(t, start, n, stash_mode, key, off);

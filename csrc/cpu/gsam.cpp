@@ -1,4 +1,4 @@
-// CPU implementation of the GSAM ops (schemas: csrc/ops.cpp; plans: csrc/mt_plan_esam.h;
+// CPU implementation of the GSAM ops (schemas: csrc/ops.cpp; plans: csrc/mt_plan.h;
 // kernels: csrc/cpu/kernels/gsam.cpp): one pass of per-chunk partial sums (<old_g, g>, |old_g|^2,
 // |g|^2, summed in chunk order: deterministic), the coefficients (saf::mt::gsam_coef), then one
 // pass that writes the combined gradient (and restores), or restores and steps SGD.
@@ -7,23 +7,17 @@
 #include <array>
 #include <vector>
 
-#include "cpu/esam_kernels.h"
+#include "cpu/multi_tensor.h"
 
 namespace saf::cpu {
 
 namespace {
 
-mt::GsamCoef gsam_reduce(const EsamKernels& k, const mt::Plan& plan, double alpha, double eps,
+mt::GsamCoef gsam_reduce(const MtKernels& k, const mt::Plan& plan, double alpha, double eps,
                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& old_grad_scale,
                          const std::optional<at::Tensor>& found_inf) {
-  std::vector<std::array<double, 3>> partial(plan.n_chunks(), {0.0, 0.0, 0.0});
-  parallel_chunks(plan, [&](int64_t c, const mt::TensorEntry& t, int64_t start, int64_t n) {
-    k.gsam_dots(t, start, n, partial[c].data());
-  });
-  double s[3] = {0, 0, 0};
-  for (const auto& p : partial) {
-    for (int j = 0; j < 3; ++j) s[j] += p[j];
-  }
+  const auto s = ordered_sums<3>(chunk_partials<3>(
+      plan, [&](const mt::TensorEntry& t, int64_t start, int64_t n, double* out) { k.gsam_dots(t, start, n, out); }));
   return mt::gsam_coef(s[0], s[1], s[2], inv_scale_of(grad_scale), inv_scale_of(old_grad_scale), alpha, eps,
                        found_inf_of(found_inf));
 }
@@ -42,7 +36,7 @@ at::Tensor gsam_combine_cpu(at::TensorList params, at::TensorList grads, at::Ten
                             const std::optional<at::Tensor>& found_inf) {
   const mt::Plan plan = mt::gsam_combine_plan(params, grads, old_grads, stash, alpha, eps, stash_mode, restore,
                                               grad_scale, old_grad_scale, found_inf, kCpuChunk);
-  const EsamKernels k = esam_kernels();
+  const MtKernels k = mt_kernels();
   const mt::GsamCoef c = gsam_reduce(k, plan, alpha, eps, grad_scale, old_grad_scale, found_inf);
   parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
     k.gsam_combine(t, start, n, c.c_new, c.c_old, c.apply, restore, stash_mode);
@@ -62,7 +56,7 @@ at::Tensor gsam_restore_sgd_cpu(at::TensorList params, at::TensorList grads, at:
   const mt::Plan plan = mt::gsam_sgd_plan(params, grads, old_grads, stash, momentum_buffers, lr, weight_decay, momentum,
                                           dampening, flags, alpha, eps, stash_mode, grad_scale, old_grad_scale,
                                           found_inf, kCpuChunk);
-  const EsamKernels k = esam_kernels();
+  const MtKernels k = mt_kernels();
   const mt::GsamCoef c = gsam_reduce(k, plan, alpha, eps, grad_scale, old_grad_scale, found_inf);
   parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
     k.gsam_sgd(t, start, n, c.c_new, c.c_old, c.apply, stash_mode);

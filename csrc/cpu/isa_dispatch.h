@@ -30,4 +30,13 @@ inline Isa cpu_isa() {
 #endif
 }
 
+// The build of kernel `name` (declared once per instruction set, csrc/cpu/kernels/kernels.h) for
+// isa, as a function pointer.
+#if defined(SAF_KERNELS_X86)
+#define SAF_ISA_PICK(isa, name) \
+  ((isa) == Isa::AVX512 ? &AVX512::name : (isa) == Isa::AVX2 ? &AVX2::name : &DEFAULT::name)
+#else
+#define SAF_ISA_PICK(isa, name) (&DEFAULT::name)
+#endif
+
 }  // namespace saf::cpu

@@ -5,7 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "mt_plan_esam.h"
+#include "mt_plan.h"
 #include "saf/philox.h"
 
 namespace saf::cpu {
@@ -27,18 +27,7 @@ inline double philox_value(uint64_t key, uint64_t offset, uint64_t pos, int64_t 
 }  // namespace
 
 void philox_cpu(at::Tensor& out, int64_t seed, int64_t offset, int64_t kind, double p) {
-  const char* op = "saf_kernels.philox_";
-  TORCH_CHECK_VALUE(kind >= 0 && kind <= 3, op, ": kind must be 0 (words), 1 (uniform), 2 (normal) or 3 (bernoulli), got ",
-                    kind);
-  TORCH_CHECK_VALUE(offset >= 0, op, ": offset must be >= 0, got ", offset);
-  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
-  if (kind == 0) {
-    TORCH_CHECK_TYPE(out.scalar_type() == at::kLong, op, ": kind 0 (raw words) needs an int64 out, got ",
-                     out.scalar_type());
-  } else {
-    TORCH_CHECK_TYPE(out.is_floating_point(), op, ": kinds 1-3 need a floating out, got ", out.scalar_type());
-  }
-  TORCH_CHECK_VALUE(kind != 3 || (p >= 0.0 && p <= 1.0), op, ": p must be in [0, 1], got ", p);
+  mt::check_philox(out, offset, kind, p);
   const uint64_t key = mt::philox_key(seed), off = uint64_t(offset);
   const uint32_t thr = rng::bernoulli_threshold(p);
   at::Tensor buf = kind == 0 ? out : at::empty({out.numel()}, out.options().dtype(at::kDouble));

@@ -1,4 +1,4 @@
-// CPU implementation of the R-SAM ops (schemas: csrc/ops.cpp; plans: csrc/mt_plan_esam.h;
+// CPU implementation of the R-SAM ops (schemas: csrc/ops.cpp; plans: csrc/mt_plan.h;
 // kernels: csrc/cpu/kernels/rsam.cpp). rsam_noise_ runs over row-aligned chunks (each task owns
 // whole output units, so their norms need no second pass); rsam_perturb_ is a norm pass and a
 // perturbation pass over plain chunks, as sam_perturb_.
@@ -6,16 +6,23 @@
 
 #include <vector>
 
-#include "cpu/esam_kernels.h"
+#include "cpu/multi_tensor.h"
 
 namespace saf::cpu {
 
 void rsam_noise_cpu(at::TensorList params, at::TensorList stash, at::ArrayRef<double> stdev, int64_t seed,
                     int64_t offset) {
-  const mt::RowPlan plan = mt::rsam_noise_plan(params, stash, stdev, offset, kCpuChunk);
-  const EsamKernels k = esam_kernels();
+  const mt::Plan plan = mt::rsam_noise_plan(params, stash, stdev, offset, kCpuChunk);
+  const MtKernels k = mt_kernels();
   const uint64_t key = mt::philox_key(seed), off = uint64_t(offset);
-  parallel_rows(plan, [&](const mt::TensorEntry& t, int64_t r0, int64_t nr) { k.rsam_noise(t, r0, nr, key, off); });
+  parallel_chunks(
+      plan,
+      [&](int64_t c, const mt::TensorEntry& t, int64_t, int64_t) {
+        int64_t r0, nr;
+        plan.rows_of(c, r0, nr);
+        k.rsam_noise(t, r0, nr, key, off);
+      },
+      kCpuChunk);
   mt::bump_versions(params);
   mt::bump_versions(stash);
 }
@@ -24,20 +31,18 @@ at::Tensor rsam_perturb_cpu(at::TensorList params, at::TensorList grads, at::Ten
                             at::ArrayRef<double> rho, double lam, double eps,
                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const mt::Plan plan = mt::rsam_perturb_plan(params, grads, stash, rho, lam, eps, grad_scale, found_inf, kCpuChunk);
-  const EsamKernels k = esam_kernels();
+  const MtKernels k = mt_kernels();
   const double inv = inv_scale_of(grad_scale);
-  std::vector<double> partial(plan.n_chunks(), 0.0);
-  parallel_chunks(plan, [&](int64_t c, const mt::TensorEntry& t, int64_t start, int64_t n) {
-    partial[c] = k.rsam_norm(t, start, n, lam, inv);
+  const auto partial = chunk_partials<1>(plan, [&](const mt::TensorEntry& t, int64_t start, int64_t n, double* out) {
+    *out = k.rsam_norm(t, start, n, lam, inv);
   });
   // d is already unscaled: the coefficient of sam_coef with inv_scale = 1.
-  const mt::SamCoef sc = mt::sam_coef(ordered_sum(partial), 1.0, eps, found_inf_of(found_inf));
+  const mt::SamCoef sc = mt::sam_coef(ordered_sums<1>(partial)[0], 1.0, eps, found_inf_of(found_inf));
   parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
     k.rsam_perturb(t, start, n, lam, inv, sc.coef);
   });
   mt::bump_versions(params);
-  const auto dtype = mt::any_f64(params) ? at::kDouble : at::kFloat;
-  return at::scalar_tensor(sc.norm, at::TensorOptions().dtype(dtype));
+  return norm_result(sc.norm, params);
 }
 
 TORCH_LIBRARY_IMPL(saf_kernels, CPU, m) {

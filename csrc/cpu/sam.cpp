@@ -15,13 +15,22 @@ namespace saf::cpu {
 
 namespace {
 
-// GradScaler's scale and found_inf live on the tensors' device; on CPU reading them costs nothing.
-double inv_scale_of(const std::optional<at::Tensor>& grad_scale) {
-  return grad_scale ? 1.0 / grad_scale->item<double>() : 1.0;
-}
-
-bool found_inf_of(const std::optional<at::Tensor>& found_inf) {
-  return found_inf && found_inf->item<double>() > 0;
+// The fused restore + optimizer steps: step(entry, start, n, inv_scale) on every chunk, or, when
+// found_inf is set (a skipped step), the restore alone. Returns whether the step ran.
+template <typename Step>
+bool restore_or_step(const mt::Plan& plan, int64_t stash_mode, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf, Step step) {
+  const MtKernels k = mt_kernels();
+  const bool skip = found_inf_of(found_inf);
+  const double inv_scale = inv_scale_of(grad_scale);
+  parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
+    if (skip) {
+      k.sam_restore(t, start, n, stash_mode);
+    } else {
+      step(k, t, start, n, inv_scale);
+    }
+  });
+  return !skip;
 }
 
 }  // namespace
@@ -32,20 +41,17 @@ at::Tensor sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::Tens
   const mt::Plan plan =
       mt::sam_perturb_plan(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale, found_inf, kCpuChunk);
   const MtKernels k = mt_kernels();
-  std::vector<double> partial(plan.n_chunks(), 0.0);
-  parallel_chunks(plan, [&](int64_t c, const mt::TensorEntry& t, int64_t start, int64_t n) {
-    partial[c] = k.sam_norm(t, start, n);
+  const auto partial = chunk_partials<1>(plan, [&](const mt::TensorEntry& t, int64_t start, int64_t n, double* out) {
+    *out = k.sam_norm(t, start, n);
   });
-  double sumsq = 0;
-  for (double p : partial) sumsq += p;
+  const double sumsq = ordered_sums<1>(partial)[0];
   const mt::SamCoef sc = mt::sam_coef(sumsq, inv_scale_of(grad_scale), eps, found_inf_of(found_inf));
   parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
     k.sam_perturb(t, start, n, sc.coef, stash_mode);
   });
   mt::bump_versions(params);
   mt::bump_versions(stash);
-  const auto dtype = mt::any_f64(params) ? at::kDouble : at::kFloat;
-  return at::scalar_tensor(sc.norm, at::TensorOptions().dtype(dtype));
+  return norm_result(sc.norm, params);
 }
 
 void sam_restore_cpu(at::TensorList params, at::TensorList stash, int64_t stash_mode) {
@@ -64,18 +70,13 @@ void sam_restore_sgd_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          const std::optional<at::Tensor>& found_inf) {
   const mt::Plan plan = mt::sam_sgd_plan(params, grads, stash, momentum_buffers, lr, weight_decay, momentum, dampening,
                                          flags, stash_mode, grad_scale, found_inf, kCpuChunk);
-  const MtKernels k = mt_kernels();
-  const bool skip = found_inf_of(found_inf);  // a skipped step: the restore only
-  const double inv_scale = inv_scale_of(grad_scale);
-  parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
-    if (skip) {
-      k.sam_restore(t, start, n, stash_mode);
-    } else {
-      k.sam_restore_sgd(t, start, n, stash_mode, inv_scale);
-    }
-  });
+  const bool stepped = restore_or_step(
+      plan, stash_mode, grad_scale, found_inf,
+      [&](const MtKernels& k, const mt::TensorEntry& t, int64_t start, int64_t n, double inv_scale) {
+        k.sam_restore_sgd(t, start, n, stash_mode, inv_scale);
+      });
   mt::bump_versions(params);
-  if (!skip) mt::bump_versions(momentum_buffers);
+  if (stepped) mt::bump_versions(momentum_buffers);
 }
 
 void sam_restore_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList stash, at::TensorList exp_avg,
@@ -85,18 +86,13 @@ void sam_restore_adamw_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const mt::Plan plan = mt::sam_adamw_plan(params, grads, stash, exp_avg, exp_avg_sq, steps, lr, beta1, beta2, eps,
                                            weight_decay, flags, stash_mode, grad_scale, found_inf, kCpuChunk);
-  const MtKernels k = mt_kernels();
-  const bool skip = found_inf_of(found_inf);
-  const double inv_scale = inv_scale_of(grad_scale);
-  parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
-    if (skip) {
-      k.sam_restore(t, start, n, stash_mode);
-    } else {
-      k.sam_restore_adamw(t, start, n, stash_mode, inv_scale);
-    }
-  });
+  const bool stepped = restore_or_step(
+      plan, stash_mode, grad_scale, found_inf,
+      [&](const MtKernels& k, const mt::TensorEntry& t, int64_t start, int64_t n, double inv_scale) {
+        k.sam_restore_adamw(t, start, n, stash_mode, inv_scale);
+      });
   mt::bump_versions(params);
-  if (!skip) {
+  if (stepped) {
     mt::bump_versions(exp_avg);
     mt::bump_versions(exp_avg_sq);
   }

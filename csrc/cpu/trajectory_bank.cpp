@@ -23,25 +23,9 @@
 
 namespace saf::cpu {
 
-using RowsFn = int64_t (*)(const TrajectoryArgs&, int64_t, int64_t);
-
-static RowsFn bank_rows_for(Isa isa) {
-#if defined(SAF_KERNELS_X86)
-  if (isa == Isa::AVX512) return &AVX512::trajectory_loss_rows;
-  if (isa == Isa::AVX2) return &AVX2::trajectory_loss_rows;
-#endif
-  (void)isa;
-  return &DEFAULT::trajectory_loss_rows;
-}
-
 // The first row of probability targets holding a negative or non-finite value, or -1.
 static int64_t first_bad_probability_row(const at::Tensor& probs) {
-  using CheckFn = int64_t (*)(const void*, DType, int64_t, int64_t, int64_t, int64_t);
-  CheckFn check = &DEFAULT::probability_check_rows;
-#if defined(SAF_KERNELS_X86)
-  if (cpu_isa() == Isa::AVX512) check = &AVX512::probability_check_rows;
-  if (cpu_isa() == Isa::AVX2) check = &AVX2::probability_check_rows;
-#endif
+  const auto check = SAF_ISA_PICK(cpu_isa(), probability_check_rows);
   const DType dt = to_dtype(probs.scalar_type());
   const int64_t B = probs.size(0), C = probs.size(1), stride = row_stride(probs);
   std::atomic<int64_t> bad{-1};
@@ -149,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> saf_bank_step_cpu(
     a.soft_dtype = to_dtype(probs.scalar_type());
   }
 
-  const RowsFn kernel = bank_rows_for(cpu_isa());
+  const auto kernel = SAF_ISA_PICK(cpu_isa(), trajectory_loss_rows);
   const int64_t grain = std::max<int64_t>(1, 16384 / C);
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
   if (record) {

@@ -13,16 +13,6 @@
 
 namespace saf::cpu {
 
-using RowsFn = int64_t (*)(const TrajectoryArgs&, int64_t, int64_t);
-
-static RowsFn trajectory_rows_for(Isa isa) {
-#if defined(SAF_KERNELS_X86)
-  if (isa == Isa::AVX512) return &AVX512::trajectory_loss_rows;
-  if (isa == Isa::AVX2) return &AVX2::trajectory_loss_rows;
-#endif
-  (void)isa;
-  return &DEFAULT::trajectory_loss_rows;
-}
 
 template <typename acc_t>
 static at::Tensor sum_rows(const at::Tensor& rows) {
@@ -62,28 +52,10 @@ std::tuple<at::Tensor, at::Tensor> trajectory_loss_cpu(const at::Tensor& logits_
     scale = n > 0 ? 1.0 / double(n) : 0.0;
   }
 
-  TrajectoryArgs a{};
-  a.logits = logits.data_ptr();
-  a.target = target.data_ptr();
-  a.labels = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
-  a.grad = need_grad ? grad.data_ptr() : nullptr;
-  a.row_loss = rows.data_ptr();
-  a.scale_dev = nullptr;
-  a.rows = B;
-  a.cols = C;
-  a.logits_stride = row_stride(logits);
-  a.target_stride = row_stride(target);
-  a.grad_stride = C;
-  a.logits_dtype = to_dtype(logits.scalar_type());
-  a.target_dtype = to_dtype(target.scalar_type());
-  a.p = TrajectoryParams{temperature, ce_weight, kl_weight, label_smoothing, ignore_index, scale};
-  if (soft) {
-    a.soft = probs.data_ptr();
-    a.soft_stride = row_stride(probs);
-    a.soft_dtype = to_dtype(probs.scalar_type());
-  }
+  TrajectoryArgs a = trajectory_args(logits, target, targets, need_grad ? grad.data_ptr() : nullptr, rows,
+                                     {temperature, ce_weight, kl_weight, label_smoothing, ignore_index, scale});
 
-  const RowsFn kernel = trajectory_rows_for(cpu_isa());
+  const auto kernel = SAF_ISA_PICK(cpu_isa(), trajectory_loss_rows);
   std::atomic<int64_t> bad{-1};
   // About 16K elements per task: small rows are batched, large rows get one task each.
   const int64_t grain = std::max<int64_t>(1, 16384 / C);

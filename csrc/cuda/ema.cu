@@ -4,16 +4,8 @@
 // decay may come from a device scalar, so a decay schedule needs no host synchronisation.
 //
 // No torch headers: this file compiles with plain nvcc wherever CUDA is installed.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
-
 #include "cuda/mt_launchers.h"
-#include "saf/cuda_utils.cuh"
 #include "saf/multi_tensor.cuh"
-#include "saf/multi_tensor.h"
 
 namespace saf::cuda {
 namespace {
@@ -21,41 +13,41 @@ namespace {
 using namespace saf::cuda::mt;
 namespace E = saf::mt::ema;
 
-template <bool F64>
-__global__ void __launch_bounds__(kBlock) ema_update_kernel(const void* plan, double decay, const double* decay_dev) {
-  const ChunkRef c = chunk_ref(plan_view(plan), blockIdx.x);
-  const TensorEntry* t = c.t;
-  const double weight = 1.0 - (decay_dev ? *decay_dev : decay);
-  const int32_t mdt = t->dtype[E::MODEL];
-  const char* model = static_cast<const char*>(t->ptr[E::MODEL]) + c.start * dtype_size(static_cast<DType>(mdt));
-  dispatch_dtype<F64>(t->dtype[E::EMA], [&](auto zero) {
-    using T = decltype(zero);
+// ema = lerp(ema, model, weight), weight = 1 - decay (decay from decay_dev if given).
+struct EmaUpdate {
+  static constexpr int kDtype = E::EMA;
+  double decay;
+  const double* decay_dev;
+  template <typename T>
+  struct Ctx {
     using acc_t = opmath_t<T>;
-    T* e = stream_ptr<T>(t, E::EMA, c.start);
-    const acc_t wt = acc_t(weight);
-    chunk_loop(c.n, is_aligned(t), [&](auto width, int64_t i) {
-      constexpr int N = decltype(width)::value;
-      acc_t a[N], b[N];
-      ld<N>(e, i, a);
-      ld_any<N>(model, mdt, i, b);
+    T* e;
+    const void* model;
+    int32_t mdt;
+    acc_t wt;
+  };
+  template <typename T>
+  __device__ __forceinline__ Ctx<T> chunk(const ChunkRef& c) const {
+    const double weight = 1.0 - (decay_dev ? *decay_dev : decay);
+    return {stream_ptr<T>(c.t, E::EMA, c.start), stream_bytes(c.t, E::MODEL, c.start), c.t->dtype[E::MODEL],
+            opmath_t<T>(weight)};
+  }
+  template <int N, class C>
+  __device__ __forceinline__ void elem(const C& x, int64_t i) const {
+    typename C::acc_t a[N], b[N];
+    ld<N>(x.e, i, a);
+    ld_any<N>(x.model, x.mdt, i, b);
 #pragma unroll
-      for (int j = 0; j < N; ++j) a[j] = saf::mt::lerp(a[j], b[j], wt);
-      st<N>(e, i, a);
-    });
-  });
-}
+    for (int j = 0; j < N; ++j) a[j] = saf::mt::lerp(a[j], b[j], x.wt);
+    st<N>(x.e, i, a);
+  }
+};
 
 }  // namespace
 
 cudaError_t ema_update_launch(const void* plan, int64_t n_chunks, bool f64, double decay, const double* decay_dev,
                               cudaStream_t stream) {
-  if (n_chunks == 0) return cudaSuccess;
-  if (f64) {
-    ema_update_kernel<true><<<unsigned(n_chunks), kBlock, 0, stream>>>(plan, decay, decay_dev);
-  } else {
-    ema_update_kernel<false><<<unsigned(n_chunks), kBlock, 0, stream>>>(plan, decay, decay_dev);
-  }
-  return cudaGetLastError();
+  return launch_elementwise(plan, n_chunks, f64, stream, EmaUpdate{decay, decay_dev});
 }
 
 }  // namespace saf::cuda

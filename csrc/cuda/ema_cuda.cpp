@@ -16,12 +16,10 @@ void ema_update_cuda(at::TensorList ema, at::TensorList model, double decay,
                      const std::optional<at::Tensor>& decay_tensor) {
   const mt::Plan plan = mt::ema_plan(ema, model, decay, decay_tensor, mt_chunk_size());
   if (ema.empty()) return;
-  const c10::cuda::CUDAGuard guard(ema[0].device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const MtCall call(plan, ema);
   const at::Tensor d = decay_tensor ? decay_tensor->to(at::kDouble).contiguous() : at::Tensor();
-  const void* dplan = PlanCache::instance().upload(plan, stream);
-  SAF_CUDA_CHECK(ema_update_launch(dplan, plan.n_chunks(), mt::any_f64(ema), decay,
-                                   d.defined() ? d.data_ptr<double>() : nullptr, stream),
+  SAF_CUDA_CHECK(ema_update_launch(call.plan, call.n_chunks, call.f64, decay,
+                                   d.defined() ? d.data_ptr<double>() : nullptr, call.stream),
                  "ema_update_");
   mt::bump_versions(ema);
 }

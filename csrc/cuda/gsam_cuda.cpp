@@ -5,31 +5,25 @@
 #include <torch/library.h>
 
 #include "cuda/cuda_check.h"
-#include "cuda/esam_launchers.h"
 #include "cuda/mt_launchers.h"
 #include "cuda/mt_plan_cuda.h"
-#include "mt_plan_esam.h"
+#include "mt_plan.h"
 
 namespace saf::cuda {
 
 namespace {
 
-// Reductions and coefficients on the device; returns (coefs [3] float64, stats [3]).
-std::pair<at::Tensor, at::Tensor> gsam_reduce(const mt::Plan& plan, const void* dplan, at::TensorList params,
-                                              double alpha, double eps, const std::optional<at::Tensor>& grad_scale,
+// Reductions and coefficients on the device: the partial-sum stage, then the one-block finalize;
+// returns (coefs [3] float64, stats [3]).
+std::pair<at::Tensor, at::Tensor> gsam_reduce(const MtCall& call, double alpha, double eps,
+                                              const std::optional<at::Tensor>& grad_scale,
                                               const std::optional<at::Tensor>& old_grad_scale,
-                                              const std::optional<at::Tensor>& found_inf, cudaStream_t stream,
-                                              const char* op) {
-  const bool f64 = mt::any_f64(params);
-  const auto opts = params[0].options();
-  at::Tensor partials = at::empty({3 * std::max<int64_t>(1, plan.n_chunks())}, opts.dtype(at::kDouble));
-  at::Tensor coefs = at::empty({3}, opts.dtype(at::kDouble));
-  at::Tensor stats = at::empty({3}, opts.dtype(f64 ? at::kDouble : at::kFloat));
+                                              const std::optional<at::Tensor>& found_inf, const char* op) {
+  at::Tensor partials = call.partials(3), coefs = call.coefs(3), stats = call.result({3});
   const at::Tensor gs = as_f32(grad_scale), ogs = as_f32(old_grad_scale), fi = as_f32(found_inf);
-  SAF_CUDA_CHECK(gsam_dots_launch(dplan, plan.n_chunks(), f64, partials.data_ptr<double>(), stream), op);
-  SAF_CUDA_CHECK(gsam_coef_launch(partials.data_ptr<double>(), plan.n_chunks(), f32_ptr(gs), f32_ptr(ogs),
-                                  f32_ptr(fi), alpha, eps, coefs.data_ptr<double>(), stats.data_ptr(), f64,
-                                  stream),
+  SAF_CUDA_CHECK(gsam_dots_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream), op);
+  SAF_CUDA_CHECK(gsam_coef_launch(partials.data_ptr<double>(), call.n_chunks, f32_ptr(gs), f32_ptr(ogs), f32_ptr(fi),
+                                  alpha, eps, coefs.data_ptr<double>(), stats.data_ptr(), call.f64, call.stream),
                  op);
   return {coefs, stats};
 }
@@ -44,13 +38,10 @@ at::Tensor gsam_combine_cuda(at::TensorList params, at::TensorList grads, at::Te
   const mt::Plan plan = mt::gsam_combine_plan(params, grads, old_grads, stash, alpha, eps, stash_mode, restore,
                                               grad_scale, old_grad_scale, found_inf, mt_chunk_size());
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.gsam_combine_: empty parameter list on CUDA");
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const void* dplan = PlanCache::instance().upload(plan, stream);
-  auto [coefs, stats] =
-      gsam_reduce(plan, dplan, params, alpha, eps, grad_scale, old_grad_scale, found_inf, stream, "gsam_combine_");
-  SAF_CUDA_CHECK(gsam_combine_launch(dplan, plan.n_chunks(), mt::any_f64(params), coefs.data_ptr<double>(),
-                                     restore, stash_mode, stream),
+  const MtCall call(plan, params);
+  auto [coefs, stats] = gsam_reduce(call, alpha, eps, grad_scale, old_grad_scale, found_inf, "gsam_combine_");
+  SAF_CUDA_CHECK(gsam_combine_launch(call.plan, call.n_chunks, call.f64, coefs.data_ptr<double>(), restore,
+                                     stash_mode, call.stream),
                  "gsam_combine_");
   if (restore) mt::bump_versions(params);
   mt::bump_versions(grads);
@@ -68,14 +59,11 @@ at::Tensor gsam_restore_sgd_cuda(at::TensorList params, at::TensorList grads, at
                                           dampening, flags, alpha, eps, stash_mode, grad_scale, old_grad_scale,
                                           found_inf, mt_chunk_size());
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.gsam_restore_sgd_: empty parameter list on CUDA");
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const void* dplan = PlanCache::instance().upload(plan, stream);
-  auto [coefs, stats] = gsam_reduce(plan, dplan, params, alpha, eps, grad_scale, old_grad_scale, found_inf, stream,
-                                    "gsam_restore_sgd_");
+  const MtCall call(plan, params);
+  auto [coefs, stats] = gsam_reduce(call, alpha, eps, grad_scale, old_grad_scale, found_inf, "gsam_restore_sgd_");
   SAF_CUDA_CHECK(
-    gsam_sgd_launch(dplan, plan.n_chunks(), mt::any_f64(params), coefs.data_ptr<double>(), stash_mode, stream),
-    "gsam_restore_sgd_");
+      gsam_sgd_launch(call.plan, call.n_chunks, call.f64, coefs.data_ptr<double>(), stash_mode, call.stream),
+      "gsam_restore_sgd_");
   mt::bump_versions(params);
   mt::bump_versions(momentum_buffers);
   return stats;

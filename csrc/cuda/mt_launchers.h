@@ -1,5 +1,8 @@
-// Host entry points of the multi-tensor .cu kernels (sam.cu, ema.cu): a plan already in device
-// memory (csrc/include/saf/multi_tensor.h), raw pointers and a stream; no torch types.
+// Host entry points of the multi-tensor .cu kernels (sam.cu, ema.cu, esam.cu, rsam.cu, gsam.cu):
+// a plan already in device memory (csrc/include/saf/multi_tensor.h), raw pointers and a stream;
+// no torch types. A reduction is two launches: a partial-sum stage (*_norm / *_dots: k sums per
+// chunk into a float64 array, sum j of chunk c at j * n_chunks + c) and a one-block finalize
+// (*_coef) that sums them in a fixed order; a collective may sit between the two.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -37,5 +40,46 @@ cudaError_t sam_restore_adamw_launch(const void* plan, int64_t n_chunks, bool f6
 // ema = lerp(ema, model, 1 - decay); decay from decay_dev (a float64 device scalar) if given.
 cudaError_t ema_update_launch(const void* plan, int64_t n_chunks, bool f64, double decay, const double* decay_dev,
                               cudaStream_t stream);
+
+// ---- ESAM, R-SAM, GSAM, philox_; the norm's finalize is sam_coef_launch ----
+
+// philox_: n values of the stream into out (dtype: 0 f32, 1 f16, 2 bf16, 3 f64, 4 int64 words).
+constexpr int32_t kPhiloxInt64 = 4;
+cudaError_t philox_launch(void* out, int32_t dtype, int64_t n, uint64_t key, uint64_t offset, int64_t kind,
+                          uint32_t threshold, cudaStream_t stream);
+
+// ESAM pass 1: partials[c] = sum over chunk c of (keep T g)^2.
+cudaError_t esam_norm_launch(const void* plan, int64_t n_chunks, bool f64, uint64_t key, uint64_t offset,
+                             double* partials, cudaStream_t stream);
+// ESAM pass 2: w += keep rho / beta T^2 g coef, stash written (coef from sam_coef_launch).
+cudaError_t esam_perturb_launch(const void* plan, int64_t n_chunks, bool f64, uint64_t key, uint64_t offset,
+                                const double* coef, int64_t stash_mode, cudaStream_t stream);
+// ESAM delta-mode restore: w -= stash where the regenerated mask keeps the element.
+cudaError_t esam_restore_delta_launch(const void* plan, int64_t n_chunks, bool f64, uint64_t key, uint64_t offset,
+                                      cudaStream_t stream);
+
+// R-SAM noise over a row plan (chunks of whole rows): stash = w, w += std_mult std ||row|| z.
+// The *_mult arguments carry a factor common to every tensor (the schedules' std_t and rho_t)
+// outside the plan, so that the cached device plan stays the same from step to step.
+cudaError_t rsam_noise_launch(const void* row_plan, int64_t n_chunks, bool f64, uint64_t key, uint64_t offset,
+                              double std_mult, cudaStream_t stream);
+// R-SAM: partials of ||lam g / grad_scale + (w - stash)||^2, then w = stash + rho d coef.
+cudaError_t rsam_norm_launch(const void* plan, int64_t n_chunks, bool f64, double lam, const float* grad_scale,
+                             double* partials, cudaStream_t stream);
+cudaError_t rsam_perturb_launch(const void* plan, int64_t n_chunks, bool f64, double lam, const float* grad_scale,
+                                const double* coef, double rho_mult, cudaStream_t stream);
+
+// GSAM: partials (3 arrays of n_chunks: <old_g, g>, |old_g|^2, |g|^2), then one block computing
+// coefs[0..2] = (c_new, c_old, apply) and stats (cos, ||old_g||, ||g||; float or double).
+cudaError_t gsam_dots_launch(const void* plan, int64_t n_chunks, bool f64, double* partials, cudaStream_t stream);
+cudaError_t gsam_coef_launch(const double* partials, int64_t n_chunks, const float* grad_scale,
+                             const float* old_grad_scale, const float* found_inf, double alpha, double eps,
+                             double* coefs, void* stats, bool stats_f64, cudaStream_t stream);
+// g = c_new g + c_old old_g (if apply), w restored from the stash (if restore).
+cudaError_t gsam_combine_launch(const void* plan, int64_t n_chunks, bool f64, const double* coefs, bool restore,
+                                int64_t stash_mode, cudaStream_t stream);
+// Restore + torch.optim.SGD with the combined gradient (apply false: restore only).
+cudaError_t gsam_sgd_launch(const void* plan, int64_t n_chunks, bool f64, const double* coefs, int64_t stash_mode,
+                            cudaStream_t stream);
 
 }  // namespace saf::cuda

@@ -1,5 +1,5 @@
-// Device copies of multi-tensor plans (csrc/mt_plan.h's Plan, csrc/mt_plan_esam.h's RowPlan),
-// cached in one cache keyed by the plan's serialised bytes (rules: csrc/mt_plan_cache.h).
+// Device copies of multi-tensor plans (csrc/mt_plan.h's Plan, element or row chunks), cached in
+// one cache keyed by the plan's serialised bytes (rules: csrc/mt_plan_cache.h).
 //
 // An identical plan seen before on the device costs no copy: gradients re-allocated by
 // zero_grad(set_to_none=True) usually get the same addresses from the caching allocator, so a
@@ -11,12 +11,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
 #include <optional>
 #include <vector>
 
+#include "mt_plan.h"
 #include "mt_plan_cache.h"
 
 namespace saf::cuda {
@@ -25,10 +27,9 @@ class PlanCache {
  public:
   static PlanCache& instance();
 
-  // Device address of the plan's bytes (P: mt::Plan or mt::RowPlan), valid for work enqueued
-  // on `stream` (and for replays of a graph being captured on it).
-  template <class P>
-  const void* upload(const P& plan, const c10::cuda::CUDAStream& stream) {
+  // Device address of the plan's bytes, valid for work enqueued on `stream` (and for replays of
+  // a graph being captured on it).
+  const void* upload(const mt::Plan& plan, const c10::cuda::CUDAStream& stream) {
     std::vector<uint8_t> bytes(size_t(plan.bytes()));
     plan.write(bytes.data());
     return upload_bytes(std::move(bytes), stream);
@@ -44,5 +45,33 @@ inline at::Tensor as_f32(const std::optional<at::Tensor>& t) {
 }
 
 inline const float* f32_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// What every multi-tensor CUDA wrapper does before its launches (params not empty): the device
+// guard, the current stream, the plan's cached device copy, whether the float64 instantiation of
+// the kernels is needed, and the scratch of a reduction's two stages.
+struct MtCall {
+  c10::cuda::CUDAGuard guard;
+  c10::cuda::CUDAStream stream;
+  const void* plan;
+  int64_t n_chunks;
+  bool f64;
+  at::TensorOptions opts;
+
+  MtCall(const mt::Plan& p, at::TensorList params)
+      : guard(params[0].device()),
+        stream(c10::cuda::getCurrentCUDAStream()),
+        plan(PlanCache::instance().upload(p, stream)),
+        n_chunks(p.n_chunks()),
+        f64(mt::any_f64(params)),
+        opts(params[0].options()) {}
+
+  // Stage 1 of a reduction: k partial sums per chunk, float64, sum j of chunk c at j * n_chunks + c
+  // (a tensor, so that a collective can reduce it before the finalize stage reads it).
+  at::Tensor partials(int64_t k = 1) const { return at::empty({k * std::max<int64_t>(1, n_chunks)}, opts.dtype(at::kDouble)); }
+  // Float64 device scalars the finalize writes for the element pass (coef, or GSAM's 3 coefs).
+  at::Tensor coefs(int64_t k = 1) const { return at::empty({k}, opts.dtype(at::kDouble)); }
+  // What the op returns (a norm, GSAM's stats): float64 if any param is, else float32.
+  at::Tensor result(at::IntArrayRef shape) const { return at::empty(shape, opts.dtype(f64 ? at::kDouble : at::kFloat)); }
+};
 
 }  // namespace saf::cuda

@@ -10,16 +10,8 @@
 // sam_perturb_, with d = lam * g / grad_scale + (w - stash) recomputed in both passes.
 //
 // No torch headers: this file compiles with plain nvcc wherever CUDA is installed.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
-
-#include "cuda/esam_launchers.h"
-#include "saf/cuda_utils.cuh"
+#include "cuda/mt_launchers.h"
 #include "saf/multi_tensor.cuh"
-#include "saf/multi_tensor.h"
 #include "saf/philox.h"
 
 namespace saf::cuda {
@@ -124,77 +116,80 @@ __device__ __forceinline__ void direction(const T* w, const T* g, const T* sp, i
   for (int j = 0; j < N; ++j) d[j] = lam_inv * gv[j] + (wv[j] - sv[j]);
 }
 
-template <bool F64>
-__global__ void __launch_bounds__(kBlock)
-    rsam_norm_kernel(const void* plan, double lam, const float* grad_scale, double* partials) {
-  const ChunkRef c = chunk_ref(plan_view(plan), blockIdx.x);
-  const TensorEntry* t = c.t;
-  const double inv = grad_scale ? 1.0 / double(*grad_scale) : 1.0;
-  double acc = 0;
-  dispatch_dtype<F64>(t->dtype[R::W], [&](auto zero) {
-    using T = decltype(zero);
-    using acc_t = opmath_t<T>;
-    const T* w = stream_ptr<T>(t, R::W, c.start);
-    const T* g = stream_ptr<T>(t, R::G, c.start);
-    const T* sp = stream_ptr<T>(t, R::STASH, c.start);
-    const acc_t li = acc_t(lam * inv);
-    acc_t a = acc_t(0);
-    chunk_loop(c.n, is_aligned(t), [&](auto width, int64_t i) {
-      constexpr int N = decltype(width)::value;
-      acc_t d[N];
-      direction<N>(w, g, sp, i, li, d);
-#pragma unroll
-      for (int j = 0; j < N; ++j) a += d[j] * d[j];
-    });
-    acc = double(a);
-  });
-  const double total = block_sum(acc);
-  if (threadIdx.x == 0) partials[blockIdx.x] = total;
+// The streams of rsam_perturb_'s two passes and lam / grad_scale.
+template <typename T>
+struct DirCtx {
+  using acc_t = opmath_t<T>;
+  T* w;
+  const T* g;
+  const T* sp;
+  acc_t li;  // lam / grad_scale
+};
+
+template <typename T>
+__device__ __forceinline__ DirCtx<T> dir_ctx(const ChunkRef& c, double lam, const float* grad_scale) {
+  return {stream_ptr<T>(c.t, R::W, c.start), stream_ptr<T>(c.t, R::G, c.start), stream_ptr<T>(c.t, R::STASH, c.start),
+          opmath_t<T>(lam * inv_scale_of(grad_scale))};
 }
 
-template <bool F64>
-__global__ void __launch_bounds__(kBlock)
-    rsam_perturb_kernel(const void* plan, double lam, const float* grad_scale, const double* coef_dev,
-                        double rho_mult) {
-  const ChunkRef c = chunk_ref(plan_view(plan), blockIdx.x);
-  const TensorEntry* t = c.t;
-  const double coef = *coef_dev;
-  const double inv = grad_scale ? 1.0 / double(*grad_scale) : 1.0;
-  dispatch_dtype<F64>(t->dtype[R::W], [&](auto zero) {
-    using T = decltype(zero);
-    using acc_t = opmath_t<T>;
-    T* w = stream_ptr<T>(t, R::W, c.start);
-    const T* g = stream_ptr<T>(t, R::G, c.start);
-    const T* sp = stream_ptr<T>(t, R::STASH, c.start);
-    if (coef == 0.0) {  // perturb nothing: back to the clean weights, bit exact
-      chunk_loop(c.n, is_aligned(t), [&](auto width, int64_t i) { copy_raw<decltype(width)::value>(w, sp, i); });
-      return;
-    }
-    const acc_t li = acc_t(lam * inv), rc = acc_t(rho_mult * t->param[R::RHO] * coef);
-    chunk_loop(c.n, is_aligned(t), [&](auto width, int64_t i) {
-      constexpr int N = decltype(width)::value;
-      acc_t d[N], sv[N];
-      direction<N>(w, g, sp, i, li, d);
-      ld<N>(sp, i, sv);
+// Pass 1: sum over the chunk of d^2.
+struct RsamNorm {
+  static constexpr int kDtype = R::W;
+  static constexpr int kSums = 1;
+  double lam;
+  const float* grad_scale;
+  template <typename T>
+  __device__ __forceinline__ DirCtx<T> chunk(const ChunkRef& c) const {
+    return dir_ctx<T>(c, lam, grad_scale);
+  }
+  template <int N, class C, typename acc_t>
+  __device__ __forceinline__ void term(const C& x, int64_t i, acc_t (&a)[1]) const {
+    acc_t d[N];
+    direction<N>(x.w, x.g, x.sp, i, x.li, d);
 #pragma unroll
-      for (int j = 0; j < N; ++j) sv[j] += rc * d[j];
-      st<N>(w, i, sv);
-    });
-  });
-}
+    for (int j = 0; j < N; ++j) a[0] += d[j] * d[j];
+  }
+};
+
+// Pass 2: w = stash + rho d coef (coef == 0: back to the clean weights, bit exact).
+struct RsamPerturb {
+  static constexpr int kDtype = R::W;
+  double lam;
+  const float* grad_scale;
+  const double* coef_dev;
+  double rho_mult;
+  template <typename T>
+  struct Ctx : DirCtx<T> {
+    using acc_t = opmath_t<T>;
+    bool skip;
+    acc_t rc;
+  };
+  template <typename T>
+  __device__ __forceinline__ Ctx<T> chunk(const ChunkRef& c) const {
+    const double coef = *coef_dev;
+    Ctx<T> x;
+    static_cast<DirCtx<T>&>(x) = dir_ctx<T>(c, lam, grad_scale);
+    x.skip = coef == 0.0;
+    x.rc = opmath_t<T>(rho_mult * c.t->param[R::RHO] * coef);
+    return x;
+  }
+  static constexpr bool kSkippable = true;
+  template <int N, class C>
+  __device__ __forceinline__ void skip_elem(const C& x, int64_t i) const {
+    copy_raw<N>(x.w, x.sp, i);
+  }
+  template <int N, class C>
+  __device__ __forceinline__ void elem(const C& x, int64_t i) const {
+    typename C::acc_t d[N], sv[N];
+    direction<N>(x.w, x.g, x.sp, i, x.li, d);
+    ld<N>(x.sp, i, sv);
+#pragma unroll
+    for (int j = 0; j < N; ++j) sv[j] += x.rc * d[j];
+    st<N>(x.w, i, sv);
+  }
+};
 
 }  // namespace
-
-#define SAF_RSAM_LAUNCH(kernel, ...)                                               \
-  do {                                                                             \
-    if (n_chunks == 0) return cudaSuccess;                                         \
-    if (f64) {                                                                     \
-      kernel<true><<<unsigned(n_chunks), kBlock, 0, stream>>>(__VA_ARGS__);        \
-    } else {                                                                       \
-      kernel<false><<<unsigned(n_chunks), kBlock, 0, stream>>>(__VA_ARGS__);       \
-    }                                                                              \
-    return cudaGetLastError();                                                     \
-  } while (0)
 
 cudaError_t rsam_noise_launch(const void* row_plan, int64_t n_chunks, bool f64, uint64_t key, uint64_t offset,
                               double std_mult, cudaStream_t stream) {
@@ -209,12 +204,12 @@ cudaError_t rsam_noise_launch(const void* row_plan, int64_t n_chunks, bool f64, 
 
 cudaError_t rsam_norm_launch(const void* plan, int64_t n_chunks, bool f64, double lam, const float* grad_scale,
                              double* partials, cudaStream_t stream) {
-  SAF_RSAM_LAUNCH(rsam_norm_kernel, plan, lam, grad_scale, partials);
+  return launch_partials(plan, n_chunks, f64, partials, stream, RsamNorm{lam, grad_scale});
 }
 
 cudaError_t rsam_perturb_launch(const void* plan, int64_t n_chunks, bool f64, double lam, const float* grad_scale,
                                 const double* coef, double rho_mult, cudaStream_t stream) {
-  SAF_RSAM_LAUNCH(rsam_perturb_kernel, plan, lam, grad_scale, coef, rho_mult);
+  return launch_elementwise(plan, n_chunks, f64, stream, RsamPerturb{lam, grad_scale, coef, rho_mult});
 }
 
 }  // namespace saf::cuda

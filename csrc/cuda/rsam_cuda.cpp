@@ -11,10 +11,9 @@
 #include <vector>
 
 #include "cuda/cuda_check.h"
-#include "cuda/esam_launchers.h"
 #include "cuda/mt_launchers.h"
 #include "cuda/mt_plan_cuda.h"
-#include "mt_plan_esam.h"
+#include "mt_plan.h"
 
 namespace saf::cuda {
 
@@ -39,13 +38,11 @@ void rsam_noise_cuda(at::TensorList params, at::TensorList stash, at::ArrayRef<d
   mt::check_finite_nonneg(stdev, "saf_kernels.rsam_noise_", "std");
   const double mult = common_factor(stdev, plan_std);
   // A chunk of whole rows per block: at least one row, else about mt_chunk_size() elements.
-  const mt::RowPlan plan = mt::rsam_noise_plan(params, stash, plan_std, offset, mt_chunk_size());
+  const mt::Plan plan = mt::rsam_noise_plan(params, stash, plan_std, offset, mt_chunk_size());
   if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const void* dplan = PlanCache::instance().upload(plan, stream);
-  SAF_CUDA_CHECK(rsam_noise_launch(dplan, plan.n_chunks(), mt::any_f64(params), mt::philox_key(seed),
-                                   uint64_t(offset), mult, stream),
+  const MtCall call(plan, params);
+  SAF_CUDA_CHECK(rsam_noise_launch(call.plan, call.n_chunks, call.f64, mt::philox_key(seed), uint64_t(offset), mult,
+                                   call.stream),
                  "rsam_noise_");
   mt::bump_versions(params);
   mt::bump_versions(stash);
@@ -60,24 +57,18 @@ at::Tensor rsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Te
   const mt::Plan plan =
       mt::rsam_perturb_plan(params, grads, stash, plan_rho, lam, eps, grad_scale, found_inf, mt_chunk_size());
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.rsam_perturb_: empty parameter list on CUDA");
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool f64 = mt::any_f64(params);
-  const auto opts = params[0].options();
-  at::Tensor partials = at::empty({std::max<int64_t>(1, plan.n_chunks())}, opts.dtype(at::kDouble));
-  at::Tensor coef = at::empty({1}, opts.dtype(at::kDouble));
-  at::Tensor norm = at::empty({}, opts.dtype(f64 ? at::kDouble : at::kFloat));
+  const MtCall call(plan, params);
+  at::Tensor partials = call.partials(), coef = call.coefs(), norm = call.result({});
   const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
-  const void* dplan = PlanCache::instance().upload(plan, stream);
-  SAF_CUDA_CHECK(rsam_norm_launch(dplan, plan.n_chunks(), f64, lam, f32_ptr(gs), partials.data_ptr<double>(),
-                                  stream),
+  SAF_CUDA_CHECK(rsam_norm_launch(call.plan, call.n_chunks, call.f64, lam, f32_ptr(gs), partials.data_ptr<double>(),
+                                  call.stream),
                  "rsam_perturb_");
   // d is already unscaled: the finalize gets no grad_scale, only found_inf.
-  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), plan.n_chunks(), nullptr, f32_ptr(fi), eps,
-                                 norm.data_ptr(), f64, coef.data_ptr<double>(), stream),
+  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), call.n_chunks, nullptr, f32_ptr(fi), eps,
+                                 norm.data_ptr(), call.f64, coef.data_ptr<double>(), call.stream),
                  "rsam_perturb_");
-  SAF_CUDA_CHECK(rsam_perturb_launch(dplan, plan.n_chunks(), f64, lam, f32_ptr(gs), coef.data_ptr<double>(),
-                                     mult, stream),
+  SAF_CUDA_CHECK(rsam_perturb_launch(call.plan, call.n_chunks, call.f64, lam, f32_ptr(gs), coef.data_ptr<double>(),
+                                     mult, call.stream),
                  "rsam_perturb_");
   mt::bump_versions(params);
   return norm;

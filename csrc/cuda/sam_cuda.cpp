@@ -12,6 +12,22 @@
 
 namespace saf::cuda {
 
+namespace {
+
+// The fused restore + optimizer steps: one launch (launch(call, grad_scale, found_inf) as float32
+// device pointers), reading found_inf on the device (set: the restore alone).
+template <class Launch>
+void restore_step(const mt::Plan& plan, at::TensorList params, const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf, const char* op, Launch launch) {
+  if (params.empty()) return;
+  const MtCall call(plan, params);
+  const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
+  SAF_CUDA_CHECK(launch(call, f32_ptr(gs), f32_ptr(fi)), op);
+  mt::bump_versions(params);
+}
+
+}  // namespace
+
 at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList stash,
                             at::ArrayRef<double> rho, at::ArrayRef<double> eta, at::IntArrayRef flags, double eps,
                             int64_t stash_mode, const std::optional<at::Tensor>& grad_scale,
@@ -19,21 +35,17 @@ at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Ten
   const mt::Plan plan = mt::sam_perturb_plan(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale,
                                              found_inf, mt_chunk_size());
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.sam_perturb_: empty parameter list on CUDA");
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool f64 = mt::any_f64(params);
-  const auto opts = params[0].options();
-  at::Tensor partials = at::empty({std::max<int64_t>(1, plan.n_chunks())}, opts.dtype(at::kDouble));
-  at::Tensor coef = at::empty({1}, opts.dtype(at::kDouble));
-  at::Tensor norm = at::empty({}, opts.dtype(f64 ? at::kDouble : at::kFloat));
+  const MtCall call(plan, params);
+  at::Tensor partials = call.partials(), coef = call.coefs(), norm = call.result({});
   const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
-  const void* dplan = PlanCache::instance().upload(plan, stream);
-  SAF_CUDA_CHECK(sam_norm_launch(dplan, plan.n_chunks(), f64, partials.data_ptr<double>(), stream), "sam_perturb_");
-  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), plan.n_chunks(), f32_ptr(gs), f32_ptr(fi), eps,
-                                 norm.data_ptr(), f64, coef.data_ptr<double>(), stream),
+  SAF_CUDA_CHECK(sam_norm_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream),
                  "sam_perturb_");
-  SAF_CUDA_CHECK(sam_perturb_launch(dplan, plan.n_chunks(), f64, coef.data_ptr<double>(), stash_mode, stream),
+  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), call.n_chunks, f32_ptr(gs), f32_ptr(fi), eps,
+                                 norm.data_ptr(), call.f64, coef.data_ptr<double>(), call.stream),
                  "sam_perturb_");
+  SAF_CUDA_CHECK(
+      sam_perturb_launch(call.plan, call.n_chunks, call.f64, coef.data_ptr<double>(), stash_mode, call.stream),
+      "sam_perturb_");
   mt::bump_versions(params);
   mt::bump_versions(stash);
   return norm;
@@ -42,11 +54,8 @@ at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Ten
 void sam_restore_cuda(at::TensorList params, at::TensorList stash, int64_t stash_mode) {
   const mt::Plan plan = mt::sam_restore_plan(params, stash, stash_mode, mt_chunk_size());
   if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const void* dplan = PlanCache::instance().upload(plan, stream);
-  SAF_CUDA_CHECK(sam_restore_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, stream),
-                 "sam_restore_");
+  const MtCall call(plan, params);
+  SAF_CUDA_CHECK(sam_restore_launch(call.plan, call.n_chunks, call.f64, stash_mode, call.stream), "sam_restore_");
   mt::bump_versions(params);
 }
 
@@ -57,15 +66,10 @@ void sam_restore_sgd_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                           const std::optional<at::Tensor>& found_inf) {
   const mt::Plan plan = mt::sam_sgd_plan(params, grads, stash, momentum_buffers, lr, weight_decay, momentum,
                                          dampening, flags, stash_mode, grad_scale, found_inf, mt_chunk_size());
-  if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
-  const void* dplan = PlanCache::instance().upload(plan, stream);
-  SAF_CUDA_CHECK(sam_restore_sgd_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, f32_ptr(gs),
-                                        f32_ptr(fi), stream),
-                 "sam_restore_sgd_");
-  mt::bump_versions(params);
+  restore_step(plan, params, grad_scale, found_inf, "sam_restore_sgd_",
+               [&](const MtCall& c, const float* gs, const float* fi) {
+                 return sam_restore_sgd_launch(c.plan, c.n_chunks, c.f64, stash_mode, gs, fi, c.stream);
+               });
   mt::bump_versions(momentum_buffers);
 }
 
@@ -76,15 +80,10 @@ void sam_restore_adamw_cuda(at::TensorList params, at::TensorList grads, at::Ten
                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const mt::Plan plan = mt::sam_adamw_plan(params, grads, stash, exp_avg, exp_avg_sq, steps, lr, beta1, beta2, eps,
                                            weight_decay, flags, stash_mode, grad_scale, found_inf, mt_chunk_size());
-  if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
-  const void* dplan = PlanCache::instance().upload(plan, stream);
-  SAF_CUDA_CHECK(sam_restore_adamw_launch(dplan, plan.n_chunks(), mt::any_f64(params), stash_mode, f32_ptr(gs),
-                                          f32_ptr(fi), stream),
-                 "sam_restore_adamw_");
-  mt::bump_versions(params);
+  restore_step(plan, params, grad_scale, found_inf, "sam_restore_adamw_",
+               [&](const MtCall& c, const float* gs, const float* fi) {
+                 return sam_restore_adamw_launch(c.plan, c.n_chunks, c.f64, stash_mode, gs, fi, c.stream);
+               });
   mt::bump_versions(exp_avg);
   mt::bump_versions(exp_avg_sq);
 }

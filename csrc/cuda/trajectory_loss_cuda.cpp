@@ -26,8 +26,7 @@ std::tuple<at::Tensor, at::Tensor> trajectory_loss_cuda(const at::Tensor& logits
   if (f64) target = target.to(at::kDouble);
   // Class labels, or probability targets [B, C] (every row labelled; read in their own dtype).
   const SplitTargets targets = split_targets(labels_in);
-  const at::Tensor &labels = targets.labels, &probs = targets.probs;
-  const bool soft = probs.defined();
+  const at::Tensor& labels = targets.labels;
 
   const int64_t B = logits.size(0), C = logits.size(1);
   const auto acc = f64 ? at::kDouble : at::kFloat;
@@ -35,26 +34,8 @@ std::tuple<at::Tensor, at::Tensor> trajectory_loss_cuda(const at::Tensor& logits
   at::Tensor grad = need_grad ? at::empty({B, C}, logits.options()) : at::empty({0}, logits.options());
   at::Tensor grad_k = (need_grad && logits_k.scalar_type() != grad.scalar_type()) ? at::empty_like(logits_k) : grad;
 
-  TrajectoryArgs a{};
-  a.logits = logits_k.data_ptr();
-  a.target = target.data_ptr();
-  a.labels = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
-  a.grad = need_grad ? grad_k.data_ptr() : nullptr;
-  a.row_loss = rows.data_ptr();
-  a.scale_dev = nullptr;
-  a.rows = B;
-  a.cols = C;
-  a.logits_stride = row_stride(logits_k);
-  a.target_stride = row_stride(target);
-  a.grad_stride = C;
-  a.logits_dtype = to_dtype(logits_k.scalar_type());
-  a.target_dtype = to_dtype(target.scalar_type());
-  a.p = TrajectoryParams{temperature, ce_weight, kl_weight, label_smoothing, ignore_index, 1.0};
-  if (soft) {
-    a.soft = probs.data_ptr();
-    a.soft_stride = row_stride(probs);
-    a.soft_dtype = to_dtype(probs.scalar_type());
-  }
+  TrajectoryArgs a = trajectory_args(logits_k, target, targets, need_grad ? grad_k.data_ptr() : nullptr, rows,
+                                     {temperature, ce_weight, kl_weight, label_smoothing, ignore_index, 1.0});
 
   at::Tensor scale;
   if (static_cast<Reduction>(reduction) == Reduction::Mean && B > 0) {

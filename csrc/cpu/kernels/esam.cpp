@@ -25,15 +25,10 @@ namespace {
 namespace E = saf::mt::esam;
 
 template <typename acc_t>
-struct EsamScratch {
-  alignas(64) acc_t a[kMtBlock];
-  alignas(64) acc_t b[kMtBlock];
-  alignas(64) acc_t c[kMtBlock];
+struct EsamScratch : Scratch3<acc_t> {
   alignas(64) acc_t keep[kMtBlock];
   alignas(64) uint32_t words[words_for(kMtBlock)];
 };
-
-bool is_f64(const mt::TensorEntry& t) { return t.dtype[0] == int32_t(DType::F64); }
 
 template <typename acc_t>
 double esam_norm_impl(const mt::TensorEntry& t, int64_t start, int64_t n, uint64_t key, uint64_t offset) {
@@ -42,26 +37,21 @@ double esam_norm_impl(const mt::TensorEntry& t, int64_t start, int64_t n, uint64
   const bool adaptive = (t.flags & E::kAdaptive) != 0;
   const uint32_t thr = saf::rng::bernoulli_threshold(t.param[E::BETA]);
   const V veta(acc_t(t.param[E::ETA])), zero(acc_t(0));
-  V acc0(acc_t(0)), acc1(acc_t(0));
+  SumSq<acc_t> acc;
   for (int64_t off = start; off < start + n; off += kMtBlock) {
     const int64_t m = std::min(kMtBlock, start + n - off);
     keep_flags<acc_t>(key, offset, uint64_t(t.rng_offset + off), m, thr, s.words, s.keep);
     const acc_t* g = load_stream<acc_t>(t, E::G, off, m, s.a);
     const acc_t* w = adaptive ? load_stream<acc_t>(t, E::W, off, m, s.b) : nullptr;
-    int step = 0;
+    acc.next_block();
     vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) {
       V x = vload(g + i, lanes);
       if (adaptive) x = x * (vload(w + i, lanes).abs() + veta);
       // A select, not a product: a dropped element's inf / NaN gradient must not reach the norm.
-      x = V::blendv(zero, x, vload(s.keep + i, lanes) != zero);
-      if (step++ & 1) {
-        acc1 = acc1 + x * x;
-      } else {
-        acc0 = acc0 + x * x;
-      }
+      acc.add(V::blendv(zero, x, vload(s.keep + i, lanes) != zero));
     });
   }
-  return hsum(acc0 + acc1);
+  return acc.sum();
 }
 
 template <typename acc_t>
@@ -96,16 +86,8 @@ void esam_perturb_impl(const mt::TensorEntry& t, int64_t start, int64_t n, doubl
       }
       vstore(e + i, V::blendv(zero, x, vload(s.keep + i, lanes) != zero), lanes);
     });
-    const acc_t* ed = e;
-    if (mode == mt::sam::DELTA) {
-      // Add exactly what the restore subtracts: e rounded to the stash's dtype.
-      if (t.dtype[E::STASH] == int32_t(acc_dtype<acc_t>())) {
-        std::memcpy(stream_at(t, E::STASH, off), e, size_t(m) * sizeof(acc_t));
-      } else {
-        store_stream<acc_t>(t, E::STASH, off, m, e);
-        ed = load_stream<acc_t>(t, E::STASH, off, m, s.b);
-      }
-    }
+    // Delta mode: add exactly what the restore subtracts, e rounded to the stash's dtype.
+    const acc_t* ed = mode == mt::sam::DELTA ? store_delta<acc_t>(t, off, m, e, s.b) : e;
     acc_t* wo = out_stream<acc_t>(t, E::W, off, s.a);
     vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) {
       // Dropped elements keep their exact bits (w + 0 would turn -0.0 into +0.0).
@@ -146,25 +128,17 @@ void esam_restore_impl(const mt::TensorEntry& t, int64_t start, int64_t n, int64
 }  // namespace
 
 double esam_norm_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, uint64_t key, uint64_t offset) {
-  return is_f64(t) ? esam_norm_impl<double>(t, start, n, key, offset) : esam_norm_impl<float>(t, start, n, key, offset);
+  SAF_MT_ACC_DISPATCH(t, esam_norm_impl, t, start, n, key, offset);
 }
 
 void esam_perturb_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double coef, int64_t mode, uint64_t key,
                         uint64_t offset) {
-  if (is_f64(t)) {
-    esam_perturb_impl<double>(t, start, n, coef, mode, key, offset);
-  } else {
-    esam_perturb_impl<float>(t, start, n, coef, mode, key, offset);
-  }
+  SAF_MT_ACC_DISPATCH(t, esam_perturb_impl, t, start, n, coef, mode, key, offset);
 }
 
 void esam_restore_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, int64_t mode, uint64_t key,
                         uint64_t offset) {
-  if (is_f64(t)) {
-    esam_restore_impl<double>(t, start, n, mode, key, offset);
-  } else {
-    esam_restore_impl<float>(t, start, n, mode, key, offset);
-  }
+  SAF_MT_ACC_DISPATCH(t, esam_restore_impl, t, start, n, mode, key, offset);
 }
 
 }  // namespace saf::cpu::CPU_CAPABILITY

@@ -19,23 +19,11 @@ using at::vec::Vectorized;
 namespace {
 
 namespace G = saf::mt::gsam;
-namespace S = saf::mt::sgd;
-
-bool is_f64(const mt::TensorEntry& t) { return t.dtype[0] == int32_t(DType::F64); }
-
-template <typename acc_t>
-struct GsamScratch {
-  alignas(64) acc_t a[kMtBlock];
-  alignas(64) acc_t b[kMtBlock];
-  alignas(64) acc_t c[kMtBlock];
-  alignas(64) acc_t d[kMtBlock];
-  alignas(64) acc_t e[kMtBlock];
-};
 
 template <typename acc_t>
 void gsam_dots_impl(const mt::TensorEntry& t, int64_t start, int64_t n, double* out) {
   using V = Vectorized<acc_t>;
-  GsamScratch<acc_t> s;
+  Scratch<acc_t> s;
   V dot(acc_t(0)), oo(acc_t(0)), gg(acc_t(0));
   for (int64_t off = start; off < start + n; off += kMtBlock) {
     const int64_t m = std::min(kMtBlock, start + n - off);
@@ -53,23 +41,11 @@ void gsam_dots_impl(const mt::TensorEntry& t, int64_t start, int64_t n, double* 
   out[2] = hsum(gg);
 }
 
-// The restored weights of a block (copy: the stash; delta: w - stash).
-template <typename acc_t>
-const acc_t* restored_block(const mt::TensorEntry& t, int64_t off, int64_t m, int64_t mode, acc_t* s1, acc_t* s2,
-                            acc_t* out) {
-  if (mode == mt::sam::COPY) return load_stream<acc_t>(t, G::STASH, off, m, out);
-  using V = Vectorized<acc_t>;
-  const acc_t* w = load_stream<acc_t>(t, G::W, off, m, s1);
-  const acc_t* e = load_stream<acc_t>(t, G::STASH, off, m, s2);
-  vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) { vstore(out + i, vload(w + i, lanes) - vload(e + i, lanes), lanes); });
-  return out;
-}
-
 template <typename acc_t>
 void gsam_combine_impl(const mt::TensorEntry& t, int64_t start, int64_t n, double c_new, double c_old, bool apply,
                        bool restore, int64_t mode) {
   using V = Vectorized<acc_t>;
-  GsamScratch<acc_t> s;
+  Scratch<acc_t> s;
   const V vn{acc_t(c_new)}, vo{acc_t(c_old)};
   for (int64_t off = start; off < start + n; off += kMtBlock) {
     const int64_t m = std::min(kMtBlock, start + n - off);
@@ -78,7 +54,7 @@ void gsam_combine_impl(const mt::TensorEntry& t, int64_t start, int64_t n, doubl
         copy_stream(t, G::W, G::STASH, off, m);  // bit exact
       } else {
         acc_t* wo = out_stream<acc_t>(t, G::W, off, s.c);
-        restored_block<acc_t>(t, off, m, mode, s.a, s.b, wo);
+        restored<acc_t>(t, off, m, mode, s.a, s.b, wo);
         store_stream<acc_t>(t, G::W, off, m, wo);
       }
     }
@@ -102,36 +78,26 @@ template <typename acc_t>
 void gsam_sgd_impl(const mt::TensorEntry& t, int64_t start, int64_t n, double c_new, double c_old, bool apply,
                    int64_t mode) {
   using V = Vectorized<acc_t>;
-  GsamScratch<acc_t> s;
+  Scratch<acc_t> s;
   if (!apply) {
     gsam_combine_impl<acc_t>(t, start, n, 0.0, 0.0, false, true, mode);
     return;
   }
-  const acc_t lr = acc_t(t.param[S::LR]), wd = acc_t(t.param[S::WD]), mom = acc_t(t.param[S::MOMENTUM]);
-  const acc_t damp = acc_t(t.param[S::DAMPENING]);
-  const bool nesterov = t.flags & S::kNesterov, maximize = t.flags & S::kMaximize, first = t.flags & S::kFirstRun;
-  const bool has_buf = mom != acc_t(0);
-  const V vlr(lr), vwd(wd), vmom(mom), vdamp1(acc_t(1) - damp), vn{acc_t(c_new)}, vo{acc_t(c_old)};
+  const SgdVec<acc_t> sgd(t);
+  const bool has_buf = sgd.has_buf;
+  const V vn{acc_t(c_new)}, vo{acc_t(c_old)};
   for (int64_t off = start; off < start + n; off += kMtBlock) {
     const int64_t m = std::min(kMtBlock, start + n - off);
     acc_t* wo = out_stream<acc_t>(t, G::W, off, s.a);
-    const acc_t* w = restored_block<acc_t>(t, off, m, mode, s.b, s.c, s.a);
+    const acc_t* w = restored<acc_t>(t, off, m, mode, s.b, s.c, s.a);
     const acc_t* g = load_stream<acc_t>(t, G::G, off, m, s.b);
     // c_old == 0 (alpha = 0 or an undefined decomposition): old_g is not read (0 * inf).
     const acc_t* o = c_old != 0.0 ? load_stream<acc_t>(t, G::OLD_G, off, m, s.c) : nullptr;
     acc_t* buf = has_buf ? load_stream<acc_t>(t, G::BUF, off, m, s.d) : nullptr;
     vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) {
-      const V wv = vload(w + i, lanes);
       V gv = vn * vload(g + i, lanes);
       if (o != nullptr) gv = gv + vo * vload(o + i, lanes);
-      if (maximize) gv = V(acc_t(0)) - gv;
-      if (wd != acc_t(0)) gv = gv + vwd * wv;
-      if (has_buf) {
-        const V b = first ? gv : vload(buf + i, lanes) * vmom + vdamp1 * gv;
-        vstore(buf + i, b, lanes);
-        gv = nesterov ? gv + vmom * b : b;
-      }
-      vstore(wo + i, wv - vlr * gv, lanes);
+      vstore(wo + i, sgd.step(vload(w + i, lanes), gv, buf, i, lanes), lanes);
     });
     if (has_buf) store_stream<acc_t>(t, G::BUF, off, m, buf);
     store_stream<acc_t>(t, G::W, off, m, wo);
@@ -141,29 +107,17 @@ void gsam_sgd_impl(const mt::TensorEntry& t, int64_t start, int64_t n, double c_
 }  // namespace
 
 void gsam_dots_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double* out) {
-  if (is_f64(t)) {
-    gsam_dots_impl<double>(t, start, n, out);
-  } else {
-    gsam_dots_impl<float>(t, start, n, out);
-  }
+  SAF_MT_ACC_DISPATCH(t, gsam_dots_impl, t, start, n, out);
 }
 
 void gsam_combine_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double c_new, double c_old, bool apply,
                         bool restore, int64_t mode) {
-  if (is_f64(t)) {
-    gsam_combine_impl<double>(t, start, n, c_new, c_old, apply, restore, mode);
-  } else {
-    gsam_combine_impl<float>(t, start, n, c_new, c_old, apply, restore, mode);
-  }
+  SAF_MT_ACC_DISPATCH(t, gsam_combine_impl, t, start, n, c_new, c_old, apply, restore, mode);
 }
 
 void gsam_sgd_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double c_new, double c_old, bool apply,
                     int64_t mode) {
-  if (is_f64(t)) {
-    gsam_sgd_impl<double>(t, start, n, c_new, c_old, apply, mode);
-  } else {
-    gsam_sgd_impl<float>(t, start, n, c_new, c_old, apply, mode);
-  }
+  SAF_MT_ACC_DISPATCH(t, gsam_sgd_impl, t, start, n, c_new, c_old, apply, mode);
 }
 
 }  // namespace saf::cpu::CPU_CAPABILITY

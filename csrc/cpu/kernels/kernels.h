@@ -58,6 +58,12 @@
                       bool apply, int64_t mode);
 // ---- end ESAM, R-SAM, GSAM kernels ----
 
+// Every multi-tensor chunk kernel above, X(name) for name##_chunk (csrc/cpu/multi_tensor.h's table).
+#define SAF_MT_KERNELS(X)                                                                              \
+  X(sam_norm) X(sam_perturb) X(sam_restore) X(sam_restore_sgd) X(sam_restore_adamw) X(ema) X(esam_norm) \
+      X(esam_perturb) X(esam_restore) X(rsam_noise) X(rsam_norm) X(rsam_perturb) X(gsam_dots)            \
+          X(gsam_combine) X(gsam_sgd)
+
 namespace saf::cpu {
 namespace DEFAULT {
 SAF_CPU_KERNEL_DECLS

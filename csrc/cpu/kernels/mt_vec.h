@@ -1,4 +1,7 @@
-// Stream access for the vectorised multi-tensor CPU kernels (csrc/cpu/kernels/{sam,ema}.cpp).
+// The scaffolding of the vectorised multi-tensor CPU kernels (csrc/cpu/kernels/{sam,ema,esam,
+// rsam,gsam}.cpp): stream access in blocks of kMtBlock elements, the float / double dispatch of a
+// chunk, scratch, the norm's accumulators, the restore and torch.optim.SGD's update as vectors.
+// A method's kernel file holds only its chunk functions written with these.
 //
 // Included only by files compiled once per instruction set: everything here lives in
 // saf::cpu::CPU_CAPABILITY so that the builds never share a symbol.
@@ -113,5 +116,101 @@ inline void vstore(acc_t* p, const at::vec::Vectorized<acc_t>& v, int64_t lanes)
     v.store(p, lanes);
   }
 }
+
+// A chunk's accumulation type: double for float64 tensors, else float. SAF_MT_ACC_DISPATCH(t,
+// impl, args...) returns impl<acc_t>(args...).
+inline bool is_f64(const mt::TensorEntry& t) { return t.dtype[0] == int32_t(DType::F64); }
+#define SAF_MT_ACC_DISPATCH(t, impl, ...) \
+  return is_f64(t) ? impl<double>(__VA_ARGS__) : impl<float>(__VA_ARGS__)
+
+// Widened copies of three (Scratch3, extended by the kernels that need more room) or five streams
+// of one block.
+template <typename acc_t>
+struct Scratch3 {
+  alignas(64) acc_t a[kMtBlock];
+  alignas(64) acc_t b[kMtBlock];
+  alignas(64) acc_t c[kMtBlock];
+};
+
+template <typename acc_t>
+struct Scratch : Scratch3<acc_t> {
+  alignas(64) acc_t d[kMtBlock];
+  alignas(64) acc_t e[kMtBlock];
+};
+
+// A sum of squares in two vector accumulators, alternating: more adds in flight, and a little
+// less rounding. The order of the adds is fixed by the chunk, never by the threads.
+template <typename acc_t>
+struct SumSq {
+  using V = at::vec::Vectorized<acc_t>;
+  V acc0{acc_t(0)}, acc1{acc_t(0)};
+  int step = 0;
+  void add(const V& x) {
+    if (step++ & 1) {
+      acc1 = acc1 + x * x;
+    } else {
+      acc0 = acc0 + x * x;
+    }
+  }
+  // Each block of kMtBlock elements starts on acc0 again.
+  void next_block() { step = 0; }
+  double sum() const { return hsum(acc0 + acc1); }
+};
+
+// The restored weights of elements [off, off + m) in acc_t (copy mode: the stash; delta mode:
+// w - stash), computed into out (streams in sam's slots W and STASH, shared by every op).
+template <typename acc_t>
+const acc_t* restored(const mt::TensorEntry& t, int64_t off, int64_t m, int64_t mode, acc_t* s1, acc_t* s2,
+                      acc_t* out) {
+  if (mode == mt::sam::COPY) return load_stream<acc_t>(t, mt::sam::STASH, off, m, out);
+  const acc_t* w = load_stream<acc_t>(t, mt::sam::W, off, m, s1);
+  const acc_t* e = load_stream<acc_t>(t, mt::sam::STASH, off, m, s2);
+  vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) { vstore(out + i, vload(w + i, lanes) - vload(e + i, lanes), lanes); });
+  return out;
+}
+
+// Delta mode: writes the perturbation e to the stash and returns it rounded to the stash's dtype
+// and back (what the perturbation adds, so that the restore subtracts exactly that).
+template <typename acc_t>
+const acc_t* store_delta(const mt::TensorEntry& t, int64_t off, int64_t m, const acc_t* e, acc_t* scratch) {
+  if (t.dtype[mt::sam::STASH] == int32_t(acc_dtype<acc_t>())) {
+    std::memcpy(stream_at(t, mt::sam::STASH, off), e, size_t(m) * sizeof(acc_t));
+    return e;
+  }
+  store_stream<acc_t>(t, mt::sam::STASH, off, m, e);
+  return load_stream<acc_t>(t, mt::sam::STASH, off, m, scratch);
+}
+
+// torch.optim.SGD's update of a vector (saf/multi_tensor.h's sgd_step, same order of operations)
+// with the tensor's hyper-parameters in sgd's slots: new weights from the restored weights wv
+// and the (unscaled) gradient gv; buf[i, i + lanes) (the momentum buffer) read and written when
+// momentum != 0.
+template <typename acc_t>
+struct SgdVec {
+  using V = at::vec::Vectorized<acc_t>;
+  acc_t wd;
+  bool nesterov, maximize, first, has_buf;
+  V vlr, vwd, vmom, vdamp1;
+  explicit SgdVec(const mt::TensorEntry& t)
+      : wd(acc_t(t.param[mt::sgd::WD])),
+        nesterov(t.flags & mt::sgd::kNesterov),
+        maximize(t.flags & mt::sgd::kMaximize),
+        first(t.flags & mt::sgd::kFirstRun),
+        has_buf(acc_t(t.param[mt::sgd::MOMENTUM]) != acc_t(0)),
+        vlr(acc_t(t.param[mt::sgd::LR])),
+        vwd(wd),
+        vmom(acc_t(t.param[mt::sgd::MOMENTUM])),
+        vdamp1(acc_t(1) - acc_t(t.param[mt::sgd::DAMPENING])) {}
+  V step(const V& wv, V gv, acc_t* buf, int64_t i, int64_t lanes) const {
+    if (maximize) gv = V(acc_t(0)) - gv;
+    if (wd != acc_t(0)) gv = gv + vwd * wv;
+    if (has_buf) {
+      const V b = first ? gv : vload(buf + i, lanes) * vmom + vdamp1 * gv;
+      vstore(buf + i, b, lanes);
+      gv = nesterov ? gv + vmom * b : b;
+    }
+    return wv - vlr * gv;
+  }
+};
 
 }  // namespace saf::cpu::CPU_CAPABILITY

@@ -20,13 +20,8 @@ namespace {
 
 namespace R = saf::mt::rsam;
 
-bool is_f64(const mt::TensorEntry& t) { return t.dtype[0] == int32_t(DType::F64); }
-
 template <typename acc_t>
-struct RsamScratch {
-  alignas(64) acc_t a[kMtBlock];
-  alignas(64) acc_t b[kMtBlock];
-  alignas(64) acc_t c[kMtBlock];
+struct RsamScratch : Scratch3<acc_t> {
   alignas(64) uint32_t words[words_for(kMtBlock)];
   alignas(64) float u1[words_for(kMtBlock) / 2];
   alignas(64) float u2[words_for(kMtBlock) / 2];
@@ -90,21 +85,14 @@ double rsam_norm_impl(const mt::TensorEntry& t, int64_t start, int64_t n, double
   using V = Vectorized<acc_t>;
   RsamScratch<acc_t> s;
   alignas(64) acc_t d[kMtBlock];
-  V acc0(acc_t(0)), acc1(acc_t(0));
+  SumSq<acc_t> acc;
   for (int64_t off = start; off < start + n; off += kMtBlock) {
     const int64_t m = std::min(kMtBlock, start + n - off);
     direction<acc_t>(t, off, m, acc_t(lam * inv_scale), s, d);
-    int step = 0;
-    vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) {
-      const V x = vload(d + i, lanes);
-      if (step++ & 1) {
-        acc1 = acc1 + x * x;
-      } else {
-        acc0 = acc0 + x * x;
-      }
-    });
+    acc.next_block();
+    vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) { acc.add(vload(d + i, lanes)); });
   }
-  return hsum(acc0 + acc1);
+  return acc.sum();
 }
 
 template <typename acc_t>
@@ -133,25 +121,16 @@ void rsam_perturb_impl(const mt::TensorEntry& t, int64_t start, int64_t n, doubl
 }  // namespace
 
 void rsam_noise_chunk(const mt::TensorEntry& t, int64_t row0, int64_t nrows, uint64_t key, uint64_t offset) {
-  if (is_f64(t)) {
-    rsam_noise_impl<double>(t, row0, nrows, key, offset);
-  } else {
-    rsam_noise_impl<float>(t, row0, nrows, key, offset);
-  }
+  SAF_MT_ACC_DISPATCH(t, rsam_noise_impl, t, row0, nrows, key, offset);
 }
 
 double rsam_norm_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double lam, double inv_scale) {
-  return is_f64(t) ? rsam_norm_impl<double>(t, start, n, lam, inv_scale)
-                   : rsam_norm_impl<float>(t, start, n, lam, inv_scale);
+  SAF_MT_ACC_DISPATCH(t, rsam_norm_impl, t, start, n, lam, inv_scale);
 }
 
 void rsam_perturb_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double lam, double inv_scale,
                         double coef) {
-  if (is_f64(t)) {
-    rsam_perturb_impl<double>(t, start, n, lam, inv_scale, coef);
-  } else {
-    rsam_perturb_impl<float>(t, start, n, lam, inv_scale, coef);
-  }
+  SAF_MT_ACC_DISPATCH(t, rsam_perturb_impl, t, start, n, lam, inv_scale, coef);
 }
 
 }  // namespace saf::cpu::CPU_CAPABILITY

@@ -23,50 +23,24 @@ using at::vec::Vectorized;
 namespace {
 
 template <typename acc_t>
-struct Scratch {
-  alignas(64) acc_t a[kMtBlock];
-  alignas(64) acc_t b[kMtBlock];
-  alignas(64) acc_t c[kMtBlock];
-  alignas(64) acc_t d[kMtBlock];
-  alignas(64) acc_t e[kMtBlock];
-};
-
-template <typename acc_t>
 double sam_norm_impl(const mt::TensorEntry& t, int64_t start, int64_t n) {
   using V = Vectorized<acc_t>;
   Scratch<acc_t> s;
   const bool adaptive = (t.flags & mt::sam::kAdaptive) != 0;
   const V veta(acc_t(t.param[mt::sam::ETA]));
-  const V one(acc_t(1));
-  // Two accumulators: more adds in flight, and a little less rounding.
-  V acc0(acc_t(0)), acc1(acc_t(0));
+  SumSq<acc_t> acc;
   for (int64_t off = start; off < start + n; off += kMtBlock) {
     const int64_t m = std::min(kMtBlock, start + n - off);
     const acc_t* g = load_stream<acc_t>(t, mt::sam::G, off, m, s.a);
     const acc_t* w = adaptive ? load_stream<acc_t>(t, mt::sam::W, off, m, s.b) : nullptr;
-    int step = 0;
+    acc.next_block();
     vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) {
       V x = vload(g + i, lanes);
       if (adaptive) x = x * (vload(w + i, lanes).abs() + veta);
-      if (step++ & 1) {
-        acc1 = acc1 + x * x;
-      } else {
-        acc0 = acc0 + x * x;
-      }
+      acc.add(x);
     });
   }
-  return hsum(acc0 + acc1);
-}
-
-// Rounds e to the stash dtype and back (what delta mode adds and later subtracts).
-template <typename acc_t>
-const acc_t* store_delta(const mt::TensorEntry& t, int64_t off, int64_t m, const acc_t* e, acc_t* scratch) {
-  if (t.dtype[mt::sam::STASH] == int32_t(acc_dtype<acc_t>())) {
-    std::memcpy(stream_at(t, mt::sam::STASH, off), e, size_t(m) * sizeof(acc_t));
-    return e;
-  }
-  store_stream<acc_t>(t, mt::sam::STASH, off, m, e);
-  return load_stream<acc_t>(t, mt::sam::STASH, off, m, scratch);
+  return acc.sum();
 }
 
 template <typename acc_t>
@@ -106,18 +80,6 @@ void sam_perturb_impl(const mt::TensorEntry& t, int64_t start, int64_t n, double
   }
 }
 
-// The restored weight of elements [off, off + m) in acc_t (copy mode: the stash; delta mode:
-// w - stash), computed into out.
-template <typename acc_t>
-const acc_t* restored(const mt::TensorEntry& t, int64_t off, int64_t m, int64_t mode, acc_t* s1, acc_t* s2,
-                      acc_t* out) {
-  if (mode == mt::sam::COPY) return load_stream<acc_t>(t, mt::sam::STASH, off, m, out);
-  const acc_t* w = load_stream<acc_t>(t, mt::sam::W, off, m, s1);
-  const acc_t* e = load_stream<acc_t>(t, mt::sam::STASH, off, m, s2);
-  vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) { vstore(out + i, vload(w + i, lanes) - vload(e + i, lanes), lanes); });
-  return out;
-}
-
 template <typename acc_t>
 void sam_restore_impl(const mt::TensorEntry& t, int64_t start, int64_t n, int64_t mode) {
   if (mode == mt::sam::COPY) {
@@ -138,11 +100,8 @@ void sgd_impl(const mt::TensorEntry& t, int64_t start, int64_t n, int64_t mode, 
   using V = Vectorized<acc_t>;
   namespace S = mt::sgd;
   Scratch<acc_t> s;
-  const acc_t lr = acc_t(t.param[S::LR]), wd = acc_t(t.param[S::WD]), mom = acc_t(t.param[S::MOMENTUM]);
-  const acc_t damp = acc_t(t.param[S::DAMPENING]);
-  const bool nesterov = t.flags & S::kNesterov, maximize = t.flags & S::kMaximize, first = t.flags & S::kFirstRun;
-  const bool has_buf = mom != acc_t(0);
-  const V vlr(lr), vwd(wd), vmom(mom), vdamp1(acc_t(1) - damp);
+  const SgdVec<acc_t> sgd(t);
+  const bool has_buf = sgd.has_buf;
   const V vinv = V(acc_t(inv_scale));
   const bool unscale = inv_scale != 1.0;
   for (int64_t off = start; off < start + n; off += kMtBlock) {
@@ -152,17 +111,9 @@ void sgd_impl(const mt::TensorEntry& t, int64_t start, int64_t n, int64_t mode, 
     const acc_t* g = load_stream<acc_t>(t, S::G, off, m, s.d);
     acc_t* buf = has_buf ? load_stream<acc_t>(t, S::BUF, off, m, s.e) : nullptr;
     vec_loop<acc_t>(m, [&](int64_t i, int64_t lanes) {
-      const V wv = vload(w + i, lanes);
       V gv = vload(g + i, lanes);
       if (unscale) gv = gv * vinv;
-      if (maximize) gv = V(acc_t(0)) - gv;
-      if (wd != acc_t(0)) gv = gv + vwd * wv;
-      if (has_buf) {
-        const V b = first ? gv : vload(buf + i, lanes) * vmom + vdamp1 * gv;
-        vstore(buf + i, b, lanes);
-        gv = nesterov ? gv + vmom * b : b;
-      }
-      vstore(wo + i, wv - vlr * gv, lanes);
+      vstore(wo + i, sgd.step(vload(w + i, lanes), gv, buf, i, lanes), lanes);
     });
     if (has_buf) store_stream<acc_t>(t, S::BUF, off, m, buf);
     store_stream<acc_t>(t, S::W, off, m, wo);
@@ -211,44 +162,26 @@ void adamw_impl(const mt::TensorEntry& t, int64_t start, int64_t n, int64_t mode
   }
 }
 
-bool is_f64(const mt::TensorEntry& t) { return t.dtype[0] == int32_t(DType::F64); }
-
 }  // namespace
 
 double sam_norm_chunk(const mt::TensorEntry& t, int64_t start, int64_t n) {
-  return is_f64(t) ? sam_norm_impl<double>(t, start, n) : sam_norm_impl<float>(t, start, n);
+  SAF_MT_ACC_DISPATCH(t, sam_norm_impl, t, start, n);
 }
 
 void sam_perturb_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double coef, int64_t mode) {
-  if (is_f64(t)) {
-    sam_perturb_impl<double>(t, start, n, coef, mode);
-  } else {
-    sam_perturb_impl<float>(t, start, n, coef, mode);
-  }
+  SAF_MT_ACC_DISPATCH(t, sam_perturb_impl, t, start, n, coef, mode);
 }
 
 void sam_restore_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, int64_t mode) {
-  if (is_f64(t)) {
-    sam_restore_impl<double>(t, start, n, mode);
-  } else {
-    sam_restore_impl<float>(t, start, n, mode);
-  }
+  SAF_MT_ACC_DISPATCH(t, sam_restore_impl, t, start, n, mode);
 }
 
 void sam_restore_sgd_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, int64_t mode, double inv_scale) {
-  if (is_f64(t)) {
-    sgd_impl<double>(t, start, n, mode, inv_scale);
-  } else {
-    sgd_impl<float>(t, start, n, mode, inv_scale);
-  }
+  SAF_MT_ACC_DISPATCH(t, sgd_impl, t, start, n, mode, inv_scale);
 }
 
 void sam_restore_adamw_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, int64_t mode, double inv_scale) {
-  if (is_f64(t)) {
-    adamw_impl<double>(t, start, n, mode, inv_scale);
-  } else {
-    adamw_impl<float>(t, start, n, mode, inv_scale);
-  }
+  SAF_MT_ACC_DISPATCH(t, adamw_impl, t, start, n, mode, inv_scale);
 }
 
 }  // namespace saf::cpu::CPU_CAPABILITY

@@ -121,7 +121,7 @@ enum Stream { EMA = 0, MODEL = 1 };
 
 // ---- ESAM, R-SAM, GSAM (issue 5): streams, params and math of their multi-tensor ops ----------
 // Random numbers come from saf/philox.h: element i of tensor t draws at position
-// rng_offset + i, and these ops pad rng_offset to a multiple of 4 (csrc/mt_plan_esam.h).
+// rng_offset + i, and these ops pad rng_offset to a multiple of 4 (csrc/mt_plan.h).
 
 // ESAM stochastic weight perturbation (esam_perturb_ / esam_restore_): streams w, g, stash;
 // params rho, eta, beta (keep probability); flag adaptive. keep = Bernoulli(beta) at the element's
@@ -135,7 +135,7 @@ enum Param { RHO = 0, ETA = 1, BETA = 2 };
 constexpr int32_t kAdaptive = kFlagA;
 }  // namespace esam
 
-// R-SAM. rsam_noise_ (streams w, stash; row-aligned chunks, see mt_plan_esam.h): for every output
+// R-SAM. rsam_noise_ (streams w, stash; row-aligned chunks, see csrc/mt_plan.h): for every output
 // unit j (the slice W[j, ...] along dim 0, contiguous in memory) delta = std * ||W[j]|| * z with
 // z ~ N(0, 1) per element; tensors with fewer than 2 dims are one unit scaled by ||p|| + 1e-16.
 // stash = w, w += delta. rsam_perturb_ (streams w, g, stash; plain chunks): with the noise that
