@@ -22,6 +22,16 @@
 
 namespace saf::mt {
 
+// Two same-shape tensors order their elements alike when their strides agree on every dimension
+// of size > 1 (a size-1 dimension's stride is arbitrary: a [1, 7] view with strides (1, 1) lies
+// in memory as a contiguous [1, 7]).
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
 struct StreamSpec {
   const char* name;
   at::TensorList tensors;
@@ -66,7 +76,7 @@ class Plan {
         } else if (k > 0) {
           TORCH_CHECK_VALUE(t.sizes() == p.sizes(), SAF_WHERE, " has shape ", t.sizes(), " but ", streams[0].name,
                             "[", i, "] has shape ", p.sizes());
-          TORCH_CHECK_VALUE(t.numel() <= 1 || t.strides() == p.strides(), SAF_WHERE, " has strides ", t.strides(),
+          TORCH_CHECK_VALUE(t.numel() <= 1 || same_layout(t, p), SAF_WHERE, " has strides ", t.strides(),
                             " but ", streams[0].name, "[", i, "] has strides ", p.strides(),
                             " (the lists must share one memory layout)");
         }

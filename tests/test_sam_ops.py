@@ -533,3 +533,21 @@ def test_serialised_plan_layout():
         covered[t][start:start + n] += 1
     assert all((v == 1).all() for v in covered.values())
     assert len(raw) == c_off + n_chunks * 8
+
+
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+def test_strides_of_size_one_dims_do_not_matter(backend, device):
+    """A [1, 7] view with strides (1, 1) (the transpose of a [7, 1]) lies in memory as a contiguous
+    [1, 7] (strides (7, 1)): the lists share one element order, and every op takes them (the
+    strides of a dimension of size 1 are arbitrary in torch)."""
+    _skip(backend, device)
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(7, 1, generator=g).t().to(device)
+    grad = torch.randn(1, 7, generator=g).to(device)
+    assert p.stride() == (1, 1) and grad.stride() == (7, 1)
+    want = p.double() + 0.05 * grad.double() / grad.double().norm()
+    stash = [torch.empty_like(grad)]
+    O.sam_perturb_([p], [grad], stash, 0.05, backend=backend)
+    torch.testing.assert_close(p.double(), want, rtol=1e-6, atol=1e-7)
+    O.sam_restore_([p], stash, backend=backend)
+    torch.testing.assert_close(p.double(), want - 0.05 * grad.double() / grad.double().norm(), rtol=1e-6, atol=1e-6)
