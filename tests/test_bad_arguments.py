@@ -696,6 +696,12 @@ def bench_main(name):
     return importlib.import_module(f"saf_kernels.bench.{name}").main
 
 
+def check_main():
+    from saf_kernels import check
+
+    return check.main
+
+
 BENCH = [
     bad("step_callables:model", lambda: step_callables(
         "net", CE, (torch.randn(4, 3), torch.randint(0, 2, (4,))), "cpu"), TypeError,
@@ -725,6 +731,12 @@ BENCH = [
         ValueError, r"unknown methods \['lion'\]"),
     bad("esam_steps.main:inner=0", lambda: cli_error(bench_main("esam_steps"), ["--inner", "0"]), ValueError,
         r"--inner must be >= 1, got 0"),
+    bad("check.main:backend", lambda: cli_error(check_main(), ["--backend", "gpu"]), ValueError,
+        r"argument --backend: invalid choice: 'gpu'"),
+    bad("check.main:require", lambda: cli_error(check_main(), ["--require", "tpu"]), ValueError,
+        r"argument --require: invalid choice: 'tpu'"),
+    bad("check.main:ops", lambda: cli_error(check_main(), ["--ops", "nope"]), ValueError,
+        r"argument --ops: invalid choice: 'nope'"),
     bad("bench.main:ops", lambda: cli_error(bench_main("__main__"), ["--ops", "nope"]), ValueError,
         r"unknown ops \['nope'\]"),
     bad("bench.main:methods", lambda: cli_error(bench_main("__main__"), ["--methods", "lion"]), ValueError,

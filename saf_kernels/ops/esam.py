@@ -162,7 +162,8 @@ def sds_select(loss_before: torch.Tensor, loss_after: torch.Tensor, gamma: float
                          f"{tuple(loss_before.shape)} and {tuple(loss_after.shape)}")
     k = sds_count(gamma, loss_before.numel())
     diff = loss_after.detach().float() - loss_before.detach().float()
-    # A NaN difference would be "largest" for topk; rank it last instead.
+    # A NaN difference would be "largest" for topk; rank it last instead, below -inf (which
+    # nan_to_num maps to the lowest finite value).
     diff = torch.nan_to_num(diff, nan=-math.inf)
     idx = torch.topk(diff, k, sorted=False).indices
     return torch.sort(idx).values
