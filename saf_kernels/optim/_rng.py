@@ -42,3 +42,17 @@ def check_seed(seed, cls: str) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"{cls}: seed must be an int or None, got {seed!r}")
     return seed & MASK64
+
+
+def stream_state(opt) -> dict:
+    """The checkpoint entries of an optimizer that draws from a seeded stream: seed and step."""
+    return {"seed": opt._seed, "step": opt._step}
+
+
+def load_stream_state(opt, info: dict) -> bool:
+    """Restore :func:`stream_state`'s entries if the checkpoint has them (False if not)."""
+    if "seed" not in info:
+        return False
+    opt._seed = int(info["seed"]) & MASK64
+    opt._step = int(info["step"])
+    return True

@@ -604,6 +604,21 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         else:
             self._fused_adamw(now, grads, st, gs, grad_scale, found)
 
+    def _momentum_buffers(self, params) -> tuple[list[torch.Tensor], list[bool]]:
+        """SGD's momentum buffers of ``params`` (created as zeros where missing) and, per tensor,
+        whether this is its first momentum step."""
+        bufs, first = [], []
+        for p in params:
+            st = self.state[p]
+            b = st.get("momentum_buffer")
+            first.append(b is None)
+            if b is None:
+                # Zeros, not empty: a first step skipped by AMP leaves it as it is.
+                b = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["momentum_buffer"] = b
+            bufs.append(b)
+        return bufs, first
+
     def _fused_sgd(self, params, grads, stash, gs, grad_scale, found) -> None:
         with_buf = [i for i, g in enumerate(gs) if g["momentum"] != 0]
         without = [i for i, g in enumerate(gs) if g["momentum"] == 0]
@@ -611,17 +626,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             if not idx:
                 continue
             ps = [params[i] for i in idx]
-            bufs, first = [], []
-            if has_buf:
-                for p in ps:
-                    st = self.state[p]
-                    b = st.get("momentum_buffer")
-                    first.append(b is None)
-                    if b is None:
-                        # Zeros, not empty: a first step skipped by AMP leaves it as it is.
-                        b = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        st["momentum_buffer"] = b
-                    bufs.append(b)
+            bufs, first = self._momentum_buffers(ps) if has_buf else ([], [])
             g_of = [gs[i] for i in idx]
             sam_ops.sam_restore_sgd_(
                 ps,

@@ -295,15 +295,13 @@ class ESAM(TwoPassOptimizer):
     def state_dict(self) -> dict[str, Any]:
         """As :class:`TwoPassOptimizer`, plus the SWP seed, step count and tensor-choice RNG."""
         sd = super().state_dict()
-        sd["saf_kernels"].update(seed=self._seed, step=self._step, py_rng=self._py_rng.getstate())
+        sd["saf_kernels"].update(_rng.stream_state(self), py_rng=self._py_rng.getstate())
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         info = state_dict.get("saf_kernels") or {}
         super().load_state_dict(state_dict)
-        if "seed" in info:
-            self._seed = int(info["seed"]) & _rng.MASK64
-            self._step = int(info["step"])
+        if _rng.load_stream_state(self, info):
             self._py_rng.setstate(_as_tuple(info["py_rng"]))
         self._keep_ids = None
 

@@ -194,17 +194,7 @@ class GSAM(TwoPassOptimizer):
                 yield
 
     def _fused_gsam_sgd(self, params, grads, old, stash, groups, alpha, grad_scale, found, has_buf) -> None:
-        bufs, first = [], []
-        if has_buf:
-            for p in params:
-                st = self.state[p]
-                b = st.get("momentum_buffer")
-                first.append(b is None)
-                if b is None:
-                    # Zeros, not empty: a first step skipped by AMP leaves it as it is.
-                    b = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["momentum_buffer"] = b
-                bufs.append(b)
+        bufs, first = self._momentum_buffers(params) if has_buf else ([], [])
         self.last_stats = gsam_ops.gsam_restore_sgd_(
             params, grads, old, stash, bufs, lr=[g["lr"] for g in groups], alpha=alpha, eps=self.perturb_eps,
             weight_decay=[g["weight_decay"] for g in groups], momentum=[g["momentum"] for g in groups],

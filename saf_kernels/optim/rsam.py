@@ -200,15 +200,13 @@ class RSAM(TwoPassOptimizer):
     def state_dict(self) -> dict[str, Any]:
         """As :class:`TwoPassOptimizer`, plus the noise seed and the step count (the schedules')."""
         sd = super().state_dict()
-        sd["saf_kernels"].update(seed=self._seed, step=self._step)
+        sd["saf_kernels"].update(_rng.stream_state(self))
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         info = state_dict.get("saf_kernels") or {}
         super().load_state_dict(state_dict)
-        if "seed" in info:
-            self._seed = int(info["seed"]) & _rng.MASK64
-            self._step = int(info["step"])
+        _rng.load_stream_state(self, info)
         self._noised = None
 
 
