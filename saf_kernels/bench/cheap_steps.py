@@ -5,20 +5,13 @@ from __future__ import annotations
 
 from ..optim import MSAM, SAM, LookSAM
 from .sam_steps import _two_pass_builder
+from .timing import one_pass_step
 
 
 def build_msam(ctx):
     m = ctx.model_fn().train()
     opt = MSAM(m.parameters(), lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay, rho=0.3)
-
-    def step(i: int) -> None:
-        x, y, _ = ctx.batch(i)
-        loss = ctx.loss_fn(m(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return one_pass_step(ctx, m, opt, ctx.loss_fn)
 
 
 BUILDERS = {

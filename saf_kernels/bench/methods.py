@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import SmallCNN, resnet18
-from .timing import interleaved, synchronize
+from .timing import interleaved, one_pass_step, synchronize
 
 METHODS = ("sgd", "sam", "asam", "esam", "rsam", "gsam", "saf", "mesa", "msam", "looksam", "sam_every5")
 TITLE = "Training step vs plain SGD ({model}, batch {batch}, {device}; ratio = median step / SGD median step, one run)"
@@ -62,15 +62,7 @@ class StepContext:
 def build_sgd(ctx: StepContext) -> Callable[[int], None]:
     model = ctx.model_fn()
     opt = ctx.sgd(model.parameters())
-
-    def step(i: int) -> None:
-        x, y, _ = ctx.batch(i)
-        loss = ctx.loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return one_pass_step(ctx, model, opt, ctx.loss_fn)
 
 
 def builders() -> dict[str, Callable]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..saf import MESA, SAF
-from .timing import interleaved, synchronize
+from .timing import interleaved, one_pass_step, synchronize
 
 # A notional epoch: CIFAR's 50,000 samples in batches of 128. Timing stays inside one epoch, as
 # almost every step of a real run does (the bank's error check runs at an epoch's first step).
@@ -99,15 +99,7 @@ def build_sgd(ctx) -> Callable[[int], None]:
     """Plain SGD with cross-entropy (the baseline)."""
     model = ctx.model_fn()
     opt = _sgd(ctx, model.parameters())
-
-    def step(i: int) -> None:
-        x, y, _ = ctx.batch(i)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return one_pass_step(ctx, model, opt, F.cross_entropy)
 
 
 def build_mesa_bf16_teacher(ctx, backend: str = "auto") -> Callable[[int], None]:

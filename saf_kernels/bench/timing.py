@@ -150,3 +150,16 @@ def peak_bandwidth(device: torch.device | str) -> float | None:
         if key in name:
             return bw
     return None
+
+
+def one_pass_step(ctx, model, opt, loss_fn) -> Callable[[int], None]:
+    """The timed step of a one-pass method: forward on batch ``i``, backward, ``opt.step()``."""
+
+    def step(i: int) -> None:
+        x, y, _ = ctx.batch(i)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
