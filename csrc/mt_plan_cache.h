@@ -1,6 +1,6 @@
 // The bookkeeping of the device plan cache (csrc/cuda/mt_plan_cuda.h), free of CUDA and torch so
 // that its rules are unit-tested on any machine (tests/test_plan_cache.py compiles it with a fake
-// device). One cache serves every plan kind (mt::Plan, mt::RowPlan): the key is the plan's
+// device). One cache serves every plan kind (element and row chunks of mt::Plan): the key is the plan's
 // serialised bytes (addresses, sizes, dtypes, per-tensor scalars), so equal bytes mean an equal
 // device copy whoever built them.
 //

@@ -1,5 +1,5 @@
 """The CUDA plan cache (csrc/mt_plan_cache.h, csrc/cuda/mt_plan_cuda.{h,cpp}): the device copies
-of the multi-tensor plans, shared by every op (Plan and RowPlan alike).
+of the multi-tensor plans, shared by every op (element and row plans alike).
 
 On any machine: the cache's rules, compiled with a fake device (tests/cpp/plan_cache_rules.cpp).
 On a GPU (``cuda`` marker, skipped elsewhere): a graph captured after an eager warm-up (a cache

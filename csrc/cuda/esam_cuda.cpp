@@ -1,5 +1,5 @@
 // Torch-side wrappers of the CUDA ESAM kernels and philox_ (csrc/cuda/esam.cu): plans and checks
-// (csrc/mt_plan_esam.h, shared with the CPU ops), the cached device plan, scratch, launch.
+// (csrc/mt_plan.h, shared with the CPU ops), the cached device plan, scratch, launch.
 // Nothing here waits for the device.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

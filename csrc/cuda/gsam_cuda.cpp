@@ -1,5 +1,5 @@
 // Torch-side wrappers of the CUDA GSAM kernels (csrc/cuda/gsam.cu): plans and checks
-// (csrc/mt_plan_esam.h), the cached device plan, scratch, launch. Nothing here waits for the device.
+// (csrc/mt_plan.h), the cached device plan, scratch, launch. Nothing here waits for the device.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

@@ -1,5 +1,5 @@
 // Torch-side wrappers of the CUDA R-SAM kernels (csrc/cuda/rsam.cu): plans and checks
-// (csrc/mt_plan_esam.h), cached device plans, scratch, launch. Nothing here waits for the device.
+// (csrc/mt_plan.h), cached device plans, scratch, launch. Nothing here waits for the device.
 //
 // The schedules change std and rho every step; when every tensor has the same value (the
 // optimizers' case) it travels as a kernel argument and the plan holds 1, so that the cached

@@ -121,7 +121,7 @@ def _perturb_elem(ctx, start, off, end, seed, offset, DT, SD, ACC, COPY, HAS_SCA
 
 
 def _rows(p: torch.Tensor) -> tuple[int, int, bool]:
-    """(units, unit length, one-unit tensor) as csrc/mt_plan_esam.h's rsam_noise_plan."""
+    """(units, unit length, one-unit tensor) as csrc/mt_plan.h's row plan of rsam_noise_."""
     if p.dim() < 2 or p.numel() == 0:
         return 1, max(1, p.numel()), True
     return p.shape[0], p.numel() // p.shape[0], False
