@@ -931,9 +931,9 @@ def saf_callback(method):
 INTEGRATIONS = [
     pytest.param(*r.values, id=r.id, marks=list(r.marks) + _needs(mod)) for mod, r in [
         ("transformers", bad("SharpnessAwareTrainer:sam_rho=-1", lambda: hf_trainer(sam_rho=-1), ValueError,
-                             r"SharpnessAwareTrainer: sam_rho must be a finite number >= 0 or None, got -1")),
+                             r"SharpnessAwareTrainer: sam_rho must be a finite number >= 0, got -1")),
         ("transformers", bad("SharpnessAwareTrainer:sam_rho=True", lambda: hf_trainer(sam_rho=True), ValueError,
-                             r"sam_rho must be a finite number >= 0 or None, got True")),
+                             r"sam_rho must be a finite number >= 0, got True")),
         ("transformers", bad("SharpnessAwareTrainer:sam_kwargs", lambda: hf_trainer(sam_kwargs=[1]), TypeError,
                              r"sam_kwargs must be a dict or None, got list")),
         ("transformers", bad("SharpnessAwareTrainer:sam", lambda: hf_trainer(sam="lookahead"), ValueError,

@@ -13,8 +13,6 @@ second gradients and calls ``optimizer.step()``, which (through Accelerate's ``G
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 from typing import Any
 
@@ -29,7 +27,7 @@ except ImportError as e:  # pragma: no cover - the tests skip without Transforme
         "accelerate (or pip install 'saf_kernels[hf]')"
     ) from e
 
-from .. import optim
+from .. import _checks, optim
 from ..optim.base import TwoPassOptimizer
 from ..saf import MESA
 from ._common import check_drivable, move_teacher, teacher_autocast, two_pass_optimizer, two_pass_step
@@ -115,9 +113,8 @@ class SharpnessAwareTrainer(Trainer):
         fn = "SharpnessAwareTrainer"
         if mesa is not None and not isinstance(mesa, MESA):
             raise TypeError(f"{fn}: mesa must be a saf_kernels.MESA, got {type(mesa).__name__}")
-        if sam_rho is not None and (isinstance(sam_rho, bool) or not isinstance(sam_rho, numbers.Real)
-                                    or not math.isfinite(sam_rho) or sam_rho < 0):
-            raise ValueError(f"{fn}: sam_rho must be a finite number >= 0 or None, got {sam_rho!r}")
+        if sam_rho is not None:
+            _checks.number(sam_rho, "sam_rho", fn, lo=0)
         if sam_kwargs is not None and not isinstance(sam_kwargs, dict):
             raise TypeError(f"{fn}: sam_kwargs must be a dict or None, got {type(sam_kwargs).__name__}")
         if isinstance(sam, str) and sam != "default" and sam not in SAM_METHODS:
@@ -132,10 +129,7 @@ class SharpnessAwareTrainer(Trainer):
             sam = None
         elif sam == "default":
             sam = "sam"
-        if isinstance(sam, str):
-            if sam not in SAM_METHODS:
-                raise ValueError(f"SharpnessAwareTrainer: sam must be one of {sorted(SAM_METHODS)}, an optimizer "
-                                 f"class of saf_kernels.optim or None, got {sam!r}")
+        if isinstance(sam, str):  # a known name: checked above
             sam = SAM_METHODS[sam]
         if sam is not None and not (isinstance(sam, type) and issubclass(sam, TwoPassOptimizer)):
             raise TypeError(f"SharpnessAwareTrainer: sam must name a method or be a saf_kernels.optim class, got "
