@@ -8,10 +8,8 @@ GSAM are checked to keep the replicas identical.
 
 from __future__ import annotations
 
-import datetime
 import functools
 import math
-import os
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from saf_kernels.ops import sds_count
 from saf_kernels.optim import ESAM, GSAM, RSAM, per_sample_closure
 from saf_kernels.optim._rng import step_key
 
-from .helpers import free_port
+from .helpers import gloo_group, save_rank, spawn_ranks
 from .optim_models import batches, make_model, per_sample
 
 WORLD, STEPS, SEED = 2, 2, 5
@@ -33,46 +31,39 @@ def _data(rank):
     return batches(STEPS, B=16, seed=100 + rank)
 
 
-def _worker(rank, world, port, out_dir, kind):
-    import torch.distributed as dist
+def _train(rank, kind):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    # A bounded timeout: a replica stuck in a collective fails the test instead of hanging it.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
-        torch.set_num_threads(1)
-        model = make_model()
-        ddp = DDP(model, find_unused_parameters=True)  # Net has a parameter no forward uses
-        if kind.startswith("esam"):
-            opt = ESAM(ddp.parameters(), torch.optim.SGD, rho=0.1, beta=0.5, gamma=0.5, swp=kind.split("-")[1],
-                       seed=SEED, lr=0.05, model=ddp, backend="cpu")
-            for x, y in _data(rank):
-                opt.step(per_sample_closure(ddp, x, y, LOSS))
-        else:
-            cls = RSAM if kind == "rsam" else GSAM
-            opt = cls(ddp.parameters(), torch.optim.SGD, lr=0.05, model=ddp, backend="cpu",
-                      **({"seed": SEED} if kind == "rsam" else {}))
-            for x, y in _data(rank):
+    model = make_model()
+    ddp = DDP(model, find_unused_parameters=True)  # Net has a parameter no forward uses
+    if kind.startswith("esam"):
+        opt = ESAM(ddp.parameters(), torch.optim.SGD, rho=0.1, beta=0.5, gamma=0.5, swp=kind.split("-")[1],
+                   seed=SEED, lr=0.05, model=ddp, backend="cpu")
+        for x, y in _data(rank):
+            opt.step(per_sample_closure(ddp, x, y, LOSS))
+    else:
+        cls = RSAM if kind == "rsam" else GSAM
+        opt = cls(ddp.parameters(), torch.optim.SGD, lr=0.05, model=ddp, backend="cpu",
+                  **({"seed": SEED} if kind == "rsam" else {}))
+        for x, y in _data(rank):
 
-                def closure(x=x, y=y):
-                    opt.zero_grad()
-                    loss = F.cross_entropy(ddp(x), y)
-                    loss.backward()
-                    return loss
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = F.cross_entropy(ddp(x), y)
+                loss.backward()
+                return loss
 
-                opt.step(closure)
-        torch.save([p.detach().clone() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+            opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _worker(rank, port, out_dir, kind):
+    with gloo_group(rank, WORLD, port):
+        save_rank(out_dir, rank, _train(rank, kind))
 
 
 def _run(tmp_path, kind):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_worker, args=(WORLD, free_port(), str(tmp_path), kind), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path, kind)
 
 
 def _esam_second_grads(model, x, y, keep_fn, rho=0.1, beta=0.5, gamma=0.5, eps=1e-7):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import saf_kernels as sk
 from saf_kernels import reference
 
-from .helpers import KERNEL_PAIRS, free_port, skip_unless_available
+from .helpers import KERNEL_PAIRS, gloo_group, save_rank, skip_unless_available, spawn_ranks
 from .tolerances import assert_close
 
 ALL_PAIRS = KERNEL_PAIRS + [pytest.param("torch", "cpu", id="torch-cpu")]
@@ -278,7 +278,7 @@ def test_mesa_state_dict_and_wrappers():
 # Distributed: 2 processes on gloo, CPU
 # ---------------------------------------------------------------------------------------------
 
-DDP_N, DDP_C, DDP_D, DDP_B, DDP_DELAY = 40, 10, 6, 4, 2
+DDP_N, DDP_C, DDP_D, DDP_B, DDP_DELAY, DDP_WORLD = 40, 10, 6, 4, 2, 2
 
 
 def _ddp_data():
@@ -293,31 +293,28 @@ def _logits(X, W, idx, epoch):
     return X[idx] @ W + 0.25 * epoch
 
 
-def _ddp_worker(rank, world, port, out_dir, backend):
-    import torch.distributed as dist
+def _ddp_ranks(rank, backend):
+    X, Y, W = _ddp_data()
+    data = sk.IndexedDataset(torch.utils.data.TensorDataset(X, Y))
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=DDP_WORLD, rank=rank, shuffle=True, seed=3)
+    loader = torch.utils.data.DataLoader(data, batch_size=DDP_B, sampler=sampler)
+    saf = sk.SAF(DDP_N, DDP_C, delay=DDP_DELAY, start_epoch=DDP_DELAY, backend=backend)
+    out = {"steps": [], "banks": []}
+    for epoch in range(DDP_DELAY + 2):
+        sampler.set_epoch(epoch)
+        for _, y, idx in loader:
+            z = _logits(X, W, idx, epoch).requires_grad_()
+            loss = saf(z, y, idx, epoch)
+            loss.backward()
+            out["steps"].append((epoch, idx.clone(), y.clone(), z.detach().clone(), loss.detach().clone(),
+                                 int(saf.num_with_target)))
+        out["banks"].append((saf.bank.values.clone(), saf.bank.epochs.clone()))
+    return out
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        X, Y, W = _ddp_data()
-        data = sk.IndexedDataset(torch.utils.data.TensorDataset(X, Y))
-        sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=3)
-        loader = torch.utils.data.DataLoader(data, batch_size=DDP_B, sampler=sampler)
-        saf = sk.SAF(DDP_N, DDP_C, delay=DDP_DELAY, start_epoch=DDP_DELAY, backend=backend)
-        out = {"steps": [], "banks": []}
-        for epoch in range(DDP_DELAY + 2):
-            sampler.set_epoch(epoch)
-            for _, y, idx in loader:
-                z = _logits(X, W, idx, epoch).requires_grad_()
-                loss = saf(z, y, idx, epoch)
-                loss.backward()
-                out["steps"].append((epoch, idx.clone(), y.clone(), z.detach().clone(), loss.detach().clone(),
-                                     int(saf.num_with_target)))
-            out["banks"].append((saf.bank.values.clone(), saf.bank.epochs.clone()))
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+
+def _ddp_worker(rank, port, out_dir, backend):
+    with gloo_group(rank, DDP_WORLD, port):
+        save_rank(out_dir, rank, _ddp_ranks(rank, backend))
 
 
 @pytest.mark.distributed
@@ -325,11 +322,8 @@ def _ddp_worker(rank, world, port, out_dir, backend):
 def test_ddp_bank_equals_single_process_bank(tmp_path, backend):
     if backend == "cpu":
         _skip("cpu", "cpu")
-    import torch.multiprocessing as mp
-
-    world = 2
-    mp.spawn(_ddp_worker, args=(world, free_port(), str(tmp_path), backend), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    world = DDP_WORLD
+    ranks = spawn_ranks(_ddp_worker, world, tmp_path, backend)
 
     # The single-process run over the same epochs (order is irrelevant: the logits depend only on
     # the sample and the epoch).

@@ -5,20 +5,15 @@ its own gradient, the paper's m-sharpness) or with ``sync_first_pass=True``."""
 from __future__ import annotations
 
 import copy
-import gc
-import os
-import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from saf_kernels.optim import SAM
 
-from .helpers import free_port
+from .helpers import gloo_group, save_rank, spawn_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -55,18 +50,8 @@ def _train(rank, sync):
 
 
 def _worker(rank, port, out_dir, sync):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
-        torch.set_num_threads(1)
-        # The DDP module (its reducer) must be gone before the process group is destroyed: a
-        # reducer freed afterwards could hang the process at exit (seen here, intermittently).
-        params = _train(rank, sync)
-        gc.collect()
-        dist.barrier()
-        torch.save(params, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    with gloo_group(rank, WORLD, port):
+        save_rank(out_dir, rank, _train(rank, sync))
 
 
 def _simulate(sync):
@@ -107,18 +92,7 @@ def _simulate(sync):
 def test_ddp_two_gloo_processes(tmp_path, sync):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    ctx = mp.spawn(_worker, args=(free_port(), str(tmp_path), sync), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            # A worker stuck in torch.distributed's teardown after saving its result is not this
-            # library's concern; one that never saved it is a failure.
-            if not all((tmp_path / f"{r}.pt").exists() for r in range(WORLD)):
-                pytest.fail("DDP workers did not finish within 120 s")
-            break
-    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = spawn_ranks(_worker, WORLD, tmp_path, sync)
     for a, b in zip(*ranks):  # the second gradients are synced: every replica holds the same weights
         assert torch.equal(a, b)
     want = _simulate(sync)
