@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from saf_kernels.ops import sds_count
 
 
 class Net(nn.Module):
@@ -46,3 +50,36 @@ def assert_same_params(a: nn.Module, b: nn.Module, rtol: float, atol: float, wha
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=rtol, atol=atol,
                                    msg=lambda m, n=name: f"{what} {n}: {m}")
+
+
+def esam_reference_step(model, sgd, x, y, rho, beta, gamma, keep_fn, eps=1e-7):
+    """One ESAM step as utils/Esam.py computes it (the SDS rule keeping ceil(gamma B) samples),
+    written plainly. keep_fn(params with a gradient) -> one bool mask per tensor (flat). With
+    ``sgd=None`` the weights are left unchanged and ``p.grad`` holds the second gradients. Returns
+    the kept sample indices (None: all)."""
+    params = list(model.parameters())
+    for p in params:
+        p.grad = None
+    before = per_sample(model, x, y)
+    before.mean().backward()
+    live = [p for p in params if p.grad is not None]
+    masks = keep_fn(live)
+    norm = math.sqrt(sum(float((p.grad.reshape(-1)[m] ** 2).sum()) for p, m in zip(live, masks)))
+    saved = [p.detach().clone() for p in live]
+    with torch.no_grad():
+        for p, m in zip(live, masks):
+            e = torch.where(m, rho / beta * p.grad.reshape(-1) / (norm + eps), torch.zeros((), dtype=p.dtype))
+            p.add_(e.view_as(p))
+        after = per_sample(model, x, y)
+    k = sds_count(gamma, x.shape[0])
+    idx = torch.sort(torch.topk(after - before.detach(), k).indices).values if k < x.shape[0] else None
+    for p in params:
+        p.grad = None
+    xs, ys = (x, y) if idx is None else (x[idx], y[idx])
+    per_sample(model, xs, ys).mean().backward()
+    with torch.no_grad():
+        for p, s in zip(live, saved):
+            p.copy_(s)
+    if sgd is not None:
+        sgd.step()
+    return idx

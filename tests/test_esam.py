@@ -319,41 +319,11 @@ import torch.nn.functional as F  # noqa: E402
 from saf_kernels.optim import ESAM, per_sample_closure  # noqa: E402
 from saf_kernels.optim._rng import step_key  # noqa: E402
 
-from .optim_models import assert_same_params, batches, make_model, per_sample  # noqa: E402
+from .optim_models import assert_same_params, batches, esam_reference_step, make_model, per_sample  # noqa: E402
 
 LOSS = functools.partial(F.cross_entropy, reduction="none")
 OPT_PAIRS = [pytest.param("cpu", id="cpu"), pytest.param("torch", id="torch"),
              pytest.param("triton", marks=pytest.mark.triton, id="triton")]
-
-
-def esam_reference_step(model, sgd, x, y, rho, beta, gamma, keep_fn, eps=1e-7):
-    """One ESAM step as utils/Esam.py computes it (the SDS rule keeping ceil(gamma B) samples),
-    written plainly. keep_fn(params with a gradient) -> one bool mask per tensor (flat)."""
-    params = list(model.parameters())
-    for p in params:
-        p.grad = None
-    before = per_sample(model, x, y)
-    before.mean().backward()
-    live = [p for p in params if p.grad is not None]
-    masks = keep_fn(live)
-    norm = math.sqrt(sum(float((p.grad.reshape(-1)[m] ** 2).sum()) for p, m in zip(live, masks)))
-    saved = [p.detach().clone() for p in live]
-    with torch.no_grad():
-        for p, m in zip(live, masks):
-            e = torch.where(m, rho / beta * p.grad.reshape(-1) / (norm + eps), torch.zeros((), dtype=p.dtype))
-            p.add_(e.view_as(p))
-        after = per_sample(model, x, y)
-    k = O.sds_count(gamma, x.shape[0])
-    idx = torch.sort(torch.topk(after - before.detach(), k).indices).values if k < x.shape[0] else None
-    for p in params:
-        p.grad = None
-    xs, ys = (x, y) if idx is None else (x[idx], y[idx])
-    per_sample(model, xs, ys).mean().backward()
-    with torch.no_grad():
-        for p, s in zip(live, saved):
-            p.copy_(s)
-    sgd.step()
-    return idx
 
 
 @pytest.mark.parametrize("backend", OPT_PAIRS)

@@ -9,19 +9,17 @@ GSAM are checked to keep the replicas identical.
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from saf_kernels import reference
-from saf_kernels.ops import sds_count
 from saf_kernels.optim import ESAM, GSAM, RSAM, per_sample_closure
 from saf_kernels.optim._rng import step_key
 
 from .helpers import gloo_group, save_rank, spawn_ranks
-from .optim_models import batches, make_model, per_sample
+from .optim_models import batches, esam_reference_step, make_model
 
 WORLD, STEPS, SEED = 2, 2, 5
 LOSS = functools.partial(F.cross_entropy, reduction="none")
@@ -66,30 +64,10 @@ def _run(tmp_path, kind):
     return spawn_ranks(_worker, WORLD, tmp_path, kind)
 
 
-def _esam_second_grads(model, x, y, keep_fn, rho=0.1, beta=0.5, gamma=0.5, eps=1e-7):
+def _esam_second_grads(model, x, y, keep_fn):
     """One replica's ESAM second gradients (dict param -> grad), computed from the rule."""
-    params = list(model.parameters())
-    saved = [p.detach().clone() for p in params]
-    for p in params:
-        p.grad = None
-    before = per_sample(model, x, y)
-    before.mean().backward()
-    live = [p for p in params if p.grad is not None]
-    masks = keep_fn(live)
-    norm = math.sqrt(sum(float((p.grad.reshape(-1)[m] ** 2).sum()) for p, m in zip(live, masks)))
-    with torch.no_grad():
-        for p, m in zip(live, masks):
-            p.add_(torch.where(m, rho / beta * p.grad.reshape(-1) / (norm + eps), 0.0).view_as(p))
-        after = per_sample(model, x, y)
-    idx = torch.sort(torch.topk(after - before.detach(), sds_count(gamma, x.shape[0])).indices).values
-    for p in params:
-        p.grad = None
-    per_sample(model, x[idx], y[idx]).mean().backward()
-    out = {p: p.grad.clone() for p in params if p.grad is not None}
-    with torch.no_grad():
-        for p, s in zip(params, saved):
-            p.copy_(s)
-    return out
+    esam_reference_step(model, None, x, y, 0.1, 0.5, 0.5, keep_fn)
+    return {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
 
 
 @pytest.mark.distributed
