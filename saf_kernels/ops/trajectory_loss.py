@@ -132,8 +132,9 @@ def check_targets(targets, logits, ignore_index, label_smoothing, fn, name="targ
             raise ValueError(f"{fn}: probability {name} must have the logits' shape {tuple(logits.shape)}, got "
                              f"{tuple(targets.shape)}")
         if label_smoothing != 0:
-            raise ValueError(f"{fn}: label_smoothing={label_smoothing!r} applies to class-index {name}; with probability "
-                             f"{name} fold it into them (targets * (1 - eps) + eps / C) and pass label_smoothing=0")
+            raise ValueError(f"{fn}: label_smoothing={label_smoothing!r} applies to class-index {name}; "
+                             f"with probability {name} fold it into them (targets * (1 - eps) + eps / C) and pass "
+                             "label_smoothing=0")
     else:
         if targets.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{fn}: {name} must be int64 or int32 class indices or floating probabilities, got "

@@ -33,7 +33,8 @@ def norm_layer_filter(model: nn.Module) -> Callable[[torch.Tensor], bool]:
     C.module(model, "model", "norm_layer_filter")
     ids = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
     if not ids:
-        raise ValueError(f"norm_layer_filter: model has no normalisation layer with parameters ({type(model).__name__})")
+        raise ValueError(f"norm_layer_filter: model has no normalisation layer with parameters "
+                         f"({type(model).__name__})")
 
     def is_norm_param(p: torch.Tensor) -> bool:
         return id(p) in ids
@@ -122,8 +123,8 @@ class AdaptivePolicy:
         return self._decision
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stats": None if self._stats is None else self._stats.clone(), "decision": self.decide(self._decided_for),
-                "decided_for": self._decided_for}
+        return {"stats": None if self._stats is None else self._stats.clone(),
+                "decision": self.decide(self._decided_for), "decided_for": self._decided_for}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self._stats = None if sd.get("stats") is None else sd["stats"].clone()

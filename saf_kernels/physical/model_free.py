@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..optim.utils import frozen_bn_stats
 from .. import _checks
+from ..optim.utils import frozen_bn_stats
 from ._common import real
 
 

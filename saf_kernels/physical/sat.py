@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..optim.base import TwoPassOptimizer
 from .. import _checks
+from ..optim.base import TwoPassOptimizer
 from ._common import PhysicalLayer, real
 from .model_free import ModelFreeAscent
 
