@@ -60,6 +60,8 @@ def ema_update_(
         backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``.
     """
     fn = "saf_kernels.ema_update_"
+    if isinstance(ema, (list, tuple)) and isinstance(model, (list, tuple)):
+        ema, model, _ = mt.local_shards(fn, ema=ema, model=model)  # DTensors (FSDP2): their local shards
     _check(ema, model, decay, fn)
     if not ema:
         return
