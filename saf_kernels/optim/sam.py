@@ -49,6 +49,7 @@ class SAM(TwoPassOptimizer):
     """
 
     _options = {"rho": nonneg, "adaptive": C.flag, "eta": nonneg}
+    _shardable = True  # FSDP2: the norm is reduced over the shards (saf_kernels.ops.sam_perturb_)
 
     def __init__(
         self,
