@@ -261,3 +261,14 @@ def test_sharded_argument_errors():
             esam_ops.esam_restore_([w], [stash], 0.5, seed=0, offset=0)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
+def test_opcheck_split(backend):
+    skip_unless_available(backend, "cpu", "sam_perturb_")
+    ops = {k: mt.kernels(k)[backend] for k in ("sam_sumsq", "sam_perturb_")}
+    params, grads = _lists(5)
+    stash = [torch.empty_like(p) for p in params]
+    torch.library.opcheck(ops["sam_sumsq"], (params, grads, [0.01], [2]))
+    s = torch.tensor(3.0, dtype=torch.float64)
+    torch.library.opcheck(ops["sam_perturb_"], (params, grads, stash, [0.1], [0.0], [0], 1e-12, 0, None, None, s))

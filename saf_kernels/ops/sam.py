@@ -32,7 +32,7 @@ ADAMW_MAXIMIZE = 2
 
 mt.register("sam_perturb_",
             "(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] stash, float[] rho, float[] eta, SymInt[] flags, "
-            "float eps, SymInt stash_mode, Tensor? grad_scale, Tensor? found_inf, Tensor? sumsq) -> Tensor",
+            "float eps, SymInt stash_mode, Tensor? grad_scale, Tensor? found_inf, Tensor? sumsq=None) -> Tensor",
             mt.norm_fake, "sam.sam_perturb")
 mt.register("sam_sumsq",
             "(Tensor[] params, Tensor[] grads, float[] eta, SymInt[] flags) -> Tensor",
