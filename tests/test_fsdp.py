@@ -238,8 +238,11 @@ def test_sharded_argument_errors():
         g = distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)])
         with pytest.raises(TypeError, match=r"stash\[0\] is a plain tensor"):
             sam_ops.sam_perturb_([w], [g], [torch.empty(4, 3)], 0.1)
-        with pytest.raises(TypeError, match=r"params\[1\] is a DTensor but the first tensor is not"):
-            sam_ops.sam_restore_([torch.empty(4, 3), w], [torch.empty(4, 3), g])
+        with pytest.raises(TypeError, match=r"stash\[0\] is a DTensor but the first tensor is not"):
+            sam_ops.sam_restore_([torch.empty(4, 3)], [g])
+        q = nn.Parameter(torch.randn(3))
+        with pytest.raises(TypeError, match=r"\['params'\]\[1\] is a plain tensor but .* is a DTensor: .*fully_shard on the root"):
+            SAM([nn.Parameter(w), q], torch.optim.SGD, lr=0.1)
         r = distribute_tensor(torch.randn(4, 3), mesh, [Replicate()])
         with pytest.raises(ValueError, match=r"model\[0\] has placements"):
             ema_ops.ema_update_([w], [r], 0.5)

@@ -147,7 +147,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         super().__init__(params, {**base_kwargs, **defaults})
         for i, g in enumerate(self.param_groups):
             self._check_group(g, i)
-        if not self._shardable:
+        if sharded_params(name, self.param_groups) and not self._shardable:
             refuse_sharded(name, self.param_groups)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         # One set of groups and one state for both: schedulers, checkpoints and hooks see the
@@ -766,6 +766,22 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r})"
+
+
+def sharded_params(name: str, param_groups: list[dict]) -> bool:
+    """Whether the parameters are DTensors (FSDP2's ``fully_shard``); a mix of DTensors and plain
+    tensors (e.g. ``fully_shard`` on some submodules but not on the root) is an error."""
+    where = [(i, j, type(p) not in mt._PLAIN and mt._is_dtensor(p))
+             for i, g in enumerate(param_groups) for j, p in enumerate(g["params"])]
+    kinds = {d for _, _, d in where}
+    if len(kinds) > 1:
+        i, j, d = next(w for w in where if w[2] != where[0][2])
+        kind = {True: "a DTensor", False: "a plain tensor"}
+        raise TypeError(
+            f"{name}: param_groups[{i}]['params'][{j}] is {kind[d]} but param_groups[{where[0][0]}]['params']"
+            f"[{where[0][1]}] is {kind[not d]}: shard every parameter (call fully_shard on the root module too) "
+            "or none")
+    return kinds == {True}
 
 
 def refuse_sharded(name: str, param_groups: list[dict]) -> None:
