@@ -188,7 +188,8 @@ def local_shards(fn: str, **named) -> tuple:
     DTensors' storage, so an op in place on them updates the DTensors) with the mesh's process
     group, over which the op all-reduces its global quantities. Every tensor of every list must
     then be such a DTensor on the same mesh; a mix, another placement or another mesh is an error
-    naming the argument (on plain lists only the first tensor of each list is looked at). The elementwise ops need nothing more: the math of each element is local.
+    naming the argument (on plain lists only the first tensor of each list is looked at). The
+    elementwise ops need nothing more: the math of each element is local.
     """
     lists = [as_list(v, k, fn) for k, v in named.items()]
     first = next((lst[0] for lst in lists if lst), None)

@@ -7,9 +7,10 @@ Flow: public function -> :func:`saf_kernels._backend.resolve` -> ``torch.ops.saf
 
 Launches per call on CUDA, whatever the number of tensors: :func:`sam_perturb_` 3 (norm partials,
 finalize, perturbation; on ``DTensor`` lists the partials are :func:`sam_sumsq`'s, then one
-all-reduce of that one value, then the other 2), :func:`sam_restore_` 1, :func:`sam_restore_sgd_` / :func:`sam_restore_adamw_`
-1. Triton: the same per dtype signature of the list. No function here synchronises with the
-device: the norm, the AMP scale, ``found_inf`` and the "perturb nothing" decision stay on it.
+all-reduce of that one value, then the other 2), :func:`sam_restore_` 1, :func:`sam_restore_sgd_` /
+:func:`sam_restore_adamw_` 1. Triton: the same per dtype signature of the list. No function here
+synchronises with the device: the norm, the AMP scale, ``found_inf`` and the "perturb nothing"
+decision stay on it.
 
 Bytes per element (``s`` = element size) of the kernels, the floors of performance.md 4.3:
 perturb reads ``g`` (norm; ASAM also ``w``), then reads ``w, g`` and writes ``w, stash``: 5 passes
@@ -61,7 +62,10 @@ def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
     ``e = rho * T_w^2 * g / (||T_w * g||_2 + eps)``.
 
     The norm is global: over every element of every tensor of the list (SAM's
-    ``sqrt(sum over leaves of sum(g^2))``). ``T_w = |w| + eta`` on tensors whose ``adaptive`` is
+    ``sqrt(sum over leaves of sum(g^2))``). On lists of ``DTensor`` s sharded on dim 0 (FSDP2's
+    ``fully_shard``) it is global over every shard of every rank: :func:`sam_sumsq` of the local
+    shards, one ``all_reduce`` of that value on the mesh's group, then the finalize and the
+    perturbation of the local shards in place; every rank gets the same norm. ``T_w = |w| + eta`` on tensors whose ``adaptive`` is
     true (ASAM; ``eta = 0`` gives the "adaptive" of the widely used port), 1 elsewhere.
 
     Args:
