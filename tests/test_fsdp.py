@@ -275,3 +275,16 @@ def test_opcheck_split(backend):
     torch.library.opcheck(ops["sam_sumsq"], (params, grads, [0.01], [2]))
     s = torch.tensor(3.0, dtype=torch.float64)
     torch.library.opcheck(ops["sam_perturb_"], (params, grads, stash, [0.1], [0.0], [0], 1e-12, 0, None, None, s))
+
+
+def test_sam_sumsq_bad_arguments():
+    p, g = [torch.randn(3)], [torch.randn(3)]
+    with pytest.raises(TypeError, match="saf_kernels.sam_sumsq: grads must be a list"):
+        sam_ops.sam_sumsq(p, g[0])
+    with pytest.raises(ValueError, match="grads has 2 tensors but params has 1"):
+        sam_ops.sam_sumsq(p, g * 2)
+    with pytest.raises(ValueError, match=r"eta\[0\] must be >= 0, got -1"):
+        sam_ops.sam_sumsq(p, g, eta=-1)
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape \[4\] but params\[0\] has shape \[3\]"):
+        sam_ops.sam_sumsq(p, [torch.randn(4)], backend="torch")
+    assert sam_ops.sam_sumsq([], []).item() == 0.0
