@@ -288,3 +288,20 @@ def test_sam_sumsq_bad_arguments():
     with pytest.raises(ValueError, match=r"grads\[0\] has shape \[4\] but params\[0\] has shape \[3\]"):
         sam_ops.sam_sumsq(p, [torch.randn(4)], backend="torch")
     assert sam_ops.sam_sumsq([], []).item() == 0.0
+
+
+@pytest.mark.parametrize("base,key", [(torch.optim.SGD, "momentum_buffer"), (torch.optim.AdamW, "exp_avg")])
+def test_init_state_changes_no_weight(base, key):
+    """init_state(): the state set_state_dict loads into, the weights untouched, grads as they were."""
+    model = _model()
+    w = [p.detach().clone() for p in model.parameters()]
+    kw = dict(momentum=0.9, weight_decay=0.1) if base is torch.optim.SGD else dict(weight_decay=0.1)
+    opt = SAM(model.parameters(), base, rho=0.1, lr=0.5, **kw)
+    opt.init_state()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.count_nonzero(opt.state[p][key]) == 0 for p in model.parameters())
+    assert opt.param_groups[0]["lr"] == 0.5
+    state = opt.state
+    opt.init_state()  # the state exists: nothing happens
+    assert opt.state is state

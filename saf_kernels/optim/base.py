@@ -740,7 +740,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def init_state(self) -> None:
         """Creates the base optimizer's state (momentum buffers, Adam's moments: zeros) as its first
-        step would, without changing a weight: one base step with zero gradients and ``lr = 0``.
+        step would, without changing a weight: one base step with zero gradients and ``lr = 0``,
+        then the tensors of the parameters' shape zeroed (the step counts stay at 1).
 
         ``torch.distributed.checkpoint.state_dict.set_state_dict`` needs the state of a fresh
         optimizer to load into and makes it by calling ``step()``, which a two-pass optimizer
@@ -763,6 +764,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 g["lr"] = lr
             for p in made:
                 p.grad = None
+        for p, st in self.state.items():
+            for v in st.values():  # e.g. SGD's buffer is weight_decay * w after that step
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape:
+                    v.zero_()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r})"
