@@ -343,6 +343,24 @@ inline Plan sam_perturb_plan(at::TensorList params, at::TensorList grads, at::Te
   return plan;
 }
 
+// The plan of sam_perturb_'s partial-sum stage alone (sam_sumsq): its streams w and g (the
+// gradients stand in for the stash, never read), eta and the adaptive flags.
+inline Plan sam_sumsq_plan(at::TensorList params, at::TensorList grads, at::ArrayRef<double> eta,
+                           at::IntArrayRef flags, int64_t chunk) {
+  const char* op = "saf_kernels.sam_sumsq";
+  check_finite_nonneg(eta, op, "eta");
+  Plan plan(op, {{"params", params}, {"grads", grads}, {"grads", grads}}, chunk);
+  check_same_dtype(params, grads, op, "params", "grads");
+  plan.set_param(sam::ETA, eta, "eta");
+  plan.set_flags(flags, sam::kAdaptive);
+  return plan;
+}
+
+// sam_perturb_'s optional sumsq: a one-element floating tensor on the params' device.
+inline void check_sumsq(at::TensorList params, const std::optional<at::Tensor>& sumsq, const char* op) {
+  if (!params.empty()) check_scalar_tensor(sumsq, params[0].device(), op, "sumsq");
+}
+
 inline Plan sam_restore_plan(at::TensorList params, at::TensorList stash, int64_t stash_mode, int64_t chunk,
                              const char* op = "saf_kernels.sam_restore_") {
   check_stash_mode(stash_mode, op);

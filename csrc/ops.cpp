@@ -60,7 +60,13 @@ TORCH_LIBRARY(saf_kernels, m) {
   // found_inf > 0, perturbs nothing.
   m.def(
       "sam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] stash, float[] rho, float[] eta, "
-      "int[] flags, float eps, int stash_mode, Tensor? grad_scale, Tensor? found_inf) -> Tensor");
+      "int[] flags, float eps, int stash_mode, Tensor? grad_scale, Tensor? found_inf, Tensor? sumsq=None) -> Tensor");
+  // sumsq (sharded training): the sum of squares of T * g over every shard (a one-element tensor on
+  // the params' device, the all-reduce of each shard's sam_sumsq); when given, sam_perturb_ skips
+  // its own partial sums and finalizes from it.
+  // The partial-sum stage of sam_perturb_ alone: sum of (T * g)^2 over the (local) tensors, in the
+  // gradients' (scaled) units, as a 0-dim float64 tensor on their device.
+  m.def("sam_sumsq(Tensor[] params, Tensor[] grads, float[] eta, int[] flags) -> Tensor");
   // Puts back the weights sam_perturb_ started from (copy mode: bit exact).
   m.def("sam_restore_(Tensor(a!)[] params, Tensor[] stash, int stash_mode) -> ()");
   // Restore, then one torch.optim.SGD step on the restored weights, in one pass. momentum_buffers

@@ -289,6 +289,16 @@ def sam_scaled_grads(params, grads, adaptive, eta):
     return out
 
 
+def sam_sumsq(params, grads, adaptive, eta) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.sam_sumsq`: ``sum((T * g)^2)`` over every tensor, a
+    0-dim float64 tensor (in the gradients' units, scaled as given)."""
+    dev = params[0].device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    for x in sam_scaled_grads(params, grads, adaptive, eta):
+        total = total + (x.double() ** 2).sum()
+    return total
+
+
 def sam_perturb_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -300,14 +310,16 @@ def sam_perturb_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     stash_mode: str = "copy",
+    sumsq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference of :func:`saf_kernels.ops.sam_perturb_`: global norm of ``T * g`` over every
     tensor, then ``w += rho * T^2 * g / (norm + eps)`` (``g`` unscaled by ``grad_scale``), with the
-    stash written. A non-finite norm or ``found_inf > 0`` perturbs nothing. Returns the norm."""
+    stash written. A non-finite norm or ``found_inf > 0`` perturbs nothing. Returns the norm.
+    ``sumsq`` (sharded training): the sum of squares over every shard, used instead of this list's."""
     acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     dev = params[0].device
-    scaled = sam_scaled_grads(params, grads, adaptive, eta)
-    norm, ok, coef = ascent_coef(sum((x.double() ** 2).sum() for x in scaled), grad_scale, found_inf, eps, dev)
+    total = sam_sumsq(params, grads, adaptive, eta) if sumsq is None else sumsq.double().reshape(())
+    norm, ok, coef = ascent_coef(total, grad_scale, found_inf, eps, dev)
     for p, g, s, r, a, et in zip(params, grads, stash, rho, adaptive, eta):
         dt = _acc(p)
         w = p.to(dt)

@@ -33,19 +33,34 @@ bool restore_or_step(const mt::Plan& plan, int64_t stash_mode, const std::option
   return !skip;
 }
 
-}  // namespace
-
-at::Tensor sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList stash, at::ArrayRef<double> rho,
-                           at::ArrayRef<double> eta, at::IntArrayRef flags, double eps, int64_t stash_mode,
-                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const mt::Plan plan =
-      mt::sam_perturb_plan(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale, found_inf, kCpuChunk);
-  const MtKernels k = mt_kernels();
+// The partial-sum stage of sam_perturb_: the sum of (T g)^2 over the plan's chunks, one partial
+// per chunk summed in chunk order (the same bits whatever the thread count).
+double local_sumsq(const mt::Plan& plan, const MtKernels& k) {
   const auto partial = chunk_partials<1>(plan, [&](const mt::TensorEntry& t, int64_t start, int64_t n, double* out) {
     *out = k.sam_norm(t, start, n);
   });
-  const double sumsq = ordered_sums<1>(partial)[0];
-  const mt::SamCoef sc = mt::sam_coef(sumsq, inv_scale_of(grad_scale), eps, found_inf_of(found_inf));
+  return ordered_sums<1>(partial)[0];
+}
+
+}  // namespace
+
+at::Tensor sam_sumsq_cpu(at::TensorList params, at::TensorList grads, at::ArrayRef<double> eta,
+                         at::IntArrayRef flags) {
+  const mt::Plan plan = mt::sam_sumsq_plan(params, grads, eta, flags, kCpuChunk);
+  return at::scalar_tensor(local_sumsq(plan, mt_kernels()), at::TensorOptions().dtype(at::kDouble));
+}
+
+at::Tensor sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList stash, at::ArrayRef<double> rho,
+                           at::ArrayRef<double> eta, at::IntArrayRef flags, double eps, int64_t stash_mode,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                           const std::optional<at::Tensor>& sumsq) {
+  const mt::Plan plan =
+      mt::sam_perturb_plan(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale, found_inf, kCpuChunk);
+  mt::check_sumsq(params, sumsq, "saf_kernels.sam_perturb_");
+  const MtKernels k = mt_kernels();
+  // Sharded: the all-reduced sum of every shard's partials is given; else this list's own.
+  const double total = sumsq.has_value() ? sumsq->item<double>() : local_sumsq(plan, k);
+  const mt::SamCoef sc = mt::sam_coef(total, inv_scale_of(grad_scale), eps, found_inf_of(found_inf));
   parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
     k.sam_perturb(t, start, n, sc.coef, stash_mode);
   });
@@ -112,6 +127,7 @@ at::Tensor sam_perturb_plan_cpu(at::TensorList params, at::TensorList grads, at:
 TORCH_LIBRARY_IMPL(saf_kernels, CPU, m) {
   m.impl("_sam_perturb_plan", &sam_perturb_plan_cpu);
   m.impl("sam_perturb_", &sam_perturb_cpu);
+  m.impl("sam_sumsq", &sam_sumsq_cpu);
   m.impl("sam_restore_", &sam_restore_cpu);
   m.impl("sam_restore_sgd_", &sam_restore_sgd_cpu);
   m.impl("sam_restore_adamw_", &sam_restore_adamw_cpu);

@@ -31,16 +31,24 @@ void restore_step(const mt::Plan& plan, at::TensorList params, const std::option
 at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList stash,
                             at::ArrayRef<double> rho, at::ArrayRef<double> eta, at::IntArrayRef flags, double eps,
                             int64_t stash_mode, const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& found_inf) {
+                            const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& sumsq) {
   const mt::Plan plan = mt::sam_perturb_plan(params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale,
                                              found_inf, mt_chunk_size());
+  mt::check_sumsq(params, sumsq, "saf_kernels.sam_perturb_");
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.sam_perturb_: empty parameter list on CUDA");
   const MtCall call(plan, params);
   at::Tensor partials = call.partials(), coef = call.coefs(), norm = call.result({});
   const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
-  SAF_CUDA_CHECK(sam_norm_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream),
-                 "sam_perturb_");
-  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), call.n_chunks, f32_ptr(gs), f32_ptr(fi), eps,
+  int64_t n_partials = call.n_chunks;
+  if (sumsq.has_value()) {
+    // Sharded: the finalize reads the all-reduced sum of every shard's partials (one value).
+    partials = sumsq->to(at::kDouble).reshape({1}).contiguous();
+    n_partials = 1;
+  } else {
+    SAF_CUDA_CHECK(sam_norm_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream),
+                   "sam_perturb_");
+  }
+  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), n_partials, f32_ptr(gs), f32_ptr(fi), eps,
                                  norm.data_ptr(), call.f64, coef.data_ptr<double>(), call.stream),
                  "sam_perturb_");
   SAF_CUDA_CHECK(
@@ -49,6 +57,18 @@ at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Ten
   mt::bump_versions(params);
   mt::bump_versions(stash);
   return norm;
+}
+
+at::Tensor sam_sumsq_cuda(at::TensorList params, at::TensorList grads, at::ArrayRef<double> eta,
+                          at::IntArrayRef flags) {
+  const mt::Plan plan = mt::sam_sumsq_plan(params, grads, eta, flags, mt_chunk_size());
+  TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.sam_sumsq: empty parameter list on CUDA");
+  const MtCall call(plan, params);
+  at::Tensor partials = call.partials();
+  if (call.n_chunks == 0) return partials.zero_().sum();  // every shard empty
+  SAF_CUDA_CHECK(sam_norm_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream),
+                 "sam_sumsq");
+  return partials.narrow(0, 0, call.n_chunks).sum();
 }
 
 void sam_restore_cuda(at::TensorList params, at::TensorList stash, int64_t stash_mode) {
@@ -90,6 +110,7 @@ void sam_restore_adamw_cuda(at::TensorList params, at::TensorList grads, at::Ten
 
 TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
   m.impl("sam_perturb_", &sam_perturb_cuda);
+  m.impl("sam_sumsq", &sam_sumsq_cuda);
   m.impl("sam_restore_", &sam_restore_cuda);
   m.impl("sam_restore_sgd_", &sam_restore_sgd_cuda);
   m.impl("sam_restore_adamw_", &sam_restore_adamw_cuda);

@@ -7,7 +7,7 @@ from .looksam import looksam_combine_, looksam_gv_
 from .msam import msam_adamw_, msam_sgd_
 from .philox import philox_
 from .rsam import rsam_noise_, rsam_perturb_
-from .sam import sam_perturb_, sam_restore_, sam_restore_adamw_, sam_restore_sgd_
+from .sam import sam_perturb_, sam_restore_, sam_restore_adamw_, sam_restore_sgd_, sam_sumsq
 from .trajectory_bank import trajectory_bank_record, trajectory_bank_step
 from .trajectory_loss import saf_loss, trajectory_kl_loss
 
@@ -29,6 +29,7 @@ __all__ = [
     "sam_restore_",
     "sam_restore_adamw_",
     "sam_restore_sgd_",
+    "sam_sumsq",
     "sds_count",
     "sds_select",
     "trajectory_bank_record",

@@ -51,6 +51,11 @@ def norm_fake(params, *args):
     return torch.empty((), dtype=dt, device=params[0].device)
 
 
+def sumsq_fake(params, *args):
+    """Fake kernel of ``sam_sumsq``: a 0-dim float64 tensor."""
+    return torch.empty((), dtype=torch.float64, device=params[0].device)
+
+
 def stats_fake(params, *args):
     """Fake kernel of GSAM's ops: ``[cos, ||g||, ||g_p||]``."""
     dt = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
@@ -141,13 +146,83 @@ def check_lengths(fn: str, **lists) -> int:
 
 def tensor_lists(fn: str, **named) -> tuple:
     """Each argument as a list of tensors (:func:`as_list`, in order), then their lengths checked
-    equal (:func:`check_lengths`): returns the lists and their common length ``n``."""
+    equal (:func:`check_lengths`): returns the lists and their common length ``n``. A list of
+    ``DTensor`` s is refused here (the ops that run sharded call :func:`local_shards` first)."""
     lists = [as_list(v, k, fn) for k, v in named.items()]
+    for k, lst in zip(named, lists):
+        if lst and type(lst[0]) not in _PLAIN and _is_dtensor(lst[0]):
+            raise NotImplementedError(
+                f"{fn}: {k}[0] is a DTensor (a sharded parameter, e.g. under FSDP2's fully_shard); this op does "
+                f"not run on sharded tensors yet (those that do: {', '.join(SHARDED_OPS)})")
     n = len(lists[0])
     for lst in lists:
         if len(lst) != n:
             check_lengths(fn, **dict(zip(named, lists)))  # raises, naming the list
     return (*lists, n)
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded tensors (FSDP2): the ops run on the local shards
+# --------------------------------------------------------------------------------------------
+
+#: The ops that take lists of DTensors (FSDP2's sharded parameters, gradients and states).
+SHARDED_OPS = ("sam_perturb_", "sam_restore_", "sam_restore_sgd_", "sam_restore_adamw_", "ema_update_")
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _is_dtensor(t) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_shards(fn: str, **named) -> tuple:
+    """The lists of an op that runs on sharded tensors, each as a list (:func:`as_list`), and the
+    process group of their shards: ``(*lists, group)``.
+
+    Plain tensors come back as they are, with ``group`` None. ``DTensor`` s, as FSDP2's
+    ``fully_shard`` makes them (one mesh dimension, ``Shard(0)``: each rank holds a slice of dim 0,
+    possibly uneven or empty), come back as their local shards (``to_local()``: views of the
+    DTensors' storage, so an op in place on them updates the DTensors) with the mesh's process
+    group, over which the op all-reduces its global quantities. Every tensor of every list must
+    then be such a DTensor on the same mesh; a mix, another placement or another mesh is an error
+    naming the argument (on plain lists only the first tensor of each list is looked at). The
+    elementwise ops need nothing more: the math of each element is local.
+    """
+    lists = [as_list(v, k, fn) for k, v in named.items()]
+    first = next((lst[0] for lst in lists if lst), None)
+    if first is None or type(first) in _PLAIN or not _is_dtensor(first):
+        # Plain: only each list's first tensor is looked at (a scan of every tensor would cost
+        # ~40 ns each, a tenth of a small model's call); a DTensor further on is refused by
+        # the dispatcher, and the optimizers check their parameters once at construction.
+        for k, lst in zip(named, lists):
+            if lst and type(lst[0]) not in _PLAIN and _is_dtensor(lst[0]):
+                raise TypeError(f"{fn}: {k}[0] is a DTensor but the first tensor is not; pass all DTensors "
+                                "(sharded alike) or all plain tensors")
+        return (*lists, None)
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = first.device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(f"{fn}: DTensors on a {mesh.ndim}-D device mesh (e.g. HSDP) are not supported yet; "
+                                  "use fully_shard on a 1-D mesh")
+    out = []
+    for k, lst in zip(named, lists):
+        local = []
+        for i, t in enumerate(lst):
+            if not isinstance(t, DTensor):
+                raise TypeError(f"{fn}: {k}[{i}] is a plain tensor but the others are DTensors; pass all "
+                                "DTensors (sharded alike) or all plain tensors")
+            if t.device_mesh != mesh:
+                raise ValueError(f"{fn}: {k}[{i}] is on the device mesh {t.device_mesh}, the others on {mesh}")
+            if tuple(t.placements) != (Shard(0),):
+                raise ValueError(f"{fn}: {k}[{i}] has placements {tuple(t.placements)}; the sharded ops take "
+                                 "tensors sharded on dim 0, (Shard(dim=0),), as fully_shard makes them")
+            local.append(t.to_local())
+        out.append(local)
+    return (*out, mesh.get_group())
 
 
 def device_of(lst, *scalars) -> torch.device:

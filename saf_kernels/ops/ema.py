@@ -53,6 +53,8 @@ def ema_update_(
 
     Args:
         ema: the averaged tensors (parameters and floating buffers of the teacher), updated in place.
+            Under FSDP2 both lists may be DTensors sharded alike (``Shard(0)``): the local shards
+            are updated, with no communication.
         model: the current tensors, same shapes, layouts and devices (dtypes may differ, e.g. a
             float32 EMA of bfloat16 weights).
         decay: in ``[0, 1]``; a float or a one-element tensor on the tensors' device (read by the
@@ -60,6 +62,8 @@ def ema_update_(
         backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``.
     """
     fn = "saf_kernels.ema_update_"
+    if isinstance(ema, (list, tuple)) and isinstance(model, (list, tuple)):
+        ema, model, _ = mt.local_shards(fn, ema=ema, model=model)  # DTensors (FSDP2): their local shards
     _check(ema, model, decay, fn)
     if not ema:
         return

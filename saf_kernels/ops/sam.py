@@ -6,9 +6,11 @@ Flow: public function -> :func:`saf_kernels._backend.resolve` -> ``torch.ops.saf
 ``saf_kernels::<op>_triton`` (``saf_kernels/triton/sam.py``) or :mod:`saf_kernels.reference`.
 
 Launches per call on CUDA, whatever the number of tensors: :func:`sam_perturb_` 3 (norm partials,
-finalize, perturbation), :func:`sam_restore_` 1, :func:`sam_restore_sgd_` / :func:`sam_restore_adamw_`
-1. Triton: the same per dtype signature of the list. No function here synchronises with the
-device: the norm, the AMP scale, ``found_inf`` and the "perturb nothing" decision stay on it.
+finalize, perturbation; on ``DTensor`` lists the partials are :func:`sam_sumsq`'s, then one
+all-reduce of that one value, then the other 2), :func:`sam_restore_` 1, :func:`sam_restore_sgd_` /
+:func:`sam_restore_adamw_` 1. Triton: the same per dtype signature of the list. No function here
+synchronises with the device: the norm, the AMP scale, ``found_inf`` and the "perturb nothing"
+decision stay on it.
 
 Bytes per element (``s`` = element size) of the kernels, the floors of performance.md 4.3:
 perturb reads ``g`` (norm; ASAM also ``w``), then reads ``w, g`` and writes ``w, stash``: 5 passes
@@ -31,8 +33,11 @@ ADAMW_MAXIMIZE = 2
 
 mt.register("sam_perturb_",
             "(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] stash, float[] rho, float[] eta, SymInt[] flags, "
-            "float eps, SymInt stash_mode, Tensor? grad_scale, Tensor? found_inf) -> Tensor",
+            "float eps, SymInt stash_mode, Tensor? grad_scale, Tensor? found_inf, Tensor? sumsq=None) -> Tensor",
             mt.norm_fake, "sam.sam_perturb")
+mt.register("sam_sumsq",
+            "(Tensor[] params, Tensor[] grads, float[] eta, SymInt[] flags) -> Tensor",
+            mt.sumsq_fake, "sam.sam_sumsq")
 mt.register("sam_restore_",
             "(Tensor(a0!)[] params, Tensor[] stash, SymInt stash_mode) -> ()",
             mt.void_fake, "sam.sam_restore")
@@ -57,7 +62,10 @@ def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
     ``e = rho * T_w^2 * g / (||T_w * g||_2 + eps)``.
 
     The norm is global: over every element of every tensor of the list (SAM's
-    ``sqrt(sum over leaves of sum(g^2))``). ``T_w = |w| + eta`` on tensors whose ``adaptive`` is
+    ``sqrt(sum over leaves of sum(g^2))``). On lists of ``DTensor`` s sharded on dim 0 (FSDP2's
+    ``fully_shard``) it is global over every shard of every rank: :func:`sam_sumsq` of the local
+    shards, one ``all_reduce`` of that value on the mesh's group, then the finalize and the
+    perturbation of the local shards in place; every rank gets the same norm. ``T_w = |w| + eta`` on tensors whose ``adaptive`` is
     true (ASAM; ``eta = 0`` gives the "adaptive" of the widely used port), 1 elsewhere.
 
     Args:
@@ -87,6 +95,7 @@ def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
         perturbed: the weights stay as they were and the stash still allows the restore.
     """
     fn = "saf_kernels.sam_perturb_"
+    params, grads, stash, group = mt.local_shards(fn, params=params, grads=grads, stash=stash)
     params, grads, stash, n = mt.tensor_lists(fn, params=params, grads=grads, stash=stash)
     rho_l = mt.per_tensor(rho, n, "rho", fn, nonneg=True)
     eta_l = mt.per_tensor(eta, n, "eta", fn, nonneg=True)
@@ -96,12 +105,44 @@ def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
     dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev)
+    streams = [("params", params), ("grads", grads), ("stash", stash)]
+    sumsq = None
+    if group is not None:
+        # Sharded: this rank's partial sum, ONE all-reduce of that one value (queued on the
+        # device's stream, no host synchronisation), then the finalize + perturbation read it.
+        sumsq = _sumsq(fn, backend, dev, streams, params, grads, eta_l, flags)
+        torch.distributed.all_reduce(sumsq, group=group)
     return mt.run(
-        "sam_perturb_", fn, backend, dev, [("params", params), ("grads", grads), ("stash", stash)],
+        "sam_perturb_", fn, backend, dev, streams,
         lambda: reference.sam_perturb_(params, grads, stash, mt.full(rho_l, n), [bool(f) for f in mt.full(flags, n)],
-                                       mt.full(eta_l, n), eps, grad_scale, found_inf, stash_mode),
-        params, grads, stash, rho_l, eta_l, flags, eps, mode, grad_scale, found_inf,
+                                       mt.full(eta_l, n), eps, grad_scale, found_inf, stash_mode, sumsq),
+        params, grads, stash, rho_l, eta_l, flags, eps, mode, grad_scale, found_inf, sumsq,
         same_dtype=("grads",) + (("stash",) if mode == 0 else ()))
+
+
+def _sumsq(fn, backend, dev, streams, params, grads, eta_l, flags) -> torch.Tensor:
+    n = len(params)
+    return mt.run("sam_sumsq", fn, backend, dev, streams,
+                  lambda: reference.sam_sumsq(params, grads, [bool(f) for f in mt.full(flags, n)], mt.full(eta_l, n)),
+                  params, grads, eta_l, flags, same_dtype=("grads",))
+
+
+@torch.no_grad()
+def sam_sumsq(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], adaptive: Bools = False,
+              eta: Floats = 0.0, *, backend: str = "auto") -> torch.Tensor:
+    """The partial-sum stage of :func:`sam_perturb_` alone: ``sum((T_w * g)^2)`` over the tensors
+    (``T_w`` as there), a 0-dim float64 tensor on their device, in the gradients' units (scaled
+    by ``grad_scale`` if they are). Sharded training sums it over the shards (one all-reduce) and
+    passes the result to the finalize + perturbation stage; :func:`sam_perturb_` does this itself
+    on lists of ``DTensor`` s. Plain tensors only (on a DTensor list it is each rank's own sum, so
+    pass the local shards)."""
+    fn = "saf_kernels.sam_sumsq"
+    params, grads, n = mt.tensor_lists(fn, params=params, grads=grads)
+    eta_l = mt.per_tensor(eta, n, "eta", fn, nonneg=True)
+    flags = [ADAPTIVE if a else 0 for a in mt.per_tensor(adaptive, n, "adaptive", fn, kind=bool)]
+    if n == 0:
+        return torch.zeros((), dtype=torch.float64)
+    return _sumsq(fn, backend, params[0].device, [("params", params), ("grads", grads)], params, grads, eta_l, flags)
 
 
 @torch.no_grad()
@@ -113,6 +154,7 @@ def sam_restore_(params: Sequence[torch.Tensor], stash: Sequence[torch.Tensor], 
     perturbation is subtracted (lossy by a rounding). Use the same mode as the perturbation.
     """
     fn = "saf_kernels.sam_restore_"
+    params, stash, _ = mt.local_shards(fn, params=params, stash=stash)
     params, stash, n = mt.tensor_lists(fn, params=params, stash=stash)
     mode = mt.stash_mode_code(stash_mode, fn)
     if n == 0:
@@ -147,12 +189,8 @@ def sam_restore_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
             leaves the buffers, as a skipped step.
     """
     fn = "saf_kernels.sam_restore_sgd_"
-    params, grads, stash = (
-        mt.as_list(params, "params", fn),
-        mt.as_list(grads, "grads", fn),
-        mt.as_list(stash, "stash", fn),
-    )
-    bufs = mt.as_list(momentum_buffers, "momentum_buffers", fn)
+    params, grads, stash, bufs, _ = mt.local_shards(fn, params=params, grads=grads, stash=stash,
+                                                    momentum_buffers=momentum_buffers)
     n = mt.check_lengths(fn, params=params, grads=grads, stash=stash)
     if bufs and len(bufs) != n:
         raise ValueError(
@@ -189,6 +227,8 @@ def sam_restore_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
     ``exp_avg_sq`` have the params' dtypes. Agrees with ``torch.optim.AdamW`` to rounding.
     """
     fn = "saf_kernels.sam_restore_adamw_"
+    params, grads, stash, exp_avg, exp_avg_sq, _ = mt.local_shards(fn, params=params, grads=grads, stash=stash,
+                                                                  exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     params, grads, stash, exp_avg, exp_avg_sq, steps, n = mt.tensor_lists(
         fn, params=params, grads=grads, stash=stash, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, steps=steps
     )

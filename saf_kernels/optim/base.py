@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .. import _checks as C
+from ..ops import _multi_tensor as mt
 from ..ops import sam as sam_ops
 from . import schedule, utils
 
@@ -99,6 +100,9 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     #: Whether the subclass's step follows this class's step logic (a schedule can apply).
     _schedulable = True
+    #: Whether the subclass runs on sharded parameters (DTensors, FSDP2's ``fully_shard``): its
+    #: global quantities reduced over the shards. The others refuse them at construction.
+    _shardable = False
 
     def __init__(
         self,
@@ -143,6 +147,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         super().__init__(params, {**base_kwargs, **defaults})
         for i, g in enumerate(self.param_groups):
             self._check_group(g, i)
+        if sharded_params(name, self.param_groups) and not self._shardable:
+            refuse_sharded(name, self.param_groups)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         # One set of groups and one state for both: schedulers, checkpoints and hooks see the
         # base optimizer's hyperparameters and moments through this object.
@@ -731,8 +737,68 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if self.policy is not None and info.get("policy") is not None:
             self.policy.load_state_dict(info["policy"])
 
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Creates the base optimizer's state (momentum buffers, Adam's moments: zeros) as its first
+        step would, without changing a weight: one base step with zero gradients and ``lr = 0``,
+        then the tensors of the parameters' shape zeroed (the step counts stay at 1).
+
+        ``torch.distributed.checkpoint.state_dict.set_state_dict`` needs the state of a fresh
+        optimizer to load into and makes it by calling ``step()``, which a two-pass optimizer
+        refuses outside a step begun by :meth:`first_step`; call this first (it does nothing when
+        the state exists). Under FSDP2 the state is sharded like the parameters."""
+        if self.state:
+            return
+        made, lrs = [], []
+        for g in self.param_groups:
+            lrs.append(g["lr"])
+            g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
+            for p in g["params"]:
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                    made.append(p)
+        try:
+            self.base_optimizer.step()
+        finally:
+            for g, lr in zip(self.param_groups, lrs):
+                g["lr"] = lr
+            for p in made:
+                p.grad = None
+        for p, st in self.state.items():
+            for v in st.values():  # e.g. SGD's buffer is weight_decay * w after that step
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape:
+                    v.zero_()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r})"
+
+
+def sharded_params(name: str, param_groups: list[dict]) -> bool:
+    """Whether the parameters are DTensors (FSDP2's ``fully_shard``); a mix of DTensors and plain
+    tensors (e.g. ``fully_shard`` on some submodules but not on the root) is an error."""
+    where = [(i, j, type(p) not in mt._PLAIN and mt._is_dtensor(p))
+             for i, g in enumerate(param_groups) for j, p in enumerate(g["params"])]
+    kinds = {d for _, _, d in where}
+    if len(kinds) > 1:
+        i, j, d = next(w for w in where if w[2] != where[0][2])
+        kind = {True: "a DTensor", False: "a plain tensor"}
+        raise TypeError(
+            f"{name}: param_groups[{i}]['params'][{j}] is {kind[d]} but param_groups[{where[0][0]}]['params']"
+            f"[{where[0][1]}] is {kind[not d]}: shard every parameter (call fully_shard on the root module too) "
+            "or none")
+    return kinds == {True}
+
+
+def refuse_sharded(name: str, param_groups: list[dict]) -> None:
+    """Raises if a parameter is a DTensor (FSDP2's ``fully_shard``) for an optimizer whose global
+    quantities are not reduced over the shards yet (the result would be silently per-shard)."""
+    for i, g in enumerate(param_groups):
+        for j, p in enumerate(g["params"]):
+            if type(p) not in mt._PLAIN and mt._is_dtensor(p):
+                raise NotImplementedError(
+                    f"{name}: param_groups[{i}]['params'][{j}] is a DTensor (a model sharded by FSDP2's fully_shard); "
+                    f"{name} does not run on sharded parameters yet (SAM and ASAM do; see the README's "
+                    "'Sharded training (FSDP2)')")
 
 
 def nonneg(value, name: str, fn: str) -> float:

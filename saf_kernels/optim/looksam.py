@@ -53,6 +53,8 @@ class LookSAM(SAM):
         apply: ``k`` is LookSAM's schedule).
     """
 
+    _shardable = False  # its global inner products are not reduced over FSDP2 shards yet
+
     def __init__(self, params, base_optimizer: type, rho: float = 0.1, k: int = 5, alpha: float = 0.7, *,
                  gv_eps: float = 1e-8, **kwargs):
         name = type(self).__name__

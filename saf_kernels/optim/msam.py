@@ -14,7 +14,7 @@ import torch
 
 from .. import _checks as C
 from ..ops import msam as msam_ops
-from .base import TwoPassOptimizer, nonneg
+from .base import TwoPassOptimizer, nonneg, refuse_sharded
 
 
 class _MomentumSAM(torch.optim.Optimizer):
@@ -28,6 +28,7 @@ class _MomentumSAM(torch.optim.Optimizer):
         C.backend(backend, name)
         self.backend = backend
         super().__init__(params, defaults)
+        refuse_sharded(name, self.param_groups)
         for g in self.param_groups:
             g.setdefault("rho_applied", 0.0)
         self._inv_norm: torch.Tensor | None = None

@@ -43,12 +43,20 @@ class SAM(TwoPassOptimizer):
     effect); clip before the second step, e.g. ``scaler.unscale_(opt); clip_grad_norm_(...);
     scaler.step(opt)``, or before ``opt.second_step()`` without AMP.
 
+    Sharded training (FSDP2): build it on a ``fully_shard``-ed model's parameters (DTensors); the
+    perturbation uses the global norm over every shard (one all-reduce of one float64 value per
+    step, no host synchronisation) with the first pass synchronised as FSDP does it (the
+    reduce-scattered gradients: a global-batch perturbation; ``sync_first_pass`` has no effect);
+    the stash and the base optimizer's state are sharded like the parameters. Equals one process
+    training on the whole batch. See the README's "Sharded training (FSDP2)".
+
     Gradient accumulation: call ``backward()`` on several micro-batches before ``first_step``
     and again before ``second_step``; nothing else is needed (``first_step`` reads the summed
     gradients; pass ``zero_grad=True`` so the second pass starts from zero).
     """
 
     _options = {"rho": nonneg, "adaptive": C.flag, "eta": nonneg}
+    _shardable = True  # FSDP2: the norm is reduced over the shards (saf_kernels.ops.sam_perturb_)
 
     def __init__(
         self,

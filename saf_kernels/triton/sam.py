@@ -282,14 +282,27 @@ def adaptive_switch(flags, n):
 
 
 def sam_perturb(
-    params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale, found_inf
+    params, grads, stash, rho, eta, flags, eps, stash_mode, grad_scale, found_inf, sumsq=None
 ) -> torch.Tensor:
-    """The semantics of ``torch.ops.saf_kernels.sam_perturb_`` (lists already checked)."""
+    """The semantics of ``torch.ops.saf_kernels.sam_perturb_`` (lists already checked). With
+    ``sumsq`` (the all-reduced sum of every shard's :func:`sam_sumsq`) the partial-sum stage is
+    skipped and the finalize reads that one value."""
     tables = build_tables([params, grads, stash], [rho, eta], flags, signature_streams=(0, 2))
-    partials, total = chunk_partials(_prep, _norm_term, tables, 3, per_table=adaptive_switch(flags, len(params)))
+    if sumsq is None:
+        partials, total = chunk_partials(_prep, _norm_term, tables, 3, per_table=adaptive_switch(flags, len(params)))
+    else:
+        partials, total = sumsq.to(torch.float64).reshape(1).contiguous(), 1
     norm, coef = sam_finalize(partials, total, params, eps, grad_scale, found_inf)
     launch_elementwise(_perturb_prep, _perturb_elem, tables, 3, pa=coef, COPY=stash_mode == 0)
     return norm
+
+
+def sam_sumsq(params, grads, eta, flags) -> torch.Tensor:
+    """The partial-sum stage of :func:`sam_perturb` alone: ``sum((T g)^2)`` over the tensors, a
+    0-dim float64 tensor (the gradients stand in for the stash, which this stage never reads)."""
+    tables = build_tables([params, grads, grads], [eta, eta], flags, signature_streams=(0, 2))
+    partials, total = chunk_partials(_prep, _norm_term, tables, 3, per_table=adaptive_switch(flags, len(params)))
+    return partials[:total].sum()
 
 
 def sam_restore(params, stash, stash_mode) -> None:
