@@ -46,6 +46,10 @@ COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Cou
 
 # ESAM's Philox masks cost the interpreter ~2 s an example: most of its share goes to the C++ kernels.
 SHARES = {"esam_perturb_+esam_restore_": {"cpu": 670, "torch": 300, "triton": 30}}
+# LookSAM's and MSAM's ops (issue 15): at 100 interpreted examples the three took 76 s of Triton
+# on the loaded 2-core machine; the C++ kernels take the same share as ESAM's instead.
+SHARES.update({op: SHARES["esam_perturb_+esam_restore_"]
+               for op in ("looksam_gv_+looksam_combine_", "msam_sgd_", "msam_adamw_")})
 
 
 def _examples(op, backend, config) -> int:
