@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from saf_kernels import ops as O
-from saf_kernels import reference as R
 from saf_kernels.ops import _multi_tensor as mt
 from saf_kernels.optim import MSAM, MSAMAdamW
 

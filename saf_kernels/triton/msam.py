@@ -13,8 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import VARYING_ARGS, any_f64, block_of, build_tables, chunk_partials, launch_elementwise
-from .multi_tensor import stream_ptr, sum_partials
+from .multi_tensor import (
+    VARYING_ARGS,
+    any_f64,
+    block_of,
+    build_tables,
+    chunk_partials,
+    launch_elementwise,
+    stream_ptr,
+    sum_partials,
+)
 
 
 @triton.jit
