@@ -14,6 +14,8 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "saf/multi_tensor.h"
@@ -556,6 +558,105 @@ inline Plan gsam_sgd_plan(at::TensorList params, at::TensorList grads, at::Tenso
   check_copy_stash(params, stash, stash_mode, op);
   set_sgd(plan, has_buf, lr, weight_decay, momentum, dampening, flags, op);
   check_amp(params, op, grad_scale, found_inf, old_grad_scale);
+  return plan;
+}
+
+// ---- LookSAM, Momentum-SAM ----
+
+// A one-element state tensor of an op (LookSAM's gv_norm: float32 or float64; Momentum-SAM's
+// inv_norm: any float dtype) on the tensors' device.
+inline void check_state_scalar(const at::Tensor& t, at::TensorList tensors, const char* op, const char* name,
+                               bool any_float) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK_VALUE(t.numel() == 1 && t.is_floating_point(), op, ": ", name,
+                    " must be a one-element floating tensor, got shape ", t.sizes(), " ", st);
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || (any_float && (st == at::kHalf || st == at::kBFloat16)),
+                   op, ": ", name, " must be ", any_float ? "float32, float16, bfloat16 or float64" : "float32 or float64",
+                   ", got ", st);
+  if (!tensors.empty()) {
+    TORCH_CHECK_VALUE(t.device() == tensors[0].device(), op, ": ", name, " is on ", t.device(),
+                      " but the tensors are on ", tensors[0].device());
+  }
+}
+
+// looksam_gv_ in GSAM's slots, so that GSAM's partial sums serve as they are: G = g_s (grads),
+// OLD_G = g (old_grads), gsam's dots giving <g, g_s>, |g|^2, |g_s|^2; gv in slot looksam::GV
+// (= gsam::W); the unused slots repeat gv.
+inline Plan looksam_gv_plan(at::TensorList gv, const at::Tensor& gv_norm, at::TensorList grads,
+                            at::TensorList old_grads, double eps, int64_t chunk) {
+  const char* op = "saf_kernels.looksam_gv_";
+  check_eps(eps, op);
+  static_assert(looksam::GV == gsam::W && looksam::GS == gsam::G, "looksam_gv_ lives in gsam's slots");
+  Plan plan(op, {{"gv", gv}, {"grads", grads}, {"gv", gv}, {"gv", gv}, {"old_grads", old_grads}}, chunk);
+  check_same_dtype(gv, grads, op, "gv", "grads");
+  check_same_dtype(gv, old_grads, op, "gv", "old_grads");
+  check_state_scalar(gv_norm, gv, op, "gv_norm", false);
+  return plan;
+}
+
+// looksam_combine_ in GSAM's slots: g += coef * gv is gsam_combine_'s g = c_new g + c_old old_g
+// with c_new = 1, c_old = coef, old_g = gv, no restore; |g|^2 is sam_perturb_'s norm of slot
+// sam::G without the adaptive flag. The unused slots repeat grads.
+inline Plan looksam_combine_plan(at::TensorList grads, at::TensorList gv, const at::Tensor& gv_norm, double alpha,
+                                 double eps, int64_t chunk) {
+  const char* op = "saf_kernels.looksam_combine_";
+  TORCH_CHECK_VALUE(std::isfinite(alpha), op, ": alpha must be a finite number, got ", alpha);
+  check_eps(eps, op);
+  static_assert(gsam::G == sam::G, "the norm pass reads gsam's G");
+  Plan plan(op, {{"grads", grads}, {"grads", grads}, {"grads", grads}, {"grads", grads}, {"gv", gv}}, chunk);
+  check_same_dtype(grads, gv, op, "grads", "gv");
+  check_state_scalar(gv_norm, grads, op, "gv_norm", false);
+  return plan;
+}
+
+// Momentum-SAM's per-tensor values (msam's slots; empty lists take none).
+inline void set_msam_params(Plan& plan, const char* op,
+                            std::initializer_list<std::tuple<int, at::ArrayRef<double>, const char*>> values) {
+  for (const auto& [slot, v, name] : values) {
+    check_finite_nonneg(v, op, name);
+    if (plan.n_tensors()) plan.set_param(slot, v, name);
+  }
+}
+
+inline Plan msam_sgd_plan(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                          const at::Tensor& inv_norm, at::ArrayRef<double> lr, at::ArrayRef<double> weight_decay,
+                          at::ArrayRef<double> momentum, at::ArrayRef<double> rho_prev, at::ArrayRef<double> rho,
+                          double eps, int64_t chunk) {
+  const char* op = "saf_kernels.msam_sgd_";
+  check_eps(eps, op);
+  Plan plan(op, {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}}, chunk);
+  check_same_dtype(params, grads, op, "params", "grads");
+  check_same_dtype(params, momentum_buffers, op, "params", "momentum_buffers");
+  set_msam_params(plan, op, {{msam::LR, lr, "lr"}, {msam::WD, weight_decay, "weight_decay"},
+                             {msam::MOMENTUM, momentum, "momentum"}, {msam::RHO_PREV, rho_prev, "rho_prev"},
+                             {msam::RHO, rho, "rho"}});
+  check_state_scalar(inv_norm, params, op, "inv_norm", true);
+  return plan;
+}
+
+inline Plan msam_adamw_plan(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                            at::TensorList exp_avg_sq, at::TensorList steps, const at::Tensor& inv_norm,
+                            at::ArrayRef<double> lr, at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
+                            at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay, at::ArrayRef<double> rho_prev,
+                            at::ArrayRef<double> rho, double norm_eps, int64_t chunk) {
+  const char* op = "saf_kernels.msam_adamw_";
+  TORCH_CHECK_VALUE(std::isfinite(norm_eps) && norm_eps >= 0, op, ": eps must be a finite number >= 0, got ", norm_eps);
+  Plan plan(op,
+            {{"params", params}, {"grads", grads}, {"exp_avg", exp_avg}, {"exp_avg_sq", exp_avg_sq},
+             {"steps", steps, /*scalar=*/true}},
+            chunk);
+  check_same_dtype(params, grads, op, "params", "grads");
+  check_same_dtype(params, exp_avg, op, "params", "exp_avg");
+  check_same_dtype(params, exp_avg_sq, op, "params", "exp_avg_sq");
+  for (const auto& [b, name] : {std::pair{beta1, "beta1"}, std::pair{beta2, "beta2"}}) {
+    for (size_t i = 0; i < b.size(); ++i) {
+      TORCH_CHECK_VALUE(b[i] >= 0.0 && b[i] < 1.0, op, ": ", name, "[", i, "] must be in [0, 1), got ", b[i]);
+    }
+  }
+  set_msam_params(plan, op, {{msam::LR, lr, "lr"}, {msam::BETA1, beta1, "beta1"}, {msam::BETA2, beta2, "beta2"},
+                             {msam::EPS, eps, "eps"}, {msam::ADAMW_WD, weight_decay, "weight_decay"},
+                             {msam::RHO_PREV, rho_prev, "rho_prev"}, {msam::RHO, rho, "rho"}});
+  check_state_scalar(inv_norm, params, op, "inv_norm", true);
   return plan;
 }
 

@@ -132,4 +132,28 @@ TORCH_LIBRARY(saf_kernels, m) {
       "int[] flags, float alpha, float eps, int stash_mode, Tensor? grad_scale, Tensor? old_grad_scale, "
       "Tensor? found_inf) -> Tensor");
   // ---- end ESAM, R-SAM, GSAM ----
+
+  // ---- LookSAM, Momentum-SAM (math: saf/multi_tensor.h, namespaces looksam and msam) ----
+  // LookSAM's SAM step: gv = g_s - (<g, g_s> / |g|^2) g (g_s = grads, g = old_grads) and
+  // gv_norm = |gv| (float32 / float64, summed from the stored gv); a non-finite coefficient or
+  // |g| = 0 leaves gv and gv_norm. Returns [cos(g, g_s), |g|, |g_s|].
+  m.def("looksam_gv_(Tensor(a!)[] gv, Tensor(b!) gv_norm, Tensor[] grads, Tensor[] old_grads, float eps) -> Tensor");
+  // LookSAM's reuse step: g += alpha |g| / (gv_norm + eps) gv (a zero or non-finite gv_norm or a
+  // non-finite |g| leaves g). Returns |g| before the update.
+  m.def("looksam_combine_(Tensor(a!)[] grads, Tensor[] gv, Tensor gv_norm, float alpha, float eps) -> Tensor");
+  // Momentum-SAM with SGD, the weights at the perturbed point on entry and exit: d = g + wd w;
+  // w += rho_prev inv_norm buf; buf = momentum buf + d; w -= lr buf; inv_norm = 1 / (|buf| + eps);
+  // w -= rho inv_norm buf. inv_norm (one element, any float dtype) carries the previous step's
+  // value in and this step's out. Returns |buf|.
+  m.def(
+      "msam_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!) inv_norm, "
+      "float[] lr, float[] weight_decay, float[] momentum, float[] rho_prev, float[] rho, float eps) -> Tensor");
+  // Momentum-SAM with AdamW (the authors' adamW_msam: the decay after the Adam step; the
+  // perturbation follows exp_avg); steps are one-element tensors already counting this step.
+  // Returns |exp_avg|.
+  m.def(
+      "msam_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
+      "Tensor[] steps, Tensor(d!) inv_norm, float[] lr, float[] beta1, float[] beta2, float[] eps, "
+      "float[] weight_decay, float[] rho_prev, float[] rho, float norm_eps) -> Tensor");
+  // ---- end LookSAM, Momentum-SAM ----
 }

@@ -300,6 +300,34 @@ def _gsam_restore_sgd(c: Ctx) -> dict:
     return {"stats": stats, "step": _step(p, s), "momentum_buffers": buf}
 
 
+def _looksam(c: Ctx) -> dict:
+    gs, g, gv = c.list(), c.list(), c.list()
+    gv_norm = torch.zeros((), device=c.device, dtype=torch.float64 if c.dtype == torch.float64 else torch.float32)
+    stats = O.looksam_gv_(gv, gv_norm, gs, g, backend=c.backend)
+    new = c.list()
+    before = _clone(new)
+    norm = O.looksam_combine_(new, gv, gv_norm, alpha=0.7, backend=c.backend)
+    return {"stats": stats, "gv": gv, "gv_norm": gv_norm, "norm": norm, "step": _step(new, before)}
+
+
+def _msam_sgd(c: Ctx) -> dict:
+    p, g, buf = c.list(), c.list(), c.list(scale=0.1)
+    before, inv = _clone(p), torch.full((), 2.0, device=c.device)
+    norm = O.msam_sgd_(p, g, buf, inv, lr=0.1, weight_decay=5e-4, momentum=0.9, rho_prev=0.05, rho=0.05,
+                       backend=c.backend)
+    return {"norm": norm, "step": _step(p, before), "momentum_buffers": buf, "inv_norm": inv}
+
+
+def _msam_adamw(c: Ctx) -> dict:
+    p, g, m = c.list(), c.list(), c.list(scale=0.1)
+    v = [x.abs() for x in c.list(scale=0.01)]
+    before, inv = _clone(p), torch.full((), 2.0, device=c.device)
+    steps = [torch.tensor(3.0, device=c.device) for _ in p]  # float32 whatever the params
+    norm = O.msam_adamw_(p, g, m, v, steps, inv, lr=1e-3, weight_decay=0.01, rho_prev=0.05, rho=0.05,
+                         backend=c.backend)
+    return {"norm": norm, "step": _step(p, before), "exp_avg": m, "exp_avg_sq": v, "inv_norm": inv}
+
+
 # name -> (the dispatcher ops it runs, the check)
 CHECKS = {
     "trajectory_kl_loss": (("trajectory_loss",), _trajectory_kl_loss),
@@ -316,6 +344,9 @@ CHECKS = {
     "rsam_noise_+perturb_": (("rsam_noise_", "rsam_perturb_"), _rsam),
     "gsam_combine_": (("gsam_combine_",), _gsam_combine),
     "gsam_restore_sgd_": (("gsam_restore_sgd_",), _gsam_restore_sgd),
+    "looksam_gv_+combine_": (("looksam_gv_", "looksam_combine_"), _looksam),
+    "msam_sgd_": (("msam_sgd_",), _msam_sgd),
+    "msam_adamw_": (("msam_adamw_",), _msam_adamw),
 }
 
 

@@ -717,6 +717,11 @@ def looksam_combine_(grads, gv, gv_norm, alpha, eps=1e-8) -> torch.Tensor:
     return ng.to(acc)
 
 
+def _any_f64(tensors) -> torch.dtype:
+    """The dtype of a norm over a list (the ops' fake kernels say the same): float64 if any tensor is."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _msam_finish(params, bufs, coef_state, rho, eps):
     """Momentum-SAM's re-perturbation: ``coef = 1 / (|buf| + eps)`` (global), ``w -= rho * coef * buf``."""
     norm = sum((b.double() ** 2).sum() for b in bufs).sqrt()
@@ -750,7 +755,7 @@ def msam_sgd_(params, grads, momentum_buffers, inv_norm, lr, weight_decay, momen
         nb = momentum[i] * b.to(dt) + d
         b.copy_(nb)
         p.copy_(w - lr[i] * nb)
-    return _msam_finish(params, momentum_buffers, inv_norm, rho, eps).to(_acc(params[0]))
+    return _msam_finish(params, momentum_buffers, inv_norm, rho, eps).to(_any_f64(params))
 
 
 def msam_adamw_(params, grads, exp_avg, exp_avg_sq, steps, inv_norm, lr, beta1, beta2, eps, weight_decay,
@@ -779,4 +784,4 @@ def msam_adamw_(params, grads, exp_avg, exp_avg_sq, steps, inv_norm, lr, beta1, 
         m.copy_(nm)
         v.copy_(nv)
         p.copy_(w)
-    return _msam_finish(params, exp_avg, inv_norm, rho, norm_eps).to(_acc(params[0]))
+    return _msam_finish(params, exp_avg, inv_norm, rho, norm_eps).to(_any_f64(params))

@@ -46,6 +46,10 @@ COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Cou
 
 # ESAM's Philox masks cost the interpreter ~2 s an example: most of its share goes to the C++ kernels.
 SHARES = {"esam_perturb_+esam_restore_": {"cpu": 670, "torch": 300, "triton": 30}}
+# LookSAM's and MSAM's ops (issue 15): at 100 interpreted examples the three took 76 s of Triton
+# on the loaded 2-core machine; the C++ kernels take the same share as ESAM's instead.
+SHARES.update({op: SHARES["esam_perturb_+esam_restore_"]
+               for op in ("looksam_gv_+looksam_combine_", "msam_sgd_", "msam_adamw_")})
 
 
 def _examples(op, backend, config) -> int:
@@ -149,6 +153,10 @@ OPS = {
     "gsam_combine_": (_multi(P.gsam_problems), P._gsam_combine_property, "gsam_combine_", ("gsam_combine_",)),
     "gsam_restore_sgd_": (_multi(P.gsam_problems), P._gsam_sgd_property, "gsam_restore_sgd_",
                           ("gsam_restore_sgd_",)),
+    "looksam_gv_+looksam_combine_": (_multi(P.looksam_problems), P._looksam_property, "looksam_gv_",
+                                     ("looksam_gv_", "looksam_combine_")),
+    "msam_sgd_": (_multi(P.msam_problems), P._msam_sgd_property, "msam_sgd_", ("msam_sgd_",)),
+    "msam_adamw_": (_multi(P.msam_problems), P._msam_adamw_property, "msam_adamw_", ("msam_adamw_",)),
     "philox_": (_philox_problems, _philox_property, "philox_", ("philox_",)),
     "trajectory_kl_loss": (_trajectory_problems, _kl_property, "trajectory_loss", ("trajectory_kl_loss",)),
     "saf_loss": (_trajectory_problems, _saf_property, "trajectory_loss", ("saf_loss",)),

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from saf_kernels import ops as O
+from saf_kernels.ops import _multi_tensor as mt
 from saf_kernels.optim import SAM, LookSAM
 
 from .cheap_common import assert_resume_bit_identical, closure
@@ -72,13 +73,45 @@ def test_non_finite_leaves_state(backend, device):
     assert all(torch.equal(a, b) for a, b in zip(g2, g))
 
 
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+def test_awkward_lists_match_formula(backend, device):
+    """float16, bfloat16, float32 and float64 tensors in one list, transposed (dense, not contiguous)
+    views, an empty tensor and one across a CPU chunk, against the formula in float64; an empty list
+    touches nothing."""
+    skip_unless_available(backend, device, "looksam_gv_")
+    gen = torch.Generator().manual_seed(15)
+    shapes = [(5, 3), (0,), (16385,), (4, 6), (1,)]
+    dtypes = [torch.float16, torch.float32, torch.bfloat16, torch.float64, torch.float32]
+
+    def make():
+        out = []
+        for s, d in zip(shapes, dtypes):
+            t = torch.randn(s[::-1], generator=gen, dtype=torch.float64).to(device=device, dtype=d)
+            out.append(t.t() if len(s) == 2 else t)  # transposed views
+        return out
+
+    gs, g, gv, new = make(), make(), make(), make()
+    gs0, g0, n0 = _flat(gs), _flat(g), _flat(new)
+    nrm = torch.zeros((), device=device)
+    O.looksam_gv_(gv, nrm, gs, g, backend=backend)
+    want = gs0 - (gs0 @ g0) / (g0 @ g0) * g0
+    torch.testing.assert_close(_flat(gv), want, rtol=1e-2, atol=1e-2)  # float16 / bfloat16 rounding
+    torch.testing.assert_close(float(nrm), float(_flat(gv).norm()), rtol=1e-5, atol=0)
+    O.looksam_combine_(new, gv, nrm, 0.7, backend=backend)
+    torch.testing.assert_close(_flat(new), n0 + 0.7 * n0.norm() / (float(nrm) + 1e-8) * _flat(gv), rtol=1e-2,
+                               atol=1e-2)
+    nrm.fill_(2.0)
+    assert O.looksam_gv_([], nrm, [], [], backend=backend).tolist() == [0.0, 0.0, 0.0] and float(nrm) == 2.0
+    assert float(O.looksam_combine_([], [], nrm, 0.7, backend=backend)) == 0.0
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
 def test_opcheck(backend):
     skip_unless_available(backend, "cpu", "looksam_gv_")
     gs, g, gv = _lists(torch.float32, "cpu", 3)
     nrm = torch.zeros(())
-    torch.library.opcheck(torch.ops.saf_kernels.looksam_gv_triton, (gv, nrm, gs, g, 1e-12))
-    torch.library.opcheck(torch.ops.saf_kernels.looksam_combine_triton, (gs, gv, nrm, 0.7, 1e-8))
+    torch.library.opcheck(mt.kernels("looksam_gv_")[backend], (gv, nrm, gs, g, 1e-12))
+    torch.library.opcheck(mt.kernels("looksam_combine_")[backend], (gs, gv, nrm, 0.7, 1e-8))
 
 
 def looksam_reference_step(model, base, t, k, rho, alpha, state, x, y):
@@ -110,7 +143,7 @@ def looksam_reference_step(model, base, t, k, rho, alpha, state, x, y):
     base.step()
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("base_cfg", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
                                       (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.05))], ids=["sgd", "adamw"])
 def test_looksam_matches_reference(backend, base_cfg):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from saf_kernels import ops as O
-from saf_kernels import reference as R
+from saf_kernels.ops import _multi_tensor as mt
 from saf_kernels.optim import MSAM, MSAMAdamW
 
 from .cheap_common import assert_resume_bit_identical, closure
@@ -108,19 +108,60 @@ def test_adamw_op_matches_reference_in_float64(backend, device, dtype):
         torch.testing.assert_close(a.double().cpu(), w, **TOL[dtype])
 
 
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+def test_awkward_lists_match_reference(backend, device, rule):
+    """float16, bfloat16, float32 and float64 tensors in one list, transposed (dense, not contiguous)
+    views, an empty tensor and one across a CPU chunk, per-tensor values and a float16 inv_norm,
+    against the reference in float64; an empty list touches nothing."""
+    skip_unless_available(backend, device, f"msam_{rule}_")
+    gen = torch.Generator().manual_seed(17)
+    shapes = [(5, 3), (0,), (16385,), (4, 6), (1,)]
+    dtypes = [torch.float16, torch.float32, torch.bfloat16, torch.float64, torch.float32]
+
+    def make(scale=1.0):
+        out = []
+        for s, d in zip(shapes, dtypes):
+            t = (torch.randn(s[::-1], generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=d)
+            out.append(t.t() if len(s) == 2 else t)
+        return out
+
+    lists = [make(), make(), make(0.1)] + ([[t.abs() for t in make(0.01)]] if rule == "adamw" else [])
+    ref = [[t.double().cpu() for t in ts] for ts in lists]
+    inv, inv64 = torch.full((), 0.25, dtype=torch.float16, device=device), torch.full((), 0.25, dtype=torch.float64)
+    kw = dict(lr=[0.1, 0.2, 0.1, 0.05, 0.1], weight_decay=1e-3, rho_prev=0.3, rho=[0.2, 0.1, 0.2, 0.3, 0.0])
+    if rule == "sgd":
+        n = O.msam_sgd_(*lists, inv, momentum=0.9, backend=backend, **kw)
+        n64 = O.msam_sgd_(*ref, inv64, momentum=0.9, backend="torch", **kw)
+    else:
+        steps = [torch.full((), 3.0, device=device) for _ in shapes]
+        n = O.msam_adamw_(*lists, steps, inv, backend=backend, **kw)
+        n64 = O.msam_adamw_(*ref, [s.cpu() for s in steps], inv64, backend="torch", **kw)
+    for got, want in zip(lists, ref):
+        for a, w in zip(got, want):
+            tol = 2e-2 if a.dtype in (torch.float16, torch.bfloat16) else 1e-5
+            torch.testing.assert_close(a.double().cpu(), w, rtol=tol, atol=tol)
+    torch.testing.assert_close(float(n), float(n64), rtol=1e-2, atol=0)
+    torch.testing.assert_close(float(inv), 1.0 / (float(n) + 1e-12), rtol=1e-3, atol=0)  # stored in float16
+    args = ([], [], [], inv) if rule == "sgd" else ([], [], [], [], [], inv)
+    fn = O.msam_sgd_ if rule == "sgd" else O.msam_adamw_
+    before = inv.clone()
+    assert float(fn(*args, lr=0.1, rho_prev=0.1, rho=0.1, backend=backend)) == 0.0 and torch.equal(inv, before)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
 def test_opcheck(backend):
     skip_unless_available(backend, "cpu", "msam_sgd_")
     p, g, b, v = _lists(torch.float32, "cpu", 4)
-    torch.library.opcheck(torch.ops.saf_kernels.msam_sgd_triton,
+    torch.library.opcheck(mt.kernels("msam_sgd_")[backend],
                           (p, g, b, torch.zeros(()), [0.1], [0.0], [0.9], [0.3], [0.3], 1e-12))
     steps = [torch.ones(()) for _ in p]
-    torch.library.opcheck(torch.ops.saf_kernels.msam_adamw_triton,
+    torch.library.opcheck(mt.kernels("msam_adamw_")[backend],
                           (p, g, b, [t.abs() for t in v], steps, torch.zeros(()), [1e-3], [0.9], [0.999], [1e-8],
                            [0.01], [0.3], [0.3], 1e-12))
 
 
-OPT_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+OPT_BACKENDS = ["torch", "cpu", pytest.param("triton", marks=pytest.mark.triton)]
 
 
 @pytest.mark.parametrize("backend", OPT_BACKENDS)

@@ -711,6 +711,143 @@ def test_gsam_restore_sgd_property(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# looksam_gv_ + looksam_combine_, msam_sgd_ / msam_adamw_
+# ---------------------------------------------------------------------------------------------
+
+
+def _coarsest(ts):
+    """The tolerance of a value reduced over the list: that of its coarsest dtype."""
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        if any(t.dtype == dt for t in ts):
+            return dt
+    return torch.float64
+
+
+@st.composite
+def looksam_problems(draw, **kw):
+    p = draw(tensor_lists(**kw))
+    p["alpha"] = draw(st.one_of(st.sampled_from([0.0, 0.7]), st.floats(-1.0, 2.0)))
+    p["eps"] = draw(st.sampled_from([1e-12, 0.0, 1e-3]))
+    p["old_special"] = draw(SPECIALS)
+    p["norm_dtype"] = draw(st.sampled_from([torch.float32, torch.float64]))
+    return p
+
+
+def _cancellation_floors(ts):
+    """An absolute floor per tensor for results that cancel to ~0 (g_s - c g with g_s parallel
+    to g): a few units of the accumulation's last place of the inputs' magnitude (a fused
+    multiply-add there rounds once, the reference twice)."""
+    return [4 * ULP[torch.float64 if t.dtype == torch.float64 else torch.float32]
+            * float(t.double().abs().nan_to_num(0.0, 0.0, 0.0).max()) if t.numel() else 0.0 for t in ts]
+
+
+def _looksam_property(p, backend):
+    skip_unless_available(backend, "cpu", "looksam_gv_")
+    r = Gen(p)
+    gs, g, gv = r.list(), r.list(), r.list()
+    r.special(gs)
+    r.special(g, p["old_special"])
+    nrm, rn = torch.full((), 3.0, dtype=p["norm_dtype"]), torch.full((), 3.0, dtype=p["norm_dtype"])
+    rv = _clone(gv)
+    stats = O.looksam_gv_(gv, nrm, gs, g, p["eps"], backend=backend)
+    if p["n"] == 0:
+        _empty_result(stats, (3,))
+        assert float(nrm) == 3.0
+        return
+    ref = reference.looksam_gv_(rv, rn, gs, g, p["eps"])
+    all64 = _all64(gv)
+    _check_scalar(stats, ref, _tol(_acc(gv), all64), f"{p} stats")
+    floors = _cancellation_floors(gs)
+    _check_list(gv, rv, all64, f"{p} gv", floors=floors)
+    _check_scalar(nrm, rn, _tol(_coarsest(gv), all64), f"{p} gv_norm",
+                  floor=math.sqrt(sum(f * f * t.numel() for f, t in zip(floors, gs))))
+    new = r.list()
+    r.special(new)
+    rnew = _clone(new)
+    out = O.looksam_combine_(new, gv, nrm, p["alpha"], p["eps"], backend=backend)
+    ref = reference.looksam_combine_(rnew, gv, nrm, p["alpha"], p["eps"])
+    _check_scalar(out, ref, _tol(_acc(new), all64), f"{p} |g|")
+    _check_list(new, rnew, all64, f"{p} combined grads", floors=_cancellation_floors(new))
+
+
+@st.composite
+def msam_problems(draw, **kw):
+    p = draw(tensor_lists(**kw))
+    n, pt = p["n"], p["per_tensor"]
+    p["lr"] = _values(draw, st.sampled_from([0.0, 1e-3, 0.1]), n, pt)
+    p["weight_decay"] = _values(draw, st.sampled_from([0.0, 5e-4, 0.1]), n, pt)
+    p["momentum"] = _values(draw, st.sampled_from([0.0, 0.5, 0.9]), n, pt)
+    p["rho_prev"] = _values(draw, st.sampled_from([0.0, 0.05, 0.5]), n, pt)
+    p["rho"] = _values(draw, st.sampled_from([0.0, 0.05, 0.5]), n, pt)
+    p["beta1"] = _values(draw, st.sampled_from([0.0, 0.5, 0.9]), n, pt)
+    p["beta2"] = _values(draw, st.sampled_from([0.0, 0.9, 0.999]), n, pt)
+    p["eps"] = _values(draw, st.sampled_from([1e-8, 1e-3]), n, pt)
+    p["steps"] = draw(st.lists(st.integers(1, 1000), min_size=n, max_size=n))
+    # inv_norm as the optimizers keep it (float32, float64 for float64 params; test_msam.py tries float16).
+    p["inv"] = draw(st.sampled_from([0.0, 0.25, 3.0]))
+    p["inv_dtype"] = draw(st.sampled_from([torch.float32, torch.float64]))
+    p["norm_eps"] = draw(st.sampled_from([1e-12, 1e-3]))
+    return p
+
+
+def _msam_property(p, backend, rule):
+    op = f"msam_{rule}_"
+    skip_unless_available(backend, "cpu", op)
+    r = Gen(p)
+    params, grads, buf = r.list(scale=1.0), r.list(), r.list()
+    r.special(grads)
+    lists = [params, grads, buf]
+    if rule == "adamw":  # a reachable second moment, v >= m^2
+        lists.append([(a.double() ** 2 + r.randn(a.shape, torch.float64) ** 2).to(a.dtype) for a in buf])
+        lists.append([torch.tensor(float(s)) for s in p["steps"]])
+    ref_lists = [_clone(ts) for ts in lists]
+    before = _clone(params)
+    inv, rinv = (torch.full((), p["inv"], dtype=p["inv_dtype"]) for _ in range(2))
+    keys = ("lr", "weight_decay", "momentum") if rule == "sgd" else ("lr", "beta1", "beta2", "eps", "weight_decay")
+    keys += ("rho_prev", "rho")
+    fn = O.msam_sgd_ if rule == "sgd" else O.msam_adamw_
+    eps_key = "eps" if rule == "sgd" else "norm_eps"
+    out = fn(*lists, inv, **{k: p[k][0] for k in keys}, **{eps_key: p["norm_eps"]}, backend=backend)
+    if p["n"] == 0:
+        _empty_result(out)
+        assert float(inv) == p["inv"]
+        return
+    ref = getattr(reference, op)(*ref_lists, rinv, *(p[k][1] for k in keys), p["norm_eps"])
+    all64 = _all64(params)
+    _check_scalar(out, ref, _tol(_coarsest(params), all64), f"{p} norm")
+    _check_scalar(inv, rinv, _tol(_coarsest(params), all64), f"{p} inv_norm")
+    # The re-perturbation scales with inv_norm, one global value checked above to the tolerance of
+    # the coarsest buffer (the Triton interpreter rounds bfloat16 by truncation): what its error
+    # moves the weights by is allowed on top of the step's own tolerance.
+    dinv = abs(float(inv) - float(rinv))
+    dinv = dinv if math.isfinite(dinv) else 0.0
+    floors = [2 * r * dinv * float(b.double().abs().nan_to_num(0.0, 0.0, 0.0).max()) if b.numel() else 0.0
+              for r, b in zip(p["rho"][1], ref_lists[2])]
+    _check_step(params, ref_lists[0], before, all64, f"{p} params", floors=floors)
+    for k, name in ((2, "buffer"), (3, "exp_avg_sq"))[:len(lists) - 2]:
+        _check_list(lists[k], ref_lists[k], all64, f"{p} {name}")
+
+
+def _msam_sgd_property(p, backend):
+    _msam_property(p, backend, "sgd")
+
+
+def _msam_adamw_property(p, backend):
+    _msam_property(p, backend, "adamw")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_looksam_property(backend):
+    _check_property(looksam_problems(), _looksam_property, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+def test_msam_property(backend, rule):
+    _check_property(msam_problems(), _msam_sgd_property if rule == "sgd" else _msam_adamw_property, backend)
+
+
+# ---------------------------------------------------------------------------------------------
 # The SAF bank step (trajectory_bank_step) and record
 # ---------------------------------------------------------------------------------------------
 

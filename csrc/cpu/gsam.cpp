@@ -23,8 +23,7 @@ mt::GsamCoef gsam_reduce(const MtKernels& k, const mt::Plan& plan, double alpha,
 }
 
 at::Tensor gsam_stats(const mt::GsamCoef& c, at::TensorList params) {
-  const auto dtype = mt::any_f64(params) ? at::kDouble : at::kFloat;
-  return at::tensor({c.cos, c.norm_old, c.norm_new}, at::TensorOptions().dtype(at::kDouble)).to(dtype);
+  return stats_result({c.cos, c.norm_old, c.norm_new}, params);
 }
 
 }  // namespace

@@ -118,4 +118,24 @@ inline at::Tensor norm_result(double norm, at::TensorList params) {
   return at::scalar_tensor(norm, at::TensorOptions().dtype(mt::any_f64(params) ? at::kDouble : at::kFloat));
 }
 
+// GSAM's and LookSAM's stats ([cos, ||old_g||, ||g||]): float64 if any tensor is, else float32.
+inline at::Tensor stats_result(const std::array<double, 3>& v, at::TensorList tensors) {
+  const auto dtype = mt::any_f64(tensors) ? at::kDouble : at::kFloat;
+  return at::tensor({v[0], v[1], v[2]}, at::TensorOptions().dtype(at::kDouble)).to(dtype);
+}
+
+// A one-element state tensor (LookSAM's gv_norm, Momentum-SAM's inv_norm; dtypes checked by the
+// plan) set to x rounded to its dtype; returns the value stored.
+inline double set_state_scalar(const at::Tensor& t, double x) {
+  double stored = x;
+  switch (t.scalar_type()) {
+    case at::kDouble: *t.data_ptr<double>() = x; break;
+    case at::kHalf: stored = double(*t.data_ptr<at::Half>() = at::Half(float(x))); break;
+    case at::kBFloat16: stored = double(*t.data_ptr<at::BFloat16>() = at::BFloat16(float(x))); break;
+    default: stored = double(*t.data_ptr<float>() = float(x)); break;
+  }
+  mt::bump_versions({t});
+  return stored;
+}
+
 }  // namespace saf::cpu

@@ -1,6 +1,6 @@
-// Host entry points of the multi-tensor .cu kernels (sam.cu, ema.cu, esam.cu, rsam.cu, gsam.cu):
-// a plan already in device memory (csrc/include/saf/multi_tensor.h), raw pointers and a stream;
-// no torch types. A reduction is two launches: a partial-sum stage (*_norm / *_dots: k sums per
+// Host entry points of the multi-tensor .cu kernels (sam.cu, ema.cu, esam.cu, rsam.cu, gsam.cu,
+// looksam.cu, msam.cu): a plan already in device memory (csrc/include/saf/multi_tensor.h), raw
+// pointers and a stream; no torch types. A reduction is two launches: a partial-sum stage (*_norm / *_dots: k sums per
 // chunk into a float64 array, sum j of chunk c at j * n_chunks + c) and a one-block finalize
 // (*_coef) that sums them in a fixed order; a collective may sit between the two.
 #pragma once
@@ -81,5 +81,36 @@ cudaError_t gsam_combine_launch(const void* plan, int64_t n_chunks, bool f64, co
 // Restore + torch.optim.SGD with the combined gradient (apply false: restore only).
 cudaError_t gsam_sgd_launch(const void* plan, int64_t n_chunks, bool f64, const double* coefs, int64_t stash_mode,
                             cudaStream_t stream);
+
+// ---- LookSAM, Momentum-SAM; their reductions reuse gsam_dots_launch / sam_norm_launch and
+// LookSAM's reuse step gsam_combine_launch, over plans in those slots (csrc/mt_plan.h) ----
+
+// looksam_gv_: one block over gsam_dots' partials: coefs[0..1] = (c, applies) and the stats
+// (cos, |g|, |g_s|; float or double); then gv = g_s - c g with partials[c] = sum over chunk c of
+// the stored gv^2 (nothing when c does not apply); then one block: gv_norm = sqrt(sum) if it applies.
+cudaError_t looksam_gv_coef_launch(const double* partials, int64_t n_chunks, double eps, double* coefs, void* stats,
+                                   bool stats_f64, cudaStream_t stream);
+cudaError_t looksam_gv_launch(const void* plan, int64_t n_chunks, bool f64, const double* coefs, double* partials,
+                              cudaStream_t stream);
+cudaError_t looksam_norm_launch(const double* partials, int64_t n_chunks, const double* coefs, void* gv_norm,
+                                bool norm_f64, cudaStream_t stream);
+// looksam_combine_: one block over sam_norm's partials of |g|^2: GSAM's coefs (1, coef, applies)
+// for gsam_combine_launch, and |g| into norm_out.
+cudaError_t looksam_combine_coef_launch(const double* partials, int64_t n_chunks, const void* gv_norm, bool norm_f64,
+                                        double alpha, double eps, double* coefs, void* norm_out, bool out_f64,
+                                        cudaStream_t stream);
+
+// Momentum-SAM pass 1 (un-perturb with rho_prev * inv, the buffer / moments, the step), partials[c]
+// = sum over chunk c of the stored buffer's (exp_avg's) squares; inv is a one-element device
+// tensor of dtype inv_dt. Then one block: inv = 1 / (|buf| + eps), |buf| into norm_out; then
+// pass 2: w -= rho inv buf (inv as stored).
+cudaError_t msam_sgd_launch(const void* plan, int64_t n_chunks, bool f64, const void* inv, int32_t inv_dt,
+                            double* partials, cudaStream_t stream);
+cudaError_t msam_adamw_launch(const void* plan, int64_t n_chunks, bool f64, const void* inv, int32_t inv_dt,
+                              double* partials, cudaStream_t stream);
+cudaError_t msam_inv_launch(const double* partials, int64_t n_chunks, double eps, void* inv, int32_t inv_dt,
+                            void* norm_out, bool out_f64, cudaStream_t stream);
+cudaError_t msam_perturb_launch(const void* plan, int64_t n_chunks, bool f64, const void* inv, int32_t inv_dt,
+                                cudaStream_t stream);
 
 }  // namespace saf::cuda

@@ -1,5 +1,5 @@
 """The one wrapper path of the fused ops (``sam.py``, ``esam.py``, ``rsam.py``, ``gsam.py``,
-``ema.py``, ``philox.py``, ``trajectory_loss.py``, ``trajectory_bank.py``).
+``looksam.py``, ``msam.py``, ``ema.py``, ``philox.py``, ``trajectory_loss.py``, ``trajectory_bank.py``).
 
 An op module states three things and calls this module for the rest:
 

@@ -1,14 +1,18 @@
 """LookSAM (Liu et al., CVPR 2022) ops: the orthogonal component ``g_v`` of SAM's gradient, kept
 on SAM steps, and its reuse on the other steps.
 
-Flow: public function -> :func:`saf_kernels._backend.resolve` -> ``saf_kernels::<op>_triton``
-(``saf_kernels/triton/looksam.py``) or :mod:`saf_kernels.reference` (no C++ kernel yet: ``auto``
-on CPU runs the reference, on CUDA the Triton kernels).
+Flow: public function -> :func:`saf_kernels.ops._multi_tensor.run` -> ``torch.ops.saf_kernels.<op>``
+(``csrc/cpu/looksam.cpp``, ``csrc/cuda/looksam.cu``) or ``saf_kernels::<op>_triton``
+(``saf_kernels/triton/looksam.py``) or :mod:`saf_kernels.reference`.
 
 Passes over parameter memory: :func:`looksam_gv_` one reduction (reads ``g, g_s``: ``<g, g_s>``,
-``|g|^2``, ``|g_s|^2``) and one write of ``g_v`` (``|g_v|`` from the three sums: no third
-pass); :func:`looksam_combine_` one reduction (reads ``g``) and one update (reads ``g, g_v``,
-writes ``g``). No host synchronisation.
+``|g|^2``, ``|g_s|^2``) and one write of ``g_v`` (reads ``g, g_s``, writes ``g_v``, summing
+``|g_v|^2`` of the stored values in the same pass: no third pass); :func:`looksam_combine_` one
+reduction (reads ``g``) and one update (reads ``g, g_v``, writes ``g``). CUDA: 4 launches for
+:func:`looksam_gv_` (partials, finalize, write + partials, finalize) and 3 for
+:func:`looksam_combine_` (partials, finalize, update), whatever the number of tensors; the C++
+kernels reuse GSAM's partial sums, SAM's norm and GSAM's combine pass (plans in their slots).
+No host synchronisation on CUDA; a coefficient that does not apply skips the write pass on CPU.
 """
 
 from __future__ import annotations
@@ -17,44 +21,19 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _backend, _checks, reference
-from ._multi_tensor import as_list, check_eps, check_lengths, check_scalar, check_streams
+from .. import _checks, reference
+from . import _multi_tensor as mt
 
-
-def _stats_fake(gv, *args):
-    dt = torch.float64 if any(v.dtype == torch.float64 for v in gv) else torch.float32
-    return torch.empty(3, dtype=dt, device=gv[0].device)
-
-
-def _norm_fake(grads, *args):
-    dt = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    return torch.empty((), dtype=dt, device=grads[0].device)
-
-
-@torch.library.custom_op("saf_kernels::looksam_gv_triton", mutates_args=("gv", "gv_norm"))
-def _looksam_gv_triton(gv: list[torch.Tensor], gv_norm: torch.Tensor, grads: list[torch.Tensor],
-                       old_grads: list[torch.Tensor], eps: float) -> torch.Tensor:
-    from ..triton.looksam import looksam_gv
-
-    return looksam_gv(gv, gv_norm, grads, old_grads, eps)
-
-
-_looksam_gv_triton.register_fake(_stats_fake)
-
-
-@torch.library.custom_op("saf_kernels::looksam_combine_triton", mutates_args=("grads",))
-def _looksam_combine_triton(grads: list[torch.Tensor], gv: list[torch.Tensor], gv_norm: torch.Tensor, alpha: float,
-                            eps: float) -> torch.Tensor:
-    from ..triton.looksam import looksam_combine
-
-    return looksam_combine(grads, gv, gv_norm, alpha, eps)
-
-
-_looksam_combine_triton.register_fake(_norm_fake)
+mt.register("looksam_gv_",
+            "(Tensor(a0!)[] gv, Tensor(a1!) gv_norm, Tensor[] grads, Tensor[] old_grads, float eps) -> Tensor",
+            mt.stats_fake, "looksam.looksam_gv")
+mt.register("looksam_combine_",
+            "(Tensor(a0!)[] grads, Tensor[] gv, Tensor gv_norm, float alpha, float eps) -> Tensor",
+            mt.norm_fake, "looksam.looksam_combine")
 
 
 def _check_norm(gv_norm, fn, dev):
-    check_scalar(gv_norm, "gv_norm", fn, dev)
+    mt.check_scalar(gv_norm, "gv_norm", fn, dev)
     if gv_norm.dtype != torch.float32 and gv_norm.dtype != torch.float64:
         raise TypeError(f"{fn}: gv_norm must be float32 or float64, got {gv_norm.dtype}")
 
@@ -78,19 +57,16 @@ def looksam_gv_(
     they were. Returns ``[cos(g, g_s), |g|, |g_s|]`` on the device (``eps`` in the cosine).
     """
     fn = "saf_kernels.looksam_gv_"
-    gv, grads, old = as_list(gv, "gv", fn), as_list(grads, "grads", fn), as_list(old_grads, "old_grads", fn)
-    n = check_lengths(fn, gv=gv, grads=grads, old_grads=old)
-    eps = check_eps(eps, fn)
+    gv, grads, old, n = mt.tensor_lists(fn, gv=gv, grads=grads, old_grads=old_grads)
+    eps = mt.check_eps(eps, fn)
     if n == 0:
         return torch.zeros(3)
     dev = gv[0].device
     _check_norm(gv_norm, fn, dev)
-    impl = _backend.resolve(backend, dev, "looksam_gv_")
-    check_streams(fn, [("gv", gv), ("grads", grads), ("old_grads", old)], same_dtype=("gv", "grads", "old_grads"))
     # (gv, grads and old_grads share one dtype per tensor: the Triton tables type all three alike)
-    if impl == "triton":
-        return torch.ops.saf_kernels.looksam_gv_triton(gv, gv_norm, grads, old, eps)
-    return reference.looksam_gv_(gv, gv_norm, grads, old, eps)
+    return mt.run("looksam_gv_", fn, backend, dev, [("gv", gv), ("grads", grads), ("old_grads", old)],
+                  lambda: reference.looksam_gv_(gv, gv_norm, grads, old, eps),
+                  gv, gv_norm, grads, old, eps, same_dtype=("gv", "grads", "old_grads"))
 
 
 @torch.no_grad()
@@ -108,16 +84,13 @@ def looksam_combine_(
     A zero or non-finite ``gv_norm`` or a non-finite ``|g|`` leaves ``g`` as it is (an overflow
     is then skipped by the base step). Returns ``|g|`` (as given, i.e. scaled under AMP)."""
     fn = "saf_kernels.looksam_combine_"
-    grads, gv = as_list(grads, "grads", fn), as_list(gv, "gv", fn)
-    n = check_lengths(fn, grads=grads, gv=gv)
+    grads, gv, n = mt.tensor_lists(fn, grads=grads, gv=gv)
     alpha = _checks.number(alpha, "alpha", fn)
-    eps = check_eps(eps, fn)
+    eps = mt.check_eps(eps, fn)
     if n == 0:
         return torch.zeros(())
     dev = grads[0].device
     _check_norm(gv_norm, fn, dev)
-    impl = _backend.resolve(backend, dev, "looksam_combine_")
-    check_streams(fn, [("grads", grads), ("gv", gv)], same_dtype=("grads", "gv"))
-    if impl == "triton":
-        return torch.ops.saf_kernels.looksam_combine_triton(grads, gv, gv_norm, alpha, eps)
-    return reference.looksam_combine_(grads, gv, gv_norm, alpha, eps)
+    return mt.run("looksam_combine_", fn, backend, dev, [("grads", grads), ("gv", gv)],
+                  lambda: reference.looksam_combine_(grads, gv, gv_norm, alpha, eps),
+                  grads, gv, gv_norm, alpha, eps, same_dtype=("grads", "gv"))

@@ -2,15 +2,17 @@
 the momentum buffer, so a step costs one forward/backward; the weights live at the perturbed
 point between steps, as in the authors' code (MarlonBecker/MSAM).
 
-Flow: public function -> :func:`saf_kernels._backend.resolve` -> ``saf_kernels::<op>_triton``
-(``saf_kernels/triton/msam.py``) or :mod:`saf_kernels.reference` (no C++ kernel yet).
+Flow: public function -> :func:`saf_kernels.ops._multi_tensor.run` -> ``torch.ops.saf_kernels.<op>``
+(``csrc/cpu/msam.cpp``, ``csrc/cuda/msam.cu``) or ``saf_kernels::<op>_triton``
+(``saf_kernels/triton/msam.py``) or :mod:`saf_kernels.reference`.
 
 Passes over parameter memory (the rule allows no fewer: the new perturbation needs the global
 norm of the *updated* buffer): one pass un-perturbs, updates the buffer (moments), takes the
 step and sums ``|buf|^2`` (reads ``w, g, buf`` (+ ``v``), writes ``w, buf`` (+ ``v``)); a second
 pass re-perturbs (reads ``w, buf``, writes ``w``). SGD: 8 accesses per element against plain
-SGD's 5; AdamW: 10 against 7. The global norm's inverse stays on the device (``inv_norm``):
-no host synchronisation.
+SGD's 5; AdamW: 10 against 7. CUDA: 3 launches whatever the number of tensors (pass 1 with its
+partial sums, a one-block finalize writing ``inv_norm``, pass 2). The global norm's inverse stays
+on the device (``inv_norm``): no host synchronisation on CUDA.
 """
 
 from __future__ import annotations
@@ -20,43 +22,21 @@ from typing import Union
 
 import torch
 
-from .. import _backend, reference
-from ._multi_tensor import as_list, check_eps, check_lengths, check_scalar, check_streams, full, per_tensor
+from .. import reference
+from . import _multi_tensor as mt
+from ._multi_tensor import check_eps, check_scalar, full, per_tensor
 
 Floats = Union[float, Sequence[float]]
 
-
-def _norm_fake(params, *args):
-    dt = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    return torch.empty((), dtype=dt, device=params[0].device)
-
-
-@torch.library.custom_op("saf_kernels::msam_sgd_triton", mutates_args=("params", "momentum_buffers", "inv_norm"))
-def _msam_sgd_triton(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
-                     inv_norm: torch.Tensor, lr: list[float], weight_decay: list[float], momentum: list[float],
-                     rho_prev: list[float], rho: list[float], eps: float) -> torch.Tensor:
-    from ..triton.msam import msam_sgd
-
-    return msam_sgd(params, grads, momentum_buffers, inv_norm, lr, weight_decay, momentum, rho_prev, rho, eps)
-
-
-_msam_sgd_triton.register_fake(_norm_fake)
-
-
-@torch.library.custom_op("saf_kernels::msam_adamw_triton",
-                         mutates_args=("params", "exp_avg", "exp_avg_sq", "inv_norm"))
-def _msam_adamw_triton(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
-                       exp_avg_sq: list[torch.Tensor], steps: list[torch.Tensor], inv_norm: torch.Tensor,
-                       lr: list[float], beta1: list[float], beta2: list[float], eps: list[float],
-                       weight_decay: list[float], rho_prev: list[float], rho: list[float],
-                       norm_eps: float) -> torch.Tensor:
-    from ..triton.msam import msam_adamw
-
-    return msam_adamw(params, grads, exp_avg, exp_avg_sq, steps, inv_norm, lr, beta1, beta2, eps, weight_decay,
-                      rho_prev, rho, norm_eps)
-
-
-_msam_adamw_triton.register_fake(_norm_fake)
+mt.register("msam_sgd_",
+            "(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] momentum_buffers, Tensor(a3!) inv_norm, "
+            "float[] lr, float[] weight_decay, float[] momentum, float[] rho_prev, float[] rho, float eps) -> Tensor",
+            mt.norm_fake, "msam.msam_sgd")
+mt.register("msam_adamw_",
+            "(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] exp_avg, Tensor(a3!)[] exp_avg_sq, Tensor[] steps, "
+            "Tensor(a5!) inv_norm, float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
+            "float[] rho_prev, float[] rho, float norm_eps) -> Tensor",
+            mt.norm_fake, "msam.msam_adamw")
 
 
 def _floats(fn, n, **values) -> list[list[float]]:
@@ -97,20 +77,16 @@ def msam_sgd_(
     ``rho_prev = 0`` this is ``torch.optim.SGD(momentum, weight_decay)``. Returns ``|buf|``.
     """
     fn = "saf_kernels.msam_sgd_"
-    params, grads = as_list(params, "params", fn), as_list(grads, "grads", fn)
-    bufs = as_list(momentum_buffers, "momentum_buffers", fn)
-    n = check_lengths(fn, params=params, grads=grads, momentum_buffers=bufs)
+    params, grads, bufs, n = mt.tensor_lists(fn, params=params, grads=grads, momentum_buffers=momentum_buffers)
     lr_l, wd_l, mom_l = _floats(fn, n, lr=lr, weight_decay=weight_decay, momentum=momentum)
     eps = check_eps(eps, fn)
     if n == 0:
         return torch.zeros(())
     dev, rp, r = _common(fn, params, inv_norm, rho_prev, rho, n)
-    impl = _backend.resolve(backend, dev, "msam_sgd_")
-    check_streams(fn, [("params", params), ("grads", grads), ("momentum_buffers", bufs)],
+    return mt.run("msam_sgd_", fn, backend, dev, [("params", params), ("grads", grads), ("momentum_buffers", bufs)],
+                  lambda: reference.msam_sgd_(params, grads, bufs, inv_norm, lr_l, wd_l, mom_l, rp, r, eps),
+                  params, grads, bufs, inv_norm, lr_l, wd_l, mom_l, rp, r, eps,
                   same_dtype=("grads", "momentum_buffers"))
-    if impl == "triton":
-        return torch.ops.saf_kernels.msam_sgd_triton(params, grads, bufs, inv_norm, lr_l, wd_l, mom_l, rp, r, eps)
-    return reference.msam_sgd_(params, grads, bufs, inv_norm, lr_l, wd_l, mom_l, rp, r, eps)
 
 
 @torch.no_grad()
@@ -138,9 +114,8 @@ def msam_adamw_(
     order; ``torch.optim.AdamW`` decays first: the two differ by ``lr * wd`` times the Adam step).
     ``steps`` are float32 one-element tensors already counting this step. Returns ``|m|``."""
     fn = "saf_kernels.msam_adamw_"
-    params, grads = as_list(params, "params", fn), as_list(grads, "grads", fn)
-    m, v, steps = as_list(exp_avg, "exp_avg", fn), as_list(exp_avg_sq, "exp_avg_sq", fn), as_list(steps, "steps", fn)
-    n = check_lengths(fn, params=params, grads=grads, exp_avg=m, exp_avg_sq=v, steps=steps)
+    params, grads, m, v, steps, n = mt.tensor_lists(fn, params=params, grads=grads, exp_avg=exp_avg,
+                                                    exp_avg_sq=exp_avg_sq, steps=steps)
     lr_l, b1, b2, eps_l, wd_l = _floats(fn, n, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     for name, vals in (("beta1", b1), ("beta2", b2)):
         for i, x in enumerate(vals):
@@ -150,10 +125,9 @@ def msam_adamw_(
     if n == 0:
         return torch.zeros(())
     dev, rp, r = _common(fn, params, inv_norm, rho_prev, rho, n)
-    impl = _backend.resolve(backend, dev, "msam_adamw_")
-    check_streams(fn, [("params", params), ("grads", grads), ("exp_avg", m), ("exp_avg_sq", v), ("steps", steps)],
+    return mt.run("msam_adamw_", fn, backend, dev,
+                  [("params", params), ("grads", grads), ("exp_avg", m), ("exp_avg_sq", v), ("steps", steps)],
+                  lambda: reference.msam_adamw_(params, grads, m, v, steps, inv_norm, lr_l, b1, b2, eps_l, wd_l, rp, r,
+                                                norm_eps),
+                  params, grads, m, v, steps, inv_norm, lr_l, b1, b2, eps_l, wd_l, rp, r, norm_eps,
                   scalar=("steps",), same_dtype=("grads", "exp_avg", "exp_avg_sq"))
-    if impl == "triton":
-        return torch.ops.saf_kernels.msam_adamw_triton(params, grads, m, v, steps, inv_norm, lr_l, b1, b2, eps_l, wd_l,
-                                                       rp, r, norm_eps)
-    return reference.msam_adamw_(params, grads, m, v, steps, inv_norm, lr_l, b1, b2, eps_l, wd_l, rp, r, norm_eps)

@@ -13,8 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import VARYING_ARGS, block_of, build_tables, chunk_partials, launch_elementwise, stream_ptr
-from .multi_tensor import sum_partials
+from .multi_tensor import (
+    VARYING_ARGS,
+    any_f64,
+    block_of,
+    build_tables,
+    chunk_partials,
+    launch_elementwise,
+    stream_ptr,
+    sum_partials,
+)
 
 
 @triton.jit
@@ -115,8 +123,7 @@ def _inv_kernel(partial_ptr, n, inv_ptr, out_ptr, eps: tl.float64, BLOCK: tl.con
 
 
 def _finish(tables, n_streams, partials, total, inv_norm, params, eps, adamw):
-    out = torch.empty((), dtype=torch.float64 if params[0].dtype == torch.float64 else torch.float32,
-                      device=params[0].device)
+    out = torch.empty((), dtype=torch.float64 if any_f64(params) else torch.float32, device=params[0].device)
     _inv_kernel[(1,)](partials, total, inv_norm, out, eps, BLOCK=1024)
     launch_elementwise(_perturb_prep, _perturb_elem, tables, n_streams, pa=inv_norm, OPT=adamw)
     return out

@@ -14,7 +14,8 @@
   int64_t probability_check_rows(const void* y, DType dtype, int64_t row_stride, int64_t cols, int64_t begin, \
                                  int64_t end);                                                \
   SAF_CPU_MT_KERNEL_DECLS                                                                    \
-  SAF_CPU_ESAM_KERNEL_DECLS
+  SAF_CPU_ESAM_KERNEL_DECLS                                                                  \
+  SAF_CPU_CHEAP_KERNEL_DECLS
 
 // ---- multi-tensor kernels (SAM family, EMA): elements [start, start + n) of one plan entry ----
 #define SAF_CPU_MT_KERNEL_DECLS                                                                         \
@@ -58,11 +59,24 @@
                       bool apply, int64_t mode);
 // ---- end ESAM, R-SAM, GSAM kernels ----
 
+// ---- LookSAM, Momentum-SAM kernels (csrc/cpu/kernels/{looksam,msam}.cpp; their reductions and
+// LookSAM's reuse step are GSAM's and SAM's chunk kernels over plans in those slots) ----
+#define SAF_CPU_CHEAP_KERNEL_DECLS                                                                       \
+  /* LookSAM: gv = g_s - c g (the stored values); returns the sum of gv^2 over the chunk. */            \
+  double looksam_gv_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double c);               \
+  /* Momentum-SAM pass 1: un-perturb (rho_prev inv_prev), buffer / moments, step; returns the sum of   \
+     the stored buffer's (exp_avg's) squares over the chunk. */                                         \
+  double msam_sgd_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double inv_prev);          \
+  double msam_adamw_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double inv_prev);        \
+  /* Momentum-SAM pass 2 (both): w -= rho inv buf. */                                                   \
+  void msam_perturb_chunk(const mt::TensorEntry& t, int64_t start, int64_t n, double inv);
+// ---- end LookSAM, Momentum-SAM kernels ----
+
 // Every multi-tensor chunk kernel above, X(name) for name##_chunk (csrc/cpu/multi_tensor.h's table).
 #define SAF_MT_KERNELS(X)                                                                              \
   X(sam_norm) X(sam_perturb) X(sam_restore) X(sam_restore_sgd) X(sam_restore_adamw) X(ema) X(esam_norm) \
       X(esam_perturb) X(esam_restore) X(rsam_noise) X(rsam_norm) X(rsam_perturb) X(gsam_dots)            \
-          X(gsam_combine) X(gsam_sgd)
+          X(gsam_combine) X(gsam_sgd) X(looksam_gv) X(msam_sgd) X(msam_adamw) X(msam_perturb)
 
 namespace saf::cpu {
 namespace DEFAULT {

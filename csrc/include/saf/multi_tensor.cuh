@@ -277,6 +277,25 @@ __device__ __forceinline__ void store_restored(T* w, const void* stash, int64_t 
   }
 }
 
+// A one-element tensor of any float dtype dt (LookSAM's gv_norm, Momentum-SAM's inv_norm, the
+// norms and stats the finalize kernels return), read or written in double.
+__device__ __forceinline__ double load_scalar(const void* p, int32_t dt) {
+  double v[1];
+  ld_any<1>(p, dt, 0, v);
+  return v[0];
+}
+__device__ __forceinline__ void store_scalar(void* p, int32_t dt, int64_t i, double x) {
+  const double v[1] = {x};
+  st_any<1>(p, dt, i, v);
+}
+__device__ __forceinline__ int32_t acc_code(bool f64) { return int32_t(f64 ? DType::F64 : DType::F32); }
+
+// x rounded to T and widened back: the value a store of x to a T stream leaves in memory.
+template <typename T, typename acc_t>
+__device__ __forceinline__ acc_t as_stored(acc_t x) {
+  return to_acc<acc_t>(from_acc<T>(x));
+}
+
 // GradScaler's device scalars, read once per block: 1 / scale (1 without AMP), found_inf set.
 __device__ __forceinline__ double inv_scale_of(const float* grad_scale) {
   return grad_scale ? 1.0 / double(*grad_scale) : 1.0;

@@ -189,6 +189,92 @@ SAF_MT_FN GsamCoef gsam_coef(double dot, double ss_old, double ss_new, double in
 }
 // ---- end ESAM, R-SAM, GSAM ----------------------------------------------------------------------
 
+// ---- LookSAM, Momentum-SAM (issue 15): streams, params and math of their multi-tensor ops ------
+
+// LookSAM (looksam_gv_ / looksam_combine_), in GSAM's slots so that GSAM's and SAM's passes serve
+// (csrc/mt_plan.h). looksam_gv_: streams gv (gsam's W), g_s (the gradient at the perturbed
+// weights, gsam's G), g (the first gradient, gsam's OLD_G), one dtype per tensor. GSAM's partial
+// sums give <g, g_s>, |g|^2, |g_s|^2; then (LookSamGvCoef) one pass writes gv = g_s - c g and sums
+// |gv|^2 of the stored values, gv_norm = |gv|. looksam_combine_: g in gsam's G, gv in its OLD_G;
+// SAM's norm pass gives |g|^2, then GSAM's combine pass g = 1 g + coef gv (LookSamCombineCoef).
+namespace looksam {
+enum Stream { GV = 0, GS = 1, G = 4 };
+}  // namespace looksam
+
+// c = <g, g_s> / |g|^2; it applies (ok) only when finite with a finite |g_s| and |g| > 0, else gv
+// and gv_norm are left as they were. The stats: cos(g, g_s) (eps in the denominator), |g|, |g_s|.
+struct LookSamGvCoef {
+  double c;
+  bool ok;
+  double cos;
+  double norm_old;
+  double norm_new;
+};
+
+SAF_MT_FN LookSamGvCoef looksam_gv_coef(double dot, double gg, double ss, double eps) {
+  LookSamGvCoef r;
+  const double c = dot / gg;
+  const double chk = c + ss;
+  r.ok = chk - chk == 0.0 && gg > 0.0;  // false for inf and NaN
+  r.c = r.ok ? c : 0.0;
+  r.norm_old = std::sqrt(gg);
+  r.norm_new = std::sqrt(ss);
+  r.cos = dot / (r.norm_old * r.norm_new + eps);
+  return r;
+}
+
+// The reuse step's coefficient: coef = alpha |g| / (|gv| + eps); a zero or non-finite |gv| or a
+// non-finite |g| leaves g as it is (ok false). norm: |g| as given (scaled under AMP).
+struct LookSamCombineCoef {
+  double coef;
+  bool ok;
+  double norm;
+};
+
+SAF_MT_FN LookSamCombineCoef looksam_combine_coef(double gg, double gv_norm, double alpha, double eps) {
+  LookSamCombineCoef r;
+  r.norm = std::sqrt(gg);
+  const double chk = r.norm + gv_norm;
+  r.ok = chk - chk == 0.0 && gv_norm > 0.0;
+  r.coef = r.ok ? alpha * r.norm / (gv_norm + eps) : 0.0;
+  return r;
+}
+
+// Momentum-SAM (msam_sgd_ / msam_adamw_), the weights stored at the perturbed point between
+// steps. Streams: w, g, the buffer the perturbation follows (SGD: momentum; AdamW: exp_avg),
+// then AdamW's exp_avg_sq and step (one element, any float dtype, counting this step). Params:
+// SGD lr, weight_decay, momentum; AdamW lr, beta1, beta2, eps, weight_decay; both rho_prev
+// (slot 6) and rho (slot 7), so that one re-perturbation pass serves both. Pass 1: un-perturb
+// (w += rho_prev inv_prev buf), the buffer (moments), the step, and the partial sums of |buf|^2 of
+// the stored buffer; finalize inv = 1 / (|buf| + eps) (stored in inv_norm's dtype and read back);
+// pass 2: w -= rho inv buf.
+namespace msam {
+enum Stream { W = 0, G = 1, BUF = 2, EXP_AVG_SQ = 3, STEP = 4 };
+enum Param { LR = 0, WD = 1, MOMENTUM = 2, BETA1 = 1, BETA2 = 2, EPS = 3, ADAMW_WD = 4, RHO_PREV = 6, RHO = 7 };
+}  // namespace msam
+
+// SGD, one element: w becomes the unperturbed weight; returns the new buffer (before rounding
+// to its dtype; the step w - lr * buf uses the stored, rounded buffer, as the authors' in-place
+// code does).
+template <typename acc_t>
+SAF_MT_FN acc_t msam_sgd_buf(acc_t& w, acc_t g, acc_t buf, acc_t wd, acc_t momentum, acc_t up) {
+  const acc_t d = g + wd * w;  // the decay at the perturbed weights, as the authors' code
+  w = w + up * buf;
+  return momentum * buf + d;
+}
+
+// AdamW, one element: w becomes the unperturbed weight, v the new second moment; returns the
+// new first moment (before rounding). omb1 = 1 - beta1, omb2 = 1 - beta2.
+template <typename acc_t>
+SAF_MT_FN acc_t msam_adamw_moments(acc_t& w, acc_t g, acc_t m, acc_t& v, acc_t beta1, acc_t omb1, acc_t beta2,
+                                   acc_t omb2, acc_t up) {
+  w = w + up * m;
+  v = v * beta2 + omb2 * g * g;
+  return m * beta1 + omb1 * g;
+}
+
+// ---- end LookSAM, Momentum-SAM ---------------------------------------------------------------
+
 // ---------------------------------------------------------------------------------------------
 // Per-element math, identical on every backend (acc_t is float, or double for float64 tensors)
 // ---------------------------------------------------------------------------------------------
@@ -243,6 +329,13 @@ SAF_MT_FN AdamWCoefs<acc_t> adamw_coefs(double lr, double beta1, double beta2, d
   c.bc2_sqrt = acc_t(std::sqrt(bc2));
   c.decay = acc_t(1.0 - lr * wd);
   return c;
+}
+
+// Momentum-SAM's AdamW step of one element (msam_adamw_moments' m and v): the Adam step, then
+// the decoupled decay (the authors' order: after the step; torch.optim.AdamW decays first).
+template <typename acc_t>
+SAF_MT_FN acc_t msam_adamw_w(acc_t w, acc_t m, acc_t v, acc_t eps, const AdamWCoefs<acc_t>& c) {
+  return (w - c.step_size * (m / (std::sqrt(v) / c.bc2_sqrt + eps))) * c.decay;
 }
 
 // One AdamW element in torch.optim.AdamW's order of operations (decoupled weight decay first).

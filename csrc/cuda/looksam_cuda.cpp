@@ -1,0 +1,63 @@
+// Torch-side wrappers of the CUDA LookSAM kernels (csrc/cuda/looksam.cu, and GSAM's / SAM's
+// passes over plans in their slots): plans and checks (csrc/mt_plan.h), the cached device plan,
+// scratch, launches. Nothing here waits for the device.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/cuda_check.h"
+#include "cuda/mt_launchers.h"
+#include "cuda/mt_plan_cuda.h"
+#include "mt_plan.h"
+
+namespace saf::cuda {
+
+at::Tensor looksam_gv_cuda(at::TensorList gv, const at::Tensor& gv_norm, at::TensorList grads, at::TensorList old_grads,
+                           double eps) {
+  const mt::Plan plan = mt::looksam_gv_plan(gv, gv_norm, grads, old_grads, eps, mt_chunk_size());
+  TORCH_CHECK_VALUE(!gv.empty(), "saf_kernels.looksam_gv_: empty tensor list on CUDA");
+  const MtCall call(plan, gv);
+  const char* op = "looksam_gv_";
+  // The 3 partial sums, then (their finalize done) the 1 of |gv|^2 in the same scratch.
+  at::Tensor partials = call.partials(3), coefs = call.coefs(2), stats = call.result({3});
+  double* part = partials.data_ptr<double>();
+  const bool norm_f64 = gv_norm.scalar_type() == at::kDouble;
+  SAF_CUDA_CHECK(gsam_dots_launch(call.plan, call.n_chunks, call.f64, part, call.stream), op);
+  SAF_CUDA_CHECK(looksam_gv_coef_launch(part, call.n_chunks, eps, coefs.data_ptr<double>(), stats.data_ptr(), call.f64,
+                                        call.stream),
+                 op);
+  SAF_CUDA_CHECK(looksam_gv_launch(call.plan, call.n_chunks, call.f64, coefs.data_ptr<double>(), part, call.stream), op);
+  SAF_CUDA_CHECK(looksam_norm_launch(part, call.n_chunks, coefs.data_ptr<double>(), gv_norm.data_ptr(), norm_f64,
+                                     call.stream),
+                 op);
+  mt::bump_versions(gv);
+  mt::bump_versions({gv_norm});
+  return stats;
+}
+
+at::Tensor looksam_combine_cuda(at::TensorList grads, at::TensorList gv, const at::Tensor& gv_norm, double alpha,
+                                double eps) {
+  const mt::Plan plan = mt::looksam_combine_plan(grads, gv, gv_norm, alpha, eps, mt_chunk_size());
+  TORCH_CHECK_VALUE(!grads.empty(), "saf_kernels.looksam_combine_: empty tensor list on CUDA");
+  const MtCall call(plan, grads);
+  const char* op = "looksam_combine_";
+  at::Tensor partials = call.partials(1), coefs = call.coefs(3), out = call.result({});
+  const bool norm_f64 = gv_norm.scalar_type() == at::kDouble;
+  SAF_CUDA_CHECK(sam_norm_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream), op);
+  SAF_CUDA_CHECK(looksam_combine_coef_launch(partials.data_ptr<double>(), call.n_chunks, gv_norm.data_ptr(), norm_f64,
+                                             alpha, eps, coefs.data_ptr<double>(), out.data_ptr(), call.f64,
+                                             call.stream),
+                 op);
+  SAF_CUDA_CHECK(gsam_combine_launch(call.plan, call.n_chunks, call.f64, coefs.data_ptr<double>(), /*restore=*/false,
+                                     mt::sam::COPY, call.stream),
+                 op);
+  mt::bump_versions(grads);
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
+  m.impl("looksam_gv_", &looksam_gv_cuda);
+  m.impl("looksam_combine_", &looksam_combine_cuda);
+}
+
+}  // namespace saf::cuda
