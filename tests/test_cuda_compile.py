@@ -85,7 +85,11 @@ def test_cuda_torch_wrappers_syntax(tmp_path):
     cuda_include = os.path.join(os.path.dirname(os.path.dirname(_nvcc())), "include")
     cxx = os.environ.get("CXX", "g++")
     for src in cpp_files:
-        cmd = [cxx, "-std=c++17", "-fsyntax-only", "-DSAF_KERNELS_CUDA", f"-I{tmp_path}", f"-I{cuda_include}",
+        # missing-declarations: every entry point defined outside an anonymous namespace must match its
+        # declaration in csrc/cuda/mt_ops_cuda.h (the registration table's); a mismatch would otherwise
+        # compile here as an overload and fail only at link time on a CUDA machine.
+        cmd = [cxx, "-std=c++17", "-fsyntax-only", "-DSAF_KERNELS_CUDA", "-Werror=missing-declarations",
+               f"-I{tmp_path}", f"-I{cuda_include}",
                f"-I{os.path.join(ROOT, 'csrc', 'include')}", f"-I{os.path.join(ROOT, 'csrc')}"]
         cmd += [f"-I{p}" for p in cpp.include_paths()] + [src]
         r = subprocess.run(cmd, capture_output=True, text=True)

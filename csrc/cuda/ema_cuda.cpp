@@ -3,10 +3,10 @@
 // tensor is read by the kernel.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "cuda/cuda_check.h"
 #include "cuda/mt_launchers.h"
+#include "cuda/mt_ops_cuda.h"
 #include "cuda/mt_plan_cuda.h"
 #include "mt_plan.h"
 
@@ -22,10 +22,6 @@ void ema_update_cuda(at::TensorList ema, at::TensorList model, double decay,
                                    d.defined() ? d.data_ptr<double>() : nullptr, call.stream),
                  "ema_update_");
   mt::bump_versions(ema);
-}
-
-TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
-  m.impl("ema_update_", &ema_update_cuda);
 }
 
 }  // namespace saf::cuda

@@ -3,10 +3,10 @@
 // Nothing here waits for the device.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "cuda/cuda_check.h"
 #include "cuda/mt_launchers.h"
+#include "cuda/mt_ops_cuda.h"
 #include "cuda/mt_plan_cuda.h"
 #include "mt_plan.h"
 
@@ -61,12 +61,6 @@ void esam_restore_cuda(at::TensorList params, at::TensorList stash, at::ArrayRef
                    "esam_restore_");
   }
   mt::bump_versions(params);
-}
-
-TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
-  m.impl("philox_", &philox_cuda);
-  m.impl("esam_perturb_", &esam_perturb_cuda);
-  m.impl("esam_restore_", &esam_restore_cuda);
 }
 
 }  // namespace saf::cuda

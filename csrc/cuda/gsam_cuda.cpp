@@ -2,10 +2,10 @@
 // (csrc/mt_plan.h), the cached device plan, scratch, launch. Nothing here waits for the device.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "cuda/cuda_check.h"
 #include "cuda/mt_launchers.h"
+#include "cuda/mt_ops_cuda.h"
 #include "cuda/mt_plan_cuda.h"
 #include "mt_plan.h"
 
@@ -67,11 +67,6 @@ at::Tensor gsam_restore_sgd_cuda(at::TensorList params, at::TensorList grads, at
   mt::bump_versions(params);
   mt::bump_versions(momentum_buffers);
   return stats;
-}
-
-TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
-  m.impl("gsam_combine_", &gsam_combine_cuda);
-  m.impl("gsam_restore_sgd_", &gsam_restore_sgd_cuda);
 }
 
 }  // namespace saf::cuda

@@ -3,10 +3,10 @@
 // scratch, launches. Nothing here waits for the device.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "cuda/cuda_check.h"
 #include "cuda/mt_launchers.h"
+#include "cuda/mt_ops_cuda.h"
 #include "cuda/mt_plan_cuda.h"
 #include "mt_plan.h"
 
@@ -53,11 +53,6 @@ at::Tensor looksam_combine_cuda(at::TensorList grads, at::TensorList gv, const a
                  op);
   mt::bump_versions(grads);
   return out;
-}
-
-TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
-  m.impl("looksam_gv_", &looksam_gv_cuda);
-  m.impl("looksam_combine_", &looksam_combine_cuda);
 }
 
 }  // namespace saf::cuda

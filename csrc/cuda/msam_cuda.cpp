@@ -3,10 +3,10 @@
 // nothing here waits for it.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "cuda/cuda_check.h"
 #include "cuda/mt_launchers.h"
+#include "cuda/mt_ops_cuda.h"
 #include "cuda/mt_plan_cuda.h"
 #include "mt_plan.h"
 #include "torch_utils.h"
@@ -59,11 +59,6 @@ at::Tensor msam_adamw_cuda(at::TensorList params, at::TensorList grads, at::Tens
   mt::bump_versions(exp_avg);
   mt::bump_versions(exp_avg_sq);
   return out;
-}
-
-TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
-  m.impl("msam_sgd_", &msam_sgd_cuda);
-  m.impl("msam_adamw_", &msam_adamw_cuda);
 }
 
 }  // namespace saf::cuda

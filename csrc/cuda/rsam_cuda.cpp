@@ -6,12 +6,12 @@
 // device plan stays valid from step to step.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <vector>
 
 #include "cuda/cuda_check.h"
 #include "cuda/mt_launchers.h"
+#include "cuda/mt_ops_cuda.h"
 #include "cuda/mt_plan_cuda.h"
 #include "mt_plan.h"
 
@@ -72,11 +72,6 @@ at::Tensor rsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Te
                  "rsam_perturb_");
   mt::bump_versions(params);
   return norm;
-}
-
-TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
-  m.impl("rsam_noise_", &rsam_noise_cuda);
-  m.impl("rsam_perturb_", &rsam_perturb_cuda);
 }
 
 }  // namespace saf::cuda

@@ -3,10 +3,10 @@
 // Nothing here waits for the device.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "cuda/cuda_check.h"
 #include "cuda/mt_launchers.h"
+#include "cuda/mt_ops_cuda.h"
 #include "cuda/mt_plan_cuda.h"
 #include "mt_plan.h"
 
@@ -106,14 +106,6 @@ void sam_restore_adamw_cuda(at::TensorList params, at::TensorList grads, at::Ten
                });
   mt::bump_versions(exp_avg);
   mt::bump_versions(exp_avg_sq);
-}
-
-TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
-  m.impl("sam_perturb_", &sam_perturb_cuda);
-  m.impl("sam_sumsq", &sam_sumsq_cuda);
-  m.impl("sam_restore_", &sam_restore_cuda);
-  m.impl("sam_restore_sgd_", &sam_restore_sgd_cuda);
-  m.impl("sam_restore_adamw_", &sam_restore_adamw_cuda);
 }
 
 }  // namespace saf::cuda

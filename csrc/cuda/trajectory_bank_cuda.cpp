@@ -11,6 +11,7 @@
 #include "trajectory_targets.h"
 
 namespace saf::cuda {
+namespace {
 
 static BankPrepassArgs prepass_args(const at::Tensor& ids, const at::Tensor& labels, const at::Tensor& epochs,
                                     const at::Tensor& claims, const at::Tensor& state, const at::Tensor& mode,
@@ -129,6 +130,8 @@ void saf_bank_record_cuda(const at::Tensor& rows_in, const at::Tensor& ids_in, c
   r.bank_dtype = to_dtype(values.scalar_type());
   SAF_CUDA_CHECK(bank_record_launch(r, stream), "saf_bank_record");
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
   m.impl("saf_bank_step", &saf_bank_step_cuda);

@@ -9,6 +9,7 @@
 #include "trajectory_targets.h"
 
 namespace saf::cuda {
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> trajectory_loss_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                         const std::optional<at::Tensor>& labels_in,
@@ -53,6 +54,8 @@ std::tuple<at::Tensor, at::Tensor> trajectory_loss_cuda(const at::Tensor& logits
   if (static_cast<Reduction>(reduction) == Reduction::None) return {rows, grad};
   return {rows.sum(), grad};
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(saf_kernels, CUDA, m) {
   m.impl("trajectory_loss", &trajectory_loss_cuda);
