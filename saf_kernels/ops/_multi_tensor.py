@@ -150,7 +150,7 @@ def tensor_lists(fn: str, **named) -> tuple:
     ``DTensor`` s is refused here (the ops that run sharded call :func:`local_shards` first)."""
     lists = [as_list(v, k, fn) for k, v in named.items()]
     for k, lst in zip(named, lists):
-        if lst and type(lst[0]) not in _PLAIN and _is_dtensor(lst[0]):
+        if lst and is_dtensor(lst[0]):
             raise NotImplementedError(
                 f"{fn}: {k}[0] is a DTensor (a sharded parameter, e.g. under FSDP2's fully_shard); this op does "
                 f"not run on sharded tensors yet (those that do: {', '.join(SHARDED_OPS)})")
@@ -170,8 +170,10 @@ SHARDED_OPS = ("sam_perturb_", "sam_restore_", "sam_restore_sgd_", "sam_restore_
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _is_dtensor(t) -> bool:
-    if not torch.distributed.is_available():
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``DTensor``; a plain tensor is answered by its type alone (the per-call
+    fast path of every op)."""
+    if type(t) in _PLAIN or not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
 
@@ -193,12 +195,12 @@ def local_shards(fn: str, **named) -> tuple:
     """
     lists = [as_list(v, k, fn) for k, v in named.items()]
     first = next((lst[0] for lst in lists if lst), None)
-    if first is None or type(first) in _PLAIN or not _is_dtensor(first):
+    if first is None or not is_dtensor(first):
         # Plain: only each list's first tensor is looked at (a scan of every tensor would cost
         # ~40 ns each, a tenth of a small model's call); a DTensor further on is refused by
         # the dispatcher, and the optimizers check their parameters once at construction.
         for k, lst in zip(named, lists):
-            if lst and type(lst[0]) not in _PLAIN and _is_dtensor(lst[0]):
+            if lst and is_dtensor(lst[0]):
                 raise TypeError(f"{fn}: {k}[0] is a DTensor but the first tensor is not; pass all DTensors "
                                 "(sharded alike) or all plain tensors")
         return (*lists, None)

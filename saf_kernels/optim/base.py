@@ -776,7 +776,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 def sharded_params(name: str, param_groups: list[dict]) -> bool:
     """Whether the parameters are DTensors (FSDP2's ``fully_shard``); a mix of DTensors and plain
     tensors (e.g. ``fully_shard`` on some submodules but not on the root) is an error."""
-    where = [(i, j, type(p) not in mt._PLAIN and mt._is_dtensor(p))
+    where = [(i, j, mt.is_dtensor(p))
              for i, g in enumerate(param_groups) for j, p in enumerate(g["params"])]
     kinds = {d for _, _, d in where}
     if len(kinds) > 1:
@@ -794,7 +794,7 @@ def refuse_sharded(name: str, param_groups: list[dict]) -> None:
     quantities are not reduced over the shards yet (the result would be silently per-shard)."""
     for i, g in enumerate(param_groups):
         for j, p in enumerate(g["params"]):
-            if type(p) not in mt._PLAIN and mt._is_dtensor(p):
+            if mt.is_dtensor(p):
                 raise NotImplementedError(
                     f"{name}: param_groups[{i}]['params'][{j}] is a DTensor (a model sharded by FSDP2's fully_shard); "
                     f"{name} does not run on sharded parameters yet (SAM and ASAM do; see the README's "
