@@ -238,6 +238,11 @@ inline void bump_versions(at::TensorList l) {
     if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
   }
 }
+template <class... More>
+inline void bump_versions(at::TensorList l, const More&... more) {
+  bump_versions(l);
+  (bump_versions(more), ...);
+}
 
 inline void check_eps(double eps, const char* op) {
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);

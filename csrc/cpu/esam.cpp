@@ -26,8 +26,7 @@ at::Tensor esam_perturb_cpu(at::TensorList params, at::TensorList grads, at::Ten
   parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
     k.esam_perturb(t, start, n, sc.coef, stash_mode, key, off);
   });
-  mt::bump_versions(params);
-  mt::bump_versions(stash);
+  mt::bump_versions(params, stash);
   return norm_result(sc.norm, params);
 }
 

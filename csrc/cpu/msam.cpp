@@ -28,9 +28,7 @@ at::Tensor msam_run(const mt::Plan& plan, at::TensorList params, at::TensorList 
   parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
     k.msam_perturb(t, start, n, inv);
   });
-  mt::bump_versions(params);
-  mt::bump_versions(bufs);
-  mt::bump_versions(more);
+  mt::bump_versions(params, bufs, more);
   return norm_result(norm, params);
 }
 

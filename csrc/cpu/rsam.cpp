@@ -23,8 +23,7 @@ void rsam_noise_cpu(at::TensorList params, at::TensorList stash, at::ArrayRef<do
         k.rsam_noise(t, r0, nr, key, off);
       },
       kCpuChunk);
-  mt::bump_versions(params);
-  mt::bump_versions(stash);
+  mt::bump_versions(params, stash);
 }
 
 at::Tensor rsam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList stash,

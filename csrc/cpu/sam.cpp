@@ -64,8 +64,7 @@ at::Tensor sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::Tens
   parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
     k.sam_perturb(t, start, n, sc.coef, stash_mode);
   });
-  mt::bump_versions(params);
-  mt::bump_versions(stash);
+  mt::bump_versions(params, stash);
   return norm_result(sc.norm, params);
 }
 
@@ -108,8 +107,7 @@ void sam_restore_adamw_cpu(at::TensorList params, at::TensorList grads, at::Tens
       });
   mt::bump_versions(params);
   if (stepped) {
-    mt::bump_versions(exp_avg);
-    mt::bump_versions(exp_avg_sq);
+    mt::bump_versions(exp_avg, exp_avg_sq);
   }
 }
 

@@ -20,11 +20,10 @@ struct EmaUpdate {
   const double* decay_dev;
   template <typename T>
   struct Ctx {
-    using acc_t = opmath_t<T>;
     T* e;
     const void* model;
     int32_t mdt;
-    acc_t wt;
+    opmath_t<T> wt;
   };
   template <typename T>
   __device__ __forceinline__ Ctx<T> chunk(const ChunkRef& c) const {
@@ -34,7 +33,7 @@ struct EmaUpdate {
   }
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {
-    typename C::acc_t a[N], b[N];
+    acc_of<C> a[N], b[N];
     ld<N>(x.e, i, a);
     ld_any<N>(x.model, x.mdt, i, b);
 #pragma unroll

@@ -48,8 +48,7 @@ __device__ __forceinline__ KeepCtx keep_ctx(const ChunkRef& c) {
 
 // Pass 1: sum over the chunk of (keep T g)^2.
 struct EsamNorm {
-  static constexpr int kDtype = E::G;
-  static constexpr int kSums = 1;
+  static constexpr int kDtype = E::G, kSums = 1;
   uint64_t key, offset;
   template <typename T>
   struct Ctx : NormCtx<T> {
@@ -93,7 +92,7 @@ struct EsamPerturb : PerturbBase {
   }
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {
-    using acc_t = typename C::acc_t;
+    using acc_t = acc_of<C>;
     using T = std::remove_pointer_t<decltype(x.w)>;
     T* stash_t = static_cast<T*>(x.stash);
     acc_t wv[N], gv[N], e[N], out[N];

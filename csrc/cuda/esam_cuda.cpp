@@ -42,8 +42,7 @@ at::Tensor esam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Te
   SAF_CUDA_CHECK(esam_perturb_launch(call.plan, call.n_chunks, call.f64, key, off, coef.data_ptr<double>(),
                                      stash_mode, call.stream),
                  "esam_perturb_");
-  mt::bump_versions(params);
-  mt::bump_versions(stash);
+  mt::bump_versions(params, stash);
   return norm;
 }
 

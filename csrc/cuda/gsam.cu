@@ -19,8 +19,7 @@ namespace S = saf::mt::sam;
 
 // Pass 1: sums over the chunk of old_g g, old_g^2, g^2 (one pass reading both gradients).
 struct GsamDots {
-  static constexpr int kDtype = G::G;
-  static constexpr int kSums = 3;
+  static constexpr int kDtype = G::G, kSums = 3;
   template <typename T>
   struct Ctx {
     const T* g;
@@ -70,7 +69,6 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 // The pointers and coefficients of a combine pass (coefs: c_new, c_old, apply from the finalize).
 template <typename T>
 struct CombineCtx {
-  using acc_t = opmath_t<T>;
   T* w;
   T* g;
   const T* o;
@@ -78,7 +76,7 @@ struct CombineCtx {
   const void* stash;
   int32_t sdt;
   bool apply;
-  acc_t cn, co;
+  opmath_t<T> cn, co;
 };
 
 template <typename T>
@@ -100,7 +98,7 @@ struct GsamCombine {
   }
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {
-    using acc_t = typename C::acc_t;
+    using acc_t = acc_of<C>;
     if (restore) {
       acc_t v[N];
       if (mode != S::COPY) load_restored<N>(x.w, x.stash, x.sdt, mode, i, v);
@@ -140,7 +138,7 @@ struct GsamSgd {
   }
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {
-    using acc_t = typename C::acc_t;
+    using acc_t = acc_of<C>;
     acc_t wv[N], gv[N], ov[N];
     if (!step_inputs<N>(x, mode, !x.apply, i, wv, gv)) return;  // found_inf: the restore only
     if (x.co != acc_t(0)) {

@@ -64,8 +64,7 @@ at::Tensor gsam_restore_sgd_cuda(at::TensorList params, at::TensorList grads, at
   SAF_CUDA_CHECK(
       gsam_sgd_launch(call.plan, call.n_chunks, call.f64, coefs.data_ptr<double>(), stash_mode, call.stream),
       "gsam_restore_sgd_");
-  mt::bump_versions(params);
-  mt::bump_versions(momentum_buffers);
+  mt::bump_versions(params, momentum_buffers);
   return stats;
 }
 

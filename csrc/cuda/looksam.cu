@@ -37,16 +37,14 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 // gv = g_s - c g where c applies (a block-uniform flag: else nothing is read or written), with
 // the sum of squares of gv as stored.
 struct LookSamGv {
-  static constexpr int kDtype = L::GV;
-  static constexpr int kSums = 1;
+  static constexpr int kDtype = L::GV, kSums = 1;
   const double* coefs;
   template <typename T>
   struct Ctx {
-    using acc_t = opmath_t<T>;
     T* v;
     const T* gs;
     const T* g;
-    acc_t c;
+    opmath_t<T> c;
     bool ok;
   };
   template <typename T>

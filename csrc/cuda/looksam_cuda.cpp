@@ -30,8 +30,7 @@ at::Tensor looksam_gv_cuda(at::TensorList gv, const at::Tensor& gv_norm, at::Ten
   SAF_CUDA_CHECK(looksam_norm_launch(part, call.n_chunks, coefs.data_ptr<double>(), gv_norm.data_ptr(), norm_f64,
                                      call.stream),
                  op);
-  mt::bump_versions(gv);
-  mt::bump_versions({gv_norm});
+  mt::bump_versions(gv, at::TensorList(gv_norm));
   return stats;
 }
 

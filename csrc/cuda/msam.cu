@@ -19,8 +19,7 @@ namespace M = saf::mt::msam;
 
 // What both pass-1 functors share: the dtype stream, one sum, inv_norm's address and dtype.
 struct MsamPass1 {
-  static constexpr int kDtype = M::W;
-  static constexpr int kSums = 1;
+  static constexpr int kDtype = M::W, kSums = 1;
   const void* inv;
   int32_t inv_dt;
   // The tensor's un-perturbation factor rho_prev * inv_prev.
@@ -33,11 +32,10 @@ struct MsamPass1 {
 struct MsamSgd : MsamPass1 {
   template <typename T>
   struct Ctx {
-    using acc_t = opmath_t<T>;
     T* w;
     const T* g;
     T* b;
-    acc_t lr, wd, mom, up;
+    opmath_t<T> lr, wd, mom, up;
   };
   template <typename T>
   __device__ __forceinline__ Ctx<T> chunk(const ChunkRef& c) const {
@@ -68,13 +66,12 @@ struct MsamSgd : MsamPass1 {
 struct MsamAdamw : MsamPass1 {
   template <typename T>
   struct Ctx {
-    using acc_t = opmath_t<T>;
     T* w;
     const T* g;
     T* m;
     T* v;
-    acc_t b1, omb1, b2, omb2, eps, up;
-    saf::mt::AdamWCoefs<acc_t> c;
+    opmath_t<T> b1, omb1, b2, omb2, eps, up;
+    saf::mt::AdamWCoefs<opmath_t<T>> c;
   };
   template <typename T>
   __device__ __forceinline__ Ctx<T> chunk(const ChunkRef& c) const {
@@ -132,10 +129,9 @@ struct MsamPerturb {
   int32_t inv_dt;
   template <typename T>
   struct Ctx {
-    using acc_t = opmath_t<T>;
     T* w;
     const T* b;
-    acc_t down;
+    opmath_t<T> down;
   };
   template <typename T>
   __device__ __forceinline__ Ctx<T> chunk(const ChunkRef& c) const {
@@ -144,7 +140,7 @@ struct MsamPerturb {
   }
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {
-    typename C::acc_t w[N], b[N];
+    acc_of<C> w[N], b[N];
     ld<N>(x.w, i, w);
     ld<N>(x.b, i, b);
 #pragma unroll

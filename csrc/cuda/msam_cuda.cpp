@@ -30,8 +30,7 @@ at::Tensor msam_run(const mt::Plan& plan, at::TensorList params, const at::Tenso
       msam_inv_launch(partials.data_ptr<double>(), call.n_chunks, eps, inv, dt, out.data_ptr(), call.f64, call.stream),
       op);
   SAF_CUDA_CHECK(msam_perturb_launch(call.plan, call.n_chunks, call.f64, inv, dt, call.stream), op);
-  mt::bump_versions(params);
-  mt::bump_versions({inv_norm});
+  mt::bump_versions(params, at::TensorList(inv_norm));
   return out;
 }
 
@@ -56,8 +55,7 @@ at::Tensor msam_adamw_cuda(at::TensorList params, at::TensorList grads, at::Tens
   const mt::Plan plan = mt::msam_adamw_plan(params, grads, exp_avg, exp_avg_sq, steps, inv_norm, lr, beta1, beta2, eps,
                                             weight_decay, rho_prev, rho, norm_eps, mt_chunk_size());
   at::Tensor out = msam_run(plan, params, inv_norm, norm_eps, &msam_adamw_launch, "msam_adamw_");
-  mt::bump_versions(exp_avg);
-  mt::bump_versions(exp_avg_sq);
+  mt::bump_versions(exp_avg, exp_avg_sq);
   return out;
 }
 

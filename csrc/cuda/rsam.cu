@@ -119,11 +119,10 @@ __device__ __forceinline__ void direction(const T* w, const T* g, const T* sp, i
 // The streams of rsam_perturb_'s two passes and lam / grad_scale.
 template <typename T>
 struct DirCtx {
-  using acc_t = opmath_t<T>;
   T* w;
   const T* g;
   const T* sp;
-  acc_t li;  // lam / grad_scale
+  opmath_t<T> li;  // lam / grad_scale
 };
 
 template <typename T>
@@ -134,8 +133,7 @@ __device__ __forceinline__ DirCtx<T> dir_ctx(const ChunkRef& c, double lam, cons
 
 // Pass 1: sum over the chunk of d^2.
 struct RsamNorm {
-  static constexpr int kDtype = R::W;
-  static constexpr int kSums = 1;
+  static constexpr int kDtype = R::W, kSums = 1;
   double lam;
   const float* grad_scale;
   template <typename T>
@@ -160,9 +158,8 @@ struct RsamPerturb {
   double rho_mult;
   template <typename T>
   struct Ctx : DirCtx<T> {
-    using acc_t = opmath_t<T>;
     bool skip;
-    acc_t rc;
+    opmath_t<T> rc;
   };
   template <typename T>
   __device__ __forceinline__ Ctx<T> chunk(const ChunkRef& c) const {
@@ -180,7 +177,7 @@ struct RsamPerturb {
   }
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {
-    typename C::acc_t d[N], sv[N];
+    acc_of<C> d[N], sv[N];
     direction<N>(x.w, x.g, x.sp, i, x.li, d);
     ld<N>(x.sp, i, sv);
 #pragma unroll

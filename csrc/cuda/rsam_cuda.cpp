@@ -44,8 +44,7 @@ void rsam_noise_cuda(at::TensorList params, at::TensorList stash, at::ArrayRef<d
   SAF_CUDA_CHECK(rsam_noise_launch(call.plan, call.n_chunks, call.f64, mt::philox_key(seed), uint64_t(offset), mult,
                                    call.stream),
                  "rsam_noise_");
-  mt::bump_versions(params);
-  mt::bump_versions(stash);
+  mt::bump_versions(params, stash);
 }
 
 at::Tensor rsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList stash,

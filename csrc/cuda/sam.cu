@@ -23,8 +23,7 @@ namespace AW = saf::mt::adamw;
 
 // Pass 1 of sam_perturb_: sum over the chunk of (T g)^2.
 struct SamNorm {
-  static constexpr int kDtype = S::G;
-  static constexpr int kSums = 1;
+  static constexpr int kDtype = S::G, kSums = 1;
   template <typename T>
   __device__ __forceinline__ NormCtx<T> chunk(const ChunkRef& c) const {
     return norm_ctx<T>(c);
@@ -47,7 +46,7 @@ struct SamPerturb : PerturbBase {
   }
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {
-    using acc_t = typename C::acc_t;
+    using acc_t = acc_of<C>;
     using T = std::remove_pointer_t<decltype(x.w)>;
     T* stash_t = static_cast<T*>(x.stash);
     acc_t wv[N], gv[N], e[N];
@@ -76,7 +75,7 @@ struct SamRestore {
   }
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {
-    typename C::acc_t v[N];
+    acc_of<C> v[N];
     if (mode != S::COPY) load_restored<N>(x.w, x.stash, x.sdt, mode, i, v);
     store_restored<N>(x.w, x.stash, mode, i, v);
   }
@@ -99,7 +98,7 @@ struct SamSgd : StepBase {
   }
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {
-    using acc_t = typename C::acc_t;
+    using acc_t = acc_of<C>;
     acc_t wv[N], gv[N];
     if (!step_inputs<N>(x, mode, x.skip, i, wv, gv)) return;
 #pragma unroll
@@ -138,7 +137,7 @@ struct SamAdamW : StepBase {
   }
   template <int N, class C>
   __device__ __forceinline__ void elem(const C& x, int64_t i) const {
-    using acc_t = typename C::acc_t;
+    using acc_t = acc_of<C>;
     acc_t wv[N], gv[N], mv[N], vv[N];
     if (!step_inputs<N>(x, mode, x.skip, i, wv, gv)) return;
     ld<N>(x.m, i, mv);

@@ -54,8 +54,7 @@ at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Ten
   SAF_CUDA_CHECK(
       sam_perturb_launch(call.plan, call.n_chunks, call.f64, coef.data_ptr<double>(), stash_mode, call.stream),
       "sam_perturb_");
-  mt::bump_versions(params);
-  mt::bump_versions(stash);
+  mt::bump_versions(params, stash);
   return norm;
 }
 
@@ -104,8 +103,7 @@ void sam_restore_adamw_cuda(at::TensorList params, at::TensorList grads, at::Ten
                [&](const MtCall& c, const float* gs, const float* fi) {
                  return sam_restore_adamw_launch(c.plan, c.n_chunks, c.f64, stash_mode, gs, fi, c.stream);
                });
-  mt::bump_versions(exp_avg);
-  mt::bump_versions(exp_avg_sq);
+  mt::bump_versions(exp_avg, exp_avg_sq);
 }
 
 }  // namespace saf::cuda

@@ -16,7 +16,7 @@
 //   * elementwise_kernel<F64, Op> / launch_elementwise: one pass over every chunk. Op provides
 //       static constexpr int kDtype;                 // the stream whose dtype picks T
 //       template <typename T> Ctx chunk(const ChunkRef&) const;  // once per block: pointers,
-//                                                     // per-tensor values (acc_t = opmath_t<T>)
+//                                                     // per-tensor values (opmath_t<T>)
 //       template <int N, class Ctx> void elem(const Ctx&, int64_t i) const;  // N = 4 or 1 elements
 //     and, where a block-uniform condition replaces the whole pass (a zero coefficient:
 //     "perturb nothing"), kSkippable, Ctx::skip and skip_elem<N>(ctx, i): a loop of its own,
@@ -58,6 +58,16 @@ struct OpMath<double> {
 };
 template <typename T>
 using opmath_t = typename OpMath<T>::type;
+
+// The accumulation type of a per-block context Ctx<T> (what a functor's chunk<T>() returns).
+template <class C>
+struct AccOf;
+template <template <typename> class Ctx, typename T>
+struct AccOf<Ctx<T>> {
+  using type = opmath_t<T>;
+};
+template <class C>
+using acc_of = typename AccOf<C>::type;
 
 struct PlanView {
   const TensorEntry* tensors;
@@ -308,14 +318,13 @@ __device__ __forceinline__ bool found_inf_of(const float* found_inf) { return fo
 // element coefficient (rho coef, or rho / beta coef), skip "perturb nothing" (coef == 0).
 template <typename T>
 struct PerturbCtx {
-  using acc_t = opmath_t<T>;
   T* w;
   const T* g;
   void* stash;  // copy mode: same dtype as w (checked on the host)
   int32_t sdt;
   bool skip;
   bool adaptive;
-  acc_t rc, eta;
+  opmath_t<T> rc, eta;
 };
 
 template <typename T>
@@ -371,7 +380,6 @@ __device__ __forceinline__ bool step_inputs(const C& x, int64_t mode, bool skip,
 // The per-block context of a restore pass (SAM, ESAM's delta mode; sam's slots W and STASH).
 template <typename T>
 struct RestoreCtx {
-  using acc_t = opmath_t<T>;
   T* w;
   const void* stash;
   int32_t sdt;
@@ -387,14 +395,13 @@ __device__ __forceinline__ RestoreCtx<T> restore_ctx(const ChunkRef& c) {
 // where adaptive, else 1); x_j receives the scaled gradients of N elements.
 template <typename T>
 struct NormCtx {
-  using acc_t = opmath_t<T>;
   const T* g;
   const T* w;
-  acc_t eta;
+  opmath_t<T> eta;
   bool adaptive;
   template <int N>
-  __device__ __forceinline__ void scaled_grads(int64_t i, acc_t (&x)[N]) const {
-    acc_t wv[N];
+  __device__ __forceinline__ void scaled_grads(int64_t i, opmath_t<T> (&x)[N]) const {
+    opmath_t<T> wv[N];
     ld<N>(g, i, x);
     if (adaptive) {  // plain SAM never reads the weights here
       ld<N>(w, i, wv);
@@ -428,13 +435,12 @@ struct PerturbBase {
 // STASH): skip when found_inf is set, inv = 1 / grad_scale.
 template <typename T>
 struct StepCtx {
-  using acc_t = opmath_t<T>;
   T* w;
   const T* g;
   const void* stash;
   int32_t sdt;
   bool skip;
-  acc_t inv;
+  opmath_t<T> inv;
 };
 
 // What a SAM fused restore + step functor shares (SGD, AdamW): the stash mode, GradScaler's
