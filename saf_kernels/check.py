@@ -34,10 +34,12 @@ import traceback
 import zlib
 from dataclasses import asdict, dataclass, field
 
-# Triton decides at kernel definition whether to interpret; --triton on a CPU-only run must set
-# the flag before saf_kernels imports any Triton module (they are imported on first use).
-if __name__ == "__main__" and "--triton" in sys.argv and "saf_kernels.triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton decides at definition whether a function is interpreted, and its own library functions
+# (reductions' combine functions, ...) are defined when torch first imports triton, before this
+# module runs: --triton without TRITON_INTERPRET=1 in the environment restarts the process with it.
+if __name__ == "__main__" and "--triton" in sys.argv and os.environ.get("TRITON_INTERPRET") != "1":
+    os.execve(sys.executable, [sys.executable, "-m", "saf_kernels.check", *sys.argv[1:]],
+              {**os.environ, "TRITON_INTERPRET": "1"})
 
 import torch  # noqa: E402
 
@@ -231,6 +233,12 @@ def _sam_perturb(c: Ctx) -> dict:
     return {"norm": norm, "step": _step(p, before), "stash": stash}
 
 
+def _sam_sumsq(c: Ctx) -> dict:
+    # The partial-sum stage that sharded training all-reduces before sam_perturb_'s finalize.
+    p, g = c.list(), c.list()
+    return {"sumsq": O.sam_sumsq(p, g, adaptive=[True, False, True, False], eta=0.01, backend=c.backend)}
+
+
 def _sam_restore(c: Ctx) -> dict:
     p, delta = c.list(), c.list(scale=0.01)
     O.sam_restore_(p, delta, stash_mode="delta", backend=c.backend)
@@ -335,6 +343,7 @@ CHECKS = {
     "trajectory_bank_step": (("saf_bank_step",), _bank_step),
     "trajectory_bank_record": (("saf_bank_record",), _bank_record),
     "sam_perturb_": (("sam_perturb_",), _sam_perturb),
+    "sam_sumsq": (("sam_sumsq",), _sam_sumsq),
     "sam_restore_": (("sam_restore_",), _sam_restore),
     "sam_restore_sgd_": (("sam_restore_sgd_",), _sam_restore_sgd),
     "sam_restore_adamw_": (("sam_restore_adamw_",), _sam_restore_adamw),
