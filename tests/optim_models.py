@@ -46,6 +46,18 @@ def per_sample(model, x, y):
     return F.cross_entropy(model(x), y, reduction="none")
 
 
+def amp_sam_step(opt, model, scaler, x, y) -> None:
+    """One step under a GradScaler as the README shows it: scaled backward, ``first_step`` with
+    the scaler (skipped when a scheduled optimizer's ``sam_step`` is false), scaled backward,
+    ``scaler.step`` and ``update``. The caller zeroes the gradients before."""
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    if getattr(opt, "sam_step", True):
+        opt.first_step(zero_grad=True, grad_scaler=scaler)
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 def assert_same_params(a: nn.Module, b: nn.Module, rtol: float, atol: float, what: str = "") -> None:
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=rtol, atol=atol,

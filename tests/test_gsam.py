@@ -158,7 +158,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from saf_kernels.optim import GSAM, ProportionScheduler  # noqa: E402
 
-from .optim_models import assert_same_params, batches, make_model  # noqa: E402
+from .optim_models import amp_sam_step, assert_same_params, batches, make_model  # noqa: E402
 
 OPT_PAIRS = [pytest.param("cpu", id="cpu"), pytest.param("torch", id="torch"),
              pytest.param("triton", marks=pytest.mark.triton, id="triton")]
@@ -240,11 +240,7 @@ def test_gsam_amp_and_resume():
         x = x.float()
         o1.step(ce_closure(o1, m1, x, y))
         o2.zero_grad()
-        scaler.scale(F.cross_entropy(m2(x), y)).backward()
-        o2.first_step(zero_grad=True, grad_scaler=scaler)
-        scaler.scale(F.cross_entropy(m2(x), y)).backward()
-        scaler.step(o2)
-        scaler.update()
+        amp_sam_step(o2, m2, scaler, x, y)
     assert_same_params(m1, m2, rtol=1e-5, atol=1e-6, what="amp")
     ckpt = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict()})
     for x, y in data[2:]:

@@ -15,7 +15,7 @@ from saf_kernels.optim import SAM, LookSAM
 
 from .cheap_common import assert_resume_bit_identical, closure
 from .helpers import KERNEL_PAIRS, skip_unless_available
-from .optim_models import assert_same_params, batches, make_model
+from .optim_models import amp_sam_step, assert_same_params, batches, make_model
 
 PAIRS = KERNEL_PAIRS + [pytest.param("torch", "cpu", id="torch-cpu")]
 SHAPES = [(3, 5), (1,), (7, 7, 3), (129,), (20001,)]
@@ -185,12 +185,7 @@ def test_plain_loop_and_amp():
         x = x.float()
         o1.step(closure(o1, m1, x, y))
         o2.zero_grad()
-        scaler.scale(F.cross_entropy(m2(x), y)).backward()
-        if o2.sam_step:
-            o2.first_step(zero_grad=True, grad_scaler=scaler)
-            scaler.scale(F.cross_entropy(m2(x), y)).backward()
-        scaler.step(o2)
-        scaler.update()
+        amp_sam_step(o2, m2, scaler, x, y)
     assert_same_params(m1, m2, rtol=1e-4, atol=1e-5, what="amp")
 
 

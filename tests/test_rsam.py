@@ -188,7 +188,7 @@ import torch.nn.functional as F  # noqa: E402
 from saf_kernels.optim import RSAM, CosineIncrease, ProportionScheduler  # noqa: E402
 from saf_kernels.optim._rng import step_key  # noqa: E402
 
-from .optim_models import assert_same_params, batches, make_model  # noqa: E402
+from .optim_models import amp_sam_step, assert_same_params, batches, make_model  # noqa: E402
 
 OPT_PAIRS = [pytest.param("cpu", id="cpu"), pytest.param("torch", id="torch"),
              pytest.param("triton", marks=pytest.mark.triton, id="triton")]
@@ -259,11 +259,7 @@ def test_rsam_manual_api_amp_and_errors():
     opt._perturbed = None
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     opt.noise_step()
-    scaler.scale(F.cross_entropy(model(x), y)).backward()
-    opt.first_step(zero_grad=True, grad_scaler=scaler)
-    scaler.scale(F.cross_entropy(model(x), y)).backward()
-    scaler.step(opt)
-    scaler.update()
+    amp_sam_step(opt, model, scaler, x, y)
     o2.step(ce_closure(o2, twin, x, y))
     assert_same_params(model, twin, rtol=1e-5, atol=1e-7, what="amp")
     for kw, msg in ((dict(rho=-1.0), "rho must be a finite number >= 0, got -1.0"),
