@@ -10,7 +10,7 @@ import pytest
 
 from saf_kernels.bench import ops as op_bench
 
-from .conftest import DEVICE
+from .conftest import DEVICE, provider_or_skip
 
 CASES = op_bench.bank_cases(DEVICE, quick=False)
 PROVIDERS = ["saf_kernels[cpu]", "saf_kernels[cuda]", "saf_kernels[triton]", "eager", "compile"]
@@ -19,9 +19,6 @@ PROVIDERS = ["saf_kernels[cpu]", "saf_kernels[cuda]", "saf_kernels[triton]", "ea
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.op}-{c.label.replace(' ', '-').replace('/', '-')}")
 def test_trajectory_bank(timed, case, provider):
-    providers = op_bench.bank_providers(case, DEVICE)
-    call = providers.get(provider, f"{provider} does not run on {DEVICE.type}")
-    if isinstance(call, str):
-        pytest.skip(call)
+    call = provider_or_skip(op_bench.bank_providers(case, DEVICE), provider)
     inputs = op_bench.bank_inputs(case, DEVICE, sets=2)
     timed(op_bench.bank_step_fn(call, inputs), group=f"{case.op} {case.label}")

@@ -9,7 +9,7 @@ import pytest
 
 from saf_kernels.bench import ops as op_bench
 
-from .conftest import DEVICE
+from .conftest import DEVICE, provider_or_skip
 
 CASES = op_bench.trajectory_cases(DEVICE, quick=False)
 # ce+kl[...]: saf_loss_soft's two-pass alternative (F.cross_entropy on probabilities + the fused KL).
@@ -20,9 +20,6 @@ PROVIDERS = ["saf_kernels[cpu]", "saf_kernels[cuda]", "saf_kernels[triton]", "ce
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.op}-{c.label.replace(' ', '-')}")
 def test_trajectory_loss(timed, case, provider):
-    providers = op_bench.trajectory_providers(case, DEVICE)
-    call = providers.get(provider, f"{provider} does not run on {DEVICE.type}")
-    if isinstance(call, str):
-        pytest.skip(call)
+    call = provider_or_skip(op_bench.trajectory_providers(case, DEVICE), provider)
     inputs = op_bench.trajectory_inputs(case, DEVICE, sets=2)
     timed(op_bench.fwd_bwd_step(call, inputs), group=f"{case.op} {case.label}")

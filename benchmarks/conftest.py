@@ -15,6 +15,15 @@ from saf_kernels.bench.timing import synchronize
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def provider_or_skip(providers: dict, provider: str):
+    """The callable of ``provider`` from a ``saf_kernels.bench`` providers table; skips the case
+    with the table's reason (a string) or because the provider does not run on this device."""
+    call = providers.get(provider, f"{provider} does not run on {DEVICE.type}")
+    if isinstance(call, str):
+        pytest.skip(call)
+    return call
+
+
 @pytest.fixture
 def device():
     return DEVICE
