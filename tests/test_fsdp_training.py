@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import saf_kernels as sk
+from saf_kernels.ops import _multi_tensor as mt
 from saf_kernels.optim import SAM
 
 from .helpers import bits, gloo_group, save_rank, spawn_ranks
@@ -209,6 +210,35 @@ def _saf_run(model, rank):
     return [p.full_tensor() if rank is not None else p.detach() for p in model.parameters()], saf.num_with_target
 
 
+# --- BatchNorm: per-rank statistics (FSDP2 does not sync them), kept from the first pass only ---
+
+
+def _bn_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+
+def _bn_run(net, model, rank):
+    """SAM through step(closure) with model= (the second pass inside frozen_bn_stats)."""
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, model=net, sync_first_pass=True)
+    _sam_train(net, opt, rank, range(STEPS))
+    bn = model[1]
+    return [p.full_tensor() if mt.is_dtensor(p) else p.detach() for p in model.parameters()], \
+        [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
+
+
+def _batchnorm(rank):
+    """FSDP2 and DDP (first pass synchronised, rank 0's buffers not broadcast) do the same
+    per-rank BatchNorm math: equal."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _shard(_bn_model())
+    fsdp = _bn_run(model, model, rank)
+    model = _bn_model()
+    ddp = _bn_run(DDP(model, broadcast_buffers=False), model, rank)
+    return {"bn:fsdp": fsdp, "bn:ddp": ddp}
+
+
 # --- the spawn ---
 
 
@@ -220,6 +250,7 @@ def _worker(rank, port, out_dir):
         out["scaled"], out["scale"] = _scaled(_shard(_model()), rank)
         out.update(_checkpoint(rank, out_dir))
         out["saf"], out["saf:with_target"] = _saf_run(_shard(_classifier()), rank)
+        out.update(_batchnorm(rank))
         _per_replica_refused()
         save_rank(out_dir, rank, out)
 
@@ -247,6 +278,13 @@ def test_fsdp2_training(tmp_path):
     for rank, out in enumerate(ranks):
         assert out["ckpt:steps_loaded"] == CKPT_AT and out["ckpt:steps_done"] == CKPT_STEPS, out
         assert out["ckpt:bit_identical"], f"rank {rank}: the resumed run differs from the uninterrupted one"
+    for rank, out in enumerate(ranks):
+        (fp, fs), (dp, ds) = out["bn:fsdp"], out["bn:ddp"]
+        _close(fp, dp, f"BatchNorm model, FSDP2 vs DDP, rank {rank}")
+        _close(fs, ds, f"BatchNorm running statistics, FSDP2 vs DDP, rank {rank}")
+        assert int(fs[2]) == STEPS  # one update per step: the first pass only
+    # each rank normalised with its own half's statistics: the ranks' running means differ
+    assert not torch.allclose(ranks[0]["bn:fsdp"][1][0], ranks[1]["bn:fsdp"][1][0])
     want, _ = _saf_run(_classifier(), None)
     for rank, out in enumerate(ranks):
         assert int(out["saf:with_target"]) == GLOBAL_BATCH // WORLD  # every row found its past logits
