@@ -19,7 +19,7 @@ from saf_kernels.ops import _multi_tensor as mt
 from saf_kernels.optim import SAM
 
 from .helpers import bits, gloo_group, save_rank, spawn_ranks
-from .test_fsdp import GLOBAL_BATCH, STEPS, WORLD, _batch, _model, _shard
+from .test_fsdp import GLOBAL_BATCH, STEPS, WORLD, _batch, _model, _shard, _train
 
 CLASSES = 3
 
@@ -134,32 +134,19 @@ CKPT_KW = dict(rho=0.1, lr=0.1, momentum=0.9, every=2)  # SAM on steps 1, 3, ...
 CKPT_STEPS, CKPT_AT = 4, 1  # saved after step 0: a lost clock would take step 1 with one pass
 
 
-def _sam_train(model, opt, rank, steps):
-    for step in steps:
-        x, y = (_half(t, rank) for t in _batch(step))
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-
-
 def _checkpoint(rank, out_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model = _shard(_model())
     opt = SAM(model.parameters(), torch.optim.SGD, **CKPT_KW)
-    _sam_train(model, opt, rank, range(CKPT_STEPS))
+    _train(model, opt, rank, range(CKPT_STEPS))
     uninterrupted = [p.full_tensor() for p in model.parameters()]
 
     path = f"{out_dir}/ckpt-every"
     model = _shard(_model())
     opt = SAM(model.parameters(), torch.optim.SGD, **CKPT_KW)
-    _sam_train(model, opt, rank, range(CKPT_AT))
+    _train(model, opt, rank, range(CKPT_AT))
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
     model = _shard(_model(7))
@@ -171,7 +158,7 @@ def _checkpoint(rank, out_dir):
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     steps_loaded = opt.steps_done
     assert all("saf_kernels" not in g for g in opt.param_groups)  # the info is taken out of the groups
-    _sam_train(model, opt, rank, range(CKPT_AT, CKPT_STEPS))
+    _train(model, opt, rank, range(CKPT_AT, CKPT_STEPS))
     same = all(torch.equal(bits(p.full_tensor()), bits(u)) for p, u in zip(model.parameters(), uninterrupted))
     return {"ckpt:steps_loaded": steps_loaded, "ckpt:steps_done": opt.steps_done, "ckpt:bit_identical": same}
 
@@ -221,7 +208,7 @@ def _bn_model(seed: int = 0) -> nn.Module:
 def _bn_run(net, model, rank):
     """SAM through step(closure) with model= (the second pass inside frozen_bn_stats)."""
     opt = SAM(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, model=net, sync_first_pass=True)
-    _sam_train(net, opt, rank, range(STEPS))
+    _train(net, opt, rank, range(STEPS))
     bn = model[1]
     return [p.full_tensor() if mt.is_dtensor(p) else p.detach() for p in model.parameters()], \
         [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
