@@ -300,3 +300,34 @@ def test_mesa_teacher_argument():
     wide = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, CLASSES)).double()
     with pytest.raises(ValueError, match=r"teacher's 0.weight has shape \[7, 6\] but the model's has \[5, 6\]"):
         sk.MESA(a, teacher=wide)
+
+
+def test_dcp_keeps_the_policy(tmp_path):
+    """torch.distributed.checkpoint (one process, no process group) through get_state_dict /
+    set_state_dict keeps steps_done and an AdaptivePolicy's statistics (a tensor), in the groups."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from saf_kernels.optim import AdaptivePolicy
+
+    def make(seed):
+        model = _model(seed)
+        return model, SAM(model.parameters(), torch.optim.SGD, policy=AdaptivePolicy(), **SAM_KW)
+
+    model, opt = make(0)
+    _train(model, opt, None, range(STEPS))
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path))
+    model2, opt2 = make(7)
+    opt2.init_state()
+    msd, osd = get_state_dict(model2, opt2)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert opt2.steps_done == STEPS
+    want, got = opt.policy.state_dict(), opt2.policy.state_dict()
+    assert torch.equal(got["stats"], want["stats"]) and got["decided_for"] == want["decided_for"]
+    assert all("saf_kernels" not in g for g in opt2.param_groups)
+    _train(model, opt, None, range(STEPS, STEPS + 2))
+    _train(model2, opt2, None, range(STEPS, STEPS + 2))
+    assert all(torch.equal(bits(p), bits(q)) for p, q in zip(model.parameters(), model2.parameters()))

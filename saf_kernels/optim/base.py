@@ -35,6 +35,7 @@ Fast by default: the fused restore + base step runs whenever the base optimizer 
 from __future__ import annotations
 
 import contextlib
+import io
 import warnings
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -720,8 +721,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         # Also in every group (copies made by the state_dict above): torch.distributed.checkpoint's
         # get_state_dict / get_optimizer_state_dict keep only "state" and "param_groups" (with
         # all of each group's keys), so a sharded checkpoint keeps the schedule's clock this way.
+        # As bytes: DCP plans a load from a fresh optimizer's entry, whose policy has no
+        # statistics tensor yet (a tensor where the template has none fails the load).
+        packed = _pack(sd["saf_kernels"])
         for g in sd["param_groups"]:
-            g["saf_kernels"] = sd["saf_kernels"]
+            g["saf_kernels"] = packed
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -731,7 +735,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         groups = state_dict.get("param_groups")
         if isinstance(groups, list) and any(isinstance(g, dict) and "saf_kernels" in g for g in groups):
             # (a checkpoint through torch.distributed.checkpoint: the info travelled in the groups)
-            info = info or next(g["saf_kernels"] for g in groups if "saf_kernels" in g)
+            info = info or _unpack(next(g["saf_kernels"] for g in groups if "saf_kernels" in g))
             state_dict = {**state_dict, "param_groups": [{k: v for k, v in g.items() if k != "saf_kernels"}
                                                          for g in groups]}
         if info and info.get("base_optimizer") not in (None, type(self.base_optimizer).__name__):
@@ -812,6 +816,18 @@ def refuse_sharded(name: str, param_groups: list[dict]) -> None:
                     f"{name}: param_groups[{i}]['params'][{j}] is a DTensor (a model sharded by FSDP2's fully_shard); "
                     f"{name} does not run on sharded parameters yet (SAM and ASAM do; see the README's "
                     "'Sharded training (FSDP2)')")
+
+
+def _pack(info: dict) -> bytes:
+    """The optimizer's own checkpoint entry as bytes (``torch.save``; a host copy of the policy's
+    statistics, once per checkpoint)."""
+    buf = io.BytesIO()
+    torch.save(info, buf)
+    return buf.getvalue()
+
+
+def _unpack(packed) -> dict:
+    return torch.load(io.BytesIO(packed), weights_only=True) if isinstance(packed, (bytes, bytearray)) else packed
 
 
 def no_sharded_grads(name: str, param_groups: list[dict]) -> None:
