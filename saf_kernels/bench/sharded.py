@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 TITLE = ("Sharded training: one step under DDP and FSDP2 ({world} ranks, {backend}, {model}, global batch {batch}; "
-         "vs SGD = same wrapper's SGD; collectives per step on rank 0: count / bytes it sends)")
+         "vs SGD = same wrapper's SGD; collectives per step on rank 0: count / input bytes)")
 WORLD = 2
 CONFIGS = [(w, m) for w in ("ddp", "fsdp2") for m in ("sgd", "sam", "sam_fused")]
 # The collectives counted: torch.distributed's name (the first one present: torch 2.13 renamed
