@@ -32,8 +32,9 @@ TITLE = ("Sharded training: one step under DDP and FSDP2 ({world} ranks, {backen
 WORLD = 2
 CONFIGS = [(w, m) for w in ("ddp", "fsdp2") for m in ("sgd", "sam", "sam_fused")]
 # The collectives counted: torch.distributed's name (the first one present: torch 2.13 renamed
-# reduce_scatter_tensor / all_gather_into_tensor, the old names call the new ones) and the
-# (keyword, position) of the tensor each rank sends.
+# reduce_scatter_tensor / all_gather_into_tensor, and FSDP2 calls the new names) and the
+# (keyword, position) of the tensor each rank puts in. Calls through torch.distributed's
+# namespace are counted (FSDP2's, DDP's comm hook's, this library's), not calls inside c10d.
 _COUNTED = [(("all_reduce",), "tensor", 0), (("reduce_scatter_single", "reduce_scatter_tensor"), "input", 1),
             (("all_gather_single", "all_gather_into_tensor"), "input_tensor", 1)]
 
