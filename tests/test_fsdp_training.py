@@ -56,15 +56,25 @@ def _mesa_run(model, mesa, rank=None):
         mesa.update()
 
 
-def _mesa_fsdp(rank):
+def _mesa_fsdp(rank, out_dir):
+    import torch.distributed.checkpoint as dcp
+
     model = _shard(_classifier())
     with pytest.raises(TypeError, match="cannot be deep-copied"):
         sk.MESA(model)
     mesa = sk.MESA(model, teacher=_shard(_classifier(5)), **MESA_KW)  # other weights: replaced by the model's
     _mesa_run(model, mesa, rank)
     assert all(type(p).__name__ == "DTensor" for p in mesa.teacher.parameters())
+    # the teacher's sharded state through torch.distributed.checkpoint, into another teacher
+    dcp.save(mesa.state_dict(), checkpoint_id=f"{out_dir}/mesa")
+    other = sk.MESA(model, teacher=_shard(_classifier(5)), **MESA_KW)  # (the model's weights now)
+    state = other.state_dict()
+    dcp.load(state, checkpoint_id=f"{out_dir}/mesa")
+    other.load_state_dict(state)
+    restored = all(torch.equal(bits(a.to_local()), bits(b.to_local()))
+                   for a, b in zip(other.teacher.parameters(), mesa.teacher.parameters()))
     return {"mesa:model": [p.full_tensor() for p in model.parameters()],
-            "mesa:teacher": [p.full_tensor() for p in mesa.teacher.parameters()]}
+            "mesa:teacher": [p.full_tensor() for p in mesa.teacher.parameters()], "mesa:restored": restored}
 
 
 def _mesa_single():
@@ -232,7 +242,7 @@ def _batchnorm(rank):
 def _worker(rank, port, out_dir):
     with gloo_group(rank, WORLD, port):
         out = {}
-        out.update(_mesa_fsdp(rank))
+        out.update(_mesa_fsdp(rank, out_dir))
         out["accumulate"] = _accumulate(_shard(_model()), rank)
         out["scaled"], out["scale"] = _scaled(_shard(_model()), rank)
         out.update(_checkpoint(rank, out_dir))
@@ -254,6 +264,7 @@ def test_fsdp2_training(tmp_path):
     for rank, out in enumerate(ranks):
         _close(out["mesa:model"], model, f"MESA model, rank {rank}")
         _close(out["mesa:teacher"], teacher, f"MESA teacher, rank {rank}")
+        assert out["mesa:restored"], f"rank {rank}: the teacher loaded through DCP differs"
     want = _accumulate(_model(), None)
     for rank, out in enumerate(ranks):
         _close(out["accumulate"], want, f"SAM with accumulation, rank {rank}")
