@@ -31,6 +31,7 @@ import numbers
 
 import torch
 
+from .ops import _multi_tensor as mt
 from .ops import ema as _ema
 from .ops import trajectory_bank as _tb
 from .ops.trajectory_loss import saf_loss as _saf_loss
@@ -440,6 +441,15 @@ class SAF:
         self.bank.load_state_dict(state_dict["bank"])
 
 
+def _kind(t: torch.Tensor) -> str:
+    return "a DTensor" if mt.is_dtensor(t) else "a plain tensor"
+
+
+def _fsdp2_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2 (``fully_shard``) parameters: DTensors."""
+    return any(mt.is_dtensor(p) for p in model.parameters())
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     # DistributedDataParallel / DataParallel keep the model in .module; torch.compile in ._orig_mod.
     while True:
@@ -482,14 +492,30 @@ class MESA:
     ``teacher_autocast=torch.bfloat16`` (or float16) runs it under autocast, as the official code
     does when training with AMP: faster, with the target rounded to that precision before it is
     softened by ``T``. The teacher's weights stay in the model's dtype.
+
+    ``teacher``: a module of the model's architecture to use as the teacher instead of a deep copy
+    (its weights are overwritten with the model's at construction; its dtype and device are kept
+    as they are). Needed under FSDP2: a ``fully_shard``-ed model cannot be deep-copied, so build
+    the same architecture again, ``fully_shard`` it exactly as the model (same submodules, same
+    mesh) and pass it::
+
+        model = shard(make_model())
+        mesa = MESA(model, teacher=shard(make_model()))
+
+    The teacher's parameters are then DTensors sharded like the model's: its memory is
+    ``1/world`` of a replica per rank, :meth:`update` is one ``ema_update_`` on the local shards
+    (no communication; buffers, which FSDP2 does not shard, in a second call), and its forward
+    all-gathers its parameters as FSDP does (under ``no_grad``, resharded after use).
     """
 
     def __init__(self, model: torch.nn.Module, lam: float = 0.8, temperature: float = 5.0, decay: float = 0.9998,
                  start_epoch: int = 5, label_smoothing: float = 0.0, ignore_index: int = -100, backend: str = "auto",
-                 teacher_autocast: torch.dtype | None = None):
+                 teacher_autocast: torch.dtype | None = None, teacher: torch.nn.Module | None = None):
         fn = "saf_kernels.MESA"
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+        if teacher is not None and not isinstance(teacher, torch.nn.Module):
+            raise TypeError(f"{fn}: teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
         self.lam = _tb._check_real("lam", lam, fn)
         self.temperature = _tb._check_real("temperature", temperature, fn, positive=True)
         self.decay = _tb._check_real("decay", decay, fn, lo=0.0, hi=1.0)
@@ -502,31 +528,64 @@ class MESA:
                              f"{teacher_autocast!r}")
         self.teacher_autocast = teacher_autocast
         self.model = _unwrap(model)
-        self.teacher = copy.deepcopy(self.model).eval()
-        self.teacher.requires_grad_(False)
+        if teacher is None:
+            if _fsdp2_sharded(self.model):
+                raise TypeError(f"{fn}: the model is sharded by FSDP2's fully_shard, which cannot be deep-copied; "
+                                "build the same architecture, fully_shard it as the model and pass it as "
+                                "MESA(model, teacher=...)")
+            self.teacher = copy.deepcopy(self.model)
+        else:
+            self.teacher = _unwrap(teacher)
+            if self.teacher is self.model:
+                raise ValueError(f"{fn}: teacher is the model itself; pass a second module of the same architecture")
+        self.teacher.eval().requires_grad_(False)
         self.refresh()
+        if teacher is not None:
+            self._copy_from_model()
 
     def refresh(self) -> None:
         """Re-pair the teacher's tensors with the model's (after the model's tensors were replaced)."""
         t_state = dict(self.teacher.named_parameters()) | dict(self.teacher.named_buffers())
         m_state = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         if t_state.keys() != m_state.keys():
-            raise ValueError("saf_kernels.MESA: the model's parameters and buffers no longer match the teacher's: "
+            raise ValueError("saf_kernels.MESA: the model's parameters and buffers do not match the teacher's: "
                              f"{sorted(set(t_state) ^ set(m_state))[:5]}")
-        self._ema, self._src, self._int_dst, self._int_src = [], [], [], []
+        # (teacher, model) lists of the floating tensors: one pair of lists, or under FSDP2 two
+        # (the sharded parameters, and the buffers FSDP2 leaves unsharded).
+        floats: dict[bool, tuple[list, list]] = {}
+        self._int_dst, self._int_src = [], []
         for name, t in t_state.items():
             m = m_state[name]
+            if t.shape != m.shape:
+                raise ValueError(f"saf_kernels.MESA: the teacher's {name} has shape {list(t.shape)} but the model's "
+                                 f"has {list(m.shape)}")
             if t.is_floating_point():
-                self._ema.append(t)
-                self._src.append(m)  # the Parameter itself: it survives `.data` replacement
+                if mt.is_dtensor(t) != mt.is_dtensor(m):
+                    raise ValueError(f"saf_kernels.MESA: the teacher's {name} is {_kind(t)} but the model's is "
+                                     f"{_kind(m)}: fully_shard the teacher exactly as the model")
+                ema, src = floats.setdefault(mt.is_dtensor(t), ([], []))
+                ema.append(t)
+                src.append(m)  # the Parameter itself: it survives `.data` replacement
             else:
                 self._int_dst.append(t)
                 self._int_src.append(m)
+        self._float_pairs = list(floats.values())
+
+    @torch.no_grad()
+    def _copy_from_model(self) -> None:
+        """The teacher's tensors := the model's (local shards under FSDP2: no communication; the
+        shardings are checked as ``ema_update_`` checks them)."""
+        for ema, src in self._float_pairs:
+            ema, src, _ = mt.local_shards("saf_kernels.MESA", teacher=ema, model=src)
+            torch._foreach_copy_(ema, src)  # exact (0 * teacher + model would turn an inf into NaN)
+        if self._int_dst:
+            torch._foreach_copy_(self._int_dst, self._int_src)
 
     @torch.no_grad()
     def update(self) -> None:
         """``teacher = decay * teacher + (1 - decay) * model`` (call after each optimizer step)."""
-        _ema.ema_update_(self._ema, self._src, self.decay, backend=self.backend)
+        for ema, src in self._float_pairs:
+            _ema.ema_update_(ema, src, self.decay, backend=self.backend)
         if self._int_dst:
             torch._foreach_copy_(self._int_dst, self._int_src)
 

@@ -5,6 +5,7 @@ Examples::
 
     python -m saf_kernels.bench --quick
     python -m saf_kernels.bench --ops saf_loss --json out.json --plot out.png
+    python -m saf_kernels.bench --ops none --methods none --sharded    # DDP and FSDP2, 2 processes
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default=None, metavar="PATH", help="write a PNG chart of the ratios here")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baselines (slow to build)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--sharded", action="store_true",
+                    help="also SGD / SAM / SAM fused_step under DDP and FSDP2 in 2 processes, with the collectives "
+                         "counted (saf_kernels.bench.sharded; a few minutes on a 2-core CPU)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -92,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             mrows = methods_mod.run_method_benchmarks(device, args.quick, methods, progress)
             rows += mrows
             sections[methods_mod.TITLE.format(**methods_mod.describe(device, args.quick))] = method_table(mrows)
+    if args.sharded:
+        from . import sharded
+
+        srows, fields = sharded.run(device, args.quick, progress)
+        rows += srows
+        sections[sharded.TITLE.format(**fields) if fields else "Sharded training"] = sharded.table(srows)
     progress.close()
     env["wall_s"] = round(time.perf_counter() - t0, 1)
     text = render(env, rows, sections)

@@ -35,6 +35,7 @@ Fast by default: the fused restore + base step runs whenever the base optimizer 
 from __future__ import annotations
 
 import contextlib
+import io
 import warnings
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -306,6 +307,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 "opt.sam_step before the second pass, and finish this step with second_step() or step()"
             )
         params, grads, groups = self._selected(*self._collect())
+        if not params:
+            no_sharded_grads(type(self).__name__, self.param_groups)
         stash = self._stash_for(params)
         norm = self._perturb(params, grads, stash, groups, grad_scale)
         self._perturbed = params
@@ -715,12 +718,26 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         }
         if self.policy is not None:
             sd["saf_kernels"]["policy"] = self.policy.state_dict()
+        # Also in every group (copies made by the state_dict above): torch.distributed.checkpoint's
+        # get_state_dict / get_optimizer_state_dict keep only "state" and "param_groups" (with
+        # all of each group's keys), so a sharded checkpoint keeps the schedule's clock this way.
+        # As bytes: DCP plans a load from a fresh optimizer's entry, whose policy has no
+        # statistics tensor yet (a tensor where the template has none fails the load).
+        packed = _pack(sd["saf_kernels"])
+        for g in sd["param_groups"]:
+            g["saf_kernels"] = packed
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads groups and the base optimizer's state (through the base optimizer, so that its
         own rules for casting state, e.g. Adam's ``step``, apply), keeping the two shared."""
         info = state_dict.get("saf_kernels")
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, list) and any(isinstance(g, dict) and "saf_kernels" in g for g in groups):
+            # (a checkpoint through torch.distributed.checkpoint: the info travelled in the groups)
+            info = info or _unpack(next(g["saf_kernels"] for g in groups if "saf_kernels" in g))
+            state_dict = {**state_dict, "param_groups": [{k: v for k, v in g.items() if k != "saf_kernels"}
+                                                         for g in groups]}
         if info and info.get("base_optimizer") not in (None, type(self.base_optimizer).__name__):
             raise ValueError(
                 f"{type(self).__name__}.load_state_dict: the checkpoint's base optimizer is "
@@ -799,6 +816,33 @@ def refuse_sharded(name: str, param_groups: list[dict]) -> None:
                     f"{name}: param_groups[{i}]['params'][{j}] is a DTensor (a model sharded by FSDP2's fully_shard); "
                     f"{name} does not run on sharded parameters yet (SAM and ASAM do; see the README's "
                     "'Sharded training (FSDP2)')")
+
+
+def _pack(info: dict) -> bytes:
+    """The optimizer's own checkpoint entry as bytes (``torch.save``; a host copy of the policy's
+    statistics, once per checkpoint)."""
+    buf = io.BytesIO()
+    torch.save(info, buf)
+    return buf.getvalue()
+
+
+def _unpack(packed) -> dict:
+    return torch.load(io.BytesIO(packed), weights_only=True) if isinstance(packed, (bytes, bytearray)) else packed
+
+
+def no_sharded_grads(name: str, param_groups: list[dict]) -> None:
+    """Raises if the parameters are sharded (FSDP2) and none has a gradient at ``first_step``: the
+    first backward ran without gradient sync, the way a per-replica (m-sharpness) first pass would
+    be asked for, which FSDP2 cannot give (the gradients then stay unsharded on the FSDP modules,
+    not on the parameters)."""
+    if any(mt.is_dtensor(p) for g in param_groups for p in g["params"]):
+        raise RuntimeError(
+            f"{name}.first_step(): no sharded parameter has a gradient. Under FSDP2 the first backward must "
+            "reduce-scatter its gradients (set_requires_gradient_sync(True), the default, on its last "
+            "micro-batch): a per-replica (m-sharpness) first pass is not supported under FSDP2, since each "
+            "rank would need its own perturbed copy of the whole model while ranks share the sharded "
+            "weights, and the unsynchronised gradients are full-size on every rank (see the README's "
+            "'Sharded training (FSDP2)'). Use DDP for m-sharpness.")
 
 
 def nonneg(value, name: str, fn: str) -> float:
