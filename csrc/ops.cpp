@@ -103,7 +103,14 @@ TORCH_LIBRARY(saf_kernels, m) {
   m.def(
       "esam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] stash, float[] rho, float[] eta, "
       "float[] beta, int[] flags, float eps, int seed, int offset, int stash_mode, Tensor? grad_scale, "
-      "Tensor? found_inf) -> Tensor");
+      "Tensor? found_inf, Tensor? sumsq=None) -> Tensor");
+  // sumsq (sharded training), as sam_perturb_'s: the all-reduce of every shard's esam_sumsq; when
+  // given, esam_perturb_ skips its own partial sums and finalizes from it.
+  // The partial-sum stage of esam_perturb_ alone: sum of (keep * T * g)^2 over the (local) tensors
+  // (the mask drawn as esam_perturb_ draws it), a 0-dim float64 tensor on their device.
+  m.def(
+      "esam_sumsq(Tensor[] params, Tensor[] grads, float[] eta, float[] beta, int[] flags, int seed, int offset) "
+      "-> Tensor");
   // Undo esam_perturb_: copy mode restores bit for bit; delta mode regenerates the mask and
   // subtracts the stashed perturbation from the kept elements only.
   m.def(
@@ -116,21 +123,31 @@ TORCH_LIBRARY(saf_kernels, m) {
   // delta, w = stash + rho * d / (||d|| + eps). Returns ||d||; non-finite or found_inf: w = stash.
   m.def(
       "rsam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor[] stash, float[] rho, float lam, float eps, "
-      "Tensor? grad_scale, Tensor? found_inf) -> Tensor");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? sumsq=None) -> Tensor");
+  // sumsq (sharded training), as sam_perturb_'s: the all-reduce of every shard's rsam_sumsq.
+  // The partial-sum stage of rsam_perturb_ alone: sum of d^2, d = lam * g / grad_scale + (w - stash),
+  // over the (local) tensors, a 0-dim float64 tensor on their device (unscaled).
+  m.def(
+      "rsam_sumsq(Tensor[] params, Tensor[] grads, Tensor[] stash, float lam, Tensor? grad_scale) -> Tensor");
   // GSAM: <old_g, g>, |old_g|^2, |g|^2 in one pass, then g = g_p - alpha * g_perp (unscaled) in
   // place, and w restored from the stash if restore. Returns [cos, ||old_g||, ||g||]. found_inf > 0:
   // the gradients are left as they are (the caller skips the step); a non-finite sum: g = g_p.
   m.def(
       "gsam_combine_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] old_grads, Tensor[] stash, float alpha, "
-      "float eps, int stash_mode, bool restore, Tensor? grad_scale, Tensor? old_grad_scale, Tensor? found_inf) "
-      "-> Tensor");
+      "float eps, int stash_mode, bool restore, Tensor? grad_scale, Tensor? old_grad_scale, Tensor? found_inf, "
+      "Tensor? sums=None) -> Tensor");
   // GSAM fused: the same reductions, then restore + one torch.optim.SGD step with g_p - alpha *
   // g_perp (flags as sam_restore_sgd_). found_inf > 0: restore only; a non-finite sum: g = g_p.
   m.def(
       "gsam_restore_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor[] old_grads, Tensor[] stash, "
       "Tensor(b!)[] momentum_buffers, float[] lr, float[] weight_decay, float[] momentum, float[] dampening, "
       "int[] flags, float alpha, float eps, int stash_mode, Tensor? grad_scale, Tensor? old_grad_scale, "
-      "Tensor? found_inf) -> Tensor");
+      "Tensor? found_inf, Tensor? sums=None) -> Tensor");
+  // sums (sharded training, both GSAM ops): [<old_g, g>, |old_g|^2, |g|^2] over every shard (the
+  // all-reduce of each shard's gsam_sums); when given, the op skips its own partial sums.
+  // The partial-sum stage of the GSAM ops alone: [<old_g, g>, |old_g|^2, |g|^2] over the (local)
+  // tensors, in the gradients' (scaled) units, a float64 tensor of 3 values on their device.
+  m.def("gsam_sums(Tensor[] grads, Tensor[] old_grads) -> Tensor");
   // ---- end ESAM, R-SAM, GSAM ----
 
   // ---- LookSAM, Momentum-SAM (math: saf/multi_tensor.h, namespaces looksam and msam) ----
