@@ -115,14 +115,14 @@ def _sharded_noise(fn, params, stash, std_l, seed, offset, group, backend) -> No
     dev = params[vecs[0]].device
     sq = torch.stack([params[i].double().square().sum() for i in vecs])
     torch.distributed.all_reduce(sq, group=group)
-    scale = torch.tensor([std_l[i] for i in vecs], dtype=torch.float64, device=dev) * (sq.sqrt() + 1e-16)
+    norms = sq.sqrt() + 1e-16  # stays on the device: no copy to or from the host
     ctr = offset + sum((params[i].numel() + 3) // 4 for i in units)
     for k, i in enumerate(vecs):
         p, s = params[i], stash[i]
         if p.numel():
             z = philox_(torch.empty(p.shape, dtype=torch.float32, device=dev), seed, ctr, "normal", backend=backend)
             s.copy_(p)
-            p.copy_(p.to(_acc(p)) + scale[k].to(_acc(p)) * z.to(_acc(p)))
+            p.copy_(p.to(_acc(p)) + (std_l[i] * norms[k]).to(_acc(p)) * z.to(_acc(p)))
         ctr += (p.numel() + 3) // 4
 
 
