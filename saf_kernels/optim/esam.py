@@ -122,7 +122,9 @@ class ESAM(TwoPassOptimizer):
     each rank draws the keep mask of its own shards (a per-rank Philox offset: the same
     Bernoulli(beta) per element, not the unsharded run's draw) and the norm of the kept
     gradients is global (one all-reduce of one float64 value per step). SDS selects among each
-    rank's own samples (``ceil(gamma * B_rank)`` per rank, as the official code under DDP);
+    rank's own samples (``ceil(gamma * B_rank)`` per rank, as the official code under DDP; give
+    every rank the same number of samples, or a rank that skips SDS's forward leaves FSDP's
+    collectives unmatched);
     with ``gamma=1`` a sharded step equals one process training on the whole batch with the
     same masks. See the README's "Sharded training (FSDP2)".
 
