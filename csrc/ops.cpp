@@ -154,10 +154,17 @@ TORCH_LIBRARY(saf_kernels, m) {
   // LookSAM's SAM step: gv = g_s - (<g, g_s> / |g|^2) g (g_s = grads, g = old_grads) and
   // gv_norm = |gv| (float32 / float64, summed from the stored gv); a non-finite coefficient or
   // |g| = 0 leaves gv and gv_norm. Returns [cos(g, g_s), |g|, |g_s|].
-  m.def("looksam_gv_(Tensor(a!)[] gv, Tensor(b!) gv_norm, Tensor[] grads, Tensor[] old_grads, float eps) -> Tensor");
+  m.def(
+      "looksam_gv_(Tensor(a!)[] gv, Tensor(b!) gv_norm, Tensor[] grads, Tensor[] old_grads, float eps, "
+      "Tensor? sums=None) -> Tensor");
+  // sums (sharded training): gsam_sums(grads, old_grads) over every shard; when given, the op skips
+  // its own partial sums (gv_norm is then the local shards' |gv|: the caller reduces it).
   // LookSAM's reuse step: g += alpha |g| / (gv_norm + eps) gv (a zero or non-finite gv_norm or a
   // non-finite |g| leaves g). Returns |g| before the update.
-  m.def("looksam_combine_(Tensor(a!)[] grads, Tensor[] gv, Tensor gv_norm, float alpha, float eps) -> Tensor");
+  m.def(
+      "looksam_combine_(Tensor(a!)[] grads, Tensor[] gv, Tensor gv_norm, float alpha, float eps, Tensor? sumsq=None) "
+      "-> Tensor");
+  // sumsq (sharded training): |g|^2 over every shard (the all-reduce of sam_sumsq(grads, grads)).
   // Momentum-SAM with SGD, the weights at the perturbed point on entry and exit: d = g + wd w;
   // w += rho_prev inv_norm buf; buf = momentum buf + d; w -= lr buf; inv_norm = 1 / (|buf| + eps);
   // w -= rho inv_norm buf. inv_norm (one element, any float dtype) carries the previous step's

@@ -723,17 +723,25 @@ def gsam_restore_sgd_(params, grads, old_grads, stash, momentum_buffers, lr, wei
 # --------------------------------------------------------------------------------------------
 
 
-def looksam_gv_(gv, gv_norm, grads, old_grads, eps=1e-12) -> torch.Tensor:
+def looksam_gv_applies(sums: torch.Tensor) -> torch.Tensor:
+    """Whether :func:`looksam_gv_`'s coefficient applies, from ``[<g, g_s>, |g|^2, |g_s|^2]``."""
+    dot, gg, ss = sums.double().unbind()
+    return torch.isfinite(dot / gg) & torch.isfinite(ss) & (gg > 0)
+
+
+def looksam_gv_(gv, gv_norm, grads, old_grads, eps=1e-12, sums=None) -> torch.Tensor:
     """Reference of :func:`saf_kernels.ops.looksam_gv_`: ``gv = g_s - (<g, g_s> / |g|^2) g`` with
     ``g_s = grads`` (at the perturbed weights) and ``g = old_grads``, and ``gv_norm = |gv|``
     summed from the written ``gv`` (``|g_s|^2 - <g, g_s>^2 / |g|^2`` cancels badly when ``g_s``
     is nearly parallel to ``g``, the usual case). Non-finite coefficients or a zero ``|g|``
-    leave ``gv`` and ``gv_norm`` unchanged. Returns ``[cos(g, g_s), |g|, |g_s|]``."""
-    dot = sum((a.double() * b.double()).sum() for a, b in zip(old_grads, grads))
-    gg = sum((a.double() ** 2).sum() for a in old_grads)
-    ss = sum((b.double() ** 2).sum() for b in grads)
+    leave ``gv`` and ``gv_norm`` unchanged. Returns ``[cos(g, g_s), |g|, |g_s|]``. ``sums``
+    (sharded training): ``[<g, g_s>, |g|^2, |g_s|^2]`` over every shard, used instead of this
+    list's (``gv_norm`` is then this list's ``|gv|``)."""
+    if sums is None:
+        sums = gsam_sums(grads, old_grads)
+    dot, gg, ss = sums.double().unbind()
     c = dot / gg
-    ok = torch.isfinite(c) & torch.isfinite(ss) & (gg > 0)
+    ok = looksam_gv_applies(sums)
     for v, g, o in zip(gv, grads, old_grads):
         dt = _acc(v)
         new = g.to(dt) - c.to(dt) * o.to(dt)
@@ -745,12 +753,12 @@ def looksam_gv_(gv, gv_norm, grads, old_grads, eps=1e-12) -> torch.Tensor:
     return torch.stack([dot / (n_old * n_new + eps), n_old, n_new]).to(acc)
 
 
-def looksam_combine_(grads, gv, gv_norm, alpha, eps=1e-8) -> torch.Tensor:
+def looksam_combine_(grads, gv, gv_norm, alpha, eps=1e-8, sumsq=None) -> torch.Tensor:
     """Reference of :func:`saf_kernels.ops.looksam_combine_`: ``g += alpha |g| / (|gv| + eps) gv``
     (scale invariant in ``g`` and ``gv``, so AMP-scaled gradients need no unscaling). A zero or
     non-finite ``gv_norm`` or a non-finite ``|g|`` leaves ``g`` as it is. Returns ``|g|`` before
-    the update."""
-    gg = sum((g.double() ** 2).sum() for g in grads)
+    the update. ``sumsq`` (sharded training): ``|g|^2`` over every shard."""
+    gg = sum((g.double() ** 2).sum() for g in grads) if sumsq is None else sumsq.double().reshape(())
     ng = gg.sqrt()
     nv = gv_norm.double().reshape(())
     ok = torch.isfinite(ng) & torch.isfinite(nv) & (nv > 0)

@@ -239,7 +239,7 @@ def _same_split(op, backend, make_args, partial):
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
 def test_gsam_rsam_sums_split_equals_plain_call(backend, device):
-    """GSAM's split (gsam_sums, then sums=) in both ops, and R-SAM's (rsam_sumsq, then sumsq=)."""
+    """GSAM's split (gsam_sums, then sums=) in both ops, R-SAM's (rsam_sumsq, then sumsq=), LookSAM's two."""
     skip_unless_available(backend, device, "gsam_combine_")
     from saf_kernels.ops import gsam as gsam_ops
     from saf_kernels.ops import rsam as rsam_ops
@@ -263,6 +263,12 @@ def test_gsam_rsam_sums_split_equals_plain_call(backend, device):
                                 [t.double() for t in stash], 2.0)
     torch.testing.assert_close(s.cpu(), want.cpu(), rtol=TOL[torch.float32][0], atol=0)
     _same_split("rsam_perturb_", backend, lambda: (fresh(params), grads, stash, [0.1] * n, 2.0, 1e-12, None, None), s)
+    # LookSAM: gv_ with GSAM's sums of (g_s = grads, g = old), combine_ with |g|^2
+    norm = torch.ones((), device=device)
+    _same_split("looksam_gv_", backend, lambda: ([torch.zeros_like(g) for g in grads], norm.clone(), grads, old,
+                                                 1e-12), sums)
+    gg = sam_ops.sam_sumsq(grads, grads, backend=backend)
+    _same_split("looksam_combine_", backend, lambda: (fresh(grads), old, norm, 0.7, 1e-8), gg)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS + [pytest.param("torch", "cpu", id="torch-cpu")])
@@ -317,16 +323,13 @@ def test_sharded_argument_errors():
         want = sam_ops.sam_perturb_(plain, [g.to_local()], [torch.empty(4, 3)], 0.1)
         assert torch.equal(norm, want) and torch.equal(w.to_local(), plain[0])
         p = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-        for cls in (LookSAM,):
-            with pytest.raises(NotImplementedError, match="does not run on sharded parameters"):
-                cls([p], torch.optim.SGD, lr=0.1)
         with pytest.raises(NotImplementedError, match="does not run on sharded parameters"):
             MSAM([p], lr=0.1)
         with pytest.raises(NotImplementedError, match="swp='tensor' does not run on sharded parameters"):
             ESAM([p], torch.optim.SGD, lr=0.1, swp="tensor")
         with pytest.raises(NotImplementedError, match="does not run on sharded tensors yet"):
-            from saf_kernels.ops import looksam as looksam_ops
-            looksam_ops.looksam_combine_([w], [stash], torch.ones(()), 0.5)
+            from saf_kernels.ops import msam as msam_ops
+            msam_ops.msam_sgd_([w], [g], [stash], torch.ones(()), lr=0.1, rho_prev=0.0, rho=0.1)
     finally:
         dist.destroy_process_group()
 
@@ -473,6 +476,8 @@ SLICE2 = {
     "gsam-sgd-fused": _plain(GSAM, torch.optim.SGD, rho=0.1, alpha=0.4, lr=0.1, momentum=0.9),
     "gsam-adamw": _plain(GSAM, torch.optim.AdamW, rho=0.1, alpha=0.4, lr=1e-2),
     "rsam": (_plain(RSAM, torch.optim.SGD, **RSAM_KW)[0], _plain(_RSAMPerShardNoise, torch.optim.SGD, **RSAM_KW)[1]),
+    # k=2 over 3 steps: a SAM step (g_v), a reuse step, a SAM step
+    "looksam": _plain(LookSAM, torch.optim.SGD, rho=0.1, k=2, alpha=0.7, lr=0.1, momentum=0.9),
 }
 # the noise: the ops' float32 normals against the reference's float64 ones from the same uniforms
 RTOL = {"rsam": 1e-6}

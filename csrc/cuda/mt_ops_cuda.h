@@ -74,9 +74,9 @@ at::Tensor gsam_sums_cuda(at::TensorList grads, at::TensorList old_grads);
 
 // looksam_cuda.cpp
 at::Tensor looksam_gv_cuda(at::TensorList gv, const at::Tensor& gv_norm, at::TensorList grads, at::TensorList old_grads,
-                           double eps);
+                           double eps, const std::optional<at::Tensor>& sums);
 at::Tensor looksam_combine_cuda(at::TensorList grads, at::TensorList gv, const at::Tensor& gv_norm, double alpha,
-                                double eps);
+                                double eps, const std::optional<at::Tensor>& sumsq);
 
 // msam_cuda.cpp
 at::Tensor msam_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,

@@ -173,7 +173,7 @@ def tensor_lists(fn: str, **named) -> tuple:
 #: The ops that take lists of DTensors (FSDP2's sharded parameters, gradients and states).
 SHARDED_OPS = ("sam_perturb_", "sam_restore_", "sam_restore_sgd_", "sam_restore_adamw_", "ema_update_",
                "esam_perturb_", "esam_restore_", "gsam_combine_", "gsam_restore_sgd_",
-               "rsam_noise_", "rsam_perturb_")
+               "rsam_noise_", "rsam_perturb_", "looksam_gv_", "looksam_combine_")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
