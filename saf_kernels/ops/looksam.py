@@ -23,6 +23,8 @@ import torch
 
 from .. import _checks, reference
 from . import _multi_tensor as mt
+from .gsam import _global_sums
+from .sam import sam_sumsq
 
 mt.register("looksam_gv_",
             "(Tensor(a0!)[] gv, Tensor(a1!) gv_norm, Tensor[] grads, Tensor[] old_grads, float eps, "
@@ -87,11 +89,6 @@ def looksam_gv_(
     return stats
 
 
-def _global_sums(fn, backend, dev, grads, old, group) -> torch.Tensor:
-    from .gsam import _global_sums as gsam_global_sums
-
-    return gsam_global_sums(fn, backend, dev, grads, old, group)
-
 
 @torch.no_grad()
 def looksam_combine_(
@@ -122,8 +119,6 @@ def looksam_combine_(
     _check_norm(gv_norm, fn, dev)
     sumsq = None
     if group is not None:
-        from .sam import sam_sumsq
-
         sumsq = sam_sumsq(grads, grads, backend=backend)  # |g|^2 (params unread without ASAM's scaling)
         torch.distributed.all_reduce(sumsq, group=group)
     return mt.run("looksam_combine_", fn, backend, dev, [("grads", grads), ("gv", gv)],
