@@ -353,8 +353,7 @@ inline Plan sam_perturb_plan(at::TensorList params, at::TensorList grads, at::Te
 // The plan of sam_perturb_'s partial-sum stage alone (sam_sumsq): its streams w and g (the
 // gradients stand in for the stash, never read), eta and the adaptive flags.
 inline Plan sam_sumsq_plan(at::TensorList params, at::TensorList grads, at::ArrayRef<double> eta,
-                           at::IntArrayRef flags, int64_t chunk) {
-  const char* op = "saf_kernels.sam_sumsq";
+                           at::IntArrayRef flags, int64_t chunk, const char* op = "saf_kernels.sam_sumsq") {
   check_finite_nonneg(eta, op, "eta");
   Plan plan(op, {{"params", params}, {"grads", grads}, {"grads", grads}}, chunk);
   check_same_dtype(params, grads, op, "params", "grads");
@@ -454,6 +453,19 @@ inline Plan esam_perturb_plan(at::TensorList params, at::TensorList grads, at::T
   return plan;
 }
 
+// The plan of esam_perturb_'s partial-sum stage alone (esam_sumsq): sam_sumsq's streams and
+// slots, beta and the padded Philox positions (the mask drawn as esam_perturb_ draws it).
+inline Plan esam_sumsq_plan(at::TensorList params, at::TensorList grads, at::ArrayRef<double> eta,
+                            at::ArrayRef<double> beta, at::IntArrayRef flags, int64_t offset, int64_t chunk) {
+  const char* op = "saf_kernels.esam_sumsq";
+  check_unit_interval(beta, op, "beta");
+  check_offset(offset, op);
+  Plan plan = sam_sumsq_plan(params, grads, eta, flags, chunk, op);
+  plan.set_param(esam::BETA, beta, "beta");
+  pad_rng_offsets(plan);
+  return plan;
+}
+
 inline Plan esam_restore_plan(at::TensorList params, at::TensorList stash, at::ArrayRef<double> beta, int64_t offset,
                               int64_t stash_mode, int64_t chunk) {
   const char* op = "saf_kernels.esam_restore_";
@@ -499,19 +511,28 @@ inline Plan rsam_noise_plan(at::TensorList params, at::TensorList stash, at::Arr
   return plan;
 }
 
+// The plan of rsam_perturb_'s partial-sum stage (rsam_sumsq; rho unset) and, with rho, of
+// rsam_perturb_ itself.
+inline Plan rsam_sumsq_plan(at::TensorList params, at::TensorList grads, at::TensorList stash, double lam,
+                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                            int64_t chunk, const char* op = "saf_kernels.rsam_sumsq") {
+  TORCH_CHECK_VALUE(std::isfinite(lam), op, ": lam must be a finite number, got ", lam);
+  Plan plan(op, {{"params", params}, {"grads", grads}, {"stash", stash}}, chunk);
+  check_same_dtype(params, grads, op, "params", "grads");
+  check_same_dtype(params, stash, op, "params", "stash");
+  check_amp(params, op, grad_scale, found_inf);
+  return plan;
+}
+
 inline Plan rsam_perturb_plan(at::TensorList params, at::TensorList grads, at::TensorList stash,
                               at::ArrayRef<double> rho, double lam, double eps,
                               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                               int64_t chunk) {
   const char* op = "saf_kernels.rsam_perturb_";
   check_finite_nonneg(rho, op, "rho");
-  TORCH_CHECK_VALUE(std::isfinite(lam), op, ": lam must be a finite number, got ", lam);
   check_eps(eps, op);
-  Plan plan(op, {{"params", params}, {"grads", grads}, {"stash", stash}}, chunk);
-  check_same_dtype(params, grads, op, "params", "grads");
-  check_same_dtype(params, stash, op, "params", "stash");
+  Plan plan = rsam_sumsq_plan(params, grads, stash, lam, grad_scale, found_inf, chunk, op);
   plan.set_param(rsam::RHO, rho, "rho");
-  check_amp(params, op, grad_scale, found_inf);
   return plan;
 }
 
@@ -564,6 +585,26 @@ inline Plan gsam_sgd_plan(at::TensorList params, at::TensorList grads, at::Tenso
   set_sgd(plan, has_buf, lr, weight_decay, momentum, dampening, flags, op);
   check_amp(params, op, grad_scale, found_inf, old_grad_scale);
   return plan;
+}
+
+// The plan of the GSAM ops' partial-sum stage alone (gsam_sums): G = grads, OLD_G = old_grads;
+// the unused slots repeat grads.
+inline Plan gsam_sums_plan(at::TensorList grads, at::TensorList old_grads, int64_t chunk) {
+  const char* op = "saf_kernels.gsam_sums";
+  Plan plan(op, {{"grads", grads}, {"grads", grads}, {"grads", grads}, {"grads", grads}, {"old_grads", old_grads}},
+            chunk);
+  check_same_dtype(grads, old_grads, op, "grads", "old_grads");
+  return plan;
+}
+
+// The GSAM ops' optional sums: 3 floating values on the tensors' device.
+inline void check_sums(at::TensorList params, const std::optional<at::Tensor>& sums, const char* op) {
+  if (!sums.has_value() || params.empty()) return;
+  TORCH_CHECK_VALUE(sums->numel() == 3 && sums->is_floating_point(), op,
+                    ": sums must be 3 floating values [<old_g, g>, |old_g|^2, |g|^2], got shape ", sums->sizes(), " ",
+                    sums->scalar_type());
+  TORCH_CHECK_VALUE(sums->device() == params[0].device(), op, ": sums is on ", sums->device(),
+                    " but the tensors are on ", params[0].device());
 }
 
 // ---- LookSAM, Momentum-SAM ----

@@ -103,7 +103,14 @@ TORCH_LIBRARY(saf_kernels, m) {
   m.def(
       "esam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] stash, float[] rho, float[] eta, "
       "float[] beta, int[] flags, float eps, int seed, int offset, int stash_mode, Tensor? grad_scale, "
-      "Tensor? found_inf) -> Tensor");
+      "Tensor? found_inf, Tensor? sumsq=None) -> Tensor");
+  // sumsq (sharded training), as sam_perturb_'s: the all-reduce of every shard's esam_sumsq; when
+  // given, esam_perturb_ skips its own partial sums and finalizes from it.
+  // The partial-sum stage of esam_perturb_ alone: sum of (keep * T * g)^2 over the (local) tensors
+  // (the mask drawn as esam_perturb_ draws it), a 0-dim float64 tensor on their device.
+  m.def(
+      "esam_sumsq(Tensor[] params, Tensor[] grads, float[] eta, float[] beta, int[] flags, int seed, int offset) "
+      "-> Tensor");
   // Undo esam_perturb_: copy mode restores bit for bit; delta mode regenerates the mask and
   // subtracts the stashed perturbation from the kept elements only.
   m.def(
@@ -116,31 +123,48 @@ TORCH_LIBRARY(saf_kernels, m) {
   // delta, w = stash + rho * d / (||d|| + eps). Returns ||d||; non-finite or found_inf: w = stash.
   m.def(
       "rsam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor[] stash, float[] rho, float lam, float eps, "
-      "Tensor? grad_scale, Tensor? found_inf) -> Tensor");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? sumsq=None) -> Tensor");
+  // sumsq (sharded training), as sam_perturb_'s: the all-reduce of every shard's rsam_sumsq.
+  // The partial-sum stage of rsam_perturb_ alone: sum of d^2, d = lam * g / grad_scale + (w - stash),
+  // over the (local) tensors, a 0-dim float64 tensor on their device (unscaled).
+  m.def(
+      "rsam_sumsq(Tensor[] params, Tensor[] grads, Tensor[] stash, float lam, Tensor? grad_scale) -> Tensor");
   // GSAM: <old_g, g>, |old_g|^2, |g|^2 in one pass, then g = g_p - alpha * g_perp (unscaled) in
   // place, and w restored from the stash if restore. Returns [cos, ||old_g||, ||g||]. found_inf > 0:
   // the gradients are left as they are (the caller skips the step); a non-finite sum: g = g_p.
   m.def(
       "gsam_combine_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] old_grads, Tensor[] stash, float alpha, "
-      "float eps, int stash_mode, bool restore, Tensor? grad_scale, Tensor? old_grad_scale, Tensor? found_inf) "
-      "-> Tensor");
+      "float eps, int stash_mode, bool restore, Tensor? grad_scale, Tensor? old_grad_scale, Tensor? found_inf, "
+      "Tensor? sums=None) -> Tensor");
   // GSAM fused: the same reductions, then restore + one torch.optim.SGD step with g_p - alpha *
   // g_perp (flags as sam_restore_sgd_). found_inf > 0: restore only; a non-finite sum: g = g_p.
   m.def(
       "gsam_restore_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor[] old_grads, Tensor[] stash, "
       "Tensor(b!)[] momentum_buffers, float[] lr, float[] weight_decay, float[] momentum, float[] dampening, "
       "int[] flags, float alpha, float eps, int stash_mode, Tensor? grad_scale, Tensor? old_grad_scale, "
-      "Tensor? found_inf) -> Tensor");
+      "Tensor? found_inf, Tensor? sums=None) -> Tensor");
+  // sums (sharded training, both GSAM ops): [<old_g, g>, |old_g|^2, |g|^2] over every shard (the
+  // all-reduce of each shard's gsam_sums); when given, the op skips its own partial sums.
+  // The partial-sum stage of the GSAM ops alone: [<old_g, g>, |old_g|^2, |g|^2] over the (local)
+  // tensors, in the gradients' (scaled) units, a float64 tensor of 3 values on their device.
+  m.def("gsam_sums(Tensor[] grads, Tensor[] old_grads) -> Tensor");
   // ---- end ESAM, R-SAM, GSAM ----
 
   // ---- LookSAM, Momentum-SAM (math: saf/multi_tensor.h, namespaces looksam and msam) ----
   // LookSAM's SAM step: gv = g_s - (<g, g_s> / |g|^2) g (g_s = grads, g = old_grads) and
   // gv_norm = |gv| (float32 / float64, summed from the stored gv); a non-finite coefficient or
   // |g| = 0 leaves gv and gv_norm. Returns [cos(g, g_s), |g|, |g_s|].
-  m.def("looksam_gv_(Tensor(a!)[] gv, Tensor(b!) gv_norm, Tensor[] grads, Tensor[] old_grads, float eps) -> Tensor");
+  m.def(
+      "looksam_gv_(Tensor(a!)[] gv, Tensor(b!) gv_norm, Tensor[] grads, Tensor[] old_grads, float eps, "
+      "Tensor? sums=None) -> Tensor");
+  // sums (sharded training): gsam_sums(grads, old_grads) over every shard; when given, the op skips
+  // its own partial sums (gv_norm is then the local shards' |gv|: the caller reduces it).
   // LookSAM's reuse step: g += alpha |g| / (gv_norm + eps) gv (a zero or non-finite gv_norm or a
   // non-finite |g| leaves g). Returns |g| before the update.
-  m.def("looksam_combine_(Tensor(a!)[] grads, Tensor[] gv, Tensor gv_norm, float alpha, float eps) -> Tensor");
+  m.def(
+      "looksam_combine_(Tensor(a!)[] grads, Tensor[] gv, Tensor gv_norm, float alpha, float eps, Tensor? sumsq=None) "
+      "-> Tensor");
+  // sumsq (sharded training): |g|^2 over every shard (the all-reduce of sam_sumsq(grads, grads)).
   // Momentum-SAM with SGD, the weights at the perturbed point on entry and exit: d = g + wd w;
   // w += rho_prev inv_norm buf; buf = momentum buf + d; w -= lr buf; inv_norm = 1 / (|buf| + eps);
   // w -= rho inv_norm buf. inv_norm (one element, any float dtype) carries the previous step's

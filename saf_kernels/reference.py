@@ -523,17 +523,29 @@ def esam_keep_masks(params: list[torch.Tensor], beta: list[float], seed: int, of
     return out
 
 
+def esam_sumsq(params, grads, adaptive, eta, beta, seed, offset=0) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.esam_sumsq`: ``sum((keep * T * g)^2)`` over every
+    tensor, a 0-dim float64 tensor (in the gradients' units, scaled as given)."""
+    dev = params[0].device if params else torch.device("cpu")
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    masks = esam_keep_masks(params, beta, seed, offset)
+    scaled = sam_scaled_grads(params, grads, adaptive, eta)
+    return sum((torch.where(m, flat_memory(x).double() ** 2, zero).sum() for m, x in zip(masks, scaled)), zero)
+
+
 def esam_perturb_(params, grads, stash, rho, adaptive, eta, beta, seed, offset=0, eps=1e-7, grad_scale=None,
-                  found_inf=None, stash_mode="copy") -> torch.Tensor:
+                  found_inf=None, stash_mode="copy", sumsq=None) -> torch.Tensor:
     """Reference of :func:`saf_kernels.ops.esam_perturb_`: keep ~ Bernoulli(beta) per element;
-    norm of the kept ``T * g``; ``w += keep * rho / beta * T^2 * g / (norm + eps)``."""
+    norm of the kept ``T * g``; ``w += keep * rho / beta * T^2 * g / (norm + eps)``. ``sumsq``
+    (sharded training): the sum of squares over every shard, used instead of this list's."""
     acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     dev = params[0].device
     masks = esam_keep_masks(params, beta, seed, offset)
-    scaled = sam_scaled_grads(params, grads, adaptive, eta)
-    zero = torch.zeros((), dtype=torch.float64, device=dev)
-    sumsq = sum(torch.where(m, flat_memory(x).double() ** 2, zero).sum() for m, x in zip(masks, scaled))
-    norm, ok, coef = ascent_coef(sumsq, grad_scale, found_inf, eps, dev)
+    if sumsq is None:
+        total = esam_sumsq(params, grads, adaptive, eta, beta, seed, offset)
+    else:
+        total = sumsq.double().reshape(())
+    norm, ok, coef = ascent_coef(total, grad_scale, found_inf, eps, dev)
     for p, g, s, r, a, et, b, m in zip(params, grads, stash, rho, adaptive, eta, beta, masks):
         dt = _acc(p)
         w = flat_memory(p).to(dt)
@@ -605,15 +617,29 @@ def rsam_noise_(params, stash, std, seed, offset=0) -> None:
         flat_memory(p).copy_(flat_memory(p).to(_acc(p)) + d.to(_acc(p)))
 
 
-def rsam_perturb_(params, grads, stash, rho, lam=2.0, eps=1e-12, grad_scale=None, found_inf=None) -> torch.Tensor:
-    """Reference of :func:`saf_kernels.ops.rsam_perturb_`: ``d = lam * g + (w - stash)``,
-    ``w = stash + rho * d / (||d|| + eps)``; non-finite ``||d||`` or found_inf: ``w = stash``."""
-    acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+def _rsam_directions(params, grads, stash, lam, grad_scale) -> list[torch.Tensor]:
     dev = params[0].device
     inv = torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None else 1.0 / grad_scale.double()
-    ds = [lam * g.to(_acc(p)) * inv.to(_acc(p)) + (p.to(_acc(p)) - s.to(_acc(p)))
-          for p, g, s in zip(params, grads, stash)]
-    norm = sum((d.double() ** 2).sum() for d in ds).sqrt()
+    return [lam * g.to(_acc(p)) * inv.to(_acc(p)) + (p.to(_acc(p)) - s.to(_acc(p)))
+            for p, g, s in zip(params, grads, stash)]
+
+
+def rsam_sumsq(params, grads, stash, lam=2.0, grad_scale=None) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.rsam_sumsq`: ``sum(d^2)``, ``d = lam * g + (w - stash)``
+    (unscaled), a 0-dim float64 tensor."""
+    zero = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
+    return sum(((d.double() ** 2).sum() for d in _rsam_directions(params, grads, stash, lam, grad_scale)), zero)
+
+
+def rsam_perturb_(params, grads, stash, rho, lam=2.0, eps=1e-12, grad_scale=None, found_inf=None,
+                  sumsq=None) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.rsam_perturb_`: ``d = lam * g + (w - stash)``,
+    ``w = stash + rho * d / (||d|| + eps)``; non-finite ``||d||`` or found_inf: ``w = stash``.
+    ``sumsq`` (sharded training): ``sum(d^2)`` over every shard, used instead of this list's."""
+    acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    ds = _rsam_directions(params, grads, stash, lam, grad_scale)
+    total = sum((d.double() ** 2).sum() for d in ds) if sumsq is None else sumsq.double().reshape(())
+    norm = total.sqrt()
     ok = torch.isfinite(norm) & (norm > 0)  # a zero norm perturbs nothing, whatever eps
     if found_inf is not None:
         ok = ok & (found_inf <= 0)
@@ -624,16 +650,35 @@ def rsam_perturb_(params, grads, stash, rho, lam=2.0, eps=1e-12, grad_scale=None
     return norm.to(acc)
 
 
-def gsam_coefficients(grads, old_grads, alpha, eps=1e-12, grad_scale=None, old_grad_scale=None, found_inf=None):
+def gsam_sums(grads, old_grads) -> torch.Tensor:
+    """Reference of :func:`saf_kernels.ops.gsam_sums`: ``[<old_g, g>, |old_g|^2, |g|^2]`` in
+    float64, in the gradients' units (scaled as given)."""
+    dev = grads[0].device if grads else torch.device("cpu")
+    out = torch.zeros(3, dtype=torch.float64, device=dev)
+    for g, o in zip(grads, old_grads):
+        g, o = g.double(), o.double()
+        out = out + torch.stack([(o * g).sum(), (o * o).sum(), (g * g).sum()])
+    return out
+
+
+def gsam_coefficients(grads, old_grads, alpha, eps=1e-12, grad_scale=None, old_grad_scale=None, found_inf=None,
+                      sums=None):
     """GSAM's decomposition as the official code computes it, on unscaled float64 gradients:
-    returns ``(combined gradients, cos, ||old_g||, ||g||, apply)``."""
+    returns ``(combined gradients, cos, ||old_g||, ||g||, apply)``. ``sums`` (sharded training):
+    :func:`gsam_sums` over every shard, used instead of this list's."""
     inv_n = 1.0 if grad_scale is None else 1.0 / grad_scale.double()
     inv_o = 1.0 if old_grad_scale is None else 1.0 / old_grad_scale.double()
     g = [x.double() * inv_n for x in grads]
     o = [x.double() * inv_o for x in old_grads]
-    dot = sum((a * b).sum() for a, b in zip(o, g))
-    n_new = sum((a * a).sum() for a in g).sqrt()
-    n_old = sum((a * a).sum() for a in o).sqrt()
+    if sums is None:
+        dot = sum((a * b).sum() for a, b in zip(o, g))
+        n_new = sum((a * a).sum() for a in g).sqrt()
+        n_old = sum((a * a).sum() for a in o).sqrt()
+    else:
+        sums = sums.double()
+        dot = sums[0] * inv_n * inv_o
+        n_old = sums[1].sqrt() * inv_o
+        n_new = sums[2].sqrt() * inv_n
     cos = dot / (n_new * n_old + eps)
     finite = torch.isfinite(n_new + n_old + cos)
     out = []
@@ -645,10 +690,10 @@ def gsam_coefficients(grads, old_grads, alpha, eps=1e-12, grad_scale=None, old_g
 
 
 def gsam_combine_(params, grads, old_grads, stash, alpha, eps=1e-12, stash_mode="copy", restore=True,
-                  grad_scale=None, old_grad_scale=None, found_inf=None) -> torch.Tensor:
+                  grad_scale=None, old_grad_scale=None, found_inf=None, sums=None) -> torch.Tensor:
     """Reference of :func:`saf_kernels.ops.gsam_combine_`."""
     comb, cos, n_old, n_new, apply = gsam_coefficients(grads, old_grads, alpha, eps, grad_scale, old_grad_scale,
-                                                       found_inf)
+                                                       found_inf, sums)
     if restore:
         sam_restore_(params, stash, stash_mode)
     for g, c in zip(grads, comb):
@@ -659,11 +704,11 @@ def gsam_combine_(params, grads, old_grads, stash, alpha, eps=1e-12, stash_mode=
 
 def gsam_restore_sgd_(params, grads, old_grads, stash, momentum_buffers, lr, weight_decay, momentum, dampening,
                       nesterov, maximize, first_run, alpha, eps=1e-12, stash_mode="copy", grad_scale=None,
-                      old_grad_scale=None, found_inf=None) -> torch.Tensor:
+                      old_grad_scale=None, found_inf=None, sums=None) -> torch.Tensor:
     """Reference of :func:`saf_kernels.ops.gsam_restore_sgd_`: the combined gradient, then
     :func:`sam_restore_sgd_` on it."""
     comb, cos, n_old, n_new, apply = gsam_coefficients(grads, old_grads, alpha, eps, grad_scale, old_grad_scale,
-                                                       found_inf)
+                                                       found_inf, sums)
     skip = None if found_inf is None else found_inf
     sam_restore_sgd_(params, [c.to(_acc(p)) for c, p in zip(comb, params)], stash, momentum_buffers, lr, weight_decay,
                      momentum, dampening, nesterov, maximize, first_run, stash_mode, None, skip)
@@ -678,17 +723,25 @@ def gsam_restore_sgd_(params, grads, old_grads, stash, momentum_buffers, lr, wei
 # --------------------------------------------------------------------------------------------
 
 
-def looksam_gv_(gv, gv_norm, grads, old_grads, eps=1e-12) -> torch.Tensor:
+def looksam_gv_applies(sums: torch.Tensor) -> torch.Tensor:
+    """Whether :func:`looksam_gv_`'s coefficient applies, from ``[<g, g_s>, |g|^2, |g_s|^2]``."""
+    dot, gg, ss = sums.double().unbind()
+    return torch.isfinite(dot / gg) & torch.isfinite(ss) & (gg > 0)
+
+
+def looksam_gv_(gv, gv_norm, grads, old_grads, eps=1e-12, sums=None) -> torch.Tensor:
     """Reference of :func:`saf_kernels.ops.looksam_gv_`: ``gv = g_s - (<g, g_s> / |g|^2) g`` with
     ``g_s = grads`` (at the perturbed weights) and ``g = old_grads``, and ``gv_norm = |gv|``
     summed from the written ``gv`` (``|g_s|^2 - <g, g_s>^2 / |g|^2`` cancels badly when ``g_s``
     is nearly parallel to ``g``, the usual case). Non-finite coefficients or a zero ``|g|``
-    leave ``gv`` and ``gv_norm`` unchanged. Returns ``[cos(g, g_s), |g|, |g_s|]``."""
-    dot = sum((a.double() * b.double()).sum() for a, b in zip(old_grads, grads))
-    gg = sum((a.double() ** 2).sum() for a in old_grads)
-    ss = sum((b.double() ** 2).sum() for b in grads)
+    leave ``gv`` and ``gv_norm`` unchanged. Returns ``[cos(g, g_s), |g|, |g_s|]``. ``sums``
+    (sharded training): ``[<g, g_s>, |g|^2, |g_s|^2]`` over every shard, used instead of this
+    list's (``gv_norm`` is then this list's ``|gv|``)."""
+    if sums is None:
+        sums = gsam_sums(grads, old_grads)
+    dot, gg, ss = sums.double().unbind()
     c = dot / gg
-    ok = torch.isfinite(c) & torch.isfinite(ss) & (gg > 0)
+    ok = looksam_gv_applies(sums)
     for v, g, o in zip(gv, grads, old_grads):
         dt = _acc(v)
         new = g.to(dt) - c.to(dt) * o.to(dt)
@@ -700,12 +753,12 @@ def looksam_gv_(gv, gv_norm, grads, old_grads, eps=1e-12) -> torch.Tensor:
     return torch.stack([dot / (n_old * n_new + eps), n_old, n_new]).to(acc)
 
 
-def looksam_combine_(grads, gv, gv_norm, alpha, eps=1e-8) -> torch.Tensor:
+def looksam_combine_(grads, gv, gv_norm, alpha, eps=1e-8, sumsq=None) -> torch.Tensor:
     """Reference of :func:`saf_kernels.ops.looksam_combine_`: ``g += alpha |g| / (|gv| + eps) gv``
     (scale invariant in ``g`` and ``gv``, so AMP-scaled gradients need no unscaling). A zero or
     non-finite ``gv_norm`` or a non-finite ``|g|`` leaves ``g`` as it is. Returns ``|g|`` before
-    the update."""
-    gg = sum((g.double() ** 2).sum() for g in grads)
+    the update. ``sumsq`` (sharded training): ``|g|^2`` over every shard."""
+    gg = sum((g.double() ** 2).sum() for g in grads) if sumsq is None else sumsq.double().reshape(())
     ng = gg.sqrt()
     nv = gv_norm.double().reshape(())
     ok = torch.isfinite(ng) & torch.isfinite(nv) & (nv > 0)

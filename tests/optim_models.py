@@ -64,11 +64,11 @@ def assert_same_params(a: nn.Module, b: nn.Module, rtol: float, atol: float, wha
                                    msg=lambda m, n=name: f"{what} {n}: {m}")
 
 
-def esam_reference_step(model, sgd, x, y, rho, beta, gamma, keep_fn, eps=1e-7):
+def esam_reference_step(model, sgd, x, y, rho, beta, gamma, keep_fn, eps=1e-7, per_sample=per_sample):
     """One ESAM step as utils/Esam.py computes it (the SDS rule keeping ceil(gamma B) samples),
     written plainly. keep_fn(params with a gradient) -> one bool mask per tensor (flat). With
     ``sgd=None`` the weights are left unchanged and ``p.grad`` holds the second gradients. Returns
-    the kept sample indices (None: all)."""
+    the kept sample indices (None: all). ``per_sample(model, x, y)``: the per-sample losses."""
     params = list(model.parameters())
     for p in params:
         p.grad = None

@@ -202,6 +202,75 @@ def test_sumsq_split_equals_plain_call(backend, device, adaptive):
         assert torch.equal(a, w)  # the stash holds the weights
 
 
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+def test_esam_sumsq_split_equals_plain_call(backend, device):
+    """ESAM's split: esam_sumsq (the masked partial sum), then esam_perturb_(sumsq=)."""
+    skip_unless_available(backend, device, "esam_perturb_")
+    from saf_kernels.ops import esam as esam_ops
+
+    params, grads = _lists(6)
+    params = [p.to(device) for p in params]
+    grads = [g.to(device) for g in grads]
+    n, seed, offset, beta, eta = len(params), 1234, 8, [0.5] * len(params), [0.01] * len(params)
+    flags = [2, 0, 2, 0, 2]  # adaptive on some tensors
+    s = esam_ops.esam_sumsq(params, grads, beta, seed, offset, [f == 2 for f in flags], eta, backend=backend)
+    want = reference.esam_sumsq([p.double() for p in params], [g.double() for g in grads], [f == 2 for f in flags],
+                                eta, beta, seed, offset)
+    torch.testing.assert_close(s.cpu(), want.cpu(), rtol=TOL[torch.float32][0], atol=0)
+    full = reference.sam_sumsq([p.double() for p in params], [g.double() for g in grads], [f == 2 for f in flags],
+                               eta)
+    assert 0 < want < full  # the mask dropped some of the sum, not all
+    _same_split("esam_perturb_", backend, lambda: ([p.clone() for p in params], grads,
+                                                   [torch.empty_like(p) for p in params], [0.2] * n, eta, beta,
+                                                   flags, 1e-7, seed, offset, 0, None, None), s)
+
+
+def _same_split(op, backend, make_args, partial):
+    """``op`` (the kernel of ``backend``) on fresh ``make_args()``, without and with ``partial``
+    (its partial sums, as the sharded path passes them): same result, same tensors after."""
+    run = mt.kernels(op)[backend]
+    a1, a2 = make_args(), make_args()
+    torch.testing.assert_close(run(*a2, partial), run(*a1), rtol=1e-6, atol=0)
+    for x, y in zip(a1, a2):
+        if isinstance(x, list) and x and isinstance(x[0], torch.Tensor):
+            for u, v in zip(x, y):
+                torch.testing.assert_close(v, u, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+def test_gsam_rsam_sums_split_equals_plain_call(backend, device):
+    """GSAM's split (gsam_sums, then sums=) in both ops, R-SAM's (rsam_sumsq, then sumsq=), LookSAM's two."""
+    skip_unless_available(backend, device, "gsam_combine_")
+    from saf_kernels.ops import gsam as gsam_ops
+    from saf_kernels.ops import rsam as rsam_ops
+
+    params, grads = _lists(7)
+    _, old = _lists(8)
+    params, grads, old = ([t.to(device) for t in x] for x in (params, grads, old))
+    n = len(params)
+    sums = gsam_ops.gsam_sums(grads, old, backend=backend)
+    want = reference.gsam_sums([g.double() for g in grads], [o.double() for o in old])
+    torch.testing.assert_close(sums.cpu(), want.cpu(), rtol=TOL[torch.float32][0], atol=0)
+    fresh = lambda xs: [x.clone() for x in xs]  # noqa: E731
+    _same_split("gsam_combine_", backend, lambda: (fresh(params), fresh(grads), old, fresh(params), 0.4, 1e-12, 0,
+                                                   True, None, None, None), sums)
+    _same_split("gsam_restore_sgd_", backend, lambda: (fresh(params), grads, old, fresh(params), fresh(grads),
+                                                       [0.1] * n, [0.0] * n, [0.9] * n, [0.0] * n, [0] * n, 0.4,
+                                                       1e-12, 0, None, None, None), sums)
+    stash = [p - 0.01 * o for p, o in zip(params, old)]  # the clean weights: params are "noised"
+    s = rsam_ops.rsam_sumsq(params, grads, stash, 2.0, backend=backend)
+    want = reference.rsam_sumsq([t.double() for t in params], [g.double() for g in grads],
+                                [t.double() for t in stash], 2.0)
+    torch.testing.assert_close(s.cpu(), want.cpu(), rtol=TOL[torch.float32][0], atol=0)
+    _same_split("rsam_perturb_", backend, lambda: (fresh(params), grads, stash, [0.1] * n, 2.0, 1e-12, None, None), s)
+    # LookSAM: gv_ with GSAM's sums of (g_s = grads, g = old), combine_ with |g|^2
+    norm = torch.ones((), device=device)
+    _same_split("looksam_gv_", backend, lambda: ([torch.zeros_like(g) for g in grads], norm.clone(), grads, old,
+                                                 1e-12), sums)
+    gg = sam_ops.sam_sumsq(grads, grads, backend=backend)
+    _same_split("looksam_combine_", backend, lambda: (fresh(grads), old, norm, 0.7, 1e-8), gg)
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS + [pytest.param("torch", "cpu", id="torch-cpu")])
 def test_sumsq_nonfinite_perturbs_nothing(backend, device):
     """A non-finite global sum (another shard overflowed) perturbs nothing here either."""
@@ -254,14 +323,13 @@ def test_sharded_argument_errors():
         want = sam_ops.sam_perturb_(plain, [g.to_local()], [torch.empty(4, 3)], 0.1)
         assert torch.equal(norm, want) and torch.equal(w.to_local(), plain[0])
         p = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-        for cls in (ESAM, RSAM, GSAM, LookSAM):
-            with pytest.raises(NotImplementedError, match="does not run on sharded parameters"):
-                cls([p], torch.optim.SGD, lr=0.1)
         with pytest.raises(NotImplementedError, match="does not run on sharded parameters"):
             MSAM([p], lr=0.1)
+        with pytest.raises(NotImplementedError, match="swp='tensor' does not run on sharded parameters"):
+            ESAM([p], torch.optim.SGD, lr=0.1, swp="tensor")
         with pytest.raises(NotImplementedError, match="does not run on sharded tensors yet"):
-            from saf_kernels.ops import esam as esam_ops
-            esam_ops.esam_restore_([w], [stash], 0.5, seed=0, offset=0)
+            from saf_kernels.ops import msam as msam_ops
+            msam_ops.msam_sgd_([w], [g], [stash], torch.ones(()), lr=0.1, rho_prev=0.0, rho=0.1)
     finally:
         dist.destroy_process_group()
 
@@ -305,3 +373,133 @@ def test_init_state_changes_no_weight(base, key):
     state = opt.state
     opt.init_state()  # the state exists: nothing happens
     assert opt.state is state
+
+
+# --- ESAM, R-SAM, GSAM, LookSAM, MSAM under FSDP2: one spawn runs them all, each against a
+# single-process run of the whole batch (ESAM's: with the per-rank mask draws) ---
+
+ESAM_KW = dict(rho=0.1, beta=0.5, gamma=1.0, seed=11)
+
+
+def _mse_per_sample(model, x, y):
+    return ((model(x) - y) ** 2).mean(dim=1)
+
+
+def _half(batch, rank):
+    half = GLOBAL_BATCH // WORLD
+    return tuple(t[rank * half:(rank + 1) * half] for t in batch)
+
+
+def _rows_of(t, rank):
+    """Rank ``rank``'s shard of ``t`` as FSDP2 cuts it (torch.chunk on dim 0; empty past the last chunk)."""
+    parts = torch.chunk(t, WORLD, dim=0)
+    return parts[rank] if rank < len(parts) else t[t.shape[0]:]
+
+
+def _esam_sharded(model, rank):
+    from saf_kernels.optim.esam import per_sample_closure
+
+    opt = ESAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, **ESAM_KW)
+    for step in range(STEPS):
+        x, y = _half(_batch(step), rank)
+        opt.step(per_sample_closure(model, x, y, lambda o, t: ((o - t) ** 2).mean(dim=1)))
+
+
+def _esam_single(model):
+    """Plain ESAM steps on the whole batch with the masks the ranks draw: rank r draws its shards'
+    masks from the counter offset r * (the whole list's Philox counters)."""
+    from saf_kernels.optim import _rng
+
+    from .optim_models import esam_reference_step
+
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    beta = ESAM_KW["beta"]
+    for step in range(STEPS):
+        key = _rng.step_key(ESAM_KW["seed"], step)
+
+        def keep(live):
+            counters = sum((p.numel() + 3) // 4 for p in live)
+            per_rank = [reference.esam_keep_masks([_rows_of(p, r) for p in live], [beta] * len(live), key,
+                                                  r * counters) for r in range(WORLD)]
+            return [torch.cat([m[i] for m in per_rank]) for i in range(len(live))]
+
+        esam_reference_step(model, sgd, *_batch(step), ESAM_KW["rho"], beta, ESAM_KW["gamma"], keep,
+                            per_sample=_mse_per_sample)
+
+
+RSAM_KW = dict(rho=0.1, noise_std=0.05, seed=5, lr=0.1, momentum=0.9)
+
+
+class _RSAMPerShardNoise(RSAM):
+    """R-SAM in one process with the noise the ranks draw, from the reference functions: rank r's
+    rows of the 2+-dim tensors from the counter offset r * (the whole list's counters); its slice
+    of a 1-D tensor scaled by the tensor's global norm, z from the counters after its rows."""
+
+    @torch.no_grad()
+    def noise_step(self):
+        from saf_kernels.optim import _rng
+
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        std, key = float(self.noise_std(self._step)), _rng.step_key(self._seed, self._step)
+        stash = self._stash_for(params)
+        for s, p in zip(stash, params):
+            s.copy_(p)
+        counters = sum((p.numel() + 3) // 4 for p in params)
+        for r in range(WORLD):
+            rows = [_rows_of(p, r) for p in params if p.dim() >= 2]
+            for v, d in zip(rows, reference.rsam_noise(rows, [std] * len(rows), key, r * counters)):
+                reference.flat_memory(v).add_(d)
+            ctr = r * counters + sum((v.numel() + 3) // 4 for v in rows)
+            for p, s in zip(params, stash):
+                if p.dim() < 2:
+                    v = _rows_of(p, r)
+                    z = reference.philox_normal(torch.arange(v.numel()), key, ctr)
+                    v.add_(std * (s.norm() + 1e-16) * z)
+                    ctr += (v.numel() + 3) // 4
+        self._noised = params
+
+
+def _plain(cls, base, **kw):
+    """The two runs of an optimizer whose single-process run is itself on the whole batch."""
+    def sharded(model, rank):
+        _train(model, cls(model.parameters(), base, **kw), rank)
+
+    def single(model):
+        _train(model, cls(model.parameters(), base, **kw))
+
+    return sharded, single
+
+
+# name -> (the sharded run on a fully_shard-ed _model(), the single-process run on an unsharded one)
+SLICE2 = {
+    "esam": (_esam_sharded, _esam_single),
+    "gsam-sgd-fused": _plain(GSAM, torch.optim.SGD, rho=0.1, alpha=0.4, lr=0.1, momentum=0.9),
+    "gsam-adamw": _plain(GSAM, torch.optim.AdamW, rho=0.1, alpha=0.4, lr=1e-2),
+    "rsam": (_plain(RSAM, torch.optim.SGD, **RSAM_KW)[0], _plain(_RSAMPerShardNoise, torch.optim.SGD, **RSAM_KW)[1]),
+    # k=2 over 3 steps: a SAM step (g_v), a reuse step, a SAM step
+    "looksam": _plain(LookSAM, torch.optim.SGD, rho=0.1, k=2, alpha=0.7, lr=0.1, momentum=0.9),
+}
+# the noise: the ops' float32 normals against the reference's float64 ones from the same uniforms
+RTOL = {"rsam": 1e-6}
+
+
+def _worker_slice2(rank, port, out_dir):
+    with gloo_group(rank, WORLD, port):
+        out = {}
+        for name, (sharded, _) in SLICE2.items():
+            model = _shard(_model())
+            sharded(model, rank)
+            out[name] = [p.full_tensor() for p in model.parameters()]
+        save_rank(out_dir, rank, out)
+
+
+@pytest.mark.distributed
+def test_fsdp2_more_methods_equal_single_process(tmp_path):
+    ranks = spawn_ranks(_worker_slice2, WORLD, tmp_path)
+    for name, (_, single) in SLICE2.items():
+        model = _model()
+        single(model)
+        for rank, out in enumerate(ranks):
+            for i, (a, e) in enumerate(zip(out[name], model.parameters())):
+                torch.testing.assert_close(a, e.detach(), rtol=RTOL.get(name, 1e-10), atol=1e-12,
+                                           msg=lambda m: f"{name} rank {rank} param {i}: {m}")

@@ -10,19 +10,39 @@
 
 namespace saf::cpu {
 
-at::Tensor esam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList stash,
-                            at::ArrayRef<double> rho, at::ArrayRef<double> eta, at::ArrayRef<double> beta,
-                            at::IntArrayRef flags, double eps, int64_t seed, int64_t offset, int64_t stash_mode,
-                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const mt::Plan plan = mt::esam_perturb_plan(params, grads, stash, rho, eta, beta, flags, eps, offset, stash_mode,
-                                              grad_scale, found_inf, kCpuChunk);
-  const MtKernels k = mt_kernels();
-  const uint64_t key = mt::philox_key(seed), off = uint64_t(offset);
+namespace {
+
+// The partial-sum stage of esam_perturb_: the sum of (keep T g)^2, one partial per chunk summed
+// in chunk order (the same bits whatever the thread count).
+double local_sumsq(const mt::Plan& plan, const MtKernels& k, uint64_t key, uint64_t off) {
   const auto partial = chunk_partials<1>(plan, [&](const mt::TensorEntry& t, int64_t start, int64_t n, double* out) {
     *out = k.esam_norm(t, start, n, key, off);
   });
-  const mt::SamCoef sc =
-      mt::sam_coef(ordered_sums<1>(partial)[0], inv_scale_of(grad_scale), eps, found_inf_of(found_inf));
+  return ordered_sums<1>(partial)[0];
+}
+
+}  // namespace
+
+at::Tensor esam_sumsq_cpu(at::TensorList params, at::TensorList grads, at::ArrayRef<double> eta,
+                          at::ArrayRef<double> beta, at::IntArrayRef flags, int64_t seed, int64_t offset) {
+  const mt::Plan plan = mt::esam_sumsq_plan(params, grads, eta, beta, flags, offset, kCpuChunk);
+  return at::scalar_tensor(local_sumsq(plan, mt_kernels(), mt::philox_key(seed), uint64_t(offset)),
+                           at::TensorOptions().dtype(at::kDouble));
+}
+
+at::Tensor esam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList stash,
+                            at::ArrayRef<double> rho, at::ArrayRef<double> eta, at::ArrayRef<double> beta,
+                            at::IntArrayRef flags, double eps, int64_t seed, int64_t offset, int64_t stash_mode,
+                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                            const std::optional<at::Tensor>& sumsq) {
+  const mt::Plan plan = mt::esam_perturb_plan(params, grads, stash, rho, eta, beta, flags, eps, offset, stash_mode,
+                                              grad_scale, found_inf, kCpuChunk);
+  mt::check_sumsq(params, sumsq, "saf_kernels.esam_perturb_");
+  const MtKernels k = mt_kernels();
+  const uint64_t key = mt::philox_key(seed), off = uint64_t(offset);
+  // Sharded: the all-reduced sum of every shard's partials is given; else this list's own.
+  const double total = sumsq.has_value() ? sumsq->item<double>() : local_sumsq(plan, k, key, off);
+  const mt::SamCoef sc = mt::sam_coef(total, inv_scale_of(grad_scale), eps, found_inf_of(found_inf));
   parallel_chunks(plan, [&](int64_t, const mt::TensorEntry& t, int64_t start, int64_t n) {
     k.esam_perturb(t, start, n, sc.coef, stash_mode, key, off);
   });
@@ -43,6 +63,7 @@ void esam_restore_cpu(at::TensorList params, at::TensorList stash, at::ArrayRef<
 
 TORCH_LIBRARY_IMPL(saf_kernels, CPU, m) {
   m.impl("esam_perturb_", &esam_perturb_cpu);
+  m.impl("esam_sumsq", &esam_sumsq_cpu);
   m.impl("esam_restore_", &esam_restore_cpu);
 }
 

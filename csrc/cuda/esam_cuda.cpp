@@ -25,18 +25,26 @@ at::Tensor esam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Te
                              at::ArrayRef<double> rho, at::ArrayRef<double> eta, at::ArrayRef<double> beta,
                              at::IntArrayRef flags, double eps, int64_t seed, int64_t offset, int64_t stash_mode,
                              const std::optional<at::Tensor>& grad_scale,
-                             const std::optional<at::Tensor>& found_inf) {
+                             const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& sumsq) {
   const mt::Plan plan = mt::esam_perturb_plan(params, grads, stash, rho, eta, beta, flags, eps, offset, stash_mode,
                                               grad_scale, found_inf, mt_chunk_size());
+  mt::check_sumsq(params, sumsq, "saf_kernels.esam_perturb_");
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.esam_perturb_: empty parameter list on CUDA");
   const MtCall call(plan, params);
   const uint64_t key = mt::philox_key(seed), off = uint64_t(offset);
   at::Tensor partials = call.partials(), coef = call.coefs(), norm = call.result({});
   const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
-  SAF_CUDA_CHECK(
-      esam_norm_launch(call.plan, call.n_chunks, call.f64, key, off, partials.data_ptr<double>(), call.stream),
-      "esam_perturb_");
-  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), call.n_chunks, f32_ptr(gs), f32_ptr(fi), eps,
+  int64_t n_partials = call.n_chunks;
+  if (sumsq.has_value()) {
+    // Sharded: the finalize reads the all-reduced sum of every shard's partials (one value).
+    partials = sumsq->to(at::kDouble).reshape({1}).contiguous();
+    n_partials = 1;
+  } else {
+    SAF_CUDA_CHECK(
+        esam_norm_launch(call.plan, call.n_chunks, call.f64, key, off, partials.data_ptr<double>(), call.stream),
+        "esam_perturb_");
+  }
+  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), n_partials, f32_ptr(gs), f32_ptr(fi), eps,
                                  norm.data_ptr(), call.f64, coef.data_ptr<double>(), call.stream),
                  "esam_perturb_");
   SAF_CUDA_CHECK(esam_perturb_launch(call.plan, call.n_chunks, call.f64, key, off, coef.data_ptr<double>(),
@@ -44,6 +52,19 @@ at::Tensor esam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Te
                  "esam_perturb_");
   mt::bump_versions(params, stash);
   return norm;
+}
+
+at::Tensor esam_sumsq_cuda(at::TensorList params, at::TensorList grads, at::ArrayRef<double> eta,
+                           at::ArrayRef<double> beta, at::IntArrayRef flags, int64_t seed, int64_t offset) {
+  const mt::Plan plan = mt::esam_sumsq_plan(params, grads, eta, beta, flags, offset, mt_chunk_size());
+  TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.esam_sumsq: empty parameter list on CUDA");
+  const MtCall call(plan, params);
+  at::Tensor partials = call.partials();
+  if (call.n_chunks == 0) return partials.zero_().sum();  // every shard empty
+  SAF_CUDA_CHECK(esam_norm_launch(call.plan, call.n_chunks, call.f64, mt::philox_key(seed), uint64_t(offset),
+                                  partials.data_ptr<double>(), call.stream),
+                 "esam_sumsq");
+  return partials.narrow(0, 0, call.n_chunks).sum();
 }
 
 void esam_restore_cuda(at::TensorList params, at::TensorList stash, at::ArrayRef<double> beta, int64_t seed,

@@ -18,11 +18,20 @@ namespace {
 std::pair<at::Tensor, at::Tensor> gsam_reduce(const MtCall& call, double alpha, double eps,
                                               const std::optional<at::Tensor>& grad_scale,
                                               const std::optional<at::Tensor>& old_grad_scale,
-                                              const std::optional<at::Tensor>& found_inf, const char* op) {
+                                              const std::optional<at::Tensor>& found_inf,
+                                              const std::optional<at::Tensor>& sums, const char* op) {
   at::Tensor partials = call.partials(3), coefs = call.coefs(3), stats = call.result({3});
   const at::Tensor gs = as_f32(grad_scale), ogs = as_f32(old_grad_scale), fi = as_f32(found_inf);
-  SAF_CUDA_CHECK(gsam_dots_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream), op);
-  SAF_CUDA_CHECK(gsam_coef_launch(partials.data_ptr<double>(), call.n_chunks, f32_ptr(gs), f32_ptr(ogs), f32_ptr(fi),
+  int64_t n_partials = call.n_chunks;
+  if (sums.has_value()) {
+    // Sharded: the finalize reads the all-reduced sums of every shard's partials (rows of one).
+    partials = sums->to(at::kDouble).reshape({3}).contiguous();
+    n_partials = 1;
+  } else {
+    SAF_CUDA_CHECK(gsam_dots_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream),
+                   op);
+  }
+  SAF_CUDA_CHECK(gsam_coef_launch(partials.data_ptr<double>(), n_partials, f32_ptr(gs), f32_ptr(ogs), f32_ptr(fi),
                                   alpha, eps, coefs.data_ptr<double>(), stats.data_ptr(), call.f64, call.stream),
                  op);
   return {coefs, stats};
@@ -34,12 +43,13 @@ at::Tensor gsam_combine_cuda(at::TensorList params, at::TensorList grads, at::Te
                              at::TensorList stash, double alpha, double eps, int64_t stash_mode, bool restore,
                              const std::optional<at::Tensor>& grad_scale,
                              const std::optional<at::Tensor>& old_grad_scale,
-                             const std::optional<at::Tensor>& found_inf) {
+                             const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& sums) {
   const mt::Plan plan = mt::gsam_combine_plan(params, grads, old_grads, stash, alpha, eps, stash_mode, restore,
                                               grad_scale, old_grad_scale, found_inf, mt_chunk_size());
+  mt::check_sums(params, sums, "saf_kernels.gsam_combine_");
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.gsam_combine_: empty parameter list on CUDA");
   const MtCall call(plan, params);
-  auto [coefs, stats] = gsam_reduce(call, alpha, eps, grad_scale, old_grad_scale, found_inf, "gsam_combine_");
+  auto [coefs, stats] = gsam_reduce(call, alpha, eps, grad_scale, old_grad_scale, found_inf, sums, "gsam_combine_");
   SAF_CUDA_CHECK(gsam_combine_launch(call.plan, call.n_chunks, call.f64, coefs.data_ptr<double>(), restore,
                                      stash_mode, call.stream),
                  "gsam_combine_");
@@ -54,18 +64,31 @@ at::Tensor gsam_restore_sgd_cuda(at::TensorList params, at::TensorList grads, at
                                  at::ArrayRef<double> dampening, at::IntArrayRef flags, double alpha, double eps,
                                  int64_t stash_mode, const std::optional<at::Tensor>& grad_scale,
                                  const std::optional<at::Tensor>& old_grad_scale,
-                                 const std::optional<at::Tensor>& found_inf) {
+                                 const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& sums) {
   const mt::Plan plan = mt::gsam_sgd_plan(params, grads, old_grads, stash, momentum_buffers, lr, weight_decay, momentum,
                                           dampening, flags, alpha, eps, stash_mode, grad_scale, old_grad_scale,
                                           found_inf, mt_chunk_size());
+  mt::check_sums(params, sums, "saf_kernels.gsam_restore_sgd_");
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.gsam_restore_sgd_: empty parameter list on CUDA");
   const MtCall call(plan, params);
-  auto [coefs, stats] = gsam_reduce(call, alpha, eps, grad_scale, old_grad_scale, found_inf, "gsam_restore_sgd_");
+  auto [coefs, stats] =
+      gsam_reduce(call, alpha, eps, grad_scale, old_grad_scale, found_inf, sums, "gsam_restore_sgd_");
   SAF_CUDA_CHECK(
       gsam_sgd_launch(call.plan, call.n_chunks, call.f64, coefs.data_ptr<double>(), stash_mode, call.stream),
       "gsam_restore_sgd_");
   mt::bump_versions(params, momentum_buffers);
   return stats;
+}
+
+at::Tensor gsam_sums_cuda(at::TensorList grads, at::TensorList old_grads) {
+  const mt::Plan plan = mt::gsam_sums_plan(grads, old_grads, mt_chunk_size());
+  TORCH_CHECK_VALUE(!grads.empty(), "saf_kernels.gsam_sums: empty gradient list on CUDA");
+  const MtCall call(plan, grads);
+  at::Tensor partials = call.partials(3);
+  if (call.n_chunks == 0) return partials.zero_().narrow(0, 0, 3);  // every shard empty
+  SAF_CUDA_CHECK(gsam_dots_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream),
+                 "gsam_sums");
+  return partials.view({3, call.n_chunks}).sum(1);
 }
 
 }  // namespace saf::cuda

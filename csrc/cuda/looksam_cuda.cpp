@@ -13,8 +13,9 @@
 namespace saf::cuda {
 
 at::Tensor looksam_gv_cuda(at::TensorList gv, const at::Tensor& gv_norm, at::TensorList grads, at::TensorList old_grads,
-                           double eps) {
+                           double eps, const std::optional<at::Tensor>& sums) {
   const mt::Plan plan = mt::looksam_gv_plan(gv, gv_norm, grads, old_grads, eps, mt_chunk_size());
+  mt::check_sums(gv, sums, "saf_kernels.looksam_gv_");
   TORCH_CHECK_VALUE(!gv.empty(), "saf_kernels.looksam_gv_: empty tensor list on CUDA");
   const MtCall call(plan, gv);
   const char* op = "looksam_gv_";
@@ -22,8 +23,18 @@ at::Tensor looksam_gv_cuda(at::TensorList gv, const at::Tensor& gv_norm, at::Ten
   at::Tensor partials = call.partials(3), coefs = call.coefs(2), stats = call.result({3});
   double* part = partials.data_ptr<double>();
   const bool norm_f64 = gv_norm.scalar_type() == at::kDouble;
-  SAF_CUDA_CHECK(gsam_dots_launch(call.plan, call.n_chunks, call.f64, part, call.stream), op);
-  SAF_CUDA_CHECK(looksam_gv_coef_launch(part, call.n_chunks, eps, coefs.data_ptr<double>(), stats.data_ptr(), call.f64,
+  // Sharded: the finalize reads the all-reduced sums of every shard's partials (rows of one).
+  at::Tensor reduced;
+  const double* dots = part;
+  int64_t n_dots = call.n_chunks;
+  if (sums.has_value()) {
+    reduced = sums->to(at::kDouble).reshape({3}).contiguous();
+    dots = reduced.data_ptr<double>();
+    n_dots = 1;
+  } else {
+    SAF_CUDA_CHECK(gsam_dots_launch(call.plan, call.n_chunks, call.f64, part, call.stream), op);
+  }
+  SAF_CUDA_CHECK(looksam_gv_coef_launch(dots, n_dots, eps, coefs.data_ptr<double>(), stats.data_ptr(), call.f64,
                                         call.stream),
                  op);
   SAF_CUDA_CHECK(looksam_gv_launch(call.plan, call.n_chunks, call.f64, coefs.data_ptr<double>(), part, call.stream), op);
@@ -35,15 +46,23 @@ at::Tensor looksam_gv_cuda(at::TensorList gv, const at::Tensor& gv_norm, at::Ten
 }
 
 at::Tensor looksam_combine_cuda(at::TensorList grads, at::TensorList gv, const at::Tensor& gv_norm, double alpha,
-                                double eps) {
+                                double eps, const std::optional<at::Tensor>& sumsq) {
   const mt::Plan plan = mt::looksam_combine_plan(grads, gv, gv_norm, alpha, eps, mt_chunk_size());
+  mt::check_sumsq(grads, sumsq, "saf_kernels.looksam_combine_");
   TORCH_CHECK_VALUE(!grads.empty(), "saf_kernels.looksam_combine_: empty tensor list on CUDA");
   const MtCall call(plan, grads);
   const char* op = "looksam_combine_";
   at::Tensor partials = call.partials(1), coefs = call.coefs(3), out = call.result({});
   const bool norm_f64 = gv_norm.scalar_type() == at::kDouble;
-  SAF_CUDA_CHECK(sam_norm_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream), op);
-  SAF_CUDA_CHECK(looksam_combine_coef_launch(partials.data_ptr<double>(), call.n_chunks, gv_norm.data_ptr(), norm_f64,
+  int64_t n_partials = call.n_chunks;
+  if (sumsq.has_value()) {  // sharded: |g|^2 over every shard, one value
+    partials = sumsq->to(at::kDouble).reshape({1}).contiguous();
+    n_partials = 1;
+  } else {
+    SAF_CUDA_CHECK(sam_norm_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream),
+                   op);
+  }
+  SAF_CUDA_CHECK(looksam_combine_coef_launch(partials.data_ptr<double>(), n_partials, gv_norm.data_ptr(), norm_f64,
                                              alpha, eps, coefs.data_ptr<double>(), out.data_ptr(), call.f64,
                                              call.stream),
                  op);

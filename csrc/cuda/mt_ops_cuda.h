@@ -41,7 +41,9 @@ at::Tensor esam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Te
                              at::ArrayRef<double> rho, at::ArrayRef<double> eta, at::ArrayRef<double> beta,
                              at::IntArrayRef flags, double eps, int64_t seed, int64_t offset, int64_t stash_mode,
                              const std::optional<at::Tensor>& grad_scale,
-                             const std::optional<at::Tensor>& found_inf);
+                             const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& sumsq);
+at::Tensor esam_sumsq_cuda(at::TensorList params, at::TensorList grads, at::ArrayRef<double> eta,
+                           at::ArrayRef<double> beta, at::IntArrayRef flags, int64_t seed, int64_t offset);
 void esam_restore_cuda(at::TensorList params, at::TensorList stash, at::ArrayRef<double> beta, int64_t seed,
                        int64_t offset, int64_t stash_mode);
 
@@ -50,27 +52,31 @@ void rsam_noise_cuda(at::TensorList params, at::TensorList stash, at::ArrayRef<d
                      int64_t offset);
 at::Tensor rsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList stash,
                              at::ArrayRef<double> rho, double lam, double eps,
-                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                             const std::optional<at::Tensor>& sumsq);
+at::Tensor rsam_sumsq_cuda(at::TensorList params, at::TensorList grads, at::TensorList stash, double lam,
+                           const std::optional<at::Tensor>& grad_scale);
 
 // gsam_cuda.cpp
 at::Tensor gsam_combine_cuda(at::TensorList params, at::TensorList grads, at::TensorList old_grads,
                              at::TensorList stash, double alpha, double eps, int64_t stash_mode, bool restore,
                              const std::optional<at::Tensor>& grad_scale,
                              const std::optional<at::Tensor>& old_grad_scale,
-                             const std::optional<at::Tensor>& found_inf);
+                             const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& sums);
 at::Tensor gsam_restore_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList old_grads,
                                  at::TensorList stash, at::TensorList momentum_buffers, at::ArrayRef<double> lr,
                                  at::ArrayRef<double> weight_decay, at::ArrayRef<double> momentum,
                                  at::ArrayRef<double> dampening, at::IntArrayRef flags, double alpha, double eps,
                                  int64_t stash_mode, const std::optional<at::Tensor>& grad_scale,
                                  const std::optional<at::Tensor>& old_grad_scale,
-                                 const std::optional<at::Tensor>& found_inf);
+                                 const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& sums);
+at::Tensor gsam_sums_cuda(at::TensorList grads, at::TensorList old_grads);
 
 // looksam_cuda.cpp
 at::Tensor looksam_gv_cuda(at::TensorList gv, const at::Tensor& gv_norm, at::TensorList grads, at::TensorList old_grads,
-                           double eps);
+                           double eps, const std::optional<at::Tensor>& sums);
 at::Tensor looksam_combine_cuda(at::TensorList grads, at::TensorList gv, const at::Tensor& gv_norm, double alpha,
-                                double eps);
+                                double eps, const std::optional<at::Tensor>& sumsq);
 
 // msam_cuda.cpp
 at::Tensor msam_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,

@@ -1,12 +1,12 @@
 """Fused ops callable from PyTorch code. Each takes ``backend="auto" | "cuda" | "triton" | "cpu" | "torch"``."""
 
 from .ema import ema_update_
-from .esam import esam_perturb_, esam_restore_, sds_count, sds_select
-from .gsam import gsam_combine_, gsam_restore_sgd_
+from .esam import esam_perturb_, esam_restore_, esam_sumsq, sds_count, sds_select
+from .gsam import gsam_combine_, gsam_restore_sgd_, gsam_sums
 from .looksam import looksam_combine_, looksam_gv_
 from .msam import msam_adamw_, msam_sgd_
 from .philox import philox_
-from .rsam import rsam_noise_, rsam_perturb_
+from .rsam import rsam_noise_, rsam_perturb_, rsam_sumsq
 from .sam import sam_perturb_, sam_restore_, sam_restore_adamw_, sam_restore_sgd_, sam_sumsq
 from .trajectory_bank import trajectory_bank_record, trajectory_bank_step
 from .trajectory_loss import saf_loss, trajectory_kl_loss
@@ -15,8 +15,10 @@ __all__ = [
     "ema_update_",
     "esam_perturb_",
     "esam_restore_",
+    "esam_sumsq",
     "gsam_combine_",
     "gsam_restore_sgd_",
+    "gsam_sums",
     "looksam_combine_",
     "looksam_gv_",
     "msam_adamw_",
@@ -24,6 +26,7 @@ __all__ = [
     "philox_",
     "rsam_noise_",
     "rsam_perturb_",
+    "rsam_sumsq",
     "saf_loss",
     "sam_perturb_",
     "sam_restore_",

@@ -56,6 +56,11 @@ def sumsq_fake(params, *args):
     return torch.empty((), dtype=torch.float64, device=params[0].device)
 
 
+def sums_fake(tensors, *args):
+    """Fake kernel of ``gsam_sums``: 3 float64 values."""
+    return torch.empty(3, dtype=torch.float64, device=tensors[0].device)
+
+
 def stats_fake(params, *args):
     """Fake kernel of GSAM's ops: ``[cos, ||g||, ||g_p||]``."""
     dt = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
@@ -166,7 +171,9 @@ def tensor_lists(fn: str, **named) -> tuple:
 # --------------------------------------------------------------------------------------------
 
 #: The ops that take lists of DTensors (FSDP2's sharded parameters, gradients and states).
-SHARDED_OPS = ("sam_perturb_", "sam_restore_", "sam_restore_sgd_", "sam_restore_adamw_", "ema_update_")
+SHARDED_OPS = ("sam_perturb_", "sam_restore_", "sam_restore_sgd_", "sam_restore_adamw_", "ema_update_",
+               "esam_perturb_", "esam_restore_", "gsam_combine_", "gsam_restore_sgd_",
+               "rsam_noise_", "rsam_perturb_", "looksam_gv_", "looksam_combine_")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 

@@ -28,15 +28,19 @@ import torch
 from .. import reference
 from . import _multi_tensor as mt
 from ._multi_tensor import Bools, Floats
-from .philox import check_offset, check_seed
+from .philox import check_offset, check_seed, shard_offset
 
 ADAPTIVE = 2  # flags bit (csrc/include/saf/multi_tensor.h, esam::kAdaptive)
 
 mt.register("esam_perturb_",
             "(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] stash, float[] rho, float[] eta, float[] beta, "
             "SymInt[] flags, float eps, SymInt seed, SymInt offset, SymInt stash_mode, Tensor? grad_scale, "
-            "Tensor? found_inf) -> Tensor",
+            "Tensor? found_inf, Tensor? sumsq=None) -> Tensor",
             mt.norm_fake, "esam.esam_perturb")
+mt.register("esam_sumsq",
+            "(Tensor[] params, Tensor[] grads, float[] eta, float[] beta, SymInt[] flags, SymInt seed, "
+            "SymInt offset) -> Tensor",
+            mt.sumsq_fake, "esam.esam_sumsq")
 mt.register("esam_restore_",
             "(Tensor(a0!)[] params, Tensor[] stash, float[] beta, SymInt seed, SymInt offset, SymInt stash_mode) -> ()",
             mt.void_fake, "esam.esam_restore")
@@ -79,11 +83,23 @@ def esam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         offset: counter offset >= 0 (e.g. to give data-parallel replicas different masks).
         eps: added to the norm (1e-7, as the official code).
 
+    Sharded tensors (lists of ``DTensor`` s sharded on dim 0, FSDP2's ``fully_shard``): each rank
+    draws the mask of its own shards, from the counter offset ``offset + rank * C`` (``C``: the
+    Philox counters of the whole unsharded list, so the ranks' draws never overlap), not the
+    unsharded list's mask (a shard does not start on a Philox counter boundary in general); it
+    is the same Bernoulli(beta) per element. The norm is global: :func:`esam_sumsq` of the
+    local shards, one ``all_reduce`` of that value on the mesh's group, then the finalize and
+    the perturbation of the local shards. :func:`esam_restore_` on the same lists uses the same
+    per-rank offset.
+
     Returns:
         The norm of the kept, unscaled gradients as a 0-dim float32 tensor (float64 with float64
         params), without a host synchronisation; non-finite: nothing was perturbed.
     """
     fn = "saf_kernels.esam_perturb_"
+    whole = params
+    params, grads, stash, group = mt.local_shards(fn, params=params, grads=grads, stash=stash)
+    offset = shard_offset(whole, check_offset(offset, fn), group)
     params, grads, stash, n = mt.tensor_lists(fn, params=params, grads=grads, stash=stash)
     rho_l = mt.per_tensor_full(rho, n, "rho", fn, nonneg=True)
     beta_l = _beta_list(beta, n, fn)
@@ -91,17 +107,50 @@ def esam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     flags = [ADAPTIVE if a else 0 for a in mt.per_tensor_full(adaptive, n, "adaptive", fn, kind=bool)]
     eps = mt.check_eps(eps, fn)
     seed = check_seed(seed, fn)
-    offset = check_offset(offset, fn)
     mode = mt.stash_mode_code(stash_mode, fn)
     dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, found_inf=found_inf)
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev)
+    streams = [("params", params), ("grads", grads), ("stash", stash)]
+    sumsq = None
+    if group is not None:
+        # Sharded: this rank's partial sum, ONE all-reduce of that one value (queued on the
+        # device's stream, no host synchronisation), then the finalize + perturbation read it.
+        sumsq = _sumsq(fn, backend, dev, streams, params, grads, eta_l, beta_l, flags, seed, offset)
+        torch.distributed.all_reduce(sumsq, group=group)
     return mt.run(
-        "esam_perturb_", fn, backend, dev, [("params", params), ("grads", grads), ("stash", stash)],
+        "esam_perturb_", fn, backend, dev, streams,
         lambda: reference.esam_perturb_(params, grads, stash, rho_l, [bool(f) for f in flags], eta_l, beta_l, seed,
-                                        offset, eps, grad_scale, found_inf, stash_mode),
-        params, grads, stash, rho_l, eta_l, beta_l, flags, eps, seed, offset, mode, grad_scale, found_inf,
+                                        offset, eps, grad_scale, found_inf, stash_mode, sumsq),
+        params, grads, stash, rho_l, eta_l, beta_l, flags, eps, seed, offset, mode, grad_scale, found_inf, sumsq,
         same_dtype=("grads",) + (("stash",) if mode == 0 else ()))
+
+
+def _sumsq(fn, backend, dev, streams, params, grads, eta_l, beta_l, flags, seed, offset) -> torch.Tensor:
+    return mt.run("esam_sumsq", fn, backend, dev, streams,
+                  lambda: reference.esam_sumsq(params, grads, [bool(f) for f in flags], eta_l, beta_l, seed, offset),
+                  params, grads, eta_l, beta_l, flags, seed, offset, same_dtype=("grads",))
+
+
+@torch.no_grad()
+def esam_sumsq(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], beta: Floats, seed: int,
+               offset: int = 0, adaptive: Bools = False, eta: Floats = 0.0, *, backend: str = "auto") -> torch.Tensor:
+    """The partial-sum stage of :func:`esam_perturb_` alone: ``sum((keep * T * g)^2)`` over the
+    tensors (the mask drawn from ``(seed, offset)`` as there), a 0-dim float64 tensor on their
+    device, in the gradients' (scaled) units. Sharded training sums it over the shards (one
+    all-reduce); :func:`esam_perturb_` does this itself on lists of ``DTensor`` s. Plain tensors
+    only (pass the local shards, with the rank's offset)."""
+    fn = "saf_kernels.esam_sumsq"
+    params, grads, n = mt.tensor_lists(fn, params=params, grads=grads)
+    beta_l = _beta_list(beta, n, fn)
+    eta_l = mt.per_tensor_full(eta, n, "eta", fn, nonneg=True)
+    flags = [ADAPTIVE if a else 0 for a in mt.per_tensor_full(adaptive, n, "adaptive", fn, kind=bool)]
+    seed = check_seed(seed, fn)
+    offset = check_offset(offset, fn)
+    if n == 0:
+        return torch.zeros((), dtype=torch.float64)
+    return _sumsq(fn, backend, params[0].device, [("params", params), ("grads", grads)], params, grads, eta_l,
+                  beta_l, flags, seed, offset)
 
 
 @torch.no_grad()
@@ -115,10 +164,12 @@ def esam_restore_(params: Sequence[torch.Tensor], stash: Sequence[torch.Tensor],
     kept ones are back to within one rounding.
     """
     fn = "saf_kernels.esam_restore_"
+    whole = params
+    params, stash, group = mt.local_shards(fn, params=params, stash=stash)
+    offset = shard_offset(whole, check_offset(offset, fn), group)
     params, stash, n = mt.tensor_lists(fn, params=params, stash=stash)
     beta_l = _beta_list(beta, n, fn)
     seed = check_seed(seed, fn)
-    offset = check_offset(offset, fn)
     mode = mt.stash_mode_code(stash_mode, fn)
     if n == 0:
         return

@@ -28,14 +28,16 @@ from ._multi_tensor import Bools, Floats
 
 mt.register("gsam_combine_",
             "(Tensor(a0!)[] params, Tensor(a1!)[] grads, Tensor[] old_grads, Tensor[] stash, float alpha, float eps, "
-            "SymInt stash_mode, bool restore, Tensor? grad_scale, Tensor? old_grad_scale, Tensor? found_inf) -> Tensor",
+            "SymInt stash_mode, bool restore, Tensor? grad_scale, Tensor? old_grad_scale, Tensor? found_inf, "
+            "Tensor? sums=None) -> Tensor",
             mt.stats_fake, "gsam.gsam_combine")
 mt.register("gsam_restore_sgd_",
             "(Tensor(a0!)[] params, Tensor[] grads, Tensor[] old_grads, Tensor[] stash, "
             "Tensor(a4!)[] momentum_buffers, float[] lr, float[] weight_decay, float[] momentum, float[] dampening, "
             "SymInt[] flags, float alpha, float eps, SymInt stash_mode, Tensor? grad_scale, Tensor? old_grad_scale, "
-            "Tensor? found_inf) -> Tensor",
+            "Tensor? found_inf, Tensor? sums=None) -> Tensor",
             mt.stats_fake, "gsam.gsam_restore_sgd")
+mt.register("gsam_sums", "(Tensor[] grads, Tensor[] old_grads) -> Tensor", mt.sums_fake, "gsam.gsam_sums")
 
 
 @torch.no_grad()
@@ -61,12 +63,17 @@ def gsam_combine_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     ``found_inf > 0``: the gradients are left as they are (skip the step). A non-finite sum
     without AMP: the decomposition is undefined and ``grads = g_p`` (unscaled).
 
+    On lists of ``DTensor`` s sharded on dim 0 (FSDP2's ``fully_shard``) the two norms and the
+    inner product are global over every shard: :func:`gsam_sums` of the local shards, one
+    ``all_reduce`` of those 3 values on the mesh's group, then the decomposition of the local
+    shards from them.
+
     Returns:
         ``[cos, ||g||, ||g_p||]`` (float32, float64 with float64 params) on the device.
     """
     fn = "saf_kernels.gsam_combine_"
-    params, grads, old, stash = (mt.as_list(params, "params", fn), mt.as_list(grads, "grads", fn),
-                                 mt.as_list(old_grads, "old_grads", fn), mt.as_list(stash, "stash", fn))
+    params, grads, old, stash, group = mt.local_shards(fn, params=params, grads=grads, old_grads=old_grads,
+                                                       stash=stash)
     n = mt.check_lengths(fn, params=params, grads=grads, old_grads=old)
     if restore and len(stash) != n:
         raise ValueError(f"{fn}: restore=True needs one stash tensor per param ({n}), got {len(stash)}")
@@ -77,12 +84,13 @@ def gsam_combine_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         return torch.zeros(3)
     dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, old_grad_scale=old_grad_scale, found_inf=found_inf)
     streams = [("params", params), ("grads", grads), ("old_grads", old)] + ([("stash", stash)] if restore else [])
+    sums = _global_sums(fn, backend, dev, grads, old, group)
     return mt.run(
         "gsam_combine_", fn, backend, dev, streams,
         lambda: reference.gsam_combine_(params, grads, old, stash, alpha, eps, stash_mode, restore, grad_scale,
-                                        old_grad_scale, found_inf),
+                                        old_grad_scale, found_inf, sums),
         params, grads, old, stash if restore else [], alpha, eps, mode, bool(restore), grad_scale, old_grad_scale,
-        found_inf, same_dtype=("grads", "old_grads") + (("stash",) if restore and mode == 0 else ()))
+        found_inf, sums, same_dtype=("grads", "old_grads") + (("stash",) if restore and mode == 0 else ()))
 
 
 @torch.no_grad()
@@ -97,13 +105,12 @@ def gsam_restore_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     ``g_p - alpha * g_perp`` (:func:`gsam_combine_`'s gradient, which is never written to memory).
 
     SGD arguments as :func:`saf_kernels.ops.sam_restore_sgd_`; ``found_inf > 0`` restores only
-    and leaves the buffers. Returns ``[cos, ||g||, ||g_p||]`` on the device.
+    and leaves the buffers. Returns ``[cos, ||g||, ||g_p||]`` on the device. ``DTensor`` lists:
+    as :func:`gsam_combine_` (one all-reduce of 3 values).
     """
     fn = "saf_kernels.gsam_restore_sgd_"
-    params, grads, old = (mt.as_list(params, "params", fn), mt.as_list(grads, "grads", fn),
-                          mt.as_list(old_grads, "old_grads", fn))
-    stash = mt.as_list(stash, "stash", fn)
-    bufs = mt.as_list(momentum_buffers, "momentum_buffers", fn)
+    params, grads, old, stash, bufs, group = mt.local_shards(fn, params=params, grads=grads, old_grads=old_grads,
+                                                             stash=stash, momentum_buffers=momentum_buffers)
     n = mt.check_lengths(fn, params=params, grads=grads, old_grads=old, stash=stash)
     if bufs and len(bufs) != n:
         raise ValueError(f"{fn}: momentum_buffers has {len(bufs)} tensors but params has {n} (pass [] for none)")
@@ -117,10 +124,41 @@ def gsam_restore_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     dev = mt.amp_scalars(fn, params, n, grad_scale=grad_scale, old_grad_scale=old_grad_scale, found_inf=found_inf)
     streams = [("params", params), ("grads", grads), ("old_grads", old), ("stash", stash)]
     streams += [("momentum_buffers", bufs)] if bufs else []
+    sums = _global_sums(fn, backend, dev, grads, old, group)
     return mt.run(
         "gsam_restore_sgd_", fn, backend, dev, streams,
         lambda: reference.gsam_restore_sgd_(params, grads, old, stash, bufs, *opts, alpha, eps, stash_mode, grad_scale,
-                                            old_grad_scale, found_inf),
+                                            old_grad_scale, found_inf, sums),
         params, grads, old, stash, bufs, *opts[:4], mt.sgd_flags(*opts[4:], n), alpha, eps, mode, grad_scale,
-        old_grad_scale, found_inf,
+        old_grad_scale, found_inf, sums,
         same_dtype=("grads", "old_grads", "momentum_buffers") + (("stash",) if mode == 0 else ()))
+
+
+def _sums(fn, backend, dev, streams, grads, old) -> torch.Tensor:
+    return mt.run("gsam_sums", fn, backend, dev, streams, lambda: reference.gsam_sums(grads, old), grads, old,
+                  same_dtype=("old_grads",))
+
+
+def _global_sums(fn, backend, dev, grads, old, group) -> torch.Tensor | None:
+    """Sharded (``group`` not None): this rank's :func:`gsam_sums`, all-reduced (ONE collective of
+    3 float64 values, queued on the device's stream, no host synchronisation); else None."""
+    if group is None:
+        return None
+    sums = _sums(fn, backend, dev, [("grads", grads), ("old_grads", old)], grads, old)
+    torch.distributed.all_reduce(sums, group=group)
+    return sums
+
+
+@torch.no_grad()
+def gsam_sums(grads: Sequence[torch.Tensor], old_grads: Sequence[torch.Tensor], *,
+              backend: str = "auto") -> torch.Tensor:
+    """The partial-sum stage of :func:`gsam_combine_` and :func:`gsam_restore_sgd_` alone:
+    ``[<old_g, g>, |old_g|^2, |g|^2]`` over the tensors (``g = grads``), a float64 tensor of 3
+    values on their device, in the gradients' (scaled) units. Sharded training sums it over the
+    shards (one all-reduce) and passes it as ``sums``; the GSAM ops do this themselves on lists
+    of ``DTensor`` s. Plain tensors only (pass the local shards)."""
+    fn = "saf_kernels.gsam_sums"
+    grads, old, n = mt.tensor_lists(fn, grads=grads, old_grads=old_grads)
+    if n == 0:
+        return torch.zeros(3, dtype=torch.float64)
+    return _sums(fn, backend, grads[0].device, [("grads", grads), ("old_grads", old)], grads, old)

@@ -38,6 +38,18 @@ def check_offset(offset, fn: str) -> int:
     return int(offset)
 
 
+def shard_offset(tensors, offset: int, group) -> int:
+    """The Philox counter offset of this rank's shards (ESAM's masks, R-SAM's noise): ``offset``
+    for plain tensors (``group`` None); for the ``DTensor`` s ``tensors`` sharded over ``group``
+    (``_multi_tensor.local_shards``), ``offset + rank * C`` with ``C`` the counters of the whole
+    unsharded list, its element counts padded to multiples of 4 (a rank's shards never need
+    more), so the ranks draw from disjoint stretches of the stream."""
+    if group is None:
+        return offset
+    counters = sum((t.numel() + 3) // 4 for t in tensors)  # a DTensor's numel() is the global one
+    return check_offset(offset + torch.distributed.get_rank(group) * counters, "saf_kernels.philox")
+
+
 @torch.no_grad()
 def philox_(out: torch.Tensor, seed: int, offset: int = 0, kind: str = "normal", p: float = 0.5, *,
             backend: str = "auto") -> torch.Tensor:

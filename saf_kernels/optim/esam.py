@@ -16,7 +16,7 @@ from .. import _checks as C
 from ..ops import esam as esam_ops
 from ..ops import sam as sam_ops
 from . import _rng, utils
-from .base import TwoPassOptimizer, nonneg, unit
+from .base import TwoPassOptimizer, nonneg, sharded_params, unit
 
 SWP_MODES = ("element", "tensor")
 
@@ -117,6 +117,17 @@ class ESAM(TwoPassOptimizer):
             (default) BatchNorm's running statistics come from pass 1 only; ``False`` lets all
             three forwards update them, as the official code.
 
+    Sharded training (FSDP2): build it on a ``fully_shard``-ed model's parameters (DTensors),
+    ``swp="element"``. The first pass is synchronised as FSDP does it (a global-batch gradient);
+    each rank draws the keep mask of its own shards (a per-rank Philox offset: the same
+    Bernoulli(beta) per element, not the unsharded run's draw) and the norm of the kept
+    gradients is global (one all-reduce of one float64 value per step). SDS selects among each
+    rank's own samples (``ceil(gamma * B_rank)`` per rank, as the official code under DDP; give
+    every rank the same number of samples, or a rank that skips SDS's forward leaves FSDP's
+    collectives unmatched);
+    with ``gamma=1`` a sharded step equals one process training on the whole batch with the
+    same masks. See the README's "Sharded training (FSDP2)".
+
     AMP: ``opt.step(closure, scaler=scaler)`` scales both backward passes, unscales in the
     kernels, finishes with ``scaler.step(opt)`` internally; call ``scaler.update()`` after it.
     Put ``autocast`` in the closure.
@@ -129,6 +140,7 @@ class ESAM(TwoPassOptimizer):
     """
 
     _schedulable = False  # its own step(closure): no every=/policy= (the filter applies)
+    _shardable = True  # FSDP2: the masked norm is reduced over the shards (saf_kernels.ops.esam_perturb_)
 
     _options = {"rho": nonneg, "beta": unit, "adaptive": C.flag, "eta": nonneg}
 
@@ -150,6 +162,9 @@ class ESAM(TwoPassOptimizer):
         super().__init__(params, base_optimizer, dict(rho=rho, beta=beta, adaptive=adaptive, eta=eta), base_kwargs,
                          stash_mode=stash_mode, stash_dtype=stash_dtype, fused_step=fused_step, model=model,
                          sync_first_pass=sync_first_pass, bn_first_pass_only=bn_first_pass_only, backend=backend)
+        if self.swp == "tensor" and sharded_params(name, self.param_groups):
+            raise NotImplementedError(f"{name}: swp='tensor' does not run on sharded parameters (FSDP2's fully_shard "
+                                      "gathers a fixed set of gradients); use swp='element'")
 
     # ----------------------------------------------------------------------------------------
     # SWP

@@ -14,7 +14,7 @@ from .. import _checks as C
 from ..ops import gsam as gsam_ops
 from ..ops import sam as sam_ops
 from . import utils
-from .base import TwoPassOptimizer, nonneg
+from .base import TwoPassOptimizer, nonneg, sharded_params
 from .schedulers import ProportionScheduler
 
 
@@ -61,8 +61,16 @@ class GSAM(TwoPassOptimizer):
     taken again after the decomposition: the replicas stay identical either way.
     ``sync_first_pass=True``: both gradients are averages, the decomposition is the same on every
     replica and nothing extra is reduced.
+
+    Sharded training (FSDP2): build it on a ``fully_shard``-ed model's parameters (DTensors). Both
+    passes are synchronised as FSDP does it (reduce-scattered gradients), so the decomposition is
+    the global one: SAM's norm (one all-reduce of one float64 value) and the three sums
+    ``<g, g_p>, |g|^2, |g_p|^2`` over every shard (one all-reduce of 3 float64 values) per step,
+    no host synchronisation; ``sync_first_pass`` has no effect. Equals one process training on
+    the whole batch. See the README's "Sharded training (FSDP2)".
     """
 
+    _shardable = True  # FSDP2: the norm and the 3 sums are reduced over the shards (the ops do it)
     _options = {"rho": nonneg, "alpha": lambda v, name, fn: C.number(v, name, fn), "adaptive": C.flag}
 
     def __init__(self, params, base_optimizer: type, rho: float = 0.05, alpha: float = 0.4, *,
@@ -83,6 +91,7 @@ class GSAM(TwoPassOptimizer):
         super().__init__(params, base_optimizer, dict(rho=rho, alpha=alpha, adaptive=adaptive), base_kwargs,
                          stash_mode=stash_mode, stash_dtype=stash_dtype, fused_step=fused_step, model=model,
                          sync_first_pass=sync_first_pass, bn_first_pass_only=bn_first_pass_only, backend=backend)
+        self._sharded = sharded_params(name, self.param_groups)
 
     def _check_group(self, group: dict, index: int) -> None:
         super()._check_group(group, index)
@@ -175,9 +184,11 @@ class GSAM(TwoPassOptimizer):
             self.zero_grad(set_to_none=True)
 
     def _local_decomposition(self) -> bool:
-        """True when replicas decompose different first gradients (DDP, unsynchronised first pass)."""
+        """True when replicas decompose different first gradients (DDP, unsynchronised first pass).
+        Never on sharded parameters (FSDP2): the gradients are reduce-scattered and the
+        decomposition is global (the GSAM ops all-reduce their 3 sums)."""
         dist = torch.distributed
-        return (not self.sync_first_pass and dist.is_available() and dist.is_initialized()
+        return (not self.sync_first_pass and not self._sharded and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size() > 1)
 
     @contextlib.contextmanager

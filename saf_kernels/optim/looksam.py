@@ -51,9 +51,14 @@ class LookSAM(SAM):
         gv_eps: added to ``|g_v|`` in the reuse ratio (1e-8, as the unofficial code).
         Other arguments as :class:`SAM` (``perturb_filter`` too; ``every`` / ``policy`` do not
         apply: ``k`` is LookSAM's schedule).
+
+    Sharded training (FSDP2): build it on a ``fully_shard``-ed model's parameters (DTensors);
+    ``g_v`` is sharded like them. Per SAM step: SAM's norm (one all-reduce of 8 bytes), the three
+    sums of ``g_v`` (24 bytes) and ``|g_v|^2`` (8 bytes); per reuse step ``|g|^2`` (8 bytes); no
+    host synchronisation. Equals one process training on the whole batch.
     """
 
-    _shardable = False  # its global inner products are not reduced over FSDP2 shards yet
+    _shardable = True  # FSDP2: the norms and inner product are reduced over the shards (the ops do it)
 
     def __init__(self, params, base_optimizer: type, rho: float = 0.1, k: int = 5, alpha: float = 0.7, *,
                  gv_eps: float = 1e-8, **kwargs):

@@ -14,7 +14,7 @@ from .. import _checks as C
 from ..ops import rsam as rsam_ops
 from ..ops import sam as sam_ops
 from . import _rng
-from .base import TwoPassOptimizer, nonneg
+from .base import TwoPassOptimizer, nonneg, sharded_params
 from .schedulers import CosineIncrease, ProportionScheduler
 
 
@@ -73,9 +73,17 @@ class RSAM(TwoPassOptimizer):
     DDP: with ``sync_first_pass=False`` (default) every replica draws its own noise (counter
     offset ``rank * 2^40``; the official code folds the device index into its key) and ascends
     along its own first gradient; the second gradients are averaged by DDP.
+
+    Sharded training (FSDP2): build it on a ``fully_shard``-ed model's parameters (DTensors). Both
+    passes are synchronised as FSDP does it; every rank draws the noise of its own shards (a
+    per-rank Philox offset: the same distribution, not the unsharded run's draw; 1-D parameters
+    get their global norm, one all-reduce), and ``||d||`` is global (one all-reduce of one
+    float64 value); ``sync_first_pass`` has no effect. See the README's "Sharded training
+    (FSDP2)".
     """
 
     _schedulable = False  # its own step(closure): no every=/policy= (the filter applies)
+    _shardable = True  # FSDP2: the noise's 1-D norms and ||d|| are reduced over the shards (the ops)
 
     _options = {"rho": nonneg}
 
@@ -99,6 +107,7 @@ class RSAM(TwoPassOptimizer):
         super().__init__(params, base_optimizer, dict(rho=rho), base_kwargs, stash_mode="copy", fused_step=fused_step,
                          model=model, sync_first_pass=sync_first_pass, bn_first_pass_only=bn_first_pass_only,
                          backend=backend)
+        self._sharded = sharded_params(name, self.param_groups)
 
     @staticmethod
     def _noise_schedule(noise_std, total_steps, name) -> Callable[[int], float]:
@@ -152,8 +161,8 @@ class RSAM(TwoPassOptimizer):
         official code folds the device index into its key): replica r's counters start at
         r * 2^40, disjoint for any model below 2^42 parameters."""
         dist = torch.distributed
-        if self.sync_first_pass or not (dist.is_available() and dist.is_initialized()):
-            return 0
+        if self.sync_first_pass or self._sharded or not (dist.is_available() and dist.is_initialized()):
+            return 0  # sharded (FSDP2): the ops give each rank's shards their own counters
         return dist.get_rank() << 40
 
     def _perturb(self, params, grads, stash, groups, grad_scale):

@@ -183,16 +183,33 @@ def _thresholds(beta) -> list[float]:
 
 
 def esam_perturb(params, grads, stash, rho, eta, beta, flags, eps, seed, offset, stash_mode, grad_scale,
-                 found_inf) -> torch.Tensor:
-    """The semantics of ``torch.ops.saf_kernels.esam_perturb_`` (lists already checked)."""
+                 found_inf, sumsq=None) -> torch.Tensor:
+    """The semantics of ``torch.ops.saf_kernels.esam_perturb_`` (lists already checked). With
+    ``sumsq`` (the all-reduced sum of every shard's :func:`esam_sumsq`) the partial-sum stage is
+    skipped and the finalize reads that one value."""
     cols = [[r / b for r, b in zip(rho, beta)], eta, _thresholds(beta), rng_bases(params)]
     tables = build_tables([params, grads, stash], cols, flags, signature_streams=(0, 2))
     rng = dict(seed=seed, offset=offset)
-    partials, total = chunk_partials(_prep, _norm_term, tables, 3, width=LANES,
-                                     per_table=adaptive_switch(flags, len(params)), **rng)
+    if sumsq is None:
+        partials, total = _partials(tables, flags, len(params), rng)
+    else:
+        partials, total = sumsq.to(torch.float64).reshape(1).contiguous(), 1
     norm, coef = sam_finalize(partials, total, params, eps, grad_scale, found_inf)
     launch_elementwise(_prep, _perturb_elem, tables, 3, pa=coef, HAS_SCALE=True, COPY=stash_mode == 0, **rng)
     return norm
+
+
+def _partials(tables, flags, n, rng):
+    return chunk_partials(_prep, _norm_term, tables, 3, width=LANES, per_table=adaptive_switch(flags, n), **rng)
+
+
+def esam_sumsq(params, grads, eta, beta, flags, seed, offset) -> torch.Tensor:
+    """The partial-sum stage of :func:`esam_perturb` alone: ``sum((keep T g)^2)`` over the
+    tensors, a 0-dim float64 tensor (the gradients stand in for the stash, never read)."""
+    cols = [[0.0] * len(params), eta, _thresholds(beta), rng_bases(params)]
+    tables = build_tables([params, grads, grads], cols, flags, signature_streams=(0, 2))
+    partials, total = _partials(tables, flags, len(params), dict(seed=seed, offset=offset))
+    return partials[:total].sum()
 
 
 def esam_restore(params, stash, beta, seed, offset, stash_mode) -> None:

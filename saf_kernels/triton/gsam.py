@@ -127,8 +127,11 @@ def _sgd_elem(ctx, start, off, end, seed, offset, DT, SD, ACC, COPY, HAS_SCALE, 
     tl.store(w + idx, skipped((wv - lr * d).to(DT), skip, sr, wv, DT, COPY), mask=m)
 
 
-def _reduce(tables, params, alpha, eps, grad_scale, old_grad_scale, found_inf):
-    partials, total = chunk_partials(_dots_prep, _dots_term, tables, L, nsum=3)
+def _reduce(tables, params, alpha, eps, grad_scale, old_grad_scale, found_inf, sums=None):
+    if sums is None:
+        partials, total = chunk_partials(_dots_prep, _dots_term, tables, L, nsum=3)
+    else:  # sharded: the all-reduced sums of every shard's partials (rows of one value)
+        partials, total = sums.to(torch.float64).reshape(3).contiguous(), 1
     dev = partials.device
     coefs = torch.empty(3, dtype=torch.float64, device=dev)
     stats = torch.empty(3, dtype=torch.float64 if any_f64(params) else torch.float32, device=dev)
@@ -140,24 +143,35 @@ def _reduce(tables, params, alpha, eps, grad_scale, old_grad_scale, found_inf):
     return coefs, stats
 
 
+def gsam_sums(grads, old_grads) -> torch.Tensor:
+    """The partial-sum stage of the GSAM ops alone: ``[<old_g, g>, |old_g|^2, |g|^2]`` over the
+    tensors, float64 (the gradients stand in for the unused streams)."""
+    tables = build_tables([grads, grads, grads, grads, old_grads], [[0.0] * len(grads)] * 4, [0] * len(grads),
+                          signature_streams=(0, 2))
+    partials, total = chunk_partials(_dots_prep, _dots_term, tables, L, nsum=3)
+    return partials.view(3, -1)[:, :total].sum(1)
+
+
 def gsam_combine(params, grads, old_grads, stash, alpha, eps, stash_mode, restore, grad_scale, old_grad_scale,
-                 found_inf) -> torch.Tensor:
-    """The semantics of ``torch.ops.saf_kernels.gsam_combine_`` (lists already checked)."""
+                 found_inf, sums=None) -> torch.Tensor:
+    """The semantics of ``torch.ops.saf_kernels.gsam_combine_`` (lists already checked); ``sums``
+    as :func:`gsam_restore_sgd`."""
     st = stash if restore else params
     tables = build_tables([params, grads, st, params, old_grads], [[0.0] * len(params)] * 4, [0] * len(params),
                           signature_streams=(0, 2))
-    coefs, stats = _reduce(tables, params, alpha, eps, grad_scale, old_grad_scale, found_inf)
+    coefs, stats = _reduce(tables, params, alpha, eps, grad_scale, old_grad_scale, found_inf, sums)
     launch_elementwise(_prep, _combine_elem, tables, L, pa=coefs, COPY=stash_mode == 0, OPT=restore)
     return stats
 
 
 def gsam_restore_sgd(params, grads, old_grads, stash, momentum_buffers, lr, weight_decay, momentum, dampening, flags,
-                     alpha, eps, stash_mode, grad_scale, old_grad_scale, found_inf) -> torch.Tensor:
-    """The semantics of ``torch.ops.saf_kernels.gsam_restore_sgd_``."""
+                     alpha, eps, stash_mode, grad_scale, old_grad_scale, found_inf, sums=None) -> torch.Tensor:
+    """The semantics of ``torch.ops.saf_kernels.gsam_restore_sgd_``. With ``sums`` (the
+    all-reduced :func:`gsam_sums` of every shard) the partial-sum stage is skipped."""
     has_buf = len(momentum_buffers) > 0
     bufs = momentum_buffers if has_buf else params
     tables = build_tables([params, grads, stash, bufs, old_grads], [lr, weight_decay, momentum, dampening], flags,
                           signature_streams=(0, 2))
-    coefs, stats = _reduce(tables, params, alpha, eps, grad_scale, old_grad_scale, found_inf)
+    coefs, stats = _reduce(tables, params, alpha, eps, grad_scale, old_grad_scale, found_inf, sums)
     launch_elementwise(_sgd_prep, _sgd_elem, tables, L, pa=coefs, COPY=stash_mode == 0, OPT=has_buf)
     return stats

@@ -104,12 +104,16 @@ def _combine_coef_kernel(partial_ptr, n, norm_ptr, coef_ptr, out_ptr, alpha: tl.
     tl.store(out_ptr, ng.to(out_ptr.dtype.element_ty))
 
 
-def looksam_gv(gv, gv_norm, grads, old_grads, eps) -> torch.Tensor:
-    """The semantics of ``saf_kernels::looksam_gv_triton`` (lists already checked)."""
+def looksam_gv(gv, gv_norm, grads, old_grads, eps, sums=None) -> torch.Tensor:
+    """The semantics of ``saf_kernels::looksam_gv_triton`` (lists already checked); ``sums``: the
+    all-reduced ``[<g, g_s>, |g|^2, |g_s|^2]`` of every shard, instead of this list's."""
     dev = gv[0].device
     tables = build_tables([gv, grads, old_grads], [], [0])
     coef = torch.zeros(2, dtype=torch.float64, device=dev)
-    partials, total = chunk_partials(_prep, _dots_term, tables, 3, nsum=3, pa=coef)
+    if sums is None:
+        partials, total = chunk_partials(_prep, _dots_term, tables, 3, nsum=3, pa=coef)
+    else:
+        partials, total = sums.to(torch.float64).reshape(3).contiguous(), 1
     stats = torch.empty(3, dtype=torch.float64 if any_f64(gv) else torch.float32, device=dev)
     _gv_coef_kernel[(1,)](partials, total, max(total, 1), coef, stats, eps, BLOCK=1024)
     partials, total = chunk_partials(_prep, _write_gv_term, tables, 3, nsum=1, pa=coef)
@@ -117,12 +121,15 @@ def looksam_gv(gv, gv_norm, grads, old_grads, eps) -> torch.Tensor:
     return stats
 
 
-def looksam_combine(grads, gv, gv_norm, alpha, eps) -> torch.Tensor:
-    """The semantics of ``saf_kernels::looksam_combine_triton``."""
+def looksam_combine(grads, gv, gv_norm, alpha, eps, sumsq=None) -> torch.Tensor:
+    """The semantics of ``saf_kernels::looksam_combine_triton``; ``sumsq``: ``|g|^2`` of every shard."""
     dev = grads[0].device
     tables = build_tables([grads, gv, gv], [], [0])
     coef = torch.zeros(2, dtype=torch.float64, device=dev)
-    partials, total = chunk_partials(_prep, _sq_term, tables, 3, nsum=1, pa=coef)
+    if sumsq is None:
+        partials, total = chunk_partials(_prep, _sq_term, tables, 3, nsum=1, pa=coef)
+    else:
+        partials, total = sumsq.to(torch.float64).reshape(1).contiguous(), 1
     out = torch.empty((), dtype=torch.float64 if any_f64(grads) else torch.float32, device=dev)
     _combine_coef_kernel[(1,)](partials, total, gv_norm, coef, out, alpha, eps, BLOCK=1024)
     launch_elementwise(_prep, _combine_elem, tables, 3, pa=coef)

@@ -178,12 +178,24 @@ def _noise_plans(params, stash, rel_std, uploads) -> list[tuple]:
     return plans
 
 
-def rsam_perturb(params, grads, stash, rho, lam, eps, grad_scale, found_inf) -> torch.Tensor:
-    """The semantics of ``torch.ops.saf_kernels.rsam_perturb_``."""
+def rsam_perturb(params, grads, stash, rho, lam, eps, grad_scale, found_inf, sumsq=None) -> torch.Tensor:
+    """The semantics of ``torch.ops.saf_kernels.rsam_perturb_``. With ``sumsq`` (the all-reduced
+    :func:`rsam_sumsq` of every shard) the partial-sum stage is skipped."""
     tables = build_tables([params, grads, stash], [rho], [0] * len(params))
     scaled = dict(x=lam, pa=grad_scale, HAS_SCALE=grad_scale is not None)
-    partials, total = chunk_partials(_prep, _norm_term, tables, 3, **scaled)
+    if sumsq is None:
+        partials, total = chunk_partials(_prep, _norm_term, tables, 3, **scaled)
+    else:
+        partials, total = sumsq.to(torch.float64).reshape(1).contiguous(), 1
     # d is already unscaled: no grad_scale in the finalize, only found_inf.
     norm, coef = sam_finalize(partials, total, params, eps, None, found_inf)
     launch_elementwise(_prep, _perturb_elem, tables, 3, pb=coef, OPT=True, **scaled)
     return norm
+
+
+def rsam_sumsq(params, grads, stash, lam, grad_scale) -> torch.Tensor:
+    """The partial-sum stage of :func:`rsam_perturb` alone: ``sum(d^2)`` (unscaled), float64."""
+    tables = build_tables([params, grads, stash], [[0.0] * len(params)], [0] * len(params))
+    partials, total = chunk_partials(_prep, _norm_term, tables, 3, x=lam, pa=grad_scale,
+                                     HAS_SCALE=grad_scale is not None)
+    return partials[:total].sum()
