@@ -1009,7 +1009,8 @@ def topk(k=2, **kw):
 
 
 FUSED_LINEAR = [
-    bad("fused_linear:hidden-list", lambda: flt(hidden=[[1.0]]), TypeError, r"hidden must be a torch\.Tensor, got list"),
+    bad("fused_linear:hidden-list", lambda: flt(hidden=[[1.0]]),
+        TypeError, r"hidden must be a torch\.Tensor, got list"),
     bad("fused_linear:hidden-int", lambda: flt(hidden=torch.ones(4, 3, dtype=torch.int64)), TypeError,
         r"hidden must be float32, float16, bfloat16 or float64, got torch\.int64"),
     bad("fused_linear:hidden-1d", lambda: flt(hidden=torch.randn(3)), ValueError,
@@ -1022,7 +1023,8 @@ FUSED_LINEAR = [
         r"bias must be \[5\] in torch\.float32, got \(4,\)"),
     bad("fused_linear:labels-float", lambda: flt(labels=torch.zeros(4)), ValueError,
         r"labels must be int64 or int32 class indices of shape \[4\], got \(4,\) torch\.float32"),
-    bad("fused_linear:labels-shape", lambda: flt(labels=y(3)), ValueError, r"labels must be .* of shape \[4\], got \(3,\)"),
+    bad("fused_linear:labels-shape", lambda: flt(labels=y(3)),
+        ValueError, r"labels must be .* of shape \[4\], got \(3,\)"),
     bad("fused_linear:no-target", lambda: flt(target={}, target_hidden=None, target_weight=None), ValueError,
         r"give exactly one target: .*got none"),
     bad("fused_linear:two-targets", lambda: flt(target_logits=z(4, 5)), ValueError,
@@ -1048,16 +1050,20 @@ FUSED_LINEAR = [
     bad("fused_linear:topk-valid-float", lambda: flt(target=topk(valid=torch.ones(4))), ValueError,
         r"target_topk valid must be a bool tensor of shape \[4\]"),
     bad("fused_linear:lam=nan", lambda: flt(lam=math.nan), ValueError, r"lam must be a finite number, got nan"),
-    bad("fused_linear:temperature=0", lambda: flt(temperature=0), ValueError, r"temperature must be a finite number > 0, got 0"),
+    bad("fused_linear:temperature=0", lambda: flt(temperature=0),
+        ValueError, r"temperature must be a finite number > 0, got 0"),
     bad("fused_linear:label_smoothing=-0.1", lambda: flt(label_smoothing=-0.1), ValueError,
         r"label_smoothing must be in \[0\.0, 1\.0\], got -0\.1"),
-    bad("fused_linear:ignore_index=1.5", lambda: flt(ignore_index=1.5), TypeError, r"ignore_index must be an int, got 1\.5"),
+    bad("fused_linear:ignore_index=1.5", lambda: flt(ignore_index=1.5),
+        TypeError, r"ignore_index must be an int, got 1\.5"),
     bad("fused_linear:chunk_size=0", lambda: flt(chunk_size=0), ValueError, r"chunk_size must be an int >= 1, got 0"),
-    bad("fused_linear:chunk_size=2.5", lambda: flt(chunk_size=2.5), ValueError, r"chunk_size must be an int >= 1, got 2\.5"),
+    bad("fused_linear:chunk_size=2.5", lambda: flt(chunk_size=2.5),
+        ValueError, r"chunk_size must be an int >= 1, got 2\.5"),
     bad("fused_linear:backend", lambda: flt(backend="gpu"), ValueError, r"unknown backend 'gpu'"),
 ]
 
-ROWS = (LOSSES + FUSED_LINEAR + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS + BENCH + CHEAP + PHYSICAL
+ROWS = (LOSSES + FUSED_LINEAR + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS + BENCH
+        + CHEAP + PHYSICAL
         + INTEGRATIONS)
 
 

@@ -72,7 +72,7 @@ def _forward(hidden, weight, bias, labels, target_hidden, target_weight, target_
              topk_logit, topk_lse, topk_valid, lam, temperature, label_smoothing, ignore_index, chunk_size, backend,
              need_grad):
     row_op = fused_ops()[backend]
-    n, v = hidden.shape[0], weight.shape[0]
+    n = hidden.shape[0]
     acc = _acc_dtype(hidden)
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     g_hidden, g_weight, g_bias = _empty_grads(hidden, weight, bias, need_grad, acc)
