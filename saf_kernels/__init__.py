@@ -28,7 +28,7 @@ from .ops import (
     sam_restore_sgd_,
     trajectory_kl_loss,
 )
-from .saf import MESA, SAF, IndexedDataset, TrajectoryBank
+from .saf import MESA, SAF, IndexedDataset, TopKTrajectoryBank, TrajectoryBank
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "IndexedDataset",
     "MESA",
     "SAF",
+    "TopKTrajectoryBank",
     "TrajectoryBank",
     "available",
     "fused_linear_trajectory_loss",

@@ -1060,6 +1060,17 @@ FUSED_LINEAR = [
     bad("fused_linear:chunk_size=2.5", lambda: flt(chunk_size=2.5),
         ValueError, r"chunk_size must be an int >= 1, got 2\.5"),
     bad("fused_linear:backend", lambda: flt(backend="gpu"), ValueError, r"unknown backend 'gpu'"),
+    bad("TopKTrajectoryBank:k=0", lambda: sk.TopKTrajectoryBank(10, k=0), ValueError, r"k must be an int >= 1, got 0"),
+    bad("TopKTrajectoryBank:tokens=1.5", lambda: sk.TopKTrajectoryBank(10, tokens=1.5), ValueError,
+        r"tokens must be an int >= 1, got 1\.5"),
+    bad("TopKTrajectoryBank:dtype", lambda: sk.TopKTrajectoryBank(10, dtype=torch.int8), TypeError,
+        r"dtype must be torch\.bfloat16, torch\.float16 or torch\.float32, got torch\.int8"),
+    bad("TopKTrajectoryBank:record-ids-float", lambda: sk.TopKTrajectoryBank(10, k=2).record(torch.zeros(4), z(), 0),
+        TypeError, r"sample_ids must be a 1-D int64 or int32 tensor, got \(torch\.float32, \(4,\)\)"),
+    bad("TopKTrajectoryBank:record-V<k", lambda: sk.TopKTrajectoryBank(10, k=8).record(y(), z(), 0), ValueError,
+        r"logits must be a float tensor \[4, V\] with V >= k=8, got \(4, 5\)"),
+    bad("TopKTrajectoryBank:lookup-epoch", lambda: sk.TopKTrajectoryBank(10, k=2).lookup(y(), -1), ValueError,
+        r"epoch must be an int >= 0, got -1"),
 ]
 
 ROWS = (LOSSES + FUSED_LINEAR + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS + BENCH

@@ -217,3 +217,55 @@ def test_autocast_bfloat16_reaches_float32_parameters():
     assert_close(loss, ref, torch.bfloat16, "autocast loss")
     for g, r in zip(grads, ref_grads):
         assert_close(g, r, torch.bfloat16, "autocast grad")
+
+
+# ---------------------------------------------------------------------------------------------
+# The top-k trajectory bank
+# ---------------------------------------------------------------------------------------------
+
+
+def test_topk_bank_delay_lookup_and_state_round_trip():
+    torch.manual_seed(9)
+    V, k, T = 23, 4, 3
+    bank = sk.TopKTrajectoryBank(10, k=k, tokens=T, delay=2)
+    assert bank.nbytes == sum(t.numel() * t.element_size() for t in (bank.idx, bank.logit, bank.lse, bank.epochs))
+    assert bank.nbytes == 10 * 2 * (T * (k * (4 + 2) + 4) + 4)
+    ids = torch.tensor([7, 2, 5])
+    z0 = torch.randn(3, T, V)
+    bank.record(ids, z0, epoch=0)
+    assert not bank.lookup(ids, epoch=1)[3].any()  # delay 2: epoch 0's record is for epoch 2
+    idx, logit, lse, valid = bank.lookup(torch.tensor([5, 7, 1]), epoch=2)
+    assert valid.tolist() == [[True] * T, [True] * T, [False] * T]
+    val0, idx0 = z0.topk(k, -1)
+    assert torch.equal(idx[:2], idx0[[2, 0]]) and idx.dtype == torch.int64
+    assert torch.equal(logit[:2], val0[[2, 0]].bfloat16())
+    assert_close(lse[:2], z0.logsumexp(-1)[[2, 0]], torch.float32, "lse")
+    bank.record(torch.tensor([5]), torch.randn(1, T, V), epoch=2)  # overwrites slot 0: gone at epoch 2
+    assert bank.lookup(torch.tensor([5, 7]), epoch=2)[3][:, 0].tolist() == [False, True]
+
+    other = sk.TopKTrajectoryBank(10, k=k, tokens=T, delay=2)
+    other.load_state_dict(bank.state_dict())
+    for a, b in zip(bank.lookup(ids, epoch=2), other.lookup(ids, epoch=2)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"k is 4 in the checkpoint but 5 here"):
+        sk.TopKTrajectoryBank(10, k=5, tokens=T, delay=2).load_state_dict(bank.state_dict())
+
+
+def test_topk_bank_record_linear_and_the_loss():
+    """record_linear (chunked) stores what record of the materialised logits stores, and its lookup
+    feeds the fused loss, which then matches the reference on the same record."""
+    torch.manual_seed(10)
+    B, T, H, V = 4, 5, 8, 31
+    w, b = torch.randn(V, H, dtype=torch.float64), torch.randn(V, dtype=torch.float64)
+    h_old = torch.randn(B, T, H, dtype=torch.float64)
+    ids = torch.tensor([3, 0, 6, 1])
+    banks = [sk.TopKTrajectoryBank(8, k=6, tokens=T, dtype=torch.float32) for _ in range(2)]
+    banks[0].record(ids, F.linear(h_old, w, b), epoch=0)
+    banks[1].record_linear(ids, h_old, w, b, epoch=0, chunk_size=3)
+    for a, c in zip(banks[0].lookup(ids, 1), banks[1].lookup(ids, 1)):
+        assert_close(a, c, torch.float32, "record_linear vs record")
+    target = banks[1].lookup(torch.tensor([3, 0, 7, 1]), 1)
+    h = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    wg = w.clone().requires_grad_()
+    y = torch.randint(0, V, (B, T))
+    _check(h, wg, None, y, {"target_topk": target}, torch.float64, "auto", 7, "bank", lam=0.3, temperature=2.0)
