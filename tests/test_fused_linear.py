@@ -269,3 +269,14 @@ def test_topk_bank_record_linear_and_the_loss():
     wg = w.clone().requires_grad_()
     y = torch.randint(0, V, (B, T))
     _check(h, wg, None, y, {"target_topk": target}, torch.float64, "auto", 7, "bank", lam=0.3, temperature=2.0)
+
+
+def test_bench_measure_and_table():
+    """The benchmark's per-process measurement (run here in-process, tiny) and its table."""
+    from saf_kernels.bench import fused_linear as bench
+
+    rows = [{"kind": "fused_linear", "case": "64x16x100 float32", "provider": v,
+             **bench.measure(v, 64, 16, 100, "float32", "cpu", 1)} for v in ("eager", "fused")]
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-4 * abs(rows[0]["loss"])
+    text = bench.table(rows)
+    assert "fused" in text and "speed-up vs eager" in text and "compile" not in text.split("\n", 2)[2]
