@@ -91,7 +91,7 @@ def measure(variant: str, n: int, h_dim: int, v: int, dtype: str, device: str, s
         sync()
         if i:
             times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times), "peak_bytes": max(_peak(dev) - base, 0), "loss": float(loss)}
+    return {"time_s": statistics.median(times), "peak_bytes": max(_peak(dev) - base, 0), "loss": float(loss.detach())}
 
 
 def _status_kib(key: str) -> int:
