@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 import saf_kernels as sk
+from saf_kernels.bench.fused_linear import map_large_allocations, peak_bytes, reset_peak
 
 V = 256  # bytes
 
@@ -76,43 +77,6 @@ class ByteLM(nn.Module):
         return self.lm_head(self.hidden(x))
 
 
-def _map_large_allocations() -> None:
-    """glibc: serve every allocation of 64 KiB or more by mmap, so that a freed tensor leaves the
-    RSS and each run's peak RSS growth counts its own tensors (not memory an earlier run freed)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def _peak_reset(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-        return _status_kib("VmRSS") * 1024
-    except OSError:
-        return 0
-
-
-def _peak(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        return _status_kib("VmHWM") * 1024
-    except (OSError, StopIteration):
-        return None
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
 @torch.no_grad()
 def val_loss(model: ByteLM, val: torch.Tensor) -> float:
     model.eval()
@@ -137,7 +101,7 @@ def train(method: str, train_windows: torch.Tensor, val: torch.Tensor, args, dev
     base, times = 0, []
     for step in range(args.steps):
         if step == min(1, args.steps - 1):  # after the first (warm-up) step: the steady state's peak
-            base = _peak_reset(device)
+            base = reset_peak(device)
         epoch, i = divmod(step, per_epoch)
         if i == 0 and step:
             order = torch.randperm(n, generator=gen)
@@ -169,10 +133,10 @@ def train(method: str, train_windows: torch.Tensor, val: torch.Tensor, args, dev
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    peak = _peak(device)
+    peak = peak_bytes(device)
     res = {"method": method, "val_loss": val_loss(model, val), "train_loss": float(loss.detach()),
            "step_ms": 1e3 * statistics.median(times[1:] or times),
-           "peak_mib": None if peak is None else max(peak - base, 0) / 2**20}
+           "peak_mib": max(peak - base, 0) / 2**20}
     if bank is not None:
         res["bank_mib"] = bank.nbytes / 2**20
     return res
@@ -201,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
-        _map_large_allocations()
+        map_large_allocations()
     w = args.seq + 1
     data = corpus((args.train_windows + args.val_windows) * w)
     windows = data[: (data.numel() // w) * w].view(-1, w)
@@ -214,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{args.layers} layers, {device}")
         print(f"{'method':<6} {'val loss':>9} {'train loss':>11} {'step':>10} {'peak memory':>12}")
         for r in results:
-            peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f} MiB"
+            peak = f"{r['peak_mib']:.1f} MiB"
             extra = f"  (bank {r['bank_mib']:.2f} MiB)" if "bank_mib" in r else ""
             print(f"{r['method']:<6} {r['val_loss']:>9.4f} {r['train_loss']:>11.4f} {r['step_ms']:>7.1f} ms "
                   f"{peak:>12}{extra}")

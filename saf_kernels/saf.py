@@ -47,6 +47,12 @@ def _check_int(name: str, value, lo: int, fn: str) -> int:
     return int(value)
 
 
+def _check_bank_dtype(dtype, fn: str) -> torch.dtype:
+    if dtype not in _tb.BANK_DTYPES:
+        raise TypeError(f"{fn}: dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+    return dtype
+
+
 def _synchronize(device: torch.device) -> None:
     """Wait for all work on ``device`` (every stream), if it is a CUDA device."""
     if device.type == "cuda":
@@ -129,9 +135,7 @@ class TrajectoryBank:
         self.num_samples = _check_int("num_samples", num_samples, 1, fn)
         self.num_classes = _check_int("num_classes", num_classes, 1, fn)
         self.delay = _check_int("delay", delay, 1, fn)
-        if dtype not in _tb.BANK_DTYPES:
-            raise TypeError(f"{fn}: dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
-        self.dtype = dtype
+        self.dtype = _check_bank_dtype(dtype, fn)
         self.pin_memory = bool(pin_memory)
         self.process_group = process_group
         self.check_every_step = bool(check_every_step)
@@ -615,9 +619,7 @@ class TopKTrajectoryBank:
         self.k = _check_int("k", k, 1, fn)
         self.tokens = _check_int("tokens", tokens, 1, fn)
         self.delay = _check_int("delay", delay, 1, fn)
-        if dtype not in _tb.BANK_DTYPES:
-            raise TypeError(f"{fn}: dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
-        self.dtype = dtype
+        self.dtype = _check_bank_dtype(dtype, fn)
         N, S, T = self.num_samples, self.delay, self.tokens
         where = {"device": torch.device(device)}
         self.idx = torch.zeros((N, S, T, self.k), dtype=torch.int32, **where)

@@ -7,7 +7,7 @@ memory is measured alone, in the steady state: after one warm-up step (which als
 torch.compile's build and the libraries' lazy set-up) the peak is reset, and the timed steps' peak
 is taken over the memory held at that point. On CPU that is the peak RSS (``VmHWM``, reset through
 ``/proc/self/clear_refs``) over the RSS, with glibc told to map every allocation of 64 KiB or more
-(``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the RSS; on CUDA
+(:func:`map_large_allocations`) so that freed tensors leave the RSS; on CUDA
 ``torch.cuda.max_memory_allocated`` over ``memory_allocated``. Time: median of the timed steps.
 
 Shapes (N x H x V): quick 1024 x 128 x 8000; default 4096 x 256 x 32000 on CPU; ``big`` adds
@@ -64,6 +64,8 @@ def measure(variant: str, n: int, h_dim: int, v: int, dtype: str, device: str, s
     import saf_kernels as sk
 
     dev, dt = torch.device(device), getattr(torch, dtype)
+    if dev.type == "cpu":
+        map_large_allocations()
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rnd(*s, scale=1.0):
@@ -83,7 +85,7 @@ def measure(variant: str, n: int, h_dim: int, v: int, dtype: str, device: str, s
     for i in range(steps + 1):
         h.grad = w.grad = None
         if i == 1:  # the first step warmed up (and built the compiled graph): reset the peak
-            base = _reset_peak(dev)
+            base = reset_peak(dev)
         sync()
         t0 = time.perf_counter()
         loss = fn(h, w, th, tw, y)
@@ -91,7 +93,8 @@ def measure(variant: str, n: int, h_dim: int, v: int, dtype: str, device: str, s
         sync()
         if i:
             times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times), "peak_bytes": max(_peak(dev) - base, 0), "loss": float(loss.detach())}
+    peak = max(peak_bytes(dev) - base, 0)
+    return {"time_s": statistics.median(times), "peak_bytes": peak, "loss": float(loss.detach())}
 
 
 def _status_kib(key: str) -> int:
@@ -99,7 +102,20 @@ def _status_kib(key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
-def _reset_peak(dev) -> int:
+def map_large_allocations() -> None:
+    """glibc: serve every allocation of 64 KiB or more by mmap (``M_MMAP_THRESHOLD``), so that a
+    freed tensor leaves the RSS and a peak RSS counts the tensors alive at the peak."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak(dev: torch.device) -> int:
+    """Reset the peak memory counter of ``dev`` and return the memory held now (bytes): CUDA's
+    allocated bytes, or on CPU the RSS (``VmHWM`` reset through ``/proc/self/clear_refs``)."""
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         return torch.cuda.memory_allocated(dev)
@@ -108,7 +124,8 @@ def _reset_peak(dev) -> int:
     return _rss_bytes()
 
 
-def _peak(dev) -> int:
+def peak_bytes(dev: torch.device) -> int:
+    """The peak since :func:`reset_peak` (bytes)."""
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev)
     return _status_kib("VmHWM") * 1024
@@ -129,8 +146,7 @@ def run(device: torch.device, quick: bool, big: bool = False, progress=None, ste
             cmd = [sys.executable, "-m", "saf_kernels.bench.fused_linear", "--variant", variant, "--shape",
                    f"{n},{h_dim},{v}", "--dtype", dtype, "--device", device.type, "--steps", str(steps)]
             row = {"kind": "fused_linear", "case": case, "provider": variant}
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 row["unavailable"] = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
             else:
