@@ -4,6 +4,8 @@ Public API (see README.md for the table):
 
 - :func:`trajectory_kl_loss`, :func:`saf_loss`: the SAF/MESA trajectory loss, fused with
   cross-entropy, forward and gradient in one kernel.
+- :func:`fused_linear_trajectory_loss`: the same loss for language models, fused with the output
+  layer, chunk by chunk over tokens (the ``[N, V]`` logits never exist at once).
 - :class:`SAF`, :class:`MESA`, :class:`TrajectoryBank`, :class:`IndexedDataset`: SAF and MESA as
   drop-in training components (a GPU-resident bank of past logits; an EMA teacher).
 - :mod:`saf_kernels.ops`: every fused op; :mod:`saf_kernels.reference`: their plain-PyTorch versions.
@@ -18,6 +20,7 @@ from . import optim, physical, sharpness
 from ._backend import BACKENDS, BackendUnavailable, available
 from .ops import (
     ema_update_,
+    fused_linear_trajectory_loss,
     saf_loss,
     sam_perturb_,
     sam_restore_,
@@ -25,7 +28,7 @@ from .ops import (
     sam_restore_sgd_,
     trajectory_kl_loss,
 )
-from .saf import MESA, SAF, IndexedDataset, TrajectoryBank
+from .saf import MESA, SAF, IndexedDataset, TopKTrajectoryBank, TrajectoryBank
 
 __version__ = "0.1.0"
 
@@ -35,8 +38,10 @@ __all__ = [
     "IndexedDataset",
     "MESA",
     "SAF",
+    "TopKTrajectoryBank",
     "TrajectoryBank",
     "available",
+    "fused_linear_trajectory_loss",
     "saf_loss",
     "trajectory_kl_loss",
     "ema_update_",

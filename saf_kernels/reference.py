@@ -7,6 +7,8 @@ float32 (float64 when an input is float64), loops over parameters where the fuse
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -838,3 +840,51 @@ def msam_adamw_(params, grads, exp_avg, exp_avg_sq, steps, inv_norm, lr, beta1, 
         v.copy_(nv)
         p.copy_(w)
     return _msam_finish(params, exp_avg, inv_norm, rho, norm_eps).to(_any_f64(params))
+
+
+# --------------------------------------------------------------------------------------------
+# Fused linear + CE + KL (language models): the materialised version
+# --------------------------------------------------------------------------------------------
+
+
+def topk_target_logits(idx: torch.Tensor, logit: torch.Tensor, lse: torch.Tensor, num_classes: int,
+                       temperature: float) -> torch.Tensor:
+    """Dense ``[n, V]`` target logits rebuilt from a top-k record ``(idx [n, k], logit [n, k], lse [n])``.
+
+    Kept classes get their logits; each of the ``V - k`` others gets ``lse + log(rest / (V - k))``
+    with ``rest = 1 - sum_i exp(logit_i - lse)`` (the mass the top-k leaves), so at ``T = 1`` the
+    kept classes keep their exact probabilities and the rest shares its mass uniformly. ``rest <= 0``
+    (everything kept, or rounding) gives the others ``lse - 200 T``: a finite logit whose tempered
+    probability underflows to 0 (``-inf`` would make ``0 * log 0`` a NaN). In float32 (float64 if
+    ``logit`` is float64). ``idx`` must not repeat a class within a row (``torch.topk`` never does).
+    """
+    dt = torch.float64 if logit.dtype == torch.float64 else torch.float32
+    logit, lse = logit.to(dt), lse.to(dt)
+    k = idx.shape[1]
+    rest = 1.0 - torch.exp(logit - lse[:, None]).sum(1)
+    spread = lse + torch.log(rest.clamp(min=torch.finfo(dt).tiny)) - math.log(max(num_classes - k, 1))
+    fill = torch.where(rest > 0, spread, lse - 200.0 * temperature)
+    out = fill[:, None].expand(idx.shape[0], num_classes).contiguous()
+    return out.scatter_(1, idx, logit)
+
+
+def fused_linear_trajectory_loss(hidden, weight, labels, target_hidden=None, target_weight=None, bias=None,
+                                 target_bias=None, target_logits=None, target_topk=None, lam=0.8,
+                                 temperature=5.0, label_smoothing=0.0, ignore_index=-100):
+    """Reference of :func:`saf_kernels.fused_linear_trajectory_loss`: the full logits
+    ``hidden @ weight.T + bias`` materialised, then :func:`saf_loss` (mean over the rows not
+    ignored, 0 if none). A ``target_topk`` is rebuilt by :func:`topk_target_logits`; rows whose
+    optional validity flag (4th element) is False take the logits themselves as target (KL 0)."""
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    labels = labels.reshape(-1)
+    if target_hidden is not None:
+        with torch.no_grad():
+            target = F.linear(target_hidden.reshape(-1, target_hidden.shape[-1]), target_weight, target_bias)
+    elif target_logits is not None:
+        target = target_logits.reshape(-1, logits.shape[1])
+    else:
+        idx, logit, lse = (t.reshape(-1, *t.shape[hidden.dim() - 1:]) for t in target_topk[:3])
+        target = topk_target_logits(idx, logit, lse, logits.shape[1], temperature)
+        if len(target_topk) > 3 and target_topk[3] is not None:
+            target = torch.where(target_topk[3].reshape(-1, 1), target, logits.detach().to(target.dtype))
+    return saf_loss(logits, labels, target, lam, temperature, label_smoothing, ignore_index)

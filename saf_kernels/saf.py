@@ -36,7 +36,7 @@ from .ops import ema as _ema
 from .ops import trajectory_bank as _tb
 from .ops.trajectory_loss import saf_loss as _saf_loss
 
-__all__ = ["MESA", "SAF", "IndexedDataset", "TrajectoryBank"]
+__all__ = ["MESA", "SAF", "IndexedDataset", "TopKTrajectoryBank", "TrajectoryBank"]
 
 _ERR_OUT_OF_RANGE, _ERR_DUPLICATE = 1, 2
 _INT64_MIN = -(2**63)
@@ -46,6 +46,12 @@ def _check_int(name: str, value, lo: int, fn: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
         raise ValueError(f"{fn}: {name} must be an int >= {lo}, got {value!r}")
     return int(value)
+
+
+def _check_bank_dtype(dtype, fn: str) -> torch.dtype:
+    if dtype not in _tb.BANK_DTYPES:
+        raise TypeError(f"{fn}: dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+    return dtype
 
 
 def _synchronize(device: torch.device) -> None:
@@ -130,9 +136,7 @@ class TrajectoryBank:
         self.num_samples = _check_int("num_samples", num_samples, 1, fn)
         self.num_classes = _check_int("num_classes", num_classes, 1, fn)
         self.delay = _check_int("delay", delay, 1, fn)
-        if dtype not in _tb.BANK_DTYPES:
-            raise TypeError(f"{fn}: dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
-        self.dtype = dtype
+        self.dtype = _check_bank_dtype(dtype, fn)
         self.pin_memory = bool(pin_memory)
         self.process_group = process_group
         self.check_every_step = bool(check_every_step)
@@ -645,3 +649,149 @@ class IndexedDataset(torch.utils.data.Dataset):
         item = self.dataset[index]
         return (*item, index) if isinstance(item, tuple) else (item, index)
 
+
+
+class TopKTrajectoryBank:
+    """SAF's trajectory bank for token-level outputs (language models): per sample, the top-``k``
+    logits of each of its ``tokens`` positions and their log-normaliser, from ``delay`` epochs ago.
+
+    Storage: ``idx [N, delay, tokens, k]`` int32 (class ids; int64 on :meth:`lookup`), ``logit``
+    in ``dtype`` (bfloat16 by default), ``lse [N, delay, tokens]`` float32 and ``epochs
+    [N, delay]`` int32 tags (-1: empty). Memory (:attr:`nbytes`):
+    ``N * delay * (tokens * (k * (4 + itemsize) + 4) + 4)`` bytes, against ``N * delay * tokens * V
+    * itemsize`` for dense logits: with k = 32 and bfloat16, 196 bytes per token instead of 64,000 at
+    V = 32,000 (326x less) or 256,512 at V = 128,256.
+
+    Semantics as :class:`TrajectoryBank`: at epoch ``e`` a sample reads slot ``e % delay``, valid iff
+    it was written at epoch ``e - delay``; :meth:`record` then overwrites that slot with tag ``e``.
+    Feed :meth:`lookup`'s tuple to :func:`saf_kernels.fused_linear_trajectory_loss` as
+    ``target_topk``: rows without a valid record get no KL there (they still count in the mean).
+    No host synchronisation: every read and write is an index op on the bank's device. Ids must be
+    in ``[0, num_samples)`` (an index error otherwise) and not repeat within one :meth:`record`
+    (which of the repeats is kept is then unspecified).
+    """
+
+    def __init__(self, num_samples: int, k: int = 32, tokens: int = 1, delay: int = 1,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+        fn = "saf_kernels.TopKTrajectoryBank"
+        self.num_samples = _check_int("num_samples", num_samples, 1, fn)
+        self.k = _check_int("k", k, 1, fn)
+        self.tokens = _check_int("tokens", tokens, 1, fn)
+        self.delay = _check_int("delay", delay, 1, fn)
+        self.dtype = _check_bank_dtype(dtype, fn)
+        N, S, T = self.num_samples, self.delay, self.tokens
+        where = {"device": torch.device(device)}
+        self.idx = torch.zeros((N, S, T, self.k), dtype=torch.int32, **where)
+        self.logit = torch.zeros((N, S, T, self.k), dtype=dtype, **where)
+        self.lse = torch.zeros((N, S, T), dtype=torch.float32, **where)
+        self.epochs = torch.full((N, S), -1, dtype=torch.int32, **where)
+
+    @property
+    def nbytes(self) -> int:
+        """``N * delay * (tokens * (k * (4 + itemsize) + 4) + 4)`` bytes."""
+        itemsize = self.logit.element_size()
+        return self.num_samples * self.delay * (self.tokens * (self.k * (4 + itemsize) + 4) + 4)
+
+    @property
+    def device(self) -> torch.device:
+        return self.idx.device
+
+    def to(self, device: torch.device | str) -> TopKTrajectoryBank:
+        for name in ("idx", "logit", "lse", "epochs"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def _ids(self, sample_ids, epoch, fn):
+        if not isinstance(sample_ids, torch.Tensor) or sample_ids.dtype not in (torch.int64, torch.int32) \
+                or sample_ids.dim() != 1:
+            got = (sample_ids.dtype, tuple(sample_ids.shape)) if isinstance(sample_ids, torch.Tensor) else sample_ids
+            raise TypeError(f"{fn}: sample_ids must be a 1-D int64 or int32 tensor, got {got}")
+        if sample_ids.device != self.device:
+            raise ValueError(f"{fn}: sample_ids are on {sample_ids.device} but the bank is on {self.device}")
+        _check_int("epoch", epoch, 0, fn)
+        return sample_ids.long(), epoch % self.delay
+
+    def _rows(self, logits, b, fn, name="logits"):
+        want = (b, self.tokens) if self.tokens > 1 else (b,)
+        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() \
+                or tuple(logits.shape[:-1]) not in (want, (b, self.tokens)) or logits.shape[-1] < self.k:
+            raise ValueError(f"{fn}: {name} must be a float tensor [{', '.join(map(str, want))}, V] with V >= k="
+                             f"{self.k}, got {logits if not isinstance(logits, torch.Tensor) else tuple(logits.shape)}")
+
+    def record(self, sample_ids: torch.Tensor, logits: torch.Tensor, epoch: int) -> None:
+        """Store ``torch.topk(logits, k)`` and ``logsumexp(logits)`` (float32) of each sample for
+        ``epoch``. ``logits``: ``[B, V]`` (``tokens == 1``) or ``[B, tokens, V]``."""
+        fn = "saf_kernels.TopKTrajectoryBank.record"
+        ids, slot = self._ids(sample_ids, epoch, fn)
+        self._rows(logits, ids.shape[0], fn)
+        with torch.no_grad():
+            z = logits.detach().reshape(ids.shape[0], self.tokens, -1)
+            val, idx = z.topk(self.k, dim=-1)
+            self._store(ids, slot, epoch, idx, val, torch.logsumexp(z.float(), dim=-1))
+
+    def record_linear(self, sample_ids: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None = None, *, epoch: int, chunk_size: int | None = None) -> None:
+        """As :meth:`record` for the logits ``hidden @ weight.T + bias`` (``hidden [B, tokens, H]``
+        or ``[B, H]``), made ``chunk_size`` rows at a time (see
+        :func:`saf_kernels.ops.fused_linear.auto_chunk_size`) so that the full logits never exist."""
+        from .ops.fused_linear import auto_chunk_size
+
+        fn = "saf_kernels.TopKTrajectoryBank.record_linear"
+        ids, slot = self._ids(sample_ids, epoch, fn)
+        if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 2 \
+                or hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(f"{fn}: hidden must be [B, (tokens,) H] and weight [V, H]")
+        self._rows(hidden.new_empty(hidden.shape[:-1] + (weight.shape[0],), device="meta"), ids.shape[0], fn,
+                   "hidden @ weight.T")
+        with torch.no_grad():
+            h = hidden.detach().reshape(-1, hidden.shape[-1])
+            n = h.shape[0]
+            step = chunk_size or auto_chunk_size(n, weight.shape[0], h.device)
+            idx = torch.empty((n, self.k), dtype=torch.int64, device=h.device)
+            val = torch.empty((n, self.k), dtype=torch.float32, device=h.device)
+            lse = torch.empty(n, dtype=torch.float32, device=h.device)
+            for s in range(0, n, step):
+                z = torch.nn.functional.linear(h[s:s + step], weight.detach(), bias)
+                val[s:s + step], idx[s:s + step] = z.topk(self.k, dim=-1)
+                lse[s:s + step] = torch.logsumexp(z.float(), dim=-1)
+            b = ids.shape[0]
+            self._store(ids, slot, epoch, idx.view(b, self.tokens, -1), val.view(b, self.tokens, -1),
+                        lse.view(b, self.tokens))
+
+    def _store(self, ids, slot, epoch, idx, val, lse):
+        self.idx[ids, slot] = idx.to(torch.int32)
+        self.logit[ids, slot] = val.to(self.dtype)
+        self.lse[ids, slot] = lse
+        self.epochs[ids, slot] = epoch
+
+    def lookup(self, sample_ids: torch.Tensor, epoch: int):
+        """``(idx int64, logit, lse, valid)`` of the samples' records from epoch ``epoch - delay``,
+        shaped ``[B, tokens, k]``, ``[B, tokens, k]``, ``[B, tokens]``, ``[B, tokens]`` (the
+        ``tokens`` dim absent when ``tokens == 1``): the ``target_topk`` of
+        :func:`saf_kernels.fused_linear_trajectory_loss`. ``valid`` is False where there is none."""
+        ids, slot = self._ids(sample_ids, epoch, "saf_kernels.TopKTrajectoryBank.lookup")
+        b = ids.shape[0]
+        lead = (b, self.tokens) if self.tokens > 1 else (b,)
+        tags = self.epochs[ids, slot]
+        valid = ((tags == epoch - self.delay) & (tags >= 0))[:, None].expand(b, self.tokens)
+        return (self.idx[ids, slot].long().reshape(*lead, self.k), self.logit[ids, slot].reshape(*lead, self.k),
+                self.lse[ids, slot].reshape(lead), valid.reshape(lead))
+
+    def state_dict(self) -> dict:
+        return {"num_samples": self.num_samples, "k": self.k, "tokens": self.tokens, "delay": self.delay,
+                "dtype": str(self.dtype).replace("torch.", ""), "idx": self.idx, "logit": self.logit,
+                "lse": self.lse, "epochs": self.epochs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`state_dict` of a bank of the same configuration (onto this bank's device)."""
+        fn = "saf_kernels.TopKTrajectoryBank.load_state_dict"
+        for key in ("num_samples", "k", "tokens", "delay", "dtype"):
+            mine = getattr(self, key) if key != "dtype" else str(self.dtype).replace("torch.", "")
+            if state_dict.get(key) != mine:
+                raise ValueError(f"{fn}: {key} is {state_dict.get(key)!r} in the checkpoint but {mine!r} here")
+        for name in ("idx", "logit", "lse", "epochs"):
+            getattr(self, name).copy_(state_dict[name])
+
+    def __repr__(self) -> str:
+        return (f"TopKTrajectoryBank(num_samples={self.num_samples}, k={self.k}, tokens={self.tokens}, "
+                f"delay={self.delay}, dtype={self.dtype}, {self.device}, {self.nbytes / 2**20:.1f} MiB)")

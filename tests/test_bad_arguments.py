@@ -1011,7 +1011,88 @@ CHEAP = [
         ValueError, r"msam_adamw_: grads\[0\] has shape \[3\] but params\[0\] has shape \[2\]"),
 ]
 
-ROWS = (LOSSES + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS + BENCH + CHEAP + PHYSICAL
+def flt(target=None, **kw):
+    """fused_linear_trajectory_loss on 4 rows, H 3, V 5, a teacher target unless another is given."""
+    args = dict(hidden=torch.randn(4, 3), weight=torch.randn(5, 3), labels=y())
+    if target is None:
+        args.update(target_hidden=torch.randn(4, 3), target_weight=torch.randn(5, 3))
+    return sk.fused_linear_trajectory_loss(**{**args, **(target or {}), **kw})
+
+
+def topk(k=2, **kw):
+    z5 = torch.randn(4, 5)
+    v, i = z5.topk(k, -1)
+    return {"target_topk": (kw.get("idx", i), kw.get("logit", v), kw.get("lse", z5.logsumexp(-1)))
+            + ((kw["valid"],) if "valid" in kw else ())}
+
+
+FUSED_LINEAR = [
+    bad("fused_linear:hidden-list", lambda: flt(hidden=[[1.0]]),
+        TypeError, r"hidden must be a torch\.Tensor, got list"),
+    bad("fused_linear:hidden-int", lambda: flt(hidden=torch.ones(4, 3, dtype=torch.int64)), TypeError,
+        r"hidden must be float32, float16, bfloat16 or float64, got torch\.int64"),
+    bad("fused_linear:hidden-1d", lambda: flt(hidden=torch.randn(3)), ValueError,
+        r"hidden must be \[\.\.\., H\] with at least 2 dims, got shape \(3,\)"),
+    bad("fused_linear:weight-H", lambda: flt(weight=torch.randn(5, 4)), ValueError,
+        r"weight must be \[V, 3\] for hidden \(4, 3\), got \(5, 4\)"),
+    bad("fused_linear:weight-dtype", lambda: flt(weight=torch.randn(5, 3, dtype=torch.float64)), TypeError,
+        r"weight dtype torch\.float64 differs from hidden dtype torch\.float32"),
+    bad("fused_linear:bias-shape", lambda: flt(bias=torch.randn(4)), ValueError,
+        r"bias must be \[5\] in torch\.float32, got \(4,\)"),
+    bad("fused_linear:labels-float", lambda: flt(labels=torch.zeros(4)), ValueError,
+        r"labels must be int64 or int32 class indices of shape \[4\], got \(4,\) torch\.float32"),
+    bad("fused_linear:labels-shape", lambda: flt(labels=y(3)),
+        ValueError, r"labels must be .* of shape \[4\], got \(3,\)"),
+    bad("fused_linear:no-target", lambda: flt(target={}, target_hidden=None, target_weight=None), ValueError,
+        r"give exactly one target: .*got none"),
+    bad("fused_linear:two-targets", lambda: flt(target_logits=z(4, 5)), ValueError,
+        r"give exactly one target: .*got \['target_hidden/target_weight', 'target_logits'\]"),
+    bad("fused_linear:target_weight-alone", lambda: flt(target={"target_weight": torch.randn(5, 3)}), ValueError,
+        r"target_hidden and target_weight go together; got only target_weight"),
+    bad("fused_linear:target_bias-without-hidden", lambda: flt(target={"target_logits": z(4, 5)},
+                                                               target_bias=torch.randn(5)), ValueError,
+        r"target_bias goes with target_hidden"),
+    bad("fused_linear:target_weight-V", lambda: flt(target_weight=torch.randn(6, 3)), ValueError,
+        r"target_hidden must be \[\*\[4\], H'\] and target_weight \[5, H'\], got \(4, 3\) and \(6, 3\)"),
+    bad("fused_linear:target_logits-shape", lambda: flt(target={"target_logits": z(4, 6)}), ValueError,
+        r"target_logits must be \[4, 5\], got \(4, 6\)"),
+    bad("fused_linear:topk-not-tuple", lambda: flt(target={"target_topk": torch.zeros(4, 2)}), TypeError,
+        r"target_topk must be a tuple \(idx, logit, lse\) or \(idx, logit, lse, valid\), got Tensor"),
+    bad("fused_linear:topk-idx-int32", lambda: flt(target=topk(idx=torch.zeros(4, 2, dtype=torch.int32))),
+        TypeError, r"target_topk idx must be int64, got torch\.int32"),
+    bad("fused_linear:topk-k", lambda: flt(target=topk(idx=torch.zeros(4, 6, dtype=torch.int64),
+                                                        logit=torch.zeros(4, 6))), ValueError,
+        r"target_topk must keep k in \[1, 5\] classes per row, got k=6"),
+    bad("fused_linear:topk-lse-shape", lambda: flt(target=topk(lse=torch.zeros(4, 1))), ValueError,
+        r"target_topk lse must be \[4\], got \(4, 1\)"),
+    bad("fused_linear:topk-valid-float", lambda: flt(target=topk(valid=torch.ones(4))), ValueError,
+        r"target_topk valid must be a bool tensor of shape \[4\]"),
+    bad("fused_linear:lam=nan", lambda: flt(lam=math.nan), ValueError, r"lam must be a finite number, got nan"),
+    bad("fused_linear:temperature=0", lambda: flt(temperature=0),
+        ValueError, r"temperature must be a finite number > 0, got 0"),
+    bad("fused_linear:label_smoothing=-0.1", lambda: flt(label_smoothing=-0.1), ValueError,
+        r"label_smoothing must be in \[0\.0, 1\.0\], got -0\.1"),
+    bad("fused_linear:ignore_index=1.5", lambda: flt(ignore_index=1.5),
+        TypeError, r"ignore_index must be an int, got 1\.5"),
+    bad("fused_linear:chunk_size=0", lambda: flt(chunk_size=0), ValueError, r"chunk_size must be an int >= 1, got 0"),
+    bad("fused_linear:chunk_size=2.5", lambda: flt(chunk_size=2.5),
+        ValueError, r"chunk_size must be an int >= 1, got 2\.5"),
+    bad("fused_linear:backend", lambda: flt(backend="gpu"), ValueError, r"unknown backend 'gpu'"),
+    bad("TopKTrajectoryBank:k=0", lambda: sk.TopKTrajectoryBank(10, k=0), ValueError, r"k must be an int >= 1, got 0"),
+    bad("TopKTrajectoryBank:tokens=1.5", lambda: sk.TopKTrajectoryBank(10, tokens=1.5), ValueError,
+        r"tokens must be an int >= 1, got 1\.5"),
+    bad("TopKTrajectoryBank:dtype", lambda: sk.TopKTrajectoryBank(10, dtype=torch.int8), TypeError,
+        r"dtype must be torch\.bfloat16, torch\.float16 or torch\.float32, got torch\.int8"),
+    bad("TopKTrajectoryBank:record-ids-float", lambda: sk.TopKTrajectoryBank(10, k=2).record(torch.zeros(4), z(), 0),
+        TypeError, r"sample_ids must be a 1-D int64 or int32 tensor, got \(torch\.float32, \(4,\)\)"),
+    bad("TopKTrajectoryBank:record-V<k", lambda: sk.TopKTrajectoryBank(10, k=8).record(y(), z(), 0), ValueError,
+        r"logits must be a float tensor \[4, V\] with V >= k=8, got \(4, 5\)"),
+    bad("TopKTrajectoryBank:lookup-epoch", lambda: sk.TopKTrajectoryBank(10, k=2).lookup(y(), -1), ValueError,
+        r"epoch must be an int >= 0, got -1"),
+]
+
+ROWS = (LOSSES + FUSED_LINEAR + BANK + EMA + SAM_OPS + RANDOM_OPS + BANK_OPS + OPTIMIZERS + SHARPNESS + BENCH
+        + CHEAP + PHYSICAL
         + INTEGRATIONS)
 
 

@@ -4,6 +4,7 @@ the embedded digits, and SAF and SAM under torchrun with 2 processes (gloo on CP
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -71,6 +72,20 @@ def test_mixup_mesa_example():
     assert len(hist) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
     assert sum(h["batches"]["mixup"] for h in hist) > 0 and sum(h["batches"]["cutmix"] for h in hist) > 0
     assert res["test_acc"] > 0.3, hist  # 10 classes: chance is 10% (18 mixed batches: noisy)
+
+
+def test_lm_mesa_example():
+    """python/lm_mesa.py: a byte-level causal transformer, plain CE, MESA through the fused linear
+    loss, SAF through the top-k bank (its targets valid from the second epoch), a few steps each."""
+    import lm_mesa
+
+    res = lm_mesa.main(["--steps", "6", "--train-windows", "16", "--val-windows", "4", "--batch", "8", "--seq", "16",
+                        "--d", "32", "--layers", "1", "--k", "4", "--quiet"])["results"]
+    assert [r["method"] for r in res] == ["ce", "mesa", "saf"]
+    for r in res:
+        assert math.isfinite(r["val_loss"]) and math.isfinite(r["train_loss"]) and r["step_ms"] > 0, r
+        assert r["val_loss"] < math.log(256) + 0.5, r  # 6 steps from a uniform start: no blow-up
+    assert res[2]["bank_mib"] > 0
 
 
 def test_physical_sat_smoke(tmp_path):

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sharded", action="store_true",
                     help="also SGD / SAM / SAM fused_step under DDP and FSDP2 in 2 processes, with the collectives "
                          "counted (saf_kernels.bench.sharded; a few minutes on a 2-core CPU)")
+    ap.add_argument("--fused-linear-big", action="store_true",
+                    help="fused_linear: add 8192x512x50257 (CPU, minutes) and 8192x4096x128256 bf16 (CUDA)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -89,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
             hrows = host_overhead.run(device, args.quick)
             rows += hrows
             sections[host_overhead.TITLE] = host_overhead.table(hrows)
+        if ops is None or "fused_linear" in ops:
+            from . import fused_linear
+
+            frows = fused_linear.run(device, args.quick, big=args.fused_linear_big, progress=progress,
+                                     compile_baseline=not args.no_compile)
+            rows += frows
+            sections[fused_linear.TITLE] = fused_linear.table(frows)
     if methods != []:
         if methods_mod is None:
             sections["Training step vs plain SGD"] = "not available in this version"

@@ -158,6 +158,7 @@ OP_NAMES.update({op: "multi_tensor" for op in MULTI_TENSOR_OPS})
 # ---- end multi-tensor family ----
 # Host time of the Triton pointer tables (saf_kernels/bench/host_overhead.py).
 OP_NAMES["triton_tables"] = "host_overhead"
+OP_NAMES["fused_linear"] = "fused_linear"  # saf_kernels/bench/fused_linear.py, a process per variant
 
 
 def run_op_benchmarks(device: torch.device, quick: bool, ops: list[str] | None, progress,

@@ -2,6 +2,7 @@
 
 from .ema import ema_update_
 from .esam import esam_perturb_, esam_restore_, esam_sumsq, sds_count, sds_select
+from .fused_linear import fused_linear_trajectory_loss
 from .gsam import gsam_combine_, gsam_restore_sgd_, gsam_sums
 from .looksam import looksam_combine_, looksam_gv_
 from .msam import msam_adamw_, msam_sgd_
@@ -16,6 +17,7 @@ __all__ = [
     "esam_perturb_",
     "esam_restore_",
     "esam_sumsq",
+    "fused_linear_trajectory_loss",
     "gsam_combine_",
     "gsam_restore_sgd_",
     "gsam_sums",
