@@ -620,7 +620,7 @@ def rsam_noise_(params, stash, std, seed, offset=0) -> None:
 
 
 def _rsam_directions(params, grads, stash, lam, grad_scale) -> list[torch.Tensor]:
-    dev = params[0].device
+    dev = params[0].device if params else torch.device("cpu")
     inv = torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None else 1.0 / grad_scale.double()
     return [lam * g.to(_acc(p)) * inv.to(_acc(p)) + (p.to(_acc(p)) - s.to(_acc(p)))
             for p, g, s in zip(params, grads, stash)]

@@ -26,8 +26,10 @@ from hypothesis import strategies as st  # noqa: E402
 import saf_kernels as sk  # noqa: E402
 from saf_kernels import reference  # noqa: E402
 
+from . import test_fused_linear as FL  # noqa: E402
 from . import test_properties as TP  # noqa: E402
 from . import test_properties_multi_tensor as P  # noqa: E402
+from . import tolerances as TL  # noqa: E402
 from .helpers import FULL  # noqa: E402
 
 # Small shapes: empty, single element, 0-dim, odd sizes, 2-D and 3-D (transposable).
@@ -136,6 +138,99 @@ def _sds_property(p, backend):
     assert torch.equal(torch.sort(diff[ref]).values, torch.sort(diff[idx]).values), p
 
 
+# The partial-sum stages that sharded training all-reduces (sam_sumsq, esam_sumsq, rsam_sumsq,
+# gsam_sums) against the reference's float64 sums. The kernels square in float32 unless a tensor is
+# float64: within 1e-5 of the sum of the terms' magnitudes (Cauchy-Schwarz for GSAM's dot product)
+# plus float32's underflow of squares below 2^-63; where a float32 square may overflow (an element
+# above 2^60) only NaN's places are compared.
+def _sums_args(op, p, r):
+    if op == "gsam_sums":
+        g, o = r.list(), r.list()
+        r.special(g)
+        return g + o, (g, o), {}, (g, o)
+    params, grads = r.list(scale=1.0), r.list()
+    r.special(grads)
+    if op == "sam_sumsq":
+        kw = dict(adaptive=p["adaptive"][0], eta=p["eta"][0])
+        return params + grads, (params, grads), kw, (params, grads, p["adaptive"][1], p["eta"][1])
+    if op == "esam_sumsq":
+        a = (params, grads, p["beta"][0], p["philox_seed"], p["offset"])
+        kw = dict(adaptive=p["adaptive"][0], eta=p["eta"][0])
+        return params + grads, a, kw, (params, grads, p["adaptive"][1], p["eta"][1], p["beta"][1], p["philox_seed"],
+                                       p["offset"])
+    stash = r.list(scale=1.0)
+    kw = dict(grad_scale=p["grad_scale"])
+    return params + grads + stash, (params, grads, stash, p["lam"]), kw, (params, grads, stash, p["lam"],
+                                                                           p["grad_scale"])
+
+
+def _sums_scale(op, ref, tensors, p):
+    if op == "gsam_sums":
+        return torch.stack([(ref[1].abs() * ref[2].abs()).sqrt(), ref[1].abs(), ref[2].abs()])
+    if op == "rsam_sumsq":
+        n = len(tensors) // 3
+        gs = float(p["grad_scale"]) if p["grad_scale"] is not None else 1.0
+        terms = [(abs(p["lam"]) * g.double().abs() / gs + w.double().abs() + s.double().abs()).nan_to_num(0, 0, 0)
+                 for w, g, s in zip(tensors[:n], tensors[n:2 * n], tensors[2 * n:])]
+        return sum(((t**2).sum() for t in terms), torch.zeros((), dtype=torch.float64))
+    return ref.abs()
+
+
+def _sums_property(op):
+    def prop(p, backend):
+        P.skip_unless_available(backend, "cpu", op)
+        r = P.Gen(p)
+        tensors, args, kw, ref_args = _sums_args(op, p, r)
+        out = getattr(sk.ops, op)(*args, **kw, backend=backend)
+        ref = getattr(reference, op)(*ref_args)
+        assert out.dtype == torch.float64 and out.shape == ref.shape and out.device == ref.device, (op, out, ref)
+        o, w = out.reshape(-1), ref.reshape(-1)
+        assert torch.equal(o.isnan(), w.isnan()), (p, out, ref)
+        f32 = not P._all64(tensors)  # a mixed list squares in float32 (test_properties_multi_tensor._tol)
+        big = max((float(t.double().abs().nan_to_num(0, 0, 0).max()) for t in tensors if t.numel()), default=0.0)
+        if f32 and big > 2.0**60:
+            return
+        fin = torch.isfinite(w)
+        assert torch.equal(o[~fin & ~w.isnan()], w[~fin & ~w.isnan()]), (p, out, ref)
+        rtol = 1e-5 if f32 else 1e-12
+        floor = 2.0**-120 * sum(t.numel() for t in tensors) if f32 else 0.0
+        tol = rtol * _sums_scale(op, ref, tensors, p).reshape(-1).nan_to_num(0, 0, 0) + floor
+        assert bool(((o - w).abs()[fin] <= tol[fin]).all()), (p, out, ref, tol)
+
+    return prop
+
+
+@st.composite
+def _fused_linear_problems(draw):
+    return dict(N=draw(st.integers(1, 6)), H=draw(st.integers(1, 5)), V=draw(st.integers(1, 9)),
+                target=draw(st.sampled_from(FL.TARGETS)), bias=draw(st.booleans()),
+                chunk=draw(st.sampled_from([None, 1, 2, 3])),
+                dtype=draw(st.sampled_from([torch.float64, torch.float32])),
+                ignore_every=draw(st.sampled_from([0, 1, 2, 3])), k=draw(st.integers(1, 6)),
+                opts=dict(lam=draw(st.sampled_from([0.0, 0.8, 2.0])), temperature=draw(st.sampled_from([1.0, 5.0])),
+                          label_smoothing=draw(st.sampled_from([0.0, 0.1]))),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def _fused_linear_property(p, backend):
+    P.skip_unless_available(backend, "cpu", "trajectory_loss")
+    torch.manual_seed(p["seed"])
+    h, w, b, y, kw = FL._case(p["N"], p["H"], p["V"], p["dtype"], p["target"], p["bias"], p["k"], p["ignore_every"])
+    loss = sk.fused_linear_trajectory_loss(h, w, y, bias=b, chunk_size=p["chunk"], backend=backend, **kw, **p["opts"])
+    grads = torch.autograd.grad(loss, FL._params(h, w, b))
+    ref, ref_grads = FL._ref(h, w, b, y, kw, **p["opts"])
+    # Against the float64 reference on the same rounded inputs. A loss that is 0 in exact arithmetic
+    # (one class) carries rounding in proportion to the logits and inputs.
+    z = h.detach().double() @ w.detach().double().T
+    floor = 16 * torch.finfo(p["dtype"]).eps * (1.0 + float(z.abs().max()) + sum(
+        float(t.detach().double().abs().max()) for t in (h, w) + tuple(v for v in kw.values() if torch.is_tensor(v)
+                                                                         and v.is_floating_point())))
+    TL.assert_close(loss, ref, p["dtype"], f"{p} loss", atol_floor=floor)
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert g.dtype == p["dtype"], (name, g.dtype)
+        TL.assert_close(g, r, p["dtype"], f"{p} grad {name}", atol_floor=floor)
+
+
 # op -> (strategy, property, the op whose availability decides a skip, the public ops it runs,
 # backends). rsam_noise_ needs each output unit contiguous (it raises on a transposed view, by
 # design): no views there. sds_count / sds_select run on the host (one topk): no backend choice.
@@ -162,6 +257,12 @@ OPS = {
     "saf_loss": (_trajectory_problems, _saf_property, "trajectory_loss", ("saf_loss",)),
     "trajectory_bank_step": (P.bank_problems, P._bank_property, "saf_bank_step", ("trajectory_bank_step",)),
     "trajectory_bank_record": (P.bank_problems, P._record_property, "saf_bank_record", ("trajectory_bank_record",)),
+    "sam_sumsq": (_multi(P.sam_problems), _sums_property("sam_sumsq"), "sam_sumsq", ("sam_sumsq",)),
+    "esam_sumsq": (_multi(P.esam_problems), _sums_property("esam_sumsq"), "esam_sumsq", ("esam_sumsq",)),
+    "rsam_sumsq": (_multi(P.rsam_problems), _sums_property("rsam_sumsq"), "rsam_sumsq", ("rsam_sumsq",)),
+    "gsam_sums": (_multi(P.gsam_problems), _sums_property("gsam_sums"), "gsam_sums", ("gsam_sums",)),
+    "fused_linear_trajectory_loss": (_fused_linear_problems, _fused_linear_property, "trajectory_loss",
+                                     ("fused_linear_trajectory_loss",)),
 }
 HOST_OPS = {"sds_count+sds_select": (_sds_problems, _sds_property, ("sds_count", "sds_select"))}
 
