@@ -632,7 +632,8 @@ inline Plan looksam_gv_plan(at::TensorList gv, const at::Tensor& gv_norm, at::Te
                             at::TensorList old_grads, double eps, int64_t chunk) {
   const char* op = "saf_kernels.looksam_gv_";
   check_eps(eps, op);
-  static_assert(looksam::GV == gsam::W && looksam::GS == gsam::G, "looksam_gv_ lives in gsam's slots");
+  static_assert(int(looksam::GV) == int(gsam::W) && int(looksam::GS) == int(gsam::G),
+                "looksam_gv_ lives in gsam's slots");
   Plan plan(op, {{"gv", gv}, {"grads", grads}, {"gv", gv}, {"gv", gv}, {"old_grads", old_grads}}, chunk);
   check_same_dtype(gv, grads, op, "gv", "grads");
   check_same_dtype(gv, old_grads, op, "gv", "old_grads");
@@ -648,7 +649,7 @@ inline Plan looksam_combine_plan(at::TensorList grads, at::TensorList gv, const 
   const char* op = "saf_kernels.looksam_combine_";
   TORCH_CHECK_VALUE(std::isfinite(alpha), op, ": alpha must be a finite number, got ", alpha);
   check_eps(eps, op);
-  static_assert(gsam::G == sam::G, "the norm pass reads gsam's G");
+  static_assert(int(gsam::G) == int(sam::G), "the norm pass reads gsam's G");
   Plan plan(op, {{"grads", grads}, {"grads", grads}, {"grads", grads}, {"grads", grads}, {"gv", gv}}, chunk);
   check_same_dtype(grads, gv, op, "grads", "gv");
   check_state_scalar(gv_norm, grads, op, "gv_norm", false);

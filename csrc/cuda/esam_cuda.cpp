@@ -32,19 +32,12 @@ at::Tensor esam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Te
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.esam_perturb_: empty parameter list on CUDA");
   const MtCall call(plan, params);
   const uint64_t key = mt::philox_key(seed), off = uint64_t(offset);
-  at::Tensor partials = call.partials(), coef = call.coefs(), norm = call.result({});
+  at::Tensor coef = call.coefs(), norm = call.result({});
   const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
-  int64_t n_partials = call.n_chunks;
-  if (sumsq.has_value()) {
-    // Sharded: the finalize reads the all-reduced sum of every shard's partials (one value).
-    partials = sumsq->to(at::kDouble).reshape({1}).contiguous();
-    n_partials = 1;
-  } else {
-    SAF_CUDA_CHECK(
-        esam_norm_launch(call.plan, call.n_chunks, call.f64, key, off, partials.data_ptr<double>(), call.stream),
-        "esam_perturb_");
-  }
-  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), n_partials, f32_ptr(gs), f32_ptr(fi), eps,
+  const auto s = call.sums(1, sumsq, "esam_perturb_", [&](double* p) {
+    return esam_norm_launch(call.plan, call.n_chunks, call.f64, key, off, p, call.stream);
+  });
+  SAF_CUDA_CHECK(sam_coef_launch(s.data(), s.n, f32_ptr(gs), f32_ptr(fi), eps,
                                  norm.data_ptr(), call.f64, coef.data_ptr<double>(), call.stream),
                  "esam_perturb_");
   SAF_CUDA_CHECK(esam_perturb_launch(call.plan, call.n_chunks, call.f64, key, off, coef.data_ptr<double>(),
@@ -59,12 +52,9 @@ at::Tensor esam_sumsq_cuda(at::TensorList params, at::TensorList grads, at::Arra
   const mt::Plan plan = mt::esam_sumsq_plan(params, grads, eta, beta, flags, offset, mt_chunk_size());
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.esam_sumsq: empty parameter list on CUDA");
   const MtCall call(plan, params);
-  at::Tensor partials = call.partials();
-  if (call.n_chunks == 0) return partials.zero_().sum();  // every shard empty
-  SAF_CUDA_CHECK(esam_norm_launch(call.plan, call.n_chunks, call.f64, mt::philox_key(seed), uint64_t(offset),
-                                  partials.data_ptr<double>(), call.stream),
-                 "esam_sumsq");
-  return partials.narrow(0, 0, call.n_chunks).sum();
+  return call.local_sums(1, "esam_sumsq", [&](double* p) {
+    return esam_norm_launch(call.plan, call.n_chunks, call.f64, mt::philox_key(seed), uint64_t(offset), p, call.stream);
+  });
 }
 
 void esam_restore_cuda(at::TensorList params, at::TensorList stash, at::ArrayRef<double> beta, int64_t seed,

@@ -20,18 +20,11 @@ std::pair<at::Tensor, at::Tensor> gsam_reduce(const MtCall& call, double alpha, 
                                               const std::optional<at::Tensor>& old_grad_scale,
                                               const std::optional<at::Tensor>& found_inf,
                                               const std::optional<at::Tensor>& sums, const char* op) {
-  at::Tensor partials = call.partials(3), coefs = call.coefs(3), stats = call.result({3});
+  at::Tensor coefs = call.coefs(3), stats = call.result({3});
   const at::Tensor gs = as_f32(grad_scale), ogs = as_f32(old_grad_scale), fi = as_f32(found_inf);
-  int64_t n_partials = call.n_chunks;
-  if (sums.has_value()) {
-    // Sharded: the finalize reads the all-reduced sums of every shard's partials (rows of one).
-    partials = sums->to(at::kDouble).reshape({3}).contiguous();
-    n_partials = 1;
-  } else {
-    SAF_CUDA_CHECK(gsam_dots_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream),
-                   op);
-  }
-  SAF_CUDA_CHECK(gsam_coef_launch(partials.data_ptr<double>(), n_partials, f32_ptr(gs), f32_ptr(ogs), f32_ptr(fi),
+  const auto s = call.sums(
+      3, sums, op, [&](double* p) { return gsam_dots_launch(call.plan, call.n_chunks, call.f64, p, call.stream); });
+  SAF_CUDA_CHECK(gsam_coef_launch(s.data(), s.n, f32_ptr(gs), f32_ptr(ogs), f32_ptr(fi),
                                   alpha, eps, coefs.data_ptr<double>(), stats.data_ptr(), call.f64, call.stream),
                  op);
   return {coefs, stats};
@@ -84,11 +77,8 @@ at::Tensor gsam_sums_cuda(at::TensorList grads, at::TensorList old_grads) {
   const mt::Plan plan = mt::gsam_sums_plan(grads, old_grads, mt_chunk_size());
   TORCH_CHECK_VALUE(!grads.empty(), "saf_kernels.gsam_sums: empty gradient list on CUDA");
   const MtCall call(plan, grads);
-  at::Tensor partials = call.partials(3);
-  if (call.n_chunks == 0) return partials.zero_().narrow(0, 0, 3);  // every shard empty
-  SAF_CUDA_CHECK(gsam_dots_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream),
-                 "gsam_sums");
-  return partials.view({3, call.n_chunks}).sum(1);
+  return call.local_sums(
+      3, "gsam_sums", [&](double* p) { return gsam_dots_launch(call.plan, call.n_chunks, call.f64, p, call.stream); });
 }
 
 }  // namespace saf::cuda

@@ -19,24 +19,17 @@ at::Tensor looksam_gv_cuda(at::TensorList gv, const at::Tensor& gv_norm, at::Ten
   TORCH_CHECK_VALUE(!gv.empty(), "saf_kernels.looksam_gv_: empty tensor list on CUDA");
   const MtCall call(plan, gv);
   const char* op = "looksam_gv_";
-  // The 3 partial sums, then (their finalize done) the 1 of |gv|^2 in the same scratch.
-  at::Tensor partials = call.partials(3), coefs = call.coefs(2), stats = call.result({3});
-  double* part = partials.data_ptr<double>();
+  at::Tensor coefs = call.coefs(2), stats = call.result({3});
   const bool norm_f64 = gv_norm.scalar_type() == at::kDouble;
-  // Sharded: the finalize reads the all-reduced sums of every shard's partials (rows of one).
-  at::Tensor reduced;
-  const double* dots = part;
-  int64_t n_dots = call.n_chunks;
-  if (sums.has_value()) {
-    reduced = sums->to(at::kDouble).reshape({3}).contiguous();
-    dots = reduced.data_ptr<double>();
-    n_dots = 1;
-  } else {
-    SAF_CUDA_CHECK(gsam_dots_launch(call.plan, call.n_chunks, call.f64, part, call.stream), op);
-  }
-  SAF_CUDA_CHECK(looksam_gv_coef_launch(dots, n_dots, eps, coefs.data_ptr<double>(), stats.data_ptr(), call.f64,
+  const auto dots = call.sums(
+      3, sums, op, [&](double* p) { return gsam_dots_launch(call.plan, call.n_chunks, call.f64, p, call.stream); });
+  SAF_CUDA_CHECK(looksam_gv_coef_launch(dots.data(), dots.n, eps, coefs.data_ptr<double>(), stats.data_ptr(), call.f64,
                                         call.stream),
                  op);
+  // |gv|^2's partials: in the dots' scratch once their finalize has read it (one stream), or in
+  // one of their own when the dots came all-reduced.
+  const at::Tensor scratch = sums ? call.partials(1) : dots.t;
+  double* part = scratch.data_ptr<double>();
   SAF_CUDA_CHECK(looksam_gv_launch(call.plan, call.n_chunks, call.f64, coefs.data_ptr<double>(), part, call.stream), op);
   SAF_CUDA_CHECK(looksam_norm_launch(part, call.n_chunks, coefs.data_ptr<double>(), gv_norm.data_ptr(), norm_f64,
                                      call.stream),
@@ -52,17 +45,11 @@ at::Tensor looksam_combine_cuda(at::TensorList grads, at::TensorList gv, const a
   TORCH_CHECK_VALUE(!grads.empty(), "saf_kernels.looksam_combine_: empty tensor list on CUDA");
   const MtCall call(plan, grads);
   const char* op = "looksam_combine_";
-  at::Tensor partials = call.partials(1), coefs = call.coefs(3), out = call.result({});
+  at::Tensor coefs = call.coefs(3), out = call.result({});
   const bool norm_f64 = gv_norm.scalar_type() == at::kDouble;
-  int64_t n_partials = call.n_chunks;
-  if (sumsq.has_value()) {  // sharded: |g|^2 over every shard, one value
-    partials = sumsq->to(at::kDouble).reshape({1}).contiguous();
-    n_partials = 1;
-  } else {
-    SAF_CUDA_CHECK(sam_norm_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream),
-                   op);
-  }
-  SAF_CUDA_CHECK(looksam_combine_coef_launch(partials.data_ptr<double>(), n_partials, gv_norm.data_ptr(), norm_f64,
+  const auto s = call.sums(
+      1, sumsq, op, [&](double* p) { return sam_norm_launch(call.plan, call.n_chunks, call.f64, p, call.stream); });
+  SAF_CUDA_CHECK(looksam_combine_coef_launch(s.data(), s.n, gv_norm.data_ptr(), norm_f64,
                                              alpha, eps, coefs.data_ptr<double>(), out.data_ptr(), call.f64,
                                              call.stream),
                  op);

@@ -18,6 +18,7 @@
 #include <optional>
 #include <vector>
 
+#include "cuda/cuda_check.h"
 #include "mt_plan.h"
 #include "mt_plan_cache.h"
 
@@ -72,6 +73,35 @@ struct MtCall {
   at::Tensor coefs(int64_t k = 1) const { return at::empty({k}, opts.dtype(at::kDouble)); }
   // What the op returns (a norm, GSAM's stats): float64 if any param is, else float32.
   at::Tensor result(at::IntArrayRef shape) const { return at::empty(shape, opts.dtype(f64 ? at::kDouble : at::kFloat)); }
+
+  // The sums a reduction's finalize reads, k per column: this call's partials (one column per
+  // chunk) written by launch(double*), which returns a cudaError_t; or, in sharded training,
+  // `reduced`: the k sums over every shard, already all-reduced (one column; nothing launched).
+  struct Sums {
+    at::Tensor t;
+    int64_t n;
+    double* data() const { return t.data_ptr<double>(); }
+  };
+  template <class Launch>
+  Sums sums(int64_t k, const std::optional<at::Tensor>& reduced, const char* op, Launch&& launch) const {
+    if (reduced) return {reduced->to(at::kDouble).reshape({k}).contiguous(), 1};
+    at::Tensor p = partials(k);
+    SAF_CUDA_CHECK(launch(p.data_ptr<double>()), op);
+    return {p, n_chunks};
+  }
+  // The partial-sum stage alone (sam_sumsq, esam_sumsq, rsam_sumsq, gsam_sums): this call's k sums
+  // over its chunks in float64 (0-dim for k = 1), for a collective to reduce across the shards.
+  template <class Launch>
+  at::Tensor local_sums(int64_t k, const char* op, Launch&& launch) const {
+    at::Tensor p = partials(k);
+    if (n_chunks == 0) {
+      p.zero_();  // every shard empty
+    } else {
+      SAF_CUDA_CHECK(launch(p.data_ptr<double>()), op);
+    }
+    at::Tensor s = p.view({k, std::max<int64_t>(1, n_chunks)}).sum(1);
+    return k == 1 ? s.reshape({}) : s;
+  }
 };
 
 }  // namespace saf::cuda

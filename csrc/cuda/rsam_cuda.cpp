@@ -59,20 +59,13 @@ at::Tensor rsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Te
   mt::check_sumsq(params, sumsq, "saf_kernels.rsam_perturb_");
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.rsam_perturb_: empty parameter list on CUDA");
   const MtCall call(plan, params);
-  at::Tensor partials = call.partials(), coef = call.coefs(), norm = call.result({});
+  at::Tensor coef = call.coefs(), norm = call.result({});
   const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
-  int64_t n_partials = call.n_chunks;
-  if (sumsq.has_value()) {
-    // Sharded: the finalize reads the all-reduced sum of every shard's partials (one value).
-    partials = sumsq->to(at::kDouble).reshape({1}).contiguous();
-    n_partials = 1;
-  } else {
-    SAF_CUDA_CHECK(rsam_norm_launch(call.plan, call.n_chunks, call.f64, lam, f32_ptr(gs), partials.data_ptr<double>(),
-                                    call.stream),
-                   "rsam_perturb_");
-  }
+  const auto s = call.sums(1, sumsq, "rsam_perturb_", [&](double* p) {
+    return rsam_norm_launch(call.plan, call.n_chunks, call.f64, lam, f32_ptr(gs), p, call.stream);
+  });
   // d is already unscaled: the finalize gets no grad_scale, only found_inf.
-  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), n_partials, nullptr, f32_ptr(fi), eps,
+  SAF_CUDA_CHECK(sam_coef_launch(s.data(), s.n, nullptr, f32_ptr(fi), eps,
                                  norm.data_ptr(), call.f64, coef.data_ptr<double>(), call.stream),
                  "rsam_perturb_");
   SAF_CUDA_CHECK(rsam_perturb_launch(call.plan, call.n_chunks, call.f64, lam, f32_ptr(gs), coef.data_ptr<double>(),
@@ -87,13 +80,10 @@ at::Tensor rsam_sumsq_cuda(at::TensorList params, at::TensorList grads, at::Tens
   const mt::Plan plan = mt::rsam_sumsq_plan(params, grads, stash, lam, grad_scale, std::nullopt, mt_chunk_size());
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.rsam_sumsq: empty parameter list on CUDA");
   const MtCall call(plan, params);
-  at::Tensor partials = call.partials();
-  if (call.n_chunks == 0) return partials.zero_().sum();  // every shard empty
   const at::Tensor gs = as_f32(grad_scale);
-  SAF_CUDA_CHECK(rsam_norm_launch(call.plan, call.n_chunks, call.f64, lam, f32_ptr(gs), partials.data_ptr<double>(),
-                                  call.stream),
-                 "rsam_sumsq");
-  return partials.narrow(0, 0, call.n_chunks).sum();
+  return call.local_sums(1, "rsam_sumsq", [&](double* p) {
+    return rsam_norm_launch(call.plan, call.n_chunks, call.f64, lam, f32_ptr(gs), p, call.stream);
+  });
 }
 
 }  // namespace saf::cuda

@@ -37,18 +37,12 @@ at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Ten
   mt::check_sumsq(params, sumsq, "saf_kernels.sam_perturb_");
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.sam_perturb_: empty parameter list on CUDA");
   const MtCall call(plan, params);
-  at::Tensor partials = call.partials(), coef = call.coefs(), norm = call.result({});
+  at::Tensor coef = call.coefs(), norm = call.result({});
   const at::Tensor gs = as_f32(grad_scale), fi = as_f32(found_inf);
-  int64_t n_partials = call.n_chunks;
-  if (sumsq.has_value()) {
-    // Sharded: the finalize reads the all-reduced sum of every shard's partials (one value).
-    partials = sumsq->to(at::kDouble).reshape({1}).contiguous();
-    n_partials = 1;
-  } else {
-    SAF_CUDA_CHECK(sam_norm_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream),
-                   "sam_perturb_");
-  }
-  SAF_CUDA_CHECK(sam_coef_launch(partials.data_ptr<double>(), n_partials, f32_ptr(gs), f32_ptr(fi), eps,
+  const auto s = call.sums(1, sumsq, "sam_perturb_", [&](double* p) {
+    return sam_norm_launch(call.plan, call.n_chunks, call.f64, p, call.stream);
+  });
+  SAF_CUDA_CHECK(sam_coef_launch(s.data(), s.n, f32_ptr(gs), f32_ptr(fi), eps,
                                  norm.data_ptr(), call.f64, coef.data_ptr<double>(), call.stream),
                  "sam_perturb_");
   SAF_CUDA_CHECK(
@@ -63,11 +57,8 @@ at::Tensor sam_sumsq_cuda(at::TensorList params, at::TensorList grads, at::Array
   const mt::Plan plan = mt::sam_sumsq_plan(params, grads, eta, flags, mt_chunk_size());
   TORCH_CHECK_VALUE(!params.empty(), "saf_kernels.sam_sumsq: empty parameter list on CUDA");
   const MtCall call(plan, params);
-  at::Tensor partials = call.partials();
-  if (call.n_chunks == 0) return partials.zero_().sum();  // every shard empty
-  SAF_CUDA_CHECK(sam_norm_launch(call.plan, call.n_chunks, call.f64, partials.data_ptr<double>(), call.stream),
-                 "sam_sumsq");
-  return partials.narrow(0, 0, call.n_chunks).sum();
+  return call.local_sums(1, "sam_sumsq",
+                         [&](double* p) { return sam_norm_launch(call.plan, call.n_chunks, call.f64, p, call.stream); });
 }
 
 void sam_restore_cuda(at::TensorList params, at::TensorList stash, int64_t stash_mode) {

@@ -187,6 +187,19 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def global_sums(group, local) -> torch.Tensor | None:
+    """Sharded training's global sums (a norm's sum of squares, GSAM's dot products): ``local()``,
+    this rank's partial-sum stage over its shards (a float64 tensor on the device), then ONE
+    ``all_reduce`` (SUM) of it on ``group``, queued on the device's stream with no host
+    synchronisation; the op's finalize reads the result. None for plain tensors (``group`` None):
+    the op reduces its own partials."""
+    if group is None:
+        return None
+    sums = local()
+    torch.distributed.all_reduce(sums, group=group)
+    return sums
+
+
 def local_shards(fn: str, **named) -> tuple:
     """The lists of an op that runs on sharded tensors, each as a list (:func:`as_list`), and the
     process group of their shards: ``(*lists, group)``.

@@ -112,12 +112,8 @@ def esam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev)
     streams = [("params", params), ("grads", grads), ("stash", stash)]
-    sumsq = None
-    if group is not None:
-        # Sharded: this rank's partial sum, ONE all-reduce of that one value (queued on the
-        # device's stream, no host synchronisation), then the finalize + perturbation read it.
-        sumsq = _sumsq(fn, backend, dev, streams, params, grads, eta_l, beta_l, flags, seed, offset)
-        torch.distributed.all_reduce(sumsq, group=group)
+    sumsq = mt.global_sums(group, lambda: _sumsq(fn, backend, dev, streams, params, grads, eta_l, beta_l, flags, seed,
+                                                 offset))
     return mt.run(
         "esam_perturb_", fn, backend, dev, streams,
         lambda: reference.esam_perturb_(params, grads, stash, rho_l, [bool(f) for f in flags], eta_l, beta_l, seed,

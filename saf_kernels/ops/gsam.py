@@ -140,13 +140,8 @@ def _sums(fn, backend, dev, streams, grads, old) -> torch.Tensor:
 
 
 def _global_sums(fn, backend, dev, grads, old, group) -> torch.Tensor | None:
-    """Sharded (``group`` not None): this rank's :func:`gsam_sums`, all-reduced (ONE collective of
-    3 float64 values, queued on the device's stream, no host synchronisation); else None."""
-    if group is None:
-        return None
-    sums = _sums(fn, backend, dev, [("grads", grads), ("old_grads", old)], grads, old)
-    torch.distributed.all_reduce(sums, group=group)
-    return sums
+    """Sharded: this rank's :func:`gsam_sums` (3 float64 values), all-reduced; else None."""
+    return mt.global_sums(group, lambda: _sums(fn, backend, dev, [("grads", grads), ("old_grads", old)], grads, old))
 
 
 @torch.no_grad()

@@ -117,10 +117,8 @@ def looksam_combine_(
         return torch.zeros(())
     dev = grads[0].device
     _check_norm(gv_norm, fn, dev)
-    sumsq = None
-    if group is not None:
-        sumsq = sam_sumsq(grads, grads, backend=backend)  # |g|^2 (params unread without ASAM's scaling)
-        torch.distributed.all_reduce(sumsq, group=group)
+    # |g|^2 (the params stream is unread without ASAM's scaling).
+    sumsq = mt.global_sums(group, lambda: sam_sumsq(grads, grads, backend=backend))
     return mt.run("looksam_combine_", fn, backend, dev, [("grads", grads), ("gv", gv)],
                   lambda: reference.looksam_combine_(grads, gv, gv_norm, alpha, eps, sumsq),
                   grads, gv, gv_norm, alpha, eps, sumsq, same_dtype=("grads", "gv"))

@@ -161,12 +161,7 @@ def rsam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev)
     streams = [("params", params), ("grads", grads), ("stash", stash)]
-    sumsq = None
-    if group is not None:
-        # Sharded: this rank's partial sum, ONE all-reduce of that one value (no host
-        # synchronisation), then the finalize + ascent read it.
-        sumsq = _sumsq(fn, backend, dev, streams, params, grads, stash, lam, grad_scale)
-        torch.distributed.all_reduce(sumsq, group=group)
+    sumsq = mt.global_sums(group, lambda: _sumsq(fn, backend, dev, streams, params, grads, stash, lam, grad_scale))
     return mt.run(
         "rsam_perturb_", fn, backend, dev, streams,
         lambda: reference.rsam_perturb_(params, grads, stash, rho_l, lam, eps, grad_scale, found_inf, sumsq),

@@ -65,8 +65,9 @@ def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
     ``sqrt(sum over leaves of sum(g^2))``). On lists of ``DTensor`` s sharded on dim 0 (FSDP2's
     ``fully_shard``) it is global over every shard of every rank: :func:`sam_sumsq` of the local
     shards, one ``all_reduce`` of that value on the mesh's group, then the finalize and the
-    perturbation of the local shards in place; every rank gets the same norm. ``T_w = |w| + eta`` on tensors whose ``adaptive`` is
-    true (ASAM; ``eta = 0`` gives the "adaptive" of the widely used port), 1 elsewhere.
+    perturbation of the local shards in place; every rank gets the same norm. ``T_w = |w| + eta``
+    on tensors whose ``adaptive`` is true (ASAM; ``eta = 0`` gives the "adaptive" of the widely
+    used port), 1 elsewhere.
 
     Args:
         params: the weights, perturbed in place (float32, float16, bfloat16 or float64; dtypes may
@@ -106,12 +107,7 @@ def sam_perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev)
     streams = [("params", params), ("grads", grads), ("stash", stash)]
-    sumsq = None
-    if group is not None:
-        # Sharded: this rank's partial sum, ONE all-reduce of that one value (queued on the
-        # device's stream, no host synchronisation), then the finalize + perturbation read it.
-        sumsq = _sumsq(fn, backend, dev, streams, params, grads, eta_l, flags)
-        torch.distributed.all_reduce(sumsq, group=group)
+    sumsq = mt.global_sums(group, lambda: _sumsq(fn, backend, dev, streams, params, grads, eta_l, flags))
     return mt.run(
         "sam_perturb_", fn, backend, dev, streams,
         lambda: reference.sam_perturb_(params, grads, stash, mt.full(rho_l, n), [bool(f) for f in mt.full(flags, n)],
