@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from .. import _backend, _checks, reference
 from . import _multi_tensor as mt
+from .trajectory_loss import _REDUCTION_CODE, fused_ops
 from .trajectory_loss import OP as ROW_OP
-from .trajectory_loss import fused_ops
 
 FN = "saf_kernels.fused_linear_trajectory_loss"
-_SUM = 1  # the row op's reduction code for "sum"
+_SUM = _REDUCTION_CODE["sum"]
 CPU_CHUNK_BYTES = 32 * 2**20  # one chunk x V float32 tensor, CPU (chunk_size=None)
 CUDA_CHUNK_BYTES = (64 * 2**20, 512 * 2**20)  # its clamp on CUDA: free memory / 16 within these
 
@@ -97,9 +97,10 @@ def _forward(hidden, weight, bias, labels, target_hidden, target_weight, target_
     loss = loss / count
     if not need_grad:
         return loss, hidden.new_empty((0,)), weight.new_empty((0,)), hidden.new_empty((0,))
+    # In place: at LM scale the float32 weight gradient is gigabytes (128256 x 4096: 2 GiB).
     g_hidden.div_(count)
-    g_weight = (g_weight / count).to(weight.dtype)
-    g_bias = (g_bias / count).to(bias.dtype) if g_bias is not None else hidden.new_empty((0,))
+    g_weight = g_weight.div_(count).to(weight.dtype)
+    g_bias = g_bias.div_(count).to(bias.dtype) if g_bias is not None else hidden.new_empty((0,))
     return loss, g_hidden, g_weight, g_bias
 
 

@@ -284,7 +284,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         """
         fn = f"{type(self).__name__}.first_step"
         C.flag(zero_grad, "zero_grad", fn)
-        if grad_scaler is not None and not (hasattr(grad_scaler, "is_enabled") and hasattr(grad_scaler, "_get_scale_async")):
+        if grad_scaler is not None and not (hasattr(grad_scaler, "is_enabled")
+                                            and hasattr(grad_scaler, "_get_scale_async")):
             raise TypeError(f"{fn}: grad_scaler must be a torch.amp.GradScaler or None, got {grad_scaler!r}")
         if self._perturbed is not None:
             raise RuntimeError(
@@ -813,9 +814,9 @@ def refuse_sharded(name: str, param_groups: list[dict]) -> None:
         for j, p in enumerate(g["params"]):
             if mt.is_dtensor(p):
                 raise NotImplementedError(
-                    f"{name}: param_groups[{i}]['params'][{j}] is a DTensor (a model sharded by FSDP2's fully_shard); "
-                    f"{name} does not run on sharded parameters yet (SAM and ASAM do; see the README's "
-                    "'Sharded training (FSDP2)')")
+                    f"{name}: param_groups[{i}]['params'][{j}] is a DTensor (a model sharded by FSDP2's "
+                    f"fully_shard); {name} does not run on sharded parameters yet (SAM, ASAM, ESAM, R-SAM, GSAM "
+                    "and LookSAM do; see the README's 'Sharded training (FSDP2)')")
 
 
 def _pack(info: dict) -> bytes:
