@@ -203,6 +203,16 @@ def _saf_loss(c: Ctx) -> dict:
     return _loss_and_grad(loss, z)
 
 
+def _fused_linear(c: Ctx) -> dict:
+    # Chunks of 8 rows over 37 (a short last chunk), V = 101, the MESA form (teacher hidden + head).
+    h, w = c.randn((37, 16), 1.0).requires_grad_(), c.randn((101, 16), 0.5).requires_grad_()
+    y = c.randint(101, (37,))
+    loss = O.fused_linear_trajectory_loss(h, w, y, c.randn((37, 12), 1.0), c.randn((101, 12), 0.5), lam=0.8,
+                                          temperature=2.0, label_smoothing=0.1, chunk_size=8, backend=c.backend)
+    g_h, g_w = torch.autograd.grad(loss, (h, w))
+    return {"loss": loss, "grad_hidden": g_h, "grad_weight": g_w}
+
+
 def _bank_step(c: Ctx) -> dict:
     from .saf import TrajectoryBank
 
@@ -233,10 +243,14 @@ def _sam_perturb(c: Ctx) -> dict:
     return {"norm": norm, "step": _step(p, before), "stash": stash}
 
 
-def _sam_sumsq(c: Ctx) -> dict:
-    # The partial-sum stage that sharded training all-reduces before sam_perturb_'s finalize.
-    p, g = c.list(), c.list()
-    return {"sumsq": O.sam_sumsq(p, g, adaptive=[True, False, True, False], eta=0.01, backend=c.backend)}
+def _partial_sums(c: Ctx) -> dict:
+    # The partial-sum stages that sharded training all-reduces before each op's finalize.
+    p, g, old, stash = c.list(), c.list(), c.list(), c.list()
+    ad = dict(adaptive=[True, False, True, False], eta=0.01)
+    return {"sam_sumsq": O.sam_sumsq(p, g, **ad, backend=c.backend),
+            "esam_sumsq": O.esam_sumsq(p, g, 0.5, 1234, 8, **ad, backend=c.backend),
+            "rsam_sumsq": O.rsam_sumsq(p, g, stash, 2.0, backend=c.backend),
+            "gsam_sums": O.gsam_sums(g, old, backend=c.backend)}
 
 
 def _sam_restore(c: Ctx) -> dict:
@@ -340,10 +354,11 @@ def _msam_adamw(c: Ctx) -> dict:
 CHECKS = {
     "trajectory_kl_loss": (("trajectory_loss",), _trajectory_kl_loss),
     "saf_loss": (("trajectory_loss",), _saf_loss),
+    "fused_linear": (("trajectory_loss",), _fused_linear),
     "trajectory_bank_step": (("saf_bank_step",), _bank_step),
     "trajectory_bank_record": (("saf_bank_record",), _bank_record),
     "sam_perturb_": (("sam_perturb_",), _sam_perturb),
-    "sam_sumsq": (("sam_sumsq",), _sam_sumsq),
+    "partial_sums": (("sam_sumsq", "esam_sumsq", "rsam_sumsq", "gsam_sums"), _partial_sums),
     "sam_restore_": (("sam_restore_",), _sam_restore),
     "sam_restore_sgd_": (("sam_restore_sgd_",), _sam_restore_sgd),
     "sam_restore_adamw_": (("sam_restore_adamw_",), _sam_restore_adamw),
